@@ -1,0 +1,47 @@
+# darkmatter: the two commands a user needs are `make quickstart` and `make test`.
+# Each sets itself up from a fresh clone: virtualenv, dependencies, local stack.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU wheel for development machines; on a GPU machine: make TORCH_SPEC='torch' ...
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: corpora venv quickstart test test-fast lint typecheck stack-up stack-down clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# Real labeled text for the quickstart: Debian's fortune-cookie files (one category per file).
+corpora:
+	@bash launch/ensure_corpora.sh
+
+quickstart: venv corpora
+	$(BIN)/darkmatter stack up
+	$(BIN)/python -m trainer.quickstart
+
+test: venv corpora
+	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+stack-up: venv
+	$(BIN)/darkmatter stack up
+
+stack-down: venv
+	$(BIN)/darkmatter stack down
+
+clean:
+	rm -rf $(VENV) .darkmatter build *.egg-info

@@ -1,0 +1,95 @@
+"""The one module that talks to object storage: fsspec filesystems for s3://, gs://, file:// and
+local paths.
+
+Endpoints and credentials come from the standard variables (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so the same code talks to AWS S3,
+MinIO or the local moto server.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+class StorageError(RuntimeError):
+    """Object storage is missing or unreachable; the message names the URL or bucket."""
+
+
+def _storage_options(url: str) -> dict[str, Any]:
+    if url.startswith("s3://"):
+        opts: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        # Listings are re-read on every open: shards may be written by another process.
+        opts["use_listings_cache"] = False
+        return opts
+    return {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any URL fsspec knows, or a local path."""
+    fs, path = url_to_fs(url, **_storage_options(url))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL, keeping its scheme (s3://b/p + x -> s3://b/p/x)."""
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest, *parts)
+    return os.path.join(url, *parts)
+
+
+def check_bucket(url: str) -> None:
+    """Fail fast with one clear line when an s3:// bucket does not exist or cannot be reached."""
+    if not url.startswith("s3://"):
+        return
+    bucket = url[len("s3://") :].split("/", 1)[0]
+    fs, _ = filesystem(url)
+    try:
+        exists = fs.exists(bucket)
+    except Exception as e:  # botocore raises many types; all mean "cannot reach it"
+        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+        raise StorageError(f"cannot reach bucket {bucket!r} at {endpoint}: {e}") from None
+    if not exists:
+        raise StorageError(f"bucket {bucket!r} does not exist (from {url})")
+
+
+def open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
+    """Open one object for reading or writing."""
+    fs, path = filesystem(url)
+    return fs.open(path, mode, **kwargs)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    data: bytes = fs.cat_file(path)
+    return data
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = filesystem(url)
+    if "://" not in url or url.startswith("file://"):
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def make_bucket(url: str) -> None:
+    """Create the bucket of an s3:// URL if it does not exist (the local stack's default bucket)."""
+    if not url.startswith("s3://"):
+        return
+    fs, _ = filesystem(url)
+    bucket = url[len("s3://") :].split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)

@@ -1,0 +1,339 @@
+"""Typed configuration: YAML files in configs/ loaded into dataclasses, with `a.b=c` overrides.
+
+Every error names the dotted key it is about (`train.zero_stage: expected 0-3, got 5`). The
+`deepspeed:` section is passed through to DeepSpeed untouched except for the batch fields, which
+are derived here once: micro_batch × grad_accum × world_size = global_batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or an override; the message names the dotted key."""
+
+
+@dataclass
+class DataConfig:
+    url: str
+    """Dataset root written by `darkmatter prepare` (s3://bucket/prefix, file://…, a local path)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+    shuffle_buffer: int = 256
+    """Samples held by each worker's shuffle buffer (0 disables sample shuffling)."""
+    seq_len: int = 128
+    """Tokens per text sample, [CLS] and [SEP] included (text objectives)."""
+    image_size: int = 32
+    """Side of the square images fed to the model, in pixels (image objectives)."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 128
+    """Width of the encoder."""
+    num_layers: int = 2
+    """Transformer blocks in the encoder."""
+    num_heads: int = 2
+    """Attention heads per block."""
+    intermediate_size: int = 512
+    """Width of the feed-forward layer."""
+    patch_size: int = 4
+    """ViT patch side in pixels (image objectives)."""
+    decoder_hidden_size: int = 128
+    """MAE decoder width."""
+    decoder_num_layers: int = 1
+    """MAE decoder blocks."""
+    mask_ratio: float = 0.15
+    """Fraction of tokens (MLM) or patches (MAE) hidden from the encoder."""
+    dropout: float = 0.1
+    """Dropout probability in the encoder."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 8
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: int = 0
+    """Samples per optimizer step across all ranks; 0 derives it."""
+    lr: float = 5e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Floor of the cosine decay, as a fraction of lr."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to lr."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0-3."""
+    bf16: bool = False
+    """Train in bfloat16 mixed precision."""
+    seed: int = 0
+    """Seed of model init, data order and masking."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    ckpt_every: int = 50
+    """Steps between checkpoints (the final step is always checkpointed)."""
+    keep_last: int = 3
+    """Checkpoints kept on disk; older ones are deleted after a newer one is written."""
+    run_dir: str = "runs/default"
+    """Local folder of this job: checkpoints, metrics.jsonl, resolved config."""
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""
+    """MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, and no tracking if that is unset too."""
+    experiment: str = "darkmatter"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty uses the run_dir's folder name."""
+    enabled: bool = True
+    """Set false to train without MLflow."""
+
+
+@dataclass
+class Config:
+    objective: str
+    """Self-supervised objective, a key of trainer.objectives.OBJECTIVES (mlm, mae)."""
+    data: DataConfig
+    """Where the shards are and how they are read."""
+    train: TrainConfig
+    """Optimization, schedule, checkpoints."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder size and masking."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """Passed through to DeepSpeed; batch and ZeRO fields are filled in from `train`."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; build nested dataclasses. Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config annotation {_type_name(tp)} at {key}")
+
+
+def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            dotted = f"{prefix}.{name}" if prefix else name
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{dotted}: unknown key (known here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], dotted)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                kwargs[name] = _build(hints[name], {}, dotted)
+            else:
+                raise ConfigError(f"{dotted}: required key is missing")
+    return cls(**kwargs)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `a.b=c` override to a raw config dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. train.steps=100")
+    dotted, text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for i, k in enumerate(keys[:-1]):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set {dotted}")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text) if text != "" else ""
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply overrides, validate, and return a Config."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} malformed YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    for o in overrides:
+        apply_override(raw, o)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    from trainer.objectives import OBJECTIVES
+
+    t = cfg.train
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective: unknown {cfg.objective!r} (known: {', '.join(OBJECTIVES)})")
+    if not 0 <= t.zero_stage <= 3:
+        raise ConfigError(f"train.zero_stage: expected 0-3, got {t.zero_stage}")
+    for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}: expected >= 1, got {getattr(t, key)}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: expected > 0, got {t.lr}")
+    if not 0.0 < cfg.model.mask_ratio < 1.0:
+        raise ConfigError(f"model.mask_ratio: expected in (0, 1), got {cfg.model.mask_ratio}")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(
+            f"model.hidden_size: {cfg.model.hidden_size} is not divisible by "
+            f"model.num_heads={cfg.model.num_heads}"
+        )
+    if cfg.data.image_size % cfg.model.patch_size:
+        raise ConfigError(
+            f"data.image_size: {cfg.data.image_size} is not divisible by "
+            f"model.patch_size={cfg.model.patch_size}"
+        )
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: expected >= 0, got {cfg.data.num_workers}")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    global_batch_size: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.micro_batch_size} micro × {self.grad_accum} accumulation × "
+            f"{self.world_size} ranks = {self.global_batch_size} global batch"
+        )
+
+
+_DS_BATCH_KEYS = {
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "train_batch_size": "global_batch_size",
+}
+
+
+def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
+    """Derive the batch arithmetic once; contradictions between fields are errors."""
+    t = cfg.train
+    ds = cfg.deepspeed
+    micro = ds.get("train_micro_batch_size_per_gpu", t.micro_batch_size)
+    accum = ds.get("gradient_accumulation_steps", t.grad_accum)
+    for ds_key, our in _DS_BATCH_KEYS.items():
+        if ds_key in ds and our != "global_batch_size" and ds[ds_key] != getattr(t, our):
+            raise ConfigError(
+                f"deepspeed.{ds_key}: {ds[ds_key]} contradicts train.{our}={getattr(t, our)}"
+            )
+    derived = micro * accum * world_size
+    for key, given in (
+        ("train.global_batch_size", t.global_batch_size),
+        ("deepspeed.train_batch_size", ds.get("train_batch_size", 0)),
+    ):
+        if given and given != derived:
+            raise ConfigError(
+                f"{key}: {given} contradicts {micro} micro × {accum} accumulation × "
+                f"{world_size} ranks = {derived}"
+            )
+    return BatchPlan(micro, accum, world_size, derived)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: the user's `deepspeed:` section plus fields derived from `train`."""
+    plan = batch_plan(cfg, world_size)
+    ds = dict(cfg.deepspeed)
+    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    ds["gradient_accumulation_steps"] = plan.grad_accum
+    ds["train_batch_size"] = plan.global_batch_size
+    zero = dict(ds.get("zero_optimization", {}))
+    if "stage" in zero and zero["stage"] != cfg.train.zero_stage:
+        raise ConfigError(
+            f"deepspeed.zero_optimization.stage: {zero['stage']} contradicts "
+            f"train.zero_stage={cfg.train.zero_stage}"
+        )
+    zero["stage"] = cfg.train.zero_stage
+    ds["zero_optimization"] = zero
+    ds.setdefault("gradient_clipping", cfg.train.grad_clip)
+    if cfg.train.bf16:
+        ds["bf16"] = {"enabled": True, **ds.get("bf16", {})}
+    ds.setdefault("steps_per_print", 10**9)  # our own logger reports; keep DeepSpeed quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
