@@ -1,0 +1,120 @@
+"""The one module that imports DeepSpeed: process group, engine construction, checkpoint I/O.
+
+The optimizer (AdamW, no decay on biases and norms) and the warmup + cosine schedule are built
+here as plain torch objects and handed to DeepSpeed, so the schedule is a pure function of the
+step and the same code runs under ZeRO stages 0-3.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+
+from trainer.config import Config
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join the process group of a launcher (torchrun, deepspeed, srun), or make one of size 1.
+
+    Returns (rank, world_size, local_rank). This is the only place that reads RANK & co.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
+        )  # fmt: skip
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
+    """Multiplier of the peak lr at a step: linear warmup, then cosine down to min_lr_ratio."""
+    t = cfg.train
+    warmup, total, floor = t.warmup_steps, t.steps, t.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only; biases and norm weights (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    cfg: Config, ds_config: dict[str, Any], build_model: Callable[[], PreTrainedModel]
+) -> tuple[Any, HfDeepSpeedConfig]:
+    """Build the model under DeepSpeed's config and wrap it in an engine.
+
+    HfDeepSpeedConfig must exist before the model is built, so that under ZeRO-3 transformers
+    creates the parameters already partitioned; the caller keeps the returned object alive.
+    """
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every restart
+    model = build_model()
+    opt = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999)
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+    )
+    return engine, hf_ds
+
+
+def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> None:
+    engine.save_checkpoint(root, tag=tag, client_state=client_state)
+
+
+def load_checkpoint(engine: Any, root: str, tag: str) -> None:
+    path, _ = engine.load_checkpoint(root, tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
+
+
+def all_reduce_mean(values: list[float]) -> list[float]:
+    """Mean across ranks of a few floats, in one collective."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

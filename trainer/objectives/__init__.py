@@ -1,0 +1,15 @@
+"""Objective registry: a plain dict of names. Adding an objective is one file, one entry here, one
+config preset in configs/ and one smoke test."""
+
+from __future__ import annotations
+
+from trainer.objectives.base import Objective
+from trainer.objectives.mae import MAEObjective
+from trainer.objectives.mlm import MLMObjective
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "mlm": MLMObjective,
+    "mae": MAEObjective,
+}
+
+__all__ = ["OBJECTIVES", "Objective"]

@@ -1,0 +1,42 @@
+"""What every objective provides: a transformers model, a batch builder, and the counts that
+throughput and MFU need. The loss is the model's own (transformers heads compute it)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from trainer.config import Config
+
+
+class Objective(ABC):
+    name: str
+    modality: str  # "text" | "image": must match the dataset manifest
+
+    def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
+        self.cfg = cfg
+        self.meta = dataset_meta
+
+    @abstractmethod
+    def model_config(self) -> Any:
+        """The transformers config of the full pretraining model."""
+
+    @abstractmethod
+    def build_model(self) -> PreTrainedModel:
+        """The pretraining model, randomly initialized from model_config()."""
+
+    @abstractmethod
+    def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
+        """Model inputs for one micro-batch; all randomness (masking) comes from `gen`."""
+
+    @abstractmethod
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Tokens (text) or patches (images) the encoder sees in this batch, for throughput."""
+
+    @staticmethod
+    def encoder_of(model: PreTrainedModel) -> PreTrainedModel:
+        """The encoder that gets exported and probed (the base model without the SSL head)."""
+        return model.base_model

@@ -1,0 +1,52 @@
+"""Masked autoencoder (MAE, He et al. 2021) on a ViT: 75% of the patches are hidden, the encoder
+sees the rest, a light decoder reconstructs the hidden patches' normalized pixels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, ViTMAEConfig, ViTMAEForPreTraining
+
+from data_pipeline.transforms import images_to_tensor
+from trainer.objectives.base import Objective
+
+class MAEObjective(Objective):
+    name = "mae"
+    modality = "image"
+
+    def model_config(self) -> ViTMAEConfig:
+        m = self.cfg.model
+        return ViTMAEConfig(
+            image_size=self.cfg.data.image_size,
+            patch_size=m.patch_size,
+            num_channels=3,
+            hidden_size=m.hidden_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            intermediate_size=m.intermediate_size,
+            decoder_hidden_size=m.decoder_hidden_size,
+            decoder_num_hidden_layers=m.decoder_num_layers,
+            decoder_num_attention_heads=m.num_heads,
+            decoder_intermediate_size=4 * m.decoder_hidden_size,
+            mask_ratio=m.mask_ratio,
+            norm_pix_loss=True,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+
+    def build_model(self) -> PreTrainedModel:
+        return ViTMAEForPreTraining(self.model_config())
+
+    def num_patches(self) -> int:
+        return (self.cfg.data.image_size // self.cfg.model.patch_size) ** 2
+
+    def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
+        pixels = images_to_tensor([s["image"] for s in samples], self.cfg.data.image_size)
+        # The model draws its patch mask from `noise`; passing it makes masking a function of gen.
+        noise = torch.rand((pixels.shape[0], self.num_patches()), generator=gen)
+        return {"pixel_values": pixels, "noise": noise}
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        visible = round(self.num_patches() * (1 - self.cfg.model.mask_ratio))
+        return int(batch["pixel_values"].shape[0]) * visible

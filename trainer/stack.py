@@ -1,0 +1,518 @@
+"""The local stack: an S3-compatible server (moto) and an MLflow tracking server on 127.0.0.1.
+
+Design:
+
+* Both servers run as detached background processes (own session, so one ``killpg`` stops a
+  server together with the workers it forks), with stdout/stderr in log files.
+* Everything lives in one state dir (``$DARKMATTER_STACK_DIR`` or ``./.darkmatter/stack``):
+  ``<service>.pid``, ``<service>.log``, ``mlflow.db`` (SQLite backend store), ``artifacts/``
+  (served by MLflow over HTTP, so clients need no filesystem access) and ``env``, the
+  ``KEY=VALUE`` file clients load to find the stack (see :func:`load_env_defaults`).
+* ``up`` is idempotent: a healthy stack of ours is left alone; a port held by anything else
+  is a one-line :class:`StackError`, never a half-started stack.
+* "Ours" means: the pid in our pid file is alive and its command line is the server we start,
+  which guards against a stale pid file whose pid the OS has since reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+SERVICES = ("s3", "mlflow")
+DEFAULT_BUCKET = "darkmatter"
+DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000}
+PORT_ENV = {"s3": "DARKMATTER_S3_PORT", "mlflow": "DARKMATTER_MLFLOW_PORT"}
+# A substring of each server's command line, to tell our process from a reused pid.
+CMDLINE_MARK = {"s3": "moto.server", "mlflow": "mlflow server"}
+HEALTH_PATH = {"s3": "/", "mlflow": "/health"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class StackError(RuntimeError):
+    """The stack cannot be started or reached; the message is one line meant for the user."""
+
+
+@dataclass
+class StackInfo:
+    """What ``up`` returns: where the servers are and the env a client needs."""
+
+    s3_endpoint: str
+    mlflow_uri: str
+    state_dir: str
+    env: dict[str, str]
+    already_running: bool = False
+
+
+@dataclass
+class ServiceStatus:
+    """One server as ``status`` sees it; ``pid`` is None unless our process is alive."""
+
+    name: str
+    pid: int | None
+    url: str
+    healthy: bool
+    log: str = field(default="", repr=False)
+
+
+# --------------------------------------------------------------------------- paths and state
+
+
+def resolve_state_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The stack's state dir (absolute, so pid files survive a ``cd``)."""
+    raw = path or os.environ.get("DARKMATTER_STACK_DIR") or os.path.join(".darkmatter", "stack")
+    return Path(raw).expanduser().resolve()
+
+
+def default_port(service: str) -> int:
+    raw = os.environ.get(PORT_ENV[service], str(DEFAULT_PORTS[service]))
+    try:
+        return int(raw)
+    except ValueError:
+        raise StackError(f"{PORT_ENV[service]}={raw!r} is not a port number") from None
+
+
+def url_for(port: int) -> str:
+    return f"http://{HOST}:{port}"
+
+
+def _pid_file(sdir: Path, service: str) -> Path:
+    return sdir / f"{service}.pid"
+
+
+def _log_file(sdir: Path, service: str) -> Path:
+    return sdir / f"{service}.log"
+
+
+def _env_file(sdir: Path) -> Path:
+    return sdir / "env"
+
+
+def _read_pid(sdir: Path, service: str) -> int | None:
+    try:
+        return int(_pid_file(sdir, service).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _is_ours(pid: int | None, service: str) -> bool:
+    """Alive and running our server (not a reused pid)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False  # someone else's process: certainly not ours
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.exists():
+        return True  # no /proc (macOS): trust the pid file
+    try:
+        text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return CMDLINE_MARK[service] in text
+
+
+def read_env_file(sdir: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
+    try:
+        lines = _env_file(sdir).read_text().splitlines()
+    except OSError:
+        return env
+    for line in lines:
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            env[key] = value
+    return env
+
+
+def _recorded_urls(sdir: Path) -> dict[str, str]:
+    """URLs of the stack recorded in the env file, else those of the default ports."""
+    env = read_env_file(sdir)
+    return {
+        "s3": env.get("AWS_ENDPOINT_URL") or url_for(default_port("s3")),
+        "mlflow": env.get("MLFLOW_TRACKING_URI") or url_for(default_port("mlflow")),
+    }
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Something accepts connections on host:port (a bound but silent socket counts too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        if s.connect_ex((host, port)) == 0:
+            return True
+    # connect fails on a socket that is bound but not listening; bind tells us. SO_REUSEADDR
+    # (as the servers set it) so that TIME_WAIT leftovers of a just-stopped stack do not count.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def healthy(service: str, base_url: str) -> bool:
+    return http_ok(base_url + HEALTH_PATH[service])
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _command(service: str, port: int, sdir: Path) -> list[str]:
+    # sys.executable -m ...: the servers run from the same virtualenv as the caller.
+    if service == "s3":
+        return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", HOST,
+        "--port", str(port),
+        "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{sdir / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination", str(sdir / "artifacts"),
+        # Explicit, so a client naming the host by IP or as localhost is accepted regardless
+        # of how the security middleware's defaults evolve.
+        "--allowed-hosts", f"{HOST},{HOST}:{port},localhost,localhost:{port}",
+    ]  # fmt: skip
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # MLflow 3's job runner forks ~6 huey consumers: heavy on small machines, unused here.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"  # logs appear as they happen, for the startup error tail
+    # A tracking URI inherited from the caller must not redirect the server's own store.
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _spawn(service: str, port: int, sdir: Path) -> subprocess.Popen[bytes]:
+    with open(_log_file(sdir, service), "ab") as log:
+        proc = subprocess.Popen(
+            _command(service, port, sdir),
+            cwd=sdir,  # mlflow writes stray files (mlruns, ...) into its cwd
+            env=_child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # survives the CLI; its own group for killpg
+        )
+    _pid_file(sdir, service).write_text(f"{proc.pid}\n")
+    return proc
+
+
+def _wait_healthy(
+    service: str, proc: subprocess.Popen[bytes], url: str, sdir: Path, deadline: float
+) -> None:
+    log = _log_file(sdir, service)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(
+                f"{service} server exited with code {proc.returncode} during startup; "
+                f"last lines of {log}:\n{_log_tail(log)}"
+            )
+        if healthy(service, url):
+            return
+        time.sleep(0.25)
+    raise StackError(f"{service} server at {url} not healthy in time; see {log}")
+
+
+def _stop_pid(pid: int, timeout: float) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not exited by the timeout."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _group_alive(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Some process of the group still runs (zombies do not count: a slow init may take
+    seconds to reap the orphans, and a zombie holds no port)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pgid, os.WNOHANG)  # reap it ourselves if it is our child
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def up(
+    s3_port: int | None = None,
+    mlflow_port: int | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    timeout: float = 120.0,
+    bucket: str = DEFAULT_BUCKET,
+) -> StackInfo:
+    """Start both servers (or find ours already up), create ``bucket``, write the env file."""
+    sdir = resolve_state_dir(state_dir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    running = _running_stack(sdir)
+    if running is not None:
+        _check_same_ports(running, s3_port, mlflow_port)
+        return running
+    ports = {"s3": s3_port or default_port("s3"), "mlflow": mlflow_port or default_port("mlflow")}
+    _stop_services(sdir, timeout=10.0)  # leftovers of a half-dead stack, stale pid files
+    for service in SERVICES:
+        _check_port_free(service, ports[service])
+    return _start(sdir, ports, timeout, bucket)
+
+
+def _start(sdir: Path, ports: dict[str, int], timeout: float, bucket: str) -> StackInfo:
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        # Both start at once: MLflow's import + migrations dominate, moto hides behind them.
+        for service in SERVICES:
+            procs[service] = _spawn(service, ports[service], sdir)
+        deadline = time.monotonic() + timeout
+        for service, proc in procs.items():
+            _wait_healthy(service, proc, url_for(ports[service]), sdir, deadline)
+        env = stack_env(ports["s3"], ports["mlflow"])
+        _create_bucket(env, bucket)
+        _write_env_file(sdir, env)
+    except BaseException:
+        # Never leave a half-started stack behind: the next `up` would trip over it.
+        for service, proc in procs.items():
+            _stop_pid(proc.pid, timeout=5.0)
+            _pid_file(sdir, service).unlink(missing_ok=True)
+        raise
+    return StackInfo(env["AWS_ENDPOINT_URL"], env["MLFLOW_TRACKING_URI"], str(sdir), env)
+
+
+def down(state_dir: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> list[str]:
+    """Stop both servers; returns the names of those that were running."""
+    return _stop_services(resolve_state_dir(state_dir), timeout)
+
+
+def status(state_dir: str | os.PathLike[str] | None = None) -> list[ServiceStatus]:
+    sdir = resolve_state_dir(state_dir)
+    urls = _recorded_urls(sdir)
+    result = []
+    for service in SERVICES:
+        pid = _read_pid(sdir, service)
+        ours = _is_ours(pid, service)
+        result.append(
+            ServiceStatus(
+                name=service,
+                pid=pid if ours else None,
+                url=urls[service],
+                healthy=ours and healthy(service, urls[service]),
+                log=str(_log_file(sdir, service)),
+            )
+        )
+    return result
+
+
+def load_env_defaults(state_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Point this process at a running local stack, unless the caller's env says otherwise.
+
+    Only variables not already set are filled in, so a user's real AWS/MLflow settings win.
+    Cheap (no HTTP): checks the pid files only.
+    """
+    sdir = resolve_state_dir(state_dir)
+    env = read_env_file(sdir)
+    if not env or not all(_is_ours(_read_pid(sdir, s), s) for s in SERVICES):
+        return False
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    return True
+
+
+def stack_env(s3_port: int, mlflow_port: int) -> dict[str, str]:
+    """The variables a client needs to use the stack."""
+    return {
+        "AWS_ENDPOINT_URL": url_for(s3_port),
+        **CREDENTIALS,
+        "MLFLOW_TRACKING_URI": url_for(mlflow_port),
+    }
+
+
+# --------------------------------------------------------------------------- up/down helpers
+
+
+def _running_stack(sdir: Path) -> StackInfo | None:
+    """Our stack in ``sdir``, if both servers are ours and healthy."""
+    env = read_env_file(sdir)
+    urls = _recorded_urls(sdir)
+    for service in SERVICES:
+        if not (_is_ours(_read_pid(sdir, service), service) and healthy(service, urls[service])):
+            return None
+    return StackInfo(urls["s3"], urls["mlflow"], str(sdir), env, already_running=True)
+
+
+def _check_same_ports(info: StackInfo, s3_port: int | None, mlflow_port: int | None) -> None:
+    for name, url, port in (
+        ("s3", info.s3_endpoint, s3_port),
+        ("mlflow", info.mlflow_uri, mlflow_port),
+    ):
+        if port is not None and url != url_for(port):
+            raise StackError(
+                f"the stack in {info.state_dir} is already up with {name} at {url}, not port "
+                f"{port} (run `darkmatter stack down` first)"
+            )
+
+
+def _check_port_free(service: str, port: int) -> None:
+    if port_in_use(port):
+        raise StackError(
+            f"port {port} on {HOST} is already in use "
+            f"(set {PORT_ENV[service]} or stop the other process)"
+        )
+
+
+def _stop_services(sdir: Path, timeout: float) -> list[str]:
+    stopped = []
+    for service in reversed(SERVICES):
+        pid = _read_pid(sdir, service)
+        if _is_ours(pid, service):
+            assert pid is not None
+            _stop_pid(pid, timeout)
+            stopped.append(service)
+        _pid_file(sdir, service).unlink(missing_ok=True)
+    return stopped
+
+
+def _create_bucket(env: dict[str, str], bucket: str) -> None:
+    import boto3  # slow import, needed only here
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=bucket)
+
+
+def _write_env_file(sdir: Path, env: dict[str, str]) -> None:
+    tmp = _env_file(sdir).with_suffix(".tmp")
+    tmp.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    tmp.replace(_env_file(sdir))  # atomic: a concurrent load_env_defaults sees old or new
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli(argv: list[str]) -> int:
+    """``darkmatter stack up|down|status``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return _cli_up(args)
+        if args.command == "down":
+            return _cli_down(args)
+        return _cli_status(args)
+    except StackError as e:
+        print(f"darkmatter stack: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", help="default: $DARKMATTER_STACK_DIR or ./.darkmatter/stack")
+    common.add_argument("--s3-port", type=int, help=f"default: ${PORT_ENV['s3']} or 9000")
+    common.add_argument("--mlflow-port", type=int, help=f"default: ${PORT_ENV['mlflow']} or 5000")
+    parser = argparse.ArgumentParser(
+        prog="darkmatter stack", description="Local S3 (moto) + MLflow servers on 127.0.0.1."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    up_p = sub.add_parser("up", parents=[common], help="start the stack (no-op if already up)")
+    up_p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
+    sub.add_parser("down", parents=[common], help="stop the stack")
+    sub.add_parser("status", parents=[common], help="show each service")
+    return parser
+
+
+def _cli_up(args: argparse.Namespace) -> int:
+    t0 = time.monotonic()
+    info = up(args.s3_port, args.mlflow_port, args.state_dir, timeout=args.timeout)
+    took = f"started in {time.monotonic() - t0:.1f}s"
+    print(f"darkmatter stack: {'already up' if info.already_running else took} ({info.state_dir})")
+    print(f"  s3      {info.s3_endpoint}   bucket s3://{DEFAULT_BUCKET}")
+    print(f"  mlflow  {info.mlflow_uri}")
+    print(f"  env file: {_env_file(Path(info.state_dir))}")
+    print("darkmatter commands pick this up by themselves; for other tools paste:")
+    for line in _export_lines(info.env):
+        print(f"  {line}")
+    return 0
+
+
+def _cli_down(args: argparse.Namespace) -> int:
+    stopped = down(args.state_dir)
+    what = ", ".join(stopped) if stopped else "nothing was running"
+    print(f"darkmatter stack: stopped {what}" if stopped else f"darkmatter stack: {what}")
+    return 0
+
+
+def _cli_status(args: argparse.Namespace) -> int:
+    services = status(args.state_dir)
+    for s in services:
+        pid = str(s.pid) if s.pid else "-"
+        print(f"{s.name:<7} pid {pid:<8} {s.url:<24} healthy: {'yes' if s.healthy else 'no'}")
+    return 0 if all(s.healthy for s in services) else 1
+
+
+def _export_lines(env: dict[str, str]) -> Iterator[str]:
+    for key, value in env.items():
+        yield f"export {key}={value}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli(sys.argv[1:]))

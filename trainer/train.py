@@ -1,0 +1,301 @@
+"""`darkmatter pretrain` as a worker: one process per rank under torchrun / deepspeed / srun.
+
+The loop: take `grad_accum` micro-batches from the rank's stream, forward/backward through the
+DeepSpeed engine, step; every `log_every` steps reduce the figures across ranks and hand them to
+metrics.jsonl and MLflow (rank 0); every `ckpt_every` steps checkpoint. Masking randomness is a
+function of (seed, step, rank, micro-batch), so it does not depend on where a restart happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from data_pipeline.prepare import Manifest
+from data_pipeline.reader import ShardStream, make_loader
+from data_pipeline.storage import join, read_bytes
+from trainer import checkpoint as ckpt
+from trainer import engine as eng
+from trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
+from trainer.objectives import OBJECTIVES, Objective
+from trainer.tracking import Tracker, check_reachable, resolve_uri
+
+log = logging.getLogger("darkmatter.train")
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint must restore besides the engine."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_consumed: int = 0  # micro-batches this rank took from the current epoch
+    mlflow_run_id: str | None = None
+    restarts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def dataset_meta(cfg: Config) -> dict[str, Any]:
+    """What the model needs to know of the dataset: modality, vocabulary size, tokenizer URL."""
+    manifest = Manifest.load(cfg.data.url)
+    meta: dict[str, Any] = {"modality": manifest.modality, "num_samples": manifest.num_samples}
+    if manifest.tokenizer:
+        from tokenizers import Tokenizer
+
+        tok_url = join(cfg.data.url, manifest.tokenizer)
+        tok = Tokenizer.from_str(read_bytes(tok_url).decode())
+        meta.update(vocab_size=tok.get_vocab_size(), tokenizer_url=tok_url)
+    return meta
+
+
+def preflight(cfg: Config) -> Objective:
+    """Checks that fail fast with one clear line, before any process group exists."""
+    meta = dataset_meta(cfg)
+    objective = OBJECTIVES[cfg.objective](cfg, meta)
+    if meta["modality"] != objective.modality:
+        raise ValueError(
+            f"objective {cfg.objective!r} trains on {objective.modality} but {cfg.data.url} "
+            f"holds {meta['modality']} shards"
+        )
+    uri = resolve_uri(cfg.tracking.tracking_uri)
+    if cfg.tracking.enabled and uri:
+        check_reachable(uri)
+    return objective
+
+
+def micro_batch_generator(cfg: Config, step: int, rank: int, micro: int) -> torch.Generator:
+    # A pure function of (seed, step, rank, micro): resume-safe without saving generator state.
+    return torch.Generator().manual_seed(hash((cfg.train.seed, step, rank, micro)) & (2**62 - 1))
+
+
+class Batches:
+    """The rank's micro-batches across epochs, continuing from a Position."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, pos: Position):
+        self.stream = ShardStream(
+            cfg.data.url, rank=rank, world_size=world_size,
+            micro_batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers,
+            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+        )  # fmt: skip
+        self.pos = pos
+        self._it: Any = None
+
+    def next(self) -> list[dict[str, Any]]:
+        while True:
+            if self._it is None:
+                self.stream.set_position(self.pos.epoch, self.pos.batches_consumed)
+                self._it = iter(make_loader(self.stream))
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.pos.epoch += 1
+                self.pos.batches_consumed = 0
+                continue
+            self.pos.batches_consumed += 1
+            return batch  # type: ignore[no-any-return]
+
+
+class Trainer:
+    def __init__(self, cfg: Config, objective: Objective, rank: int, world_size: int):
+        self.cfg, self.objective, self.rank, self.world_size = cfg, objective, rank, world_size
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.ds_config = deepspeed_config(cfg, world_size)
+        self.engine, self._hf_ds = eng.build_engine(cfg, self.ds_config, objective.build_model)
+        self.pos = self._resume()
+        self.tracker = self._start_tracking() if rank == 0 else None
+        self.batches = Batches(cfg, rank, world_size, self.pos)
+
+    # -- resume ---------------------------------------------------------------------------
+    def _resume(self) -> Position:
+        tag = ckpt.latest_tag(self.ckpt_root)
+        run_file = self.run_dir / "mlflow_run.json"
+        run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+        if tag is None:
+            return Position(mlflow_run_id=run_id)
+        eng.load_checkpoint(self.engine, str(self.ckpt_root), tag)
+        state = ckpt.read_rank_state(self.ckpt_root / tag, self.rank)
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"{self.ckpt_root / tag}: written by {state['world_size']} ranks, this job has "
+                f"{self.world_size} (elastic resume is not supported yet)"
+            )
+        if self.rank == 0:
+            log.info("resuming from %s (step %d)", self.ckpt_root / tag, state["step"])
+            _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        return Position(
+            step=state["step"], epoch=state["epoch"], batches_consumed=state["batches_consumed"],
+            mlflow_run_id=state.get("mlflow_run_id") or run_id, restarts=state["restarts"] + 1,
+        )  # fmt: skip
+
+    def _start_tracking(self) -> Tracker | None:
+        t = self.cfg.tracking
+        uri = resolve_uri(t.tracking_uri)
+        if not (t.enabled and uri):
+            return None
+        run_name = t.run_name or self.run_dir.name
+        tracker = Tracker(uri, t.experiment, run_name, run_id=self.pos.mlflow_run_id)
+        self.pos.mlflow_run_id = tracker.run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "mlflow_run.json").write_text(
+            json.dumps({"run_id": tracker.run_id, "tracking_uri": uri, "url": tracker.run_url})
+        )
+        tracker.log_params(flatten(to_dict(self.cfg)))
+        tracker.set_tags(self._tags())
+        tracker.log_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), "config.yaml")
+        tracker.log_dict(self.ds_config, "deepspeed_config.json")
+        return tracker
+
+    def _tags(self) -> dict[str, Any]:
+        import deepspeed
+        import transformers
+
+        n_params = sum(p.numel() for p in self.engine.module.parameters())
+        if self.cfg.train.zero_stage == 3:  # partitioned: count the full shapes
+            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        return {
+            "objective": self.cfg.objective, "world_size": self.world_size,
+            "node": platform.node(), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "parameters": n_params, "restarts": self.pos.restarts,
+        }  # fmt: skip
+
+    # -- the loop -------------------------------------------------------------------------
+    def train(self) -> Position:
+        cfg, t = self.cfg, self.cfg.train
+        window = _Window()
+        while self.pos.step < t.steps:
+            t0 = time.perf_counter()
+            loss, tokens = self._step()
+            window.add(loss, tokens, time.perf_counter() - t0)
+            self.pos.step += 1
+            if self.pos.step % t.log_every == 0 or self.pos.step == t.steps:
+                self._log(window)
+                window = _Window()
+            if self.pos.step % t.ckpt_every == 0 or self.pos.step == t.steps:
+                self.save()
+        if self.tracker:
+            self.tracker.finish("FINISHED")
+        return self.pos
+
+    def _step(self) -> tuple[float, int]:
+        losses, tokens = [], 0
+        for micro in range(self.cfg.train.grad_accum):
+            gen = micro_batch_generator(self.cfg, self.pos.step, self.rank, micro)
+            batch = self.objective.make_batch(self.batches.next(), gen)
+            tokens += self.objective.tokens(batch)
+            out = self.engine(**batch)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            losses.append(out.loss.item())
+        return sum(losses) / len(losses), tokens
+
+    def _log(self, w: _Window) -> None:
+        plan = batch_plan(self.cfg, self.world_size)
+        loss, tokens, secs = eng.all_reduce_mean([w.mean_loss, w.tokens, w.seconds])
+        gnorm = self.engine.get_global_grad_norm()
+        rec = {
+            "step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
+            "samples_per_s": plan.global_batch_size * w.steps / secs,
+        }  # fmt: skip
+        if self.objective.modality == "text":
+            rec["tokens_per_s"] = tokens * self.world_size / secs
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        if self.tracker:
+            self.tracker.log_metrics(self.pos.step, {k: v for k, v in rec.items() if k != "step"})
+
+    def save(self) -> None:
+        tag = ckpt.tag_for(self.pos.step)
+        d = self.ckpt_root / tag
+        eng.save_checkpoint(self.engine, str(self.ckpt_root), tag, {"step": self.pos.step}, )
+        ckpt.write_rank_state(d, self.rank, self._rank_state())
+        if self.rank == 0:
+            self._write_model_meta(d)
+        eng.barrier()  # every rank's files are on disk before `latest` moves
+        if self.rank == 0:
+            ckpt.commit(self.ckpt_root, tag)
+            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last)
+            if self.tracker:
+                self.tracker.log_metrics(self.pos.step, {"checkpoint/step": self.pos.step})
+        eng.barrier()
+
+    def _rank_state(self) -> dict[str, Any]:
+        p = self.pos
+        return {
+            "step": p.step, "epoch": p.epoch, "batches_consumed": p.batches_consumed,
+            "mlflow_run_id": p.mlflow_run_id, "restarts": p.restarts,
+            "world_size": self.world_size, "seed": self.cfg.train.seed,
+        }  # fmt: skip
+
+    def _write_model_meta(self, d: Path) -> None:
+        self.objective.model_config().to_json_file(str(d / "model_config.json"))
+        meta = {
+            "objective": self.cfg.objective, "step": self.pos.step,
+            "zero_stage": self.cfg.train.zero_stage, "dataset": self.cfg.data.url,
+            "tokenizer": self.objective.meta.get("tokenizer_url"),
+            "mlflow_run_id": self.pos.mlflow_run_id,
+            "data": {"seq_len": self.cfg.data.seq_len, "image_size": self.cfg.data.image_size},
+        }  # fmt: skip
+        (d / "darkmatter.json").write_text(json.dumps(meta, indent=1))
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last log line."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, loss: float, tokens: int, seconds: float) -> None:
+        self.steps += 1
+        self.loss_sum += loss
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(1, self.steps)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines a killed run logged after the checkpoint we resume from: they will be redone."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def run_worker(cfg: Config) -> int:
+    """Entry point of one rank."""
+    objective = preflight(cfg)
+    rank, world_size, _ = eng.init_distributed()
+    trainer = Trainer(cfg, objective, rank, world_size)
+    try:
+        pos = trainer.train()
+    except BaseException:
+        if trainer.tracker:
+            trainer.tracker.finish("FAILED")
+        raise
+    if rank == 0:
+        print(json.dumps({"event": "done", "step": pos.step, "run_dir": str(trainer.run_dir),
+                          "mlflow_run_id": pos.mlflow_run_id}))  # fmt: skip
+    eng.shutdown()
+    return 0
