@@ -93,3 +93,32 @@ def make_bucket(url: str) -> None:
     bucket = url[len("s3://") :].split("/", 1)[0]
     if not fs.exists(bucket):
         fs.mkdir(bucket)
+
+
+def list_files(url: str) -> list[str]:
+    """Every file under url, recursively and sorted, as URLs of url's scheme; [url] for a file.
+
+    Empty for a folder without files or a path that does not exist (check `exists` first).
+    """
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    if not fs.isdir(path):
+        return [url]
+    scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
+    return [scheme + p for p in sorted(fs.find(path))]
+
+
+def makedirs(url: str) -> None:
+    """Create a local folder (and its parents); object stores have no folders to create."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def delete(url: str) -> None:
+    """Remove one object or file if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm_file(path)
