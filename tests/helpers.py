@@ -16,3 +16,49 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def run_darkmatter(*args: str, env: dict[str, str] | None = None, timeout: float = 600):  # type: ignore[no-untyped-def]
+    """Run the `darkmatter` CLI as a user would; returns the CompletedProcess (text mode)."""
+    import os
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=full_env,
+    )  # fmt: skip
+
+
+def write_config(path: Path, data_url: str, run_dir: Path, **sections: dict) -> Path:  # type: ignore[type-arg]
+    """A tiny, fast config for tests; `sections` override keys per section."""
+    import yaml
+
+    cfg: dict = {  # type: ignore[type-arg]
+        "objective": "mlm",
+        "data": {"url": data_url, "num_workers": 1, "seq_len": 32, "shuffle_buffer": 64},
+        "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
+        "train": {"steps": 6, "micro_batch_size": 8, "log_every": 2, "ckpt_every": 3,
+                  "warmup_steps": 2, "lr": 0.002, "zero_stage": 2, "run_dir": str(run_dir)},
+        "tracking": {"enabled": False},
+    }  # fmt: skip
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def synthetic_corpus(path: Path, n: int = 600) -> Path:
+    """Short sentences over a small vocabulary, with structure a model can learn (tests only)."""
+    animals = ["fox", "dog", "cat", "owl", "bee", "elk"]
+    colors = ["red", "brown", "green", "blue", "white", "black"]
+    lines = [
+        f"the {colors[i % 6]} {animals[(i // 6) % 6]} number {i % 50} jumps over the lazy "
+        f"{animals[(i + 1) % 6]} near the {colors[(i // 3) % 6]} river"
+        for i in range(n)
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

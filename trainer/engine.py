@@ -81,6 +81,8 @@ def build_engine(
     hf_ds = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every restart
     model = build_model()
+    # Dropout then differs across ranks but not across restarts of the same rank.
+    torch.manual_seed(cfg.train.seed * 100_003 + int(os.environ.get("RANK", "0")))
     opt = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999)
     )
