@@ -57,7 +57,9 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the pretraining model, whatever the ZeRO stage it was trained with."""
     if int(ref.meta.get("zero_stage", 0)) == 0:
         # Without ZeRO, DeepSpeed keeps the whole module in one file (with non-tensor metadata).
-        blob = torch.load(ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        blob = torch.load(
+            ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
         return {k: v.float() for k, v in blob["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -78,9 +80,15 @@ def load_encoder(ref: CheckpointRef, pretrained: bool = True, seed: int = 0) -> 
     model = AutoModel.from_config(encoder_config(ref))
     if pretrained:
         prefix = ENCODER_PREFIX[ref.meta["objective"]]
-        sd = {k[len(prefix) :]: v for k, v in consolidated_state_dict(ref).items() if k.startswith(prefix)}
+        sd = {
+            k[len(prefix) :]: v
+            for k, v in consolidated_state_dict(ref).items()
+            if k.startswith(prefix)
+        }
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("pooler.")]  # the MLM model has no pooler
         if missing or unexpected:
-            raise ValueError(f"{ref.path}: weights do not fit the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ValueError(
+                f"{ref.path}: weights do not fit the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
     return model.eval()

@@ -22,11 +22,15 @@ def _inputs(ref: CheckpointRef, data: LabeledSet) -> dict[str, Any]:
     meta = ref.meta
     if data.texts is not None:
         if not meta.get("tokenizer"):
-            raise ValueError(f"{ref.path}: a text task needs a text checkpoint (objective {meta['objective']})")
+            raise ValueError(
+                f"{ref.path}: a text task needs a text checkpoint (objective {meta['objective']})"
+            )
         return text_inputs(data.texts, meta["tokenizer"], int(meta["data"]["seq_len"]))
     assert data.images is not None
     if meta.get("tokenizer"):
-        raise ValueError(f"{ref.path}: an image task needs an image checkpoint (objective {meta['objective']})")
+        raise ValueError(
+            f"{ref.path}: an image task needs an image checkpoint (objective {meta['objective']})"
+        )
     return image_inputs(data.images, int(meta["data"]["image_size"]))
 
 
@@ -41,15 +45,16 @@ def evaluate(ref: CheckpointRef, data: LabeledSet, seed: int = 0) -> dict[str, A
 
 
 def log_to_mlflow(result: dict[str, Any], run_id: str, uri: str) -> None:
+    import requests
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
-
-    import requests
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
     except requests.RequestException as e:
-        raise RuntimeError(f"MLflow tracking server at {uri} is unreachable ({type(e).__name__})") from None
+        raise RuntimeError(
+            f"MLflow tracking server at {uri} is unreachable ({type(e).__name__})"
+        ) from None
     client = MlflowClient(tracking_uri=uri)
     step, task = int(result["step"]), result["task"]
     ts = int(time.time() * 1000)
@@ -84,6 +89,8 @@ def cli(argv: list[str]) -> int:
     if args.output:
         Path(args.output).write_text(line + "\n")
     pre, rnd = result["pretrained"]["accuracy"], result["random_init"]["accuracy"]
-    print(f"{name} @ step {ref.step}: linear probe accuracy {pre:.3f} pretrained vs {rnd:.3f} random init")
+    print(
+        f"{name} @ step {ref.step}: linear probe accuracy {pre:.3f} pretrained vs {rnd:.3f} random init"
+    )
     print(line)
     return 0

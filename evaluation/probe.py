@@ -29,7 +29,9 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def embed(model: PreTrainedModel, inputs: dict[str, torch.Tensor], batch_size: int = 128) -> np.ndarray:
+def embed(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], batch_size: int = 128
+) -> np.ndarray:
     """[N, D] mean-pooled features."""
     n = next(iter(inputs.values())).shape[0]
     out = []
@@ -44,7 +46,9 @@ def embed(model: PreTrainedModel, inputs: dict[str, torch.Tensor], batch_size: i
     return np.concatenate(out)
 
 
-def linear_probe(features: np.ndarray, labels: np.ndarray, seed: int = 0, test_size: float = 0.3) -> ProbeResult:
+def linear_probe(
+    features: np.ndarray, labels: np.ndarray, seed: int = 0, test_size: float = 0.3
+) -> ProbeResult:
     x_tr, x_te, y_tr, y_te = train_test_split(
         features, labels, test_size=test_size, random_state=seed, stratify=labels
     )
@@ -61,4 +65,9 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, seed: int = 0, test_s
 
 
 def as_dict(r: ProbeResult) -> dict[str, Any]:
-    return {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "n_train": r.n_train, "n_test": r.n_test}
+    return {
+        "accuracy": r.accuracy,
+        "macro_f1": r.macro_f1,
+        "n_train": r.n_train,
+        "n_test": r.n_test,
+    }

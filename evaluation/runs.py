@@ -11,7 +11,9 @@ def _client():  # type: ignore[no-untyped-def]
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
-        raise ValueError("MLFLOW_TRACKING_URI is not set (start the local stack: darkmatter stack up)")
+        raise ValueError(
+            "MLFLOW_TRACKING_URI is not set (start the local stack: darkmatter stack up)"
+        )
     return MlflowClient(tracking_uri=uri)
 
 
@@ -32,7 +34,9 @@ def show_run(run_id: str) -> list[str]:
     client = _client()
     r = client.get_run(run_id)
     lines = [f"run {run_id} ({r.info.run_name}): {r.info.status}"]
-    lines += [f"  tag {k} = {v}" for k, v in sorted(r.data.tags.items()) if not k.startswith("mlflow.")]
+    lines += [
+        f"  tag {k} = {v}" for k, v in sorted(r.data.tags.items()) if not k.startswith("mlflow.")
+    ]
     lines += [f"  metric {k} = {v:.6g}" for k, v in sorted(r.data.metrics.items())]
     lines.append(f"  params: {len(r.data.params)}")
     return lines

@@ -14,6 +14,7 @@ import torch
 from data_pipeline.storage import open_url, read_bytes
 from data_pipeline.transforms import images_to_tensor
 
+
 @dataclass
 class LabeledSet:
     name: str

@@ -31,7 +31,9 @@ def test_presets_load() -> None:
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, BASE), ["train.lr=0.01", "model.num_layers=3", "train.bf16=true"])
+    cfg = load_config(
+        write(tmp_path, BASE), ["train.lr=0.01", "model.num_layers=3", "train.bf16=true"]
+    )
     assert cfg.train.lr == 0.01 and cfg.model.num_layers == 3 and cfg.train.bf16 is True
     assert cfg.data.seq_len == 128  # default
     assert flatten(to_dict(cfg))["train.steps"] == 10
@@ -71,7 +73,10 @@ def test_batch_arithmetic(tmp_path: Path) -> None:
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 2
     bad = load_config(write(tmp_path, BASE), ["train.global_batch_size=10"])
-    with pytest.raises(ConfigError, match=r"train.global_batch_size: 10 contradicts 4 micro × 2 accumulation × 2 ranks = 16"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch_size: 10 contradicts 4 micro × 2 accumulation × 2 ranks = 16",
+    ):
         deepspeed_config(bad, 2)
     clash = load_config(write(tmp_path, BASE), ["deepspeed.zero_optimization.stage=3"])
     with pytest.raises(ConfigError, match="deepspeed.zero_optimization.stage: 3 contradicts"):
@@ -98,4 +103,6 @@ def test_cli_config_error_is_one_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert lines == ["darkmatter pretrain: error: train_typo: unknown key (known here: data, deepspeed, model, objective, tracking, train)"]
+    assert lines == [
+        "darkmatter pretrain: error: train_typo: unknown key (known here: data, deepspeed, model, objective, tracking, train)"
+    ]

@@ -52,14 +52,19 @@ def test_single_process_train_resume_evaluate_export(text_ds: str, tmp_path: Pat
     assert state["restarts"] == 1 and state["step"] == 8
 
     # Evaluate: a labeled set that the words of the corpus separate.
-    texts = [f"the red fox number {i} jumps" if i % 2 else f"the blue owl near the river {i}" for i in range(120)]
+    texts = [
+        f"the red fox number {i} jumps" if i % 2 else f"the blue owl near the river {i}"
+        for i in range(120)
+    ]
     task = tmp_path / "task.parquet"
     pq.write_table(pa.table({"text": texts, "label": [i % 2 for i in range(120)]}), task)
     ev = run_darkmatter("evaluate", str(run_dir), "--task", str(task), "--no-mlflow")
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     assert result["step"] == 8 and result["pretrained"]["n_test"] == 36
-    assert result["pretrained"]["accuracy"] > 0.9  # trivially separable task: both encoders solve it
+    assert (
+        result["pretrained"]["accuracy"] > 0.9
+    )  # trivially separable task: both encoders solve it
 
     # Export loads with AutoModel and computes what the evaluation's encoder computes.
     exp = run_darkmatter("export", str(run_dir), "--output", str(tmp_path / "export"))

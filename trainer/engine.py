@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,9 +33,26 @@ def init_distributed() -> tuple[int, int, int]:
             RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
         )  # fmt: skip
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _die_with_parent()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _die_with_parent() -> None:
+    """Under torchrun each rank runs in a session of its own: if the agent is SIGKILLed, ranks
+    would train on as orphans and race a restarted job for the same checkpoint folder. Ask the
+    kernel to kill this rank when its parent dies (Linux only; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _free_port() -> int:
@@ -60,7 +79,8 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only; biases and norm weights (1-D) are not decayed."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)

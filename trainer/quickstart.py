@@ -91,7 +91,9 @@ def digits() -> tuple[Path, str]:
 def darkmatter(*args: str) -> str:
     """Run one `darkmatter` command, echoing it; return its stdout."""
     print("+ darkmatter " + " ".join(args), flush=True)
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args], stdout=subprocess.PIPE, text=True
+    )
     sys.stdout.write(proc.stdout)
     if proc.returncode != 0:
         raise SystemExit(f"darkmatter {args[0]} failed with exit code {proc.returncode}")
@@ -133,7 +135,16 @@ def main() -> int:
         raise SystemExit("the local stack is not running: darkmatter stack up")
     WORK.mkdir(parents=True, exist_ok=True)
     files = [str(p) for p in fortune_files()]
-    darkmatter("prepare", *files, "--output", f"{BUCKET}/fortunes", "--modality", "text", "--vocab-size", "8000")
+    darkmatter(
+        "prepare",
+        *files,
+        "--output",
+        f"{BUCKET}/fortunes",
+        "--modality",
+        "text",
+        "--vocab-size",
+        "8000",
+    )
     text_url = text_task()
     digit_folder, digits_url = digits()
     darkmatter("prepare", str(digit_folder), "--output", f"{BUCKET}/digits", "--modality", "image")

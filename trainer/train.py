@@ -161,7 +161,9 @@ class Trainer:
 
         n_params = sum(p.numel() for p in self.engine.module.parameters())
         if self.cfg.train.zero_stage == 3:  # partitioned: count the full shapes
-            n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+            n_params = sum(
+                getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
+            )
         return {
             "objective": self.cfg.objective, "world_size": self.world_size,
             "node": platform.node(), "torch": torch.__version__,
@@ -171,7 +173,7 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> Position:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         window = _Window()
         while self.pos.step < t.steps:
             t0 = time.perf_counter()
@@ -216,14 +218,21 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+        log.info(
+            " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
+        )
         if self.tracker:
             self.tracker.log_metrics(self.pos.step, {k: v for k, v in rec.items() if k != "step"})
 
     def save(self) -> None:
         tag = ckpt.tag_for(self.pos.step)
         d = self.ckpt_root / tag
-        eng.save_checkpoint(self.engine, str(self.ckpt_root), tag, {"step": self.pos.step}, )
+        eng.save_checkpoint(
+            self.engine,
+            str(self.ckpt_root),
+            tag,
+            {"step": self.pos.step},
+        )
         ckpt.write_rank_state(d, self.rank, self._rank_state())
         if self.rank == 0:
             self._write_model_meta(d)

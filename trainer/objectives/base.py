@@ -35,8 +35,3 @@ class Objective(ABC):
     @abstractmethod
     def tokens(self, batch: dict[str, Any]) -> int:
         """Tokens (text) or patches (images) the encoder sees in this batch, for throughput."""
-
-    @staticmethod
-    def encoder_of(model: PreTrainedModel) -> PreTrainedModel:
-        """The encoder that gets exported and probed (the base model without the SSL head)."""
-        return model.base_model

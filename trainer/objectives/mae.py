@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, ViTMAEConfig, ViTMAEForPreTraining
 from data_pipeline.transforms import images_to_tensor
 from trainer.objectives.base import Objective
 
+
 class MAEObjective(Objective):
     name = "mae"
     modality = "image"

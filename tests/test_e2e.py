@@ -1,0 +1,136 @@
+"""End to end against the real local stack (moto S3 + MLflow servers over HTTP): shards in a
+bucket, a 2-process job killed with SIGKILL and started again, which continues from its
+checkpoint and the same MLflow run, then an evaluation logged into that run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from data_pipeline.storage import write_bytes
+from tests.helpers import REPO_ROOT, run_darkmatter, synthetic_corpus, write_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 240) -> str:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        latest = root / "latest"
+        if latest.is_file():
+            return latest.read_text().strip()
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"training ended (rc {proc.returncode}) before its first checkpoint"
+            )
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint within the timeout")
+
+
+def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
+    stack, bucket: str, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    corpus = synthetic_corpus(tmp_path / "corpus.txt", n=2000)
+    data_url = f"{bucket}/text"
+    prep = run_darkmatter(
+        "prepare", str(corpus), "--output", data_url, "--modality", "text", "--vocab-size", "200"
+    )
+    assert prep.returncode == 0, prep.stderr[-2000:]
+
+    run_dir = tmp_path / "run"
+    steps = 120
+    cfg = write_config(
+        tmp_path / "c.yaml", data_url, run_dir,
+        train={"steps": steps, "log_every": 5, "ckpt_every": 20, "micro_batch_size": 16, "zero_stage": 2},
+        tracking={"enabled": True, "experiment": "e2e", "run_name": "killed-and-resumed"},
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), "--nproc", "2"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        tag = wait_for_checkpoint(run_dir / "checkpoints", proc)
+    finally:
+        tree = descendants(proc.pid)
+        for pid in [proc.pid, *tree]:  # the CLI, torchrun and both ranks: no chance to clean up
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(tree) >= 3, tree  # torchrun's agent and two workers were running
+    killed_at = int(tag.removeprefix("step"))
+    assert 0 < killed_at < steps
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+    again = run_darkmatter("pretrain", str(cfg), "--nproc", "2")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resuming from {run_dir / 'checkpoints'}" in again.stderr
+
+    # Every logged step exactly once, continuing across the kill.
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(5, steps + 1, 5))
+    assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
+    final = json.loads(
+        (run_dir / f"checkpoints/step{steps:08d}/trainer_state_rank1.json").read_text()
+    )
+    assert final["restarts"] == 1 and final["step"] == steps
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["restarts"] == "1"
+    assert run.data.params["train.steps"] == str(steps)
+    history = client.get_metric_history(run_id, "loss")
+    logged = sorted({m.step for m in history})
+    assert logged[-1] == steps and killed_at + 5 in logged
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # the restart did not open a second run
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.yaml", "deepspeed_config.json"} <= artifacts
+
+    # The evaluation harness logs into the same run at the checkpoint's step.
+    texts = [
+        f"the red fox number {i}" if i % 2 else f"the blue owl near the river {i}"
+        for i in range(100)
+    ]
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts, "label": [i % 2 for i in range(100)]}), buf)
+    write_bytes(f"{bucket}/tasks/toy.parquet", buf.getvalue())
+    ev = run_darkmatter("evaluate", str(run_dir), "--task", f"{bucket}/tasks/toy.parquet")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    acc = client.get_metric_history(run_id, "eval/toy/linear_probe/accuracy")
+    assert [m.step for m in acc] == [steps] and 0.0 <= acc[0].value <= 1.0
+    assert client.get_metric_history(run_id, "eval/toy/linear_probe/accuracy_random_init")
