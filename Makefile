@@ -30,6 +30,8 @@ quickstart: venv corpora
 	$(BIN)/python -m trainer.quickstart
 
 test: venv corpora
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 lint: venv

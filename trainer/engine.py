@@ -114,7 +114,8 @@ def build_engine(
 
 
 def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> None:
-    engine.save_checkpoint(root, tag=tag, client_state=client_state)
+    # save_latest=False: DeepSpeed would move `latest` before every rank has finished writing.
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
 
 
 def load_checkpoint(engine: Any, root: str, tag: str) -> None:
