@@ -25,6 +25,9 @@ def test_missing_bucket(stack, tmp_path: Path) -> None:  # type: ignore[no-untyp
         "prepare", str(corpus), "--output", "s3://no-such-bucket-dm/x", "--modality", "text"
     )
     assert "bucket 'no-such-bucket-dm' does not exist" in error_line(out)
+    cfg = write_config(tmp_path / "c.yaml", "s3://no-such-bucket-dm/ds", tmp_path / "run")
+    line = error_line(run_darkmatter("pretrain", str(cfg), "--nproc", "2"))
+    assert "bucket 'no-such-bucket-dm' does not exist (from s3://no-such-bucket-dm/ds)" in line
 
 
 def test_empty_input_folder(tmp_path: Path) -> None:

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("DARKMATTER_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    for noisy in ("aiobotocore", "botocore", "s3fs", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command, rest = argv[0], argv[1:]
     if command != "stack":

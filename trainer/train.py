@@ -21,7 +21,7 @@ import yaml
 
 from data_pipeline.prepare import Manifest
 from data_pipeline.reader import ShardStream, make_loader
-from data_pipeline.storage import join, read_bytes
+from data_pipeline.storage import check_bucket, join, read_bytes
 from trainer import checkpoint as ckpt
 from trainer import engine as eng
 from trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
@@ -45,6 +45,7 @@ class Position:
 
 def dataset_meta(cfg: Config) -> dict[str, Any]:
     """What the model needs to know of the dataset: modality, vocabulary size, tokenizer URL."""
+    check_bucket(cfg.data.url)
     manifest = Manifest.load(cfg.data.url)
     meta: dict[str, Any] = {"modality": manifest.modality, "num_samples": manifest.num_samples}
     if manifest.tokenizer:
