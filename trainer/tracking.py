@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import requests
@@ -50,6 +51,9 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         check_reachable(uri)
+        # Our own loop retries during outages; MLflow's default backoff would stall it minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         if run_id:
@@ -62,6 +66,8 @@ class Tracker:
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             self.resumed = False
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        self.retry_s = 2.0  # seconds between attempts while the server is unreachable
+        self.max_buffer = 1_000_000  # metrics kept during an outage (~100 bytes each)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
         self._thread.start()
@@ -83,8 +89,9 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, str(v))
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Queue metrics; never blocks the training step."""
@@ -97,38 +104,75 @@ class Tracker:
         self.log_text(json.dumps(d, indent=2, sort_keys=True), artifact_file)
 
     def _send_loop(self) -> None:
-        from mlflow.entities import Metric
-
+        """Drain the queue into `pending` and send it in batches. While the server is down,
+        metrics wait in `pending` (bounded: the oldest are dropped, with a warning) and sending
+        is retried every `retry_s` seconds, so an outage loses nothing that fits the bound."""
+        pending: deque[Any] = deque()
+        stopping, failing = False, False
         while True:
-            item = self._queue.get()
-            batch = [item]
-            while not self._queue.empty() and len(batch) < 200:
-                batch.append(self._queue.get_nowait())
-            stop = any(b is None for b in batch)
-            metrics = [
-                Metric(k, float(v), ts, step)
-                for b in batch
-                if b is not None
-                for step, ts, values in [b]
-                for k, v in values.items()
-            ]
-            if metrics:
-                try:
-                    self.client.log_batch(self.run_id, metrics=metrics)
-                except Exception as e:  # training goes on; issue the warning once per failure
-                    log.warning("MLflow log_batch failed (%d metrics dropped): %s", len(metrics), e)
-            for _ in batch:
+            items = self._take(block_s=self.retry_s if pending else None)
+            for item in items:
+                if item is None:
+                    stopping = True
+                else:
+                    pending.extend(_metrics(*item))
+            if len(pending) > self.max_buffer:
+                dropped = len(pending) - self.max_buffer
+                for _ in range(dropped):
+                    pending.popleft()
+                log.warning("MLflow buffer full: dropped the %d oldest metrics", dropped)
+            failing = not self._send(pending, already_failing=failing)
+            for _ in items:
                 self._queue.task_done()
-            if stop:
+            if stopping and (not pending or failing):
                 return
+
+    def _take(self, block_s: float | None) -> list[Any]:
+        try:
+            items = [self._queue.get(timeout=block_s)]
+        except queue.Empty:
+            return []
+        while len(items) < 1000:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    def _send(self, pending: deque[Any], already_failing: bool) -> bool:
+        """Send what is pending, 1000 metrics a request (the server's limit). True on success."""
+        while pending:
+            chunk = [pending[i] for i in range(min(1000, len(pending)))]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as e:  # any failure means: keep the metrics, try again later
+                if not already_failing:
+                    log.warning(
+                        "MLflow unreachable, buffering metrics (%d pending): %s", len(pending), e
+                    )
+                return False
+            for _ in chunk:
+                pending.popleft()
+        if already_failing:
+            log.warning("MLflow reachable again: buffered metrics sent")
+        return True
 
     def flush(self) -> None:
         self._queue.join()
 
     def finish(self, status: str = "FINISHED") -> None:
         self._queue.put(None)
-        self._thread.join(timeout=60)
-        self.client.set_terminated(self.run_id, status=status)
+        self._thread.join(timeout=120)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # the server is down at the very end: say so, do not crash
+            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, e)
+
+
+def _metrics(step: int, ts: int, values: dict[str, float]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    return [Metric(k, float(v), ts, step) for k, v in values.items()]
 
 
 def resolve_uri(configured: str) -> str:
