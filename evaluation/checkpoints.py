@@ -74,10 +74,24 @@ def encoder_config(ref: CheckpointRef) -> Any:
     return cfg
 
 
+def _init_vit_mae_embeddings(encoder: PreTrainedModel) -> None:
+    """The fixed sin-cos position embeddings a random-init ViT-MAE encoder must have.
+
+    transformers 5.x leaves them at zero when building from a config (the embeddings' own
+    `initialize_weights()` is skipped); the baseline must be the architecture as trained, so it
+    gets them as the trainer's model does. Pretrained weights overwrite them with equal values.
+    """
+    emb = encoder.embeddings
+    emb.patch_embeddings.projection.__dict__.pop("_is_hf_initialized", None)
+    emb.initialize_weights()
+
+
 def load_encoder(ref: CheckpointRef, pretrained: bool = True, seed: int = 0) -> PreTrainedModel:
     """The checkpoint's encoder (pretrained=True) or the same architecture freshly initialized."""
     torch.manual_seed(seed)
     model = AutoModel.from_config(encoder_config(ref))
+    if ref.meta["objective"] == "mae":
+        _init_vit_mae_embeddings(model)
     if pretrained:
         prefix = ENCODER_PREFIX[ref.meta["objective"]]
         sd = {

@@ -3,7 +3,7 @@ MLflow → linear probe, for MLM (text) and MAE (images), ending with one table.
 
 Real, human-made data that installs offline:
 - text: Debian's fortune-cookie files (package `fortunes`), one category per file. Every file is
-  pretraining text (labels unused); a balanced labeled subset of eight topical categories is
+  pretraining text (labels unused); a balanced labeled subset of eight categories (335 each) is
   the probe's downstream task.
 - images: the 1,797 handwritten digits bundled with scikit-learn (8×8, upscaled by the model).
 
@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 
 FORTUNES = Path("/usr/share/games/fortunes")
-PROBE_CATEGORIES = ["computers", "food", "law", "love", "politics", "science", "sports", "startrek"]
-PER_CATEGORY = 150
+# Eight categories with at least 335 fortunes each, so the labeled set is balanced and not tiny.
+PROBE_CATEGORIES = [
+    "computers", "definitions", "linux", "politics", "science", "songs-poems", "work", "zippy",
+]  # fmt: skip
+PER_CATEGORY = 335
 BUCKET = "s3://darkmatter/quickstart"
 WORK = Path("runs/quickstart")
 
@@ -68,13 +71,12 @@ def text_task() -> str:
     return url
 
 
-def digits() -> tuple[Path, str]:
-    """PNG files for pretraining (no labels) and a labeled Parquet for the probe."""
+def digits(folder: Path, task_url: str) -> None:
+    """PNG files in `folder` for pretraining (no labels) and a labeled Parquet for the probe."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    folder = WORK / "raw" / "digits"
     folder.mkdir(parents=True, exist_ok=True)
     pngs = []
     for i, img in enumerate(d.images):
@@ -83,9 +85,7 @@ def digits() -> tuple[Path, str]:
         Image.fromarray(arr, mode="L").convert("RGB").save(buf, format="PNG")
         (folder / f"{i:05d}.png").write_bytes(buf.getvalue())
         pngs.append(buf.getvalue())
-    url = f"{BUCKET}/tasks/digits.parquet"
-    write_parquet({"image": pngs, "label": [int(t) for t in d.target]}, url)
-    return folder, url
+    write_parquet({"image": pngs, "label": [int(t) for t in d.target]}, task_url)
 
 
 def darkmatter(*args: str) -> str:
@@ -146,7 +146,8 @@ def main() -> int:
         "8000",
     )
     text_url = text_task()
-    digit_folder, digits_url = digits()
+    digit_folder, digits_url = WORK / "raw" / "digits", f"{BUCKET}/tasks/digits.parquet"
+    digits(digit_folder, digits_url)
     darkmatter("prepare", str(digit_folder), "--output", f"{BUCKET}/digits", "--modality", "image")
     rows = [
         train_and_probe("configs/quickstart_mlm.yaml", text_url, "fortunes_topics"),

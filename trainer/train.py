@@ -145,7 +145,9 @@ class Trainer:
             return None
         run_name = t.run_name or self.run_dir.name
         tracker = Tracker(uri, t.experiment, run_name, run_id=self.pos.mlflow_run_id)
-        log.info("MLflow run %s: %s", "continued" if tracker.resumed else "created", tracker.run_url)
+        log.info(
+            "MLflow run %s: %s", "continued" if tracker.resumed else "created", tracker.run_url
+        )
         self.pos.mlflow_run_id = tracker.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "mlflow_run.json").write_text(

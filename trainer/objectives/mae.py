@@ -37,7 +37,7 @@ class MAEObjective(Objective):
         )
 
     def build_model(self) -> PreTrainedModel:
-        return ViTMAEForPreTraining(self.model_config())
+        return init_sincos_position_embeddings(ViTMAEForPreTraining(self.model_config()))
 
     def num_patches(self) -> int:
         return (self.cfg.data.image_size // self.cfg.model.patch_size) ** 2
@@ -51,3 +51,19 @@ class MAEObjective(Objective):
     def tokens(self, batch: dict[str, Any]) -> int:
         visible = round(self.num_patches() * (1 - self.cfg.model.mask_ratio))
         return int(batch["pixel_values"].shape[0]) * visible
+
+
+def init_sincos_position_embeddings(model: PreTrainedModel) -> PreTrainedModel:
+    """Give a freshly built ViT-MAE its fixed 2-D sin-cos position embeddings and its cls token.
+
+    transformers 5.x leaves them at zero when the model is built from a config: the embeddings'
+    `initialize_weights()` is skipped (the patch projection is already flagged as initialized)
+    and `_init_weights()` zeroes the decoder's. They are frozen, so training never repairs them
+    and the model would have no notion of where a patch is. The model is built whole before
+    DeepSpeed partitions it, so this holds under every ZeRO stage.
+    """
+    emb = model.vit.embeddings
+    emb.patch_embeddings.projection.__dict__.pop("_is_hf_initialized", None)
+    emb.initialize_weights()
+    model.decoder.initialize_weights(emb.patch_embeddings.num_patches)
+    return model
