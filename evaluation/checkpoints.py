@@ -74,7 +74,7 @@ def encoder_config(ref: CheckpointRef) -> Any:
     return cfg
 
 
-def _init_vit_mae_embeddings(encoder: PreTrainedModel) -> None:
+def _init_vit_mae_embeddings(encoder: Any) -> None:
     """The fixed sin-cos position embeddings a random-init ViT-MAE encoder must have.
 
     transformers 5.x leaves them at zero when building from a config (the embeddings' own

@@ -53,7 +53,7 @@ class MAEObjective(Objective):
         return int(batch["pixel_values"].shape[0]) * visible
 
 
-def init_sincos_position_embeddings(model: PreTrainedModel) -> PreTrainedModel:
+def init_sincos_position_embeddings(model: Any) -> Any:
     """Give a freshly built ViT-MAE its fixed 2-D sin-cos position embeddings and its cls token.
 
     transformers 5.x leaves them at zero when the model is built from a config: the embeddings'
