@@ -1,0 +1,46 @@
+"""Objectives on their own: masking statistics and the models they build."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+from trainer.objectives import OBJECTIVES
+from trainer.objectives.mlm import MASK_ID, NUM_SPECIAL, mask_tokens, pad_and_truncate
+
+
+def test_mlm_masking_follows_80_10_10() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(NUM_SPECIAL, 1000, (256, 128), generator=gen)
+    ids[:, 0] = 2  # [CLS] is never chosen
+    inputs, labels = mask_tokens(ids, 0.15, 1000, gen)
+    chosen = labels != -100
+    assert not chosen[:, 0].any()
+    assert abs(chosen.float().mean().item() - 0.15 * 127 / 128) < 0.005
+    as_mask = (inputs == MASK_ID) & chosen
+    kept = (inputs == ids) & chosen
+    n = chosen.sum().item()
+    assert abs(as_mask.sum().item() / n - 0.8) < 0.02
+    assert abs(kept.sum().item() / n - 0.1) < 0.02  # (a random swap to the same id is ~0.1%)
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_truncation_keeps_the_closing_sep() -> None:
+    out = pad_and_truncate([np.array([2, 7, 8, 9, 10, 3]), np.array([2, 7, 3])], 4)
+    assert out.tolist() == [[2, 7, 8, 3], [2, 7, 3, 0]]
+
+
+def test_mae_model_has_sincos_position_embeddings() -> None:
+    """transformers 5 builds ViT-MAE with all-zero (frozen) position embeddings; ours are set."""
+    cfg = Config(
+        objective="mae", data=DataConfig(url="unused", image_size=16), train=TrainConfig(steps=1),
+        model=ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64, patch_size=2,
+                          decoder_hidden_size=32, mask_ratio=0.75),
+    )  # fmt: skip
+    model = OBJECTIVES["mae"](cfg, {"modality": "image"}).build_model()
+    pos = model.vit.embeddings.position_embeddings[0, 1:]  # [64 patches, 32]
+    assert pos.abs().sum() > 0 and not pos.requires_grad
+    assert torch.unique(pos, dim=0).shape[0] == 64  # every patch position is distinct
+    assert model.decoder.decoder_pos_embed.abs().sum() > 0
