@@ -1,5 +1,5 @@
 """The quickstart's claim, tested on its real data: MAE pretraining on scikit-learn's handwritten
-digits, with the quickstart's own config (shortened, one process), gives a linear probe that
+digits, with the quickstart's own config (2 processes, ZeRO-2, shortened), gives a linear probe that
 beats the same architecture at random init by a clear margin on the same split."""
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from data_pipeline.prepare import prepare
 from tests.helpers import REPO_ROOT, run_darkmatter
 from trainer.quickstart import digits
 
-MARGIN = 0.04  # README: "at least 4 points" for this shortened run; the full quickstart shows more
-STEPS = 600
+MARGIN = 0.05  # README: at least 5 points (the full quickstart measures about 13)
+STEPS = 800
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)
 def test_mae_on_digits_beats_random_init(tmp_path: Path) -> None:
     task = tmp_path / "digits.parquet"
     digits(tmp_path / "png", str(task))
@@ -26,7 +27,7 @@ def test_mae_on_digits_beats_random_init(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     out = run_darkmatter(
         "pretrain", str(config), f"data.url={tmp_path / 'ds'}", f"train.run_dir={run_dir}",
-        f"train.steps={STEPS}", "tracking.enabled=false", "data.num_workers=0",
+        f"train.steps={STEPS}", "tracking.enabled=false", "--nproc", "2",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     ev = run_darkmatter("evaluate", str(run_dir), "--task", str(task), "--no-mlflow")
