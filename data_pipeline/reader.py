@@ -1,30 +1,53 @@
-"""The trainer's streaming reader: a rank's micro-batches of one epoch, resumable at any batch.
+"""The trainer's streaming reader: an epoch's sample order that no world size can change.
 
-Work split (the contract the trainer and its checkpoints rely on):
-  * S = max(1, num_workers) slots per rank. Epoch e permutes the shard list with a RNG seeded by
-    (seed, e); the shards in that order, members in tar order, form the epoch's sequence of N
-    samples. G = world_size·S·micro_batch_size; the first U = floor(N / G)·G are used and the
-    tail is dropped, so every rank gets exactly U / (world_size·micro_batch_size) batches.
-  * Rank r owns the contiguous range [r·U/W, (r+1)·U/W) of the sequence; slot s owns the s-th of
-    S equal contiguous sub-ranges of it. A slot's range is a list of shard segments (shard,
-    start, stop); the slot streams only those members, so no sample is read by two slots.
-  * Within a slot, samples pass a shuffle buffer seeded by (seed, e, rank, slot) and are grouped
-    into micro-batches. The rank's batch j is batch j // S of slot j % S.
-  * A DataLoader with S workers hands out worker 0, 1, ..., S-1, 0, ... in turn. Starting from
-    batch c, worker w therefore serves slot (c + w) % S from its batch (c + w) // S on, so the
-    round-robin continues the rank's sequence exactly at batch c. In-process (num_workers=0)
-    iteration runs the same S "virtual workers" round-robin itself.
-Only raw tar bytes travel through the shuffle buffer; samples are decoded once they form a batch
-that is actually yielded (.npy with allow_pickle=False, PNG with PIL; nothing is unpickled).
+The order (a pure function of manifest, seed, epoch, `partitions` P and the global batch B):
+  * Epoch e permutes the manifest's shards with a RNG seeded by (seed, e). The shards in that
+    order, samples in tar order, form the epoch's sequence of N samples; it is cut into P equal
+    contiguous *partitions* of L = N // P samples (the < P left over are dropped).
+  * Each partition is a stream of its own: its L samples in order through a shuffle buffer of
+    `shuffle_buffer` samples, seeded by (seed, e, p). Output number i of partition p is its
+    sample i.
+  * Global sample g of the epoch is output number g // P of partition g % P. Step t of the
+    epoch trains on global samples [t·B, (t+1)·B); an epoch has T = floor(P·L / B) steps.
+Who reads what (any world size W, any number of DataLoader workers per rank):
+  * A rank runs S = max(1, num_workers) *slots* (DataLoader workers; one in-process slot without
+    workers); slot q = rank·S + worker of W·S owns the partitions p ≡ q (mod W·S) and so the
+    global samples g ≡ q (mod W·S): B / (W·S) per step for every slot, equal by construction
+    (W·S must divide both P and B). A slot yields one *piece* per step: its samples of the step
+    in increasing g, decoded, plus the state of its partitions after them.
+  * The DataLoader takes one piece from each worker in turn, which is the rank's step; the rank
+    merges them by g and cuts the result into grad_accum micro-batches by position.
+Resume: a partition's state is (next input, outputs so far, the shuffle buffer as partition
+indices, its RNG state). A checkpoint keeps every partition's state; a resume, with the same or
+another world size or worker count, rebuilds each partition from it by reading only the samples
+its buffer held: the cost depends on the buffer, never on how far the epoch had got.
+Shards: each one a slot touches is fetched whole into a local cache (with read-ahead of the
+next ones, retries with backoff, resumed ranged reads), checked against the manifest's size and
+sha256, and indexed by its tar headers; samples are then read by offset. Raw bytes travel
+through the shuffle buffer; samples are decoded as they leave it. Bad data (a missing, empty,
+truncated or corrupt shard, an undecodable or oversized member) becomes a *hole* at that
+sample's place in the order, so no other sample moves; holes are counted by reason and listed
+(shard, key, reason) in a quarantine list, or raise in strict mode. Members are only ever read
+into memory (never extracted to a path), and pickle members (.pyd, .pkl, .pth) are never
+decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
+import os
+import shutil
 import tarfile
-from collections.abc import Iterable, Iterator
-from itertools import chain, islice
-from typing import Any, NamedTuple, TypeVar
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch.utils.data
@@ -33,15 +56,102 @@ from data_pipeline import storage
 from data_pipeline.prepare import Manifest
 
 Sample = dict[str, Any]
-T = TypeVar("T")
+STATE_VERSION = 2
+PICKLE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pth", "pt"})
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+AUDIO_EXTENSIONS = ("flac", "wav")
+
+
+class DataError(ValueError):
+    """Bad data in strict mode, or a stream that cannot go on; the message names the shard."""
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How shards are read; none of these changes the sample order."""
+
+    shuffle_buffer: int = 256
+    """Samples held by each partition's shuffle buffer (0 or 1: partition order)."""
+    strict: bool = False
+    """Raise on the first bad shard or sample instead of skipping it."""
+    verify: bool = True
+    """Check each shard's sha256 against the manifest before using it."""
+    max_member_bytes: int = 64 * 2**20
+    """A member larger than this is refused (the sample becomes a hole)."""
+    readahead: int = 2
+    """Shards per partition fetched ahead of the one being read."""
+    retries: int = 5
+    """Attempts per shard fetch after the first, with exponential backoff."""
+    backoff_s: float = 0.2
+    """First retry delay; doubles per attempt, capped at 10 s."""
+    cache_dir: str = ""
+    """Local folder for fetched shards (empty: the system temp folder)."""
+
+
+# -- the order -------------------------------------------------------------------------------
 
 
 class Segment(NamedTuple):
-    """Members [start, stop) of the manifest's shard number `shard`."""
+    """Samples [start, stop) of the manifest's shard number `shard`."""
 
     shard: int
     start: int
     stop: int
+
+
+class EpochPlan:
+    """The epoch's order: which shard sample is output i of partition p, which g a step takes."""
+
+    def __init__(
+        self, manifest: Manifest, seed: int, epoch: int, partitions: int, global_batch: int
+    ):
+        self.manifest, self.seed, self.epoch = manifest, seed, epoch
+        self.partitions, self.global_batch = partitions, global_batch
+        rng = np.random.default_rng([seed, epoch])
+        self.shard_order = [int(i) for i in rng.permutation(len(manifest.shards))]
+        self.part_len = manifest.num_samples // partitions
+        self.steps = partitions * self.part_len // global_batch
+        # Epoch-sequence offset of each shard in epoch order, for locating partition samples.
+        self._starts = np.cumsum([0] + [manifest.shards[i].samples for i in self.shard_order])
+
+    def locate(self, p: int, i: int) -> tuple[int, int]:
+        """(manifest shard index, sample index in that shard) of input i of partition p."""
+        pos = p * self.part_len + i
+        k = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        return self.shard_order[k], int(pos - self._starts[k])
+
+    def segments(self, p: int, start: int = 0) -> list[Segment]:
+        """Partition p's inputs from `start` on, as shard segments in stream order."""
+        out: list[Segment] = []
+        lo, hi = p * self.part_len + start, (p + 1) * self.part_len
+        for k, shard in enumerate(self.shard_order):
+            a, b = int(self._starts[k]), int(self._starts[k + 1])
+            if b <= lo:
+                continue
+            if a >= hi:
+                break
+            out.append(Segment(shard, max(lo, a) - a, min(hi, b) - a))
+        return out
+
+    def slot_indices(self, step: int, slot: int, n_slots: int) -> range:
+        """The global indices g of `step` owned by `slot` of n_slots, increasing."""
+        lo = step * self.global_batch
+        first = lo + (slot - lo) % n_slots
+        return range(first, lo + self.global_batch, n_slots)
+
+
+# -- shards: fetch, verify, index ------------------------------------------------------------
+
+
+class Hole(NamedTuple):
+    """A sample that could not be used: where it was and why."""
+
+    shard: str
+    key: str
+    reason: str
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -51,98 +161,560 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
-def iter_shard(url: str, start: int, stop: int) -> Iterator[dict[str, Any]]:
-    """Raw samples {__key__, ext: bytes} number start..stop-1 of a tar shard, in member order.
+@dataclass
+class LocalShard:
+    """A fetched (or local) shard file indexed by sample: key and (ext, offset, size) members."""
 
-    Members of earlier samples are skipped without being read into memory; the file is closed
-    as soon as sample stop-1 is complete, so an object store serves little beyond the range.
+    name: str
+    path: str | None
+    expected: int
+    bad: str | None = None  # the whole shard is unusable: why
+    keys: list[str] = field(default_factory=list)
+    members: list[list[tuple[str, int, int]]] = field(default_factory=list)
+    sample_bad: dict[int, str] = field(default_factory=dict)
+    _file: Any = None
+
+    def index(self, max_member_bytes: int) -> None:
+        """Read the tar headers; samples beyond a truncation or corruption become holes."""
+        assert self.path is not None
+        size = os.path.getsize(self.path)
+        key = None
+        try:
+            with tarfile.open(self.path, mode="r:") as tar:
+                for m in tar:
+                    if not m.isreg():
+                        continue
+                    k, ext = _split_name(m.name)
+                    if k != key:
+                        key = k
+                        self.keys.append(k)
+                        self.members.append([])
+                    n = len(self.keys) - 1
+                    if m.offset_data + m.size > size:
+                        self.sample_bad.setdefault(n, "truncated tar")
+                    elif m.size > max_member_bytes:
+                        self.sample_bad.setdefault(
+                            n, f"member {ext} of {m.size} bytes over the {max_member_bytes} cap"
+                        )
+                    elif ext.rsplit(".", 1)[-1] not in PICKLE_EXTENSIONS:
+                        self.members[n].append((ext, m.offset_data, m.size))
+        except (tarfile.TarError, EOFError, OSError) as e:
+            if not self.keys:
+                self.bad = f"not a tar file: {e}"
+                return
+            self.sample_bad.setdefault(len(self.keys) - 1, f"corrupt tar: {e}")
+        if len(self.keys) > self.expected:
+            self.bad = f"holds {len(self.keys)} samples, the manifest says {self.expected}"
+
+    def reason(self, j: int) -> str | None:
+        """Why sample j is unusable, or None."""
+        if self.bad:
+            return self.bad
+        if j >= len(self.keys):
+            return f"truncated tar: {len(self.keys)} of {self.expected} samples present"
+        return self.sample_bad.get(j)
+
+    def key(self, j: int) -> str:
+        return self.keys[j] if j < len(self.keys) else f"#{j}"
+
+    def read(self, j: int) -> dict[str, Any] | Hole:
+        """Raw sample j: {__key__, ext: bytes, ...}, or the Hole it is."""
+        why = self.reason(j)
+        if why:
+            return Hole(self.name, self.key(j), why)
+        if self._file is None:
+            assert self.path is not None  # a shard without a file is `bad`
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        raw: dict[str, Any] = {"__key__": self.keys[j], "__shard__": self.name}
+        for ext, offset, size in self.members[j]:
+            self._file.seek(offset)
+            raw[ext] = self._file.read(size)
+        return raw
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class IOStats:
+    """Per-slot counters, summed by the rank."""
+
+    bytes_read: int = 0
+    fetch_s: float = 0.0  # time spent fetching shards (in read-ahead threads too)
+    wait_s: float = 0.0  # time the slot waited for a shard it needed
+    decode_s: float = 0.0
+    retries: int = 0
+    samples: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: IOStats, sign: int = 1) -> None:
+        self.bytes_read += sign * other.bytes_read
+        self.fetch_s += sign * other.fetch_s
+        self.wait_s += sign * other.wait_s
+        self.decode_s += sign * other.decode_s
+        self.retries += sign * other.retries
+        self.samples += sign * other.samples
+        for k, v in other.skipped.items():
+            self.skipped[k] += sign * v
+
+    def copy(self) -> IOStats:
+        out = IOStats()
+        out.add(self)
+        return out
+
+
+def _reason_kind(reason: str) -> str:
+    """A short counter name for a hole's reason ('sha256 mismatch: ...' -> 'sha256_mismatch')."""
+    head = reason.split(":", 1)[0]
+    for kind in ("member", "holds"):
+        if head.startswith(kind):
+            return {"member": "oversized_member", "holds": "count_mismatch"}[kind]
+    return head.replace(" ", "_").replace("-", "_")
+
+
+class ShardCache:
+    """One slot's shards: fetched whole into a private cache folder, verified, indexed.
+
+    Threads fetch ahead; `acquire` blocks until a shard is ready; a shard's file is deleted
+    once no partition holds it and no read-ahead wants it.
     """
-    index, key = -1, None
-    sample: dict[str, Any] | None = None
-    with storage.open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            # Stream mode keeps every header otherwise (webdataset does the same).
-            tar.members = []  # type: ignore[attr-defined]
-            if not member.isreg():
-                continue
-            k, ext = _split_name(member.name)
-            if k != key:
-                if sample is not None:
-                    yield sample
-                index, key, sample = index + 1, k, None
-                if index >= stop:
-                    return
-                if index >= start:
-                    sample = {"__key__": k}
-            if sample is not None:
-                fobj = tar.extractfile(member)
-                assert fobj is not None  # a regular file always has content
-                sample[ext] = fobj.read()
-    if sample is not None:
-        yield sample
-    if index + 1 < stop:
-        raise ValueError(f"{url} holds {index + 1} samples, the manifest promised at least {stop}")
+
+    def __init__(self, url: str, manifest: Manifest, opts: ReaderOptions, stats: IOStats):
+        self.url, self.manifest, self.opts, self.stats = url, manifest, opts, stats
+        self.local = "://" not in url or url.startswith("file://")
+        self._dir: str | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[int, Future[LocalShard]] = {}
+        self._refs: Counter[int] = Counter()
+        # Released shards stay a little while: a neighbouring partition or a resumed stream's
+        # input often wants the shard its shuffle buffer was just read back from.
+        self._idle: deque[int] = deque()
+        self._keep_idle = max(2, opts.readahead)
+        self._lock = threading.Lock()
+
+    def _folder(self) -> str:
+        if self._dir is None:
+            root = self.opts.cache_dir or tempfile.gettempdir()
+            os.makedirs(root, exist_ok=True)
+            _remove_stale_caches(root)
+            self._dir = tempfile.mkdtemp(prefix=f"darkmatter-shards-{os.getpid()}-", dir=root)
+        return self._dir
+
+    def _count(self, **deltas: float) -> None:
+        with self._lock:  # fetch threads and the slot's own thread both count
+            for name, value in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def _future(self, shard: int) -> Future[LocalShard]:
+        with self._lock:
+            fut = self._futures.get(shard)
+            if fut is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        max(1, self.opts.readahead), thread_name_prefix="darkmatter-fetch"
+                    )
+                fut = self._futures[shard] = self._pool.submit(self._load, shard)
+            return fut
+
+    def prefetch(self, shard: int) -> None:
+        self._future(shard)
+
+    def acquire(self, shard: int) -> LocalShard:
+        fut = self._future(shard)
+        t0 = time.perf_counter()
+        local = fut.result()
+        self._count(wait_s=time.perf_counter() - t0)
+        with self._lock:
+            self._refs[shard] += 1
+            if shard in self._idle:
+                self._idle.remove(shard)
+        return local
+
+    def release(self, shard: int) -> None:
+        with self._lock:
+            self._refs[shard] -= 1
+            if self._refs[shard] > 0:
+                return
+            del self._refs[shard]
+            self._idle.append(shard)
+            if len(self._idle) <= self._keep_idle:
+                return
+            fut = self._futures.pop(self._idle.popleft(), None)
+        if fut is not None:
+            self._discard(fut.result())
+
+    def _discard(self, local: LocalShard) -> None:
+        local.close()
+        if not self.local and local.path:
+            with contextlib.suppress(OSError):
+                os.remove(local.path)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for fut in self._futures.values():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._discard(fut.result())
+        self._futures.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- fetching --------------------------------------------------------------------------
+    def _load(self, shard: int) -> LocalShard:
+        info = self.manifest.shards[shard]
+        url = storage.join(self.url, info.name)
+        t0 = time.perf_counter()
+        local = LocalShard(info.name, None, info.samples)
+        try:
+            path, size, digest = self._fetch(url, info.bytes)
+        except FileNotFoundError:
+            local.bad = "missing shard"
+            return local
+        finally:
+            self._count(fetch_s=time.perf_counter() - t0)
+        local.path = path
+        if size == 0:
+            local.bad = "zero-byte shard"
+        elif size != info.bytes:
+            local.bad = f"size mismatch: {size} bytes, the manifest says {info.bytes}"
+        elif self.opts.verify and digest != info.sha256:
+            local.bad = f"sha256 mismatch: {digest[:12]}…, the manifest says {info.sha256[:12]}…"
+        else:
+            local.index(self.opts.max_member_bytes)
+        return local
+
+    def _fetch(self, url: str, expected: int) -> tuple[str, int, str]:
+        """(local path, size, sha256) of the shard at url; remote shards are copied locally."""
+        sha = hashlib.sha256()
+        if self.local:
+            path = url.removeprefix("file://")
+            size = os.path.getsize(path)
+            if self.opts.verify:
+                with open(path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        sha.update(chunk)
+            self._count(bytes_read=size)
+            return path, size, sha.hexdigest()
+        path = os.path.join(self._folder(), f"{hashlib.sha1(url.encode()).hexdigest()}.tar")
+        done, attempt = 0, 0
+        with open(path, "wb") as out:
+            while True:
+                try:
+                    done = self._copy(url, out, sha, done, expected)
+                    return path, done, sha.hexdigest()
+                except FileNotFoundError:
+                    raise
+                except Exception as e:  # 5xx, SlowDown, resets, truncated bodies: all transient
+                    attempt += 1
+                    if attempt > self.opts.retries:
+                        raise DataError(
+                            f"{url}: giving up after {attempt} attempts: {type(e).__name__}: {e}"
+                        ) from None
+                    self._count(retries=1)
+                    time.sleep(min(10.0, self.opts.backoff_s * 2 ** (attempt - 1)))
+
+    def _copy(self, url: str, out: Any, sha: Any, done: int, expected: int) -> int:
+        """Append the object's bytes from offset `done` on to `out`; returns the new offset."""
+        # cache_type none: each read is one ranged GET, and a retry restarts at `done`.
+        with storage.open_url(url, "rb", cache_type="none") as f:
+            if done:
+                f.seek(done)
+            while chunk := f.read(_CHUNK):
+                out.write(chunk)
+                sha.update(chunk)
+                done += len(chunk)
+                self._count(bytes_read=len(chunk))
+        if 0 < done < expected:
+            # A body that ended early reads like a short file; fsspec's size says what it is.
+            fs, p = storage.filesystem(url)
+            if fs.size(p) > done:
+                raise OSError(f"body ended at byte {done} of {expected}")
+        return done
+
+
+_CHUNK = 8 << 20
+
+
+def _remove_stale_caches(root: str) -> None:
+    """Delete shard caches left by processes that are gone (DataLoader workers exit hard)."""
+    for name in os.listdir(root):
+        if not name.startswith("darkmatter-shards-"):
+            continue
+        pid = name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- partitions ------------------------------------------------------------------------------
+
+
+class PartitionStream:
+    """Partition p of an epoch: its inputs in order through a seeded shuffle buffer.
+
+    State: `next_in` (inputs read), `out` (outputs emitted), `buf` (partition indices held, in
+    buffer order) and the RNG state: enough to rebuild the stream at any output.
+    """
+
+    def __init__(
+        self,
+        plan: EpochPlan,
+        p: int,
+        cache: ShardCache,
+        opts: ReaderOptions,
+        state: dict[str, Any] | None = None,
+    ):
+        self.plan, self.p, self.cache, self.opts = plan, p, cache, opts
+        self.size = max(1, opts.shuffle_buffer)
+        self.rng = np.random.default_rng([plan.seed, plan.epoch, p])
+        self.next_in = self.out = 0
+        self.buf: list[tuple[int, dict[str, Any] | Hole]] = []
+        self._held: dict[int, LocalShard] = {}  # shards this partition is reading
+        if state is not None:
+            self._restore(state)
+        self._segments = plan.segments(p, self.next_in)
+        self._seg = 0  # current segment, and the next sample of it:
+        self._j = self._segments[0].start if self._segments else 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "next_in": self.next_in,
+            "out": self.out,
+            "buf": [i for i, _ in self.buf],
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.next_in, self.out = int(state["next_in"]), int(state["out"])
+        self.rng.bit_generator.state = state["rng"]
+        # Read back exactly the samples the buffer held, shard by shard.
+        wanted = [(self.plan.locate(self.p, int(i)), int(i)) for i in state["buf"]]
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for (shard, j), i in wanted:
+            by_shard.setdefault(shard, []).append((j, i))
+        got: dict[int, dict[str, Any] | Hole] = {}
+        for shard, items in by_shard.items():
+            local = self.cache.acquire(shard)
+            try:
+                for j, i in sorted(items):
+                    got[i] = local.read(j)
+            finally:
+                self.cache.release(shard)
+        self.buf = [(int(i), got[int(i)]) for i in state["buf"]]
+
+    def _read_input(self) -> tuple[int, dict[str, Any] | Hole] | None:
+        """The next input of the partition, or None at its end."""
+        while self._seg < len(self._segments):
+            seg = self._segments[self._seg]
+            local = self._held.get(seg.shard)
+            if local is None:
+                local = self._held[seg.shard] = self.cache.acquire(seg.shard)
+                for ahead in self._segments[self._seg + 1 : self._seg + 1 + self.opts.readahead]:
+                    self.cache.prefetch(ahead.shard)
+            if self._j < seg.stop:
+                i, j = self.next_in, self._j
+                self.next_in, self._j = i + 1, j + 1
+                return i, local.read(j)
+            self.cache.release(seg.shard)
+            del self._held[seg.shard]
+            self._seg += 1
+            if self._seg < len(self._segments):
+                self._j = self._segments[self._seg].start
+        return None
+
+    def next(self) -> tuple[int, dict[str, Any] | Hole]:
+        """Output number `out`: (partition index, raw sample or Hole)."""
+        while len(self.buf) < self.size:
+            item = self._read_input()
+            if item is None:
+                break
+            self.buf.append(item)
+        if not self.buf:
+            raise DataError(f"partition {self.p} of epoch {self.plan.epoch} ran out of samples")
+        k = int(self.rng.integers(len(self.buf)))
+        item = self.buf[k]
+        self.buf[k] = self.buf[-1]
+        self.buf.pop()
+        self.out += 1
+        return item
+
+    def close(self) -> None:
+        for shard in list(self._held):
+            self.cache.release(shard)
+        self._held.clear()
+
+
+# -- decoding --------------------------------------------------------------------------------
 
 
 def decode(raw: dict[str, Any], modality: str) -> Sample:
-    """Text -> {__key__, input_ids: int32[n]}; image -> {__key__, image: uint8[H, W, 3]}."""
+    """Raw tar members -> model inputs. Text: input_ids int32[n]; image: image uint8[H, W, 3];
+    audio: audio float32[n] (channels averaged) and sample_rate. Raises ValueError if it can't."""
     key = raw["__key__"]
-    try:
-        if modality == "text":
-            ids = np.load(io.BytesIO(raw["input_ids.npy"]), allow_pickle=False)
-            return {"__key__": key, "input_ids": ids.astype(np.int32, copy=False)}
+    out: Sample = {"__key__": key}
+    if modality == "text":
+        if "input_ids.npy" not in raw:
+            raise ValueError("no input_ids.npy member")
+        ids = np.load(io.BytesIO(raw["input_ids.npy"]), allow_pickle=False)
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ValueError(f"input_ids.npy holds {ids.dtype}{list(ids.shape)}, not int[n]")
+        out["input_ids"] = ids.astype(np.int32, copy=False)
+    elif modality == "image":
+        ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+        if ext is None:
+            raise ValueError(f"no image member ({'/'.join(IMAGE_EXTENSIONS)})")
         from PIL import Image
 
-        with Image.open(io.BytesIO(raw["png"])) as im:
-            return {"__key__": key, "image": np.array(im.convert("RGB"), dtype=np.uint8)}
-    except KeyError as e:
-        raise ValueError(f"sample {key} has no {e.args[0]} member ({modality} dataset)") from None
+        with Image.open(io.BytesIO(raw[ext])) as im:
+            out["image"] = np.array(im.convert("RGB"), dtype=np.uint8)
+    elif modality == "audio":
+        ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
+        if ext is None:
+            raise ValueError(f"no audio member ({'/'.join(AUDIO_EXTENSIONS)})")
+        import soundfile
+
+        wave, rate = soundfile.read(io.BytesIO(raw[ext]), dtype="float32", always_2d=True)
+        out["audio"], out["sample_rate"] = wave.mean(axis=1), int(rate)
+    else:
+        raise ValueError(f"unknown modality {modality!r}")
+    return out
 
 
-def shuffled(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
-    """A shuffle buffer: hold `size` items, emit a random one as each new item arrives."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[T] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = int(rng.integers(size))
-        yield buf[i]
-        buf[i] = item
-    for i in rng.permutation(len(buf)):
-        yield buf[i]
+# -- slots and pieces ------------------------------------------------------------------------
 
 
-def _chunks(items: Iterable[T], n: int) -> Iterator[list[T]]:
-    it = iter(items)
-    while chunk := list(islice(it, n)):
-        yield chunk
+@dataclass
+class Piece:
+    """What one slot contributes to one step."""
+
+    epoch: int
+    step: int
+    slot: int
+    items: list[tuple[int, Sample | None]]  # (global index g, sample or None for a hole)
+    states: dict[int, dict[str, Any]]  # partition -> state after this step
+    holes: list[Hole]
+    stats: IOStats
 
 
-def _round_robin(iterators: list[Iterator[T]]) -> Iterator[T]:
-    """What a DataLoader does with its workers: take one from each in turn, drop exhausted ones."""
-    active = list(iterators)
-    while active:
-        for it in list(active):
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a slot needs, picklable (DataLoader workers get a copy)."""
+
+    url: str
+    manifest: Manifest
+    seed: int
+    partitions: int
+    global_batch: int
+    n_slots: int
+    opts: ReaderOptions
+
+
+class Slot:
+    """One slot's partitions for one epoch, from a step on."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, slot: int, states: dict[int, Any]):
+        self.spec, self.epoch, self.slot = spec, epoch, slot
+        self.plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.partitions, spec.global_batch)
+        self.stats = IOStats()  # cumulative; pieces carry the change since the last piece
+        self._shipped = IOStats()
+        self.cache = ShardCache(spec.url, spec.manifest, spec.opts, self.stats)
+        owned = range(slot % spec.n_slots, spec.partitions, spec.n_slots)
+        self.parts = {
+            p: PartitionStream(self.plan, p, self.cache, spec.opts, states.get(p)) for p in owned
+        }
+
+    def piece(self, step: int) -> Piece:
+        holes: list[Hole] = []
+        items: list[tuple[int, Sample | None]] = []
+        modality = self.spec.manifest.modality
+        for g in self.plan.slot_indices(step, self.slot, self.spec.n_slots):
+            part = self.parts[g % self.spec.partitions]
+            if part.out != g // self.spec.partitions:  # the contract above, checked
+                raise DataError(f"partition {part.p} is at output {part.out}, step needs {g}")
+            _, raw = part.next()
+            if isinstance(raw, Hole):
+                holes.append(raw)
+                items.append((g, None))
+                continue
+            t0 = time.perf_counter()
             try:
-                yield next(it)
-            except StopIteration:
-                active.remove(it)
+                sample = decode(raw, modality)
+            except Exception as e:  # PIL, numpy and soundfile raise many types on bad bytes
+                holes.append(Hole(raw["__shard__"], raw["__key__"], f"undecodable: {e}"))
+                items.append((g, None))
+                continue
+            finally:
+                self.cache._count(decode_s=time.perf_counter() - t0)
+            sample["__index__"] = g
+            items.append((g, sample))
+        if holes and self.spec.opts.strict:
+            h = holes[0]
+            raise DataError(f"shard {h.shard}, sample {h.key}: {h.reason} (data.strict is on)")
+        with self.cache._lock:
+            for h in holes:
+                self.stats.skipped[_reason_kind(h.reason)] += 1
+            self.stats.samples += len(items) - len(holes)
+            now = self.stats.copy()
+        delta = now.copy()
+        delta.add(self._shipped, sign=-1)
+        self._shipped = now
+        states = {p: part.state() for p, part in self.parts.items()}
+        return Piece(self.epoch, step, self.slot, items, states, holes, delta)
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+        self.cache.close()
 
 
-def identity(x: T) -> T:
-    """The DataLoader's collate_fn: batches are already lists of samples (module-level: picklable)."""
+class _SlotsDataset(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """A rank's slots for one epoch from `start_step`; each DataLoader worker runs one slot."""
+
+    def __init__(
+        self, spec: StreamSpec, rank: int, slots: int, epoch: int, start_step: int, states: Any
+    ):
+        self.spec, self.rank, self.slots = spec, rank, slots
+        self.epoch, self.start_step, self.states = epoch, start_step, states
+
+    def _pieces(self, worker: int) -> Iterator[Piece]:
+        slot = Slot(self.spec, self.epoch, self.rank * self.slots + worker, self.states)
+        try:
+            for step in range(self.start_step, slot.plan.steps):
+                yield slot.piece(step)
+        finally:
+            slot.close()
+
+    def __iter__(self) -> Iterator[Piece]:
+        info = torch.utils.data.get_worker_info()
+        if info is None:  # no workers: the single slot runs in this process
+            return self._pieces(0)
+        return self._pieces(info.id)
+
+
+def _identity(x: Any) -> Any:
+    """The DataLoader's collate_fn: pieces stay as they are (module-level: picklable)."""
     return x
 
 
-class ShardStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
-    """One rank's micro-batches (lists of decoded samples) for the epoch set by `set_position`.
+# -- the rank's view -------------------------------------------------------------------------
 
-    Holds only the manifest and integers: files are opened inside the iterating process, so
-    DataLoader workers never inherit an s3fs client from the parent.
+
+class DataStream:
+    """One rank's steps: `next_step()` returns grad_accum micro-batches (lists of samples).
+
+    `state_dict()` after step t describes this rank's partitions after step t; resume with
+    `load_state_dict([state of every rank of the checkpoint])`, any world size or worker count.
     """
 
     def __init__(
@@ -152,141 +724,196 @@ class ShardStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         rank: int,
         world_size: int,
         micro_batch_size: int,
-        num_workers: int,
-        seed: int,
-        shuffle_buffer: int = 256,
+        grad_accum: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        partitions: int = 64,
+        options: ReaderOptions | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if micro_batch_size < 1 or num_workers < 0 or shuffle_buffer < 0 or seed < 0:
+        if min(micro_batch_size, grad_accum, partitions) < 1 or num_workers < 0 or seed < 0:
             raise ValueError(
-                f"need micro_batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0, seed >= 0; "
-                f"got {micro_batch_size}, {num_workers}, {shuffle_buffer}, {seed}"
+                "need micro_batch_size, grad_accum, partitions >= 1, num_workers, seed >= 0"
             )
         self.url, self.rank, self.world_size = url, rank, world_size
-        self.micro_batch_size, self.num_workers, self.seed = micro_batch_size, num_workers, seed
-        self.shuffle_buffer = shuffle_buffer
-        self.slots = max(1, num_workers)
+        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
+        self.num_workers, self.slots = num_workers, max(1, num_workers)
+        self.opts = options or ReaderOptions()
         self.manifest = Manifest.load(url)
-        group = world_size * self.slots * micro_batch_size
-        self.usable = self.manifest.num_samples // group * group
-        if self.usable == 0:
+        global_batch = micro_batch_size * grad_accum * world_size
+        n_slots = world_size * self.slots
+        if partitions % n_slots or global_batch % n_slots:
             raise ValueError(
-                f"{url} holds {self.manifest.num_samples} samples, fewer than world_size "
-                f"{world_size} x workers {self.slots} x micro_batch_size {micro_batch_size} = "
-                f"{group} needed for one batch per worker"
+                f"data.partitions ({partitions}) and the global batch ({global_batch}) must both "
+                f"be multiples of world_size x max(1, num_workers) = {n_slots}"
             )
-        self.epoch = 0
-        self.batches_consumed = 0
-
-    # -- position -------------------------------------------------------------------------
-    def batches_per_epoch(self) -> int:
-        """Micro-batches every rank gets per epoch."""
-        return self.usable // (self.world_size * self.micro_batch_size)
-
-    def set_position(self, epoch: int, batches_consumed: int) -> None:
-        """The next iteration starts at this rank's batch `batches_consumed` of `epoch`."""
-        if epoch < 0 or not 0 <= batches_consumed <= self.batches_per_epoch():
+        self.spec = StreamSpec(
+            url, self.manifest, seed, partitions, global_batch, n_slots, self.opts
+        )
+        plan = EpochPlan(self.manifest, seed, 0, partitions, global_batch)
+        if plan.steps == 0:
             raise ValueError(
-                f"position (epoch {epoch}, batch {batches_consumed}) is outside an epoch of "
-                f"{self.batches_per_epoch()} batches"
+                f"{url} holds {self.manifest.num_samples} samples: {partitions} partitions of "
+                f"{plan.part_len} give no full global batch of {global_batch}"
             )
-        self.epoch, self.batches_consumed = epoch, batches_consumed
+        self.steps_per_epoch = plan.steps
+        self.epoch, self.step = 0, 0  # the next step to hand out
+        self._states: dict[int, dict[str, Any]] = {}  # partition -> state after self.step - 1
+        self._loader: Iterator[Piece] | None = None
+        self.stats = IOStats()
+        self.wait_s = 0.0  # time next_step() waited for pieces
+        self.quarantine: list[Hole] = []
+        self._quarantined: set[Hole] = set()
+
+    # -- state ---------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "dataset_digest": self.manifest.digest,
+            "seed": self.spec.seed,
+            "partitions": self.spec.partitions,
+            "global_batch": self.spec.global_batch,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": 1,
+            **self._identity(),
             "epoch": self.epoch,
-            "batches_consumed": self.batches_consumed,
-            "dataset_digest": self.manifest.digest,
-            "seed": self.seed,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "micro_batch_size": self.micro_batch_size,
+            "step": self.step,
+            "parts": {str(p): s for p, s in self._states.items()},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a saved position; the sample order must be the one it was saved under."""
-        mine = self.state_dict()
-        for name in ("version", "dataset_digest", "seed", "world_size", "micro_batch_size"):
-            if state.get(name) != mine[name]:
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """Continue from the states every rank of a checkpoint saved (any world size)."""
+        if not states:
+            raise ValueError("no data stream state to resume from")
+        mine = self._identity()
+        for name, value in mine.items():
+            theirs = {s.get(name) for s in states}
+            if theirs != {value}:
+                was = ", ".join(repr(v) for v in sorted(theirs, key=repr))
+                what = "dataset (manifest digest)" if name == "dataset_digest" else name
                 raise ValueError(
-                    f"cannot resume the data stream: {name} was {state.get(name)!r}, is "
-                    f"{mine[name]!r} now (elastic resume is not supported yet)"
+                    f"cannot resume the data stream: {what} was {was}, is {value!r} now"
                 )
-        # 0 and 1 workers give the same single slot, hence the same order.
-        if max(1, int(state.get("num_workers", -1))) != self.slots:
+        positions = {(int(s["epoch"]), int(s["step"])) for s in states}
+        if len(positions) != 1:
+            raise ValueError(f"cannot resume the data stream: ranks saved positions {positions}")
+        epoch, step = positions.pop()
+        parts = {int(p): st for s in states for p, st in s["parts"].items()}  # ranks own disjoint sets
+        missing = sorted(set(range(self.spec.partitions)) - set(parts))
+        if step > 0 and missing:
             raise ValueError(
-                f"cannot resume the data stream: num_workers was {state.get('num_workers')!r}, "
-                f"is {self.num_workers} now (elastic resume is not supported yet)"
+                f"cannot resume the data stream: no state for partitions {missing[:8]}"
+                f"{'…' if len(missing) > 8 else ''} (a rank's state file is missing)"
             )
-        self.set_position(int(state["epoch"]), int(state["batches_consumed"]))
+        self._close_loader()
+        self.epoch, self.step = epoch, step
+        self._states = {p: st for p, st in parts.items() if self._owns(p)} if step > 0 else {}
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step, self._states = self.epoch + 1, 0, {}
 
-    # -- the split ------------------------------------------------------------------------
-    def shard_order(self, epoch: int) -> list[int]:
-        """Manifest indices of the shards in epoch order."""
-        rng = np.random.default_rng([self.seed, epoch])
-        return [int(i) for i in rng.permutation(len(self.manifest.shards))]
+    # -- iteration -----------------------------------------------------------------------
+    def _owns(self, partition: int) -> bool:
+        return partition % self.spec.n_slots // self.slots == self.rank
 
-    def segments(self, epoch: int, slot: int) -> list[Segment]:
-        """The shard segments of this rank's `slot` in `epoch`, in stream order."""
-        per_rank = self.usable // self.world_size
-        per_slot = per_rank // self.slots
-        lo = self.rank * per_rank + slot * per_slot
-        hi = lo + per_slot
-        out: list[Segment] = []
-        offset = 0  # position of the current shard's first member in the epoch sequence
-        for i in self.shard_order(epoch):
-            n = self.manifest.shards[i].samples
-            start, stop = max(lo, offset), min(hi, offset + n)
-            if start < stop:
-                out.append(Segment(i, start - offset, stop - offset))
-            offset += n
-            if offset >= hi:
-                break
+    def _open_loader(self) -> Iterator[Piece]:
+        ds = _SlotsDataset(self.spec, self.rank, self.slots, self.epoch, self.step, self._states)
+        if self.num_workers == 0:
+            return ds._pieces(0)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+            prefetch_factor=2,
+        )  # fmt: skip
+        return iter(loader)
+
+    def _close_loader(self) -> None:
+        it, self._loader = self._loader, None
+        if it is None:
+            return
+        if hasattr(it, "close"):  # the in-process generator: closes its slot's files
+            it.close()
+        elif hasattr(it, "_shutdown_workers"):  # a DataLoader iterator: stop workers now
+            it._shutdown_workers()
+
+    def next_step(self) -> list[list[Sample]]:
+        """The rank's grad_accum micro-batches of the next step (holes dropped)."""
+        if self.step >= self.steps_per_epoch:
+            self._close_loader()
+            self.epoch, self.step, self._states = self.epoch + 1, 0, {}
+        if self._loader is None:
+            self._loader = self._open_loader()
+        t0 = time.perf_counter()
+        try:
+            pieces = [next(self._loader) for _ in range(self.slots)]
+        except DataError as e:
+            # A worker's error arrives wrapped in its traceback: keep the one line that matters.
+            last = str(e).strip().splitlines()[-1]
+            raise DataError(last.split("DataError: ", 1)[-1]) from None
+        self.wait_s += time.perf_counter() - t0
+        items: list[tuple[int, Sample | None]] = []
+        for piece in pieces:
+            if (piece.epoch, piece.step) != (self.epoch, self.step):
+                raise DataError(
+                    f"rank {self.rank}: got step {piece.step} of epoch {piece.epoch} from slot "
+                    f"{piece.slot}, expected step {self.step} of epoch {self.epoch}"
+                )
+            items += piece.items
+            self._states.update(piece.states)
+            self.stats.add(piece.stats)
+            for h in piece.holes:
+                if h not in self._quarantined:
+                    self._quarantined.add(h)
+                    self.quarantine.append(h)
+        items.sort(key=lambda it: it[0])
+        m = self.micro_batch_size
+        micro = [[s for _, s in items[k * m : (k + 1) * m] if s is not None] for k in
+                 range(self.grad_accum)]  # fmt: skip
+        for k, batch in enumerate(micro):
+            if not batch:
+                raise DataError(
+                    f"rank {self.rank}, step {self.step} of epoch {self.epoch}: every sample of "
+                    f"micro-batch {k} was bad data ({self.quarantine[-1].reason})"
+                )
+        self.step += 1
+        return micro
+
+    def close(self) -> None:
+        self._close_loader()
+
+    def summary(self) -> dict[str, float]:
+        """Cumulative counters for the trainer to log."""
+        s = self.stats
+        out: dict[str, float] = {
+            "samples": s.samples, "bytes_read": s.bytes_read, "retries": s.retries,
+            "fetch_s": s.fetch_s, "shard_wait_s": s.wait_s, "decode_s": s.decode_s,
+            "wait_s": self.wait_s, "skipped": sum(s.skipped.values()),
+        }  # fmt: skip
+        out.update({f"skipped/{k}": v for k, v in s.skipped.items()})
         return out
 
-    def slot_batches(self, epoch: int, slot: int, skip: int = 0) -> Iterator[list[Sample]]:
-        """Decoded micro-batches of one slot, from its batch number `skip` on."""
-        segs = self.segments(epoch, slot)
-        raw = chain.from_iterable(
-            iter_shard(storage.join(self.url, self.manifest.shards[s.shard].name), s.start, s.stop)
-            for s in segs
-        )
-        rng = np.random.default_rng([self.seed, epoch, self.rank, slot])
-        for j, batch in enumerate(
-            _chunks(shuffled(raw, self.shuffle_buffer, rng), self.micro_batch_size)
-        ):
-            # Replay-and-discard: the batches before `skip` are read again so the shuffle buffer
-            # reaches the same state, but not decoded. Fine for now; saving per-slot offsets and
-            # buffer contents would avoid re-reading up to an epoch of shards on resume.
-            if j >= skip:
-                yield [decode(r, self.manifest.modality) for r in batch]
 
-    def _worker_batches(self, worker: int) -> Iterator[list[Sample]]:
-        c = self.batches_consumed
-        return self.slot_batches(self.epoch, (c + worker) % self.slots, (c + worker) // self.slots)
-
-    def __iter__(self) -> Iterator[list[Sample]]:
-        info = torch.utils.data.get_worker_info()
-        if info is None:
-            return _round_robin([self._worker_batches(w) for w in range(self.slots)])
-        if info.num_workers != self.slots:
-            raise ValueError(
-                f"ShardStream built for {self.num_workers} workers runs under a DataLoader "
-                f"with {info.num_workers}: use make_loader(stream)"
-            )
-        return self._worker_batches(info.id)
-
-
-def make_loader(stream: ShardStream) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
-    """A DataLoader over the stream whose worker round-robin yields the rank's batch order."""
-    extra: dict[str, Any] = {"prefetch_factor": 2} if stream.num_workers > 0 else {}
-    return torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,  # the stream batches itself
-        num_workers=stream.num_workers,
-        collate_fn=identity,  # keep numpy arrays and keys as they are
-        persistent_workers=False,  # each epoch/position builds a new loader
-        **extra,
-    )
+def iter_dataset(url: str, options: ReaderOptions | None = None) -> Iterator[Sample]:
+    """Every sample of a dataset in manifest order, decoded, through the same checks as
+    training (verification, size caps, strictness); bad samples are skipped unless strict."""
+    opts = options or ReaderOptions()
+    manifest = Manifest.load(url)
+    cache = ShardCache(url, manifest, opts, IOStats())
+    try:
+        for shard, info in enumerate(manifest.shards):
+            local = cache.acquire(shard)
+            for j in range(info.samples):
+                raw = local.read(j)
+                try:
+                    if isinstance(raw, Hole):
+                        raise DataError(raw.reason)
+                    sample = decode(raw, manifest.modality)
+                except ValueError as e:
+                    if opts.strict:
+                        raise DataError(f"shard {info.name}, sample {local.key(j)}: {e}") from None
+                    continue
+                yield sample
+            cache.release(shard)
+    finally:
+        cache.close()

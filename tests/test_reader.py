@@ -1,18 +1,34 @@
-"""ShardStream: the per-rank/per-worker split of an epoch, its order, and resume at any batch."""
+"""DataStream: one epoch order for every world size and worker count, exact and elastic resume.
+
+The order's definition is in data_pipeline/reader.py: global sample g of an epoch is output
+g // P of partition g % P, and step t trains on g in [t·B, (t+1)·B). These tests run the ranks
+of a layout one after another in this process (ranks are independent readers) and compare what
+they yield with an uninterrupted single-rank run.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from data_pipeline.prepare import Manifest, prepare
-from data_pipeline.reader import ShardStream, make_loader
+from data_pipeline.prepare import prepare
+from data_pipeline.reader import (
+    DataStream,
+    EpochPlan,
+    LocalShard,
+    ReaderOptions,
+    Slot,
+    iter_dataset,
+)
 
-N = 203  # samples in the dataset: not a multiple of anything below, so a tail is dropped
-B = 4  # micro-batch size
+N = 611  # samples: not a multiple of anything below, so partitions drop a tail
+P = 72  # partitions: divisible by every world_size x slots in 1..4 x 1..3
+B = 72  # global batch
+BUF = 6
 
 
 @pytest.fixture(scope="module")
@@ -20,113 +36,201 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("reader")
     corpus = root / "corpus.txt"
     corpus.write_text("".join(f"document {i} " + "word " * (i % 17) + "\n" for i in range(N)))
-    # Small shards of uneven sample counts, so slot ranges straddle shard boundaries.
+    # Small shards of uneven sample counts, so partitions straddle shard boundaries.
     m = prepare(
-        [str(corpus)], str(root / "ds"), modality="text", vocab_size=100, shard_bytes=50_000
+        [str(corpus)], str(root / "ds"), modality="text", vocab_size=100, shard_bytes=30_000
     )
-    assert m.num_samples == N and len(m.shards) >= 5
+    assert m.num_samples == N and len(m.shards) >= 8
     assert len({s.samples for s in m.shards}) > 1
     return str(root / "ds")
 
 
-def stream(url: str, **kw: Any) -> ShardStream:
-    args: dict[str, Any] = dict(
-        rank=0, world_size=1, micro_batch_size=B, num_workers=2, seed=7, shuffle_buffer=16
-    )
-    return ShardStream(url, **{**args, **kw})
+def open_rank(url: str, rank: int, world: int, workers: int, **kw: Any) -> DataStream:
+    accum = kw.pop("grad_accum", 1)
+    return DataStream(
+        url, rank=rank, world_size=world, micro_batch_size=B // world // accum, grad_accum=accum,
+        num_workers=workers, seed=kw.pop("seed", 5), partitions=kw.pop("partitions", P),
+        options=ReaderOptions(shuffle_buffer=kw.pop("buf", BUF), **kw),
+    )  # fmt: skip
 
 
-def keys(batches: Iterable[list[dict[str, Any]]]) -> list[list[str]]:
-    return [[s["__key__"] for s in batch] for batch in batches]
+def run_layout(
+    url: str, world: int, workers: int, steps: int, resume: list[dict[str, Any]] | None = None
+) -> tuple[list[list[tuple[int, str]]], list[dict[str, Any]]]:
+    """Each rank's yield sequence [(g, key), ...] per rank, and the states they end with."""
+    per_rank, states = [], []
+    for rank in range(world):
+        s = open_rank(url, rank, world, workers)
+        if resume is not None:
+            s.load_state_dict(resume)
+        seq = []
+        for _ in range(steps):
+            micro_batches = s.next_step()
+            start = (s.epoch, s.step - 1)  # the step just taken (next_step may start an epoch)
+            for micro in micro_batches:
+                for sample in micro:
+                    g = sample["__index__"]
+                    # Every sample a rank yields at step t belongs to global step t.
+                    assert g // B == start[1], (g, start)
+                    seq.append((start[0] * 10**6 + g, sample["__key__"]))
+        per_rank.append(seq)
+        states.append(s.state_dict())
+        s.close()
+    return per_rank, states
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_epoch_is_split_without_duplicates(dataset: str, world_size: int, num_workers: int) -> None:
-    group = world_size * max(1, num_workers) * B
-    usable = N // group * group
-    seen: list[str] = []
-    per_rank = []
-    for rank in range(world_size):
-        s = stream(dataset, rank=rank, world_size=world_size, num_workers=num_workers)
-        assert s.batches_per_epoch() == usable // (world_size * B)
-        batches = list(make_loader(s))
-        per_rank.append(len(batches))
-        assert all(len(b) == B for b in batches)
-        for sample in (x for b in batches for x in b):
-            ids = sample["input_ids"]
-            assert ids.dtype == np.int32 and ids[0] == 2 and ids[-1] == 3
-            assert set(sample) == {"__key__", "input_ids"}
-        if num_workers:  # the in-process round-robin is the DataLoader's order
-            assert keys(iter(s)) == keys(batches)
-        seen += [k for b in keys(batches) for k in b]
-    assert per_rank == [usable // (world_size * B)] * world_size
-    assert len(seen) == len(set(seen)) == usable
+def global_sequence(pieces: list[list[tuple[int, str]]]) -> list[str]:
+    """Place every yielded key at its global index; duplicates and gaps fail loudly."""
+    where: dict[int, str] = {}
+    for seq in pieces:
+        for g, key in seq:
+            assert g not in where, f"global sample {g} yielded twice"
+            where[g] = key
+    order = sorted(where)
+    assert order == list(range(order[0], order[0] + len(order))) or _two_epochs(order)
+    return [where[g] for g in order]
 
 
-def test_order_is_seeded_and_changes_per_epoch(dataset: str) -> None:
-    first = keys(stream(dataset))
-    assert keys(stream(dataset)) == first
-    assert keys(stream(dataset, seed=8)) != first
-    s = stream(dataset)
-    s.set_position(1, 0)
-    epoch1 = keys(s)
-    assert epoch1 != first and len(epoch1) == len(first)
-    s.set_position(0, 0)
-    assert keys(s) == first
+def _two_epochs(order: list[int]) -> bool:
+    first = [g for g in order if g < 10**6]
+    second = [g - 10**6 for g in order if g >= 10**6]
+    return first == list(range(len(first))) and second == list(range(len(second)))
 
 
-def test_without_shuffle_buffer_samples_follow_the_permuted_shards(dataset: str) -> None:
-    s = stream(dataset, num_workers=0, shuffle_buffer=0)
-    flat = [k for b in keys(s) for k in b]
-    # Keys are "<shard>-<member>": shard runs appear in the epoch's shard order, members in order.
-    shard_runs = [int(k.split("-")[0]) for k in flat]
-    runs = [x for i, x in enumerate(shard_runs) if i == 0 or shard_runs[i - 1] != x]
-    assert runs == s.shard_order(0)[: len(runs)]
-    assert flat == sorted(flat, key=lambda k: (runs.index(int(k.split("-")[0])), k))
-    assert len(flat) == N // B * B
+@pytest.fixture(scope="module")
+def baseline(dataset: str) -> tuple[int, list[str]]:
+    steps = open_rank(dataset, 0, 1, 0).steps_per_epoch
+    seq, _ = run_layout(dataset, 1, 0, 2 * steps)
+    return steps, global_sequence(seq)
 
 
-@pytest.mark.parametrize("where", ["start", "middle", "last", "end"])
-def test_resume_under_a_dataloader_continues_the_sequence(dataset: str, where: str) -> None:
-    full = keys(stream(dataset, rank=1, world_size=2))  # uninterrupted, in-process
-    total = len(full)
-    k = {"start": 0, "middle": total // 2 + 1, "last": total - 1, "end": total}[where]
-    resumed = stream(dataset, rank=1, world_size=2)
-    resumed.set_position(0, k)
-    assert keys(make_loader(resumed)) == full[k:]
+def test_epoch_plan_is_exactly_the_documented_order(dataset: str) -> None:
+    s = open_rank(dataset, 0, 1, 0)
+    plan = EpochPlan(s.manifest, 5, 0, P, B)
+    assert plan.part_len == N // P and plan.steps == P * (N // P) // B == s.steps_per_epoch
+    # Partitions tile the epoch's shard sequence without overlap, in order.
+    covered = [(seg.shard, j) for p in range(P) for seg in plan.segments(p) for j in
+               range(seg.start, seg.stop)]  # fmt: skip
+    assert len(covered) == len(set(covered)) == P * plan.part_len
+    assert [plan.locate(p, i) for p in range(P) for i in range(plan.part_len)] == covered
+    # The shard permutation changes with the epoch and the seed, not otherwise.
+    assert plan.shard_order == EpochPlan(s.manifest, 5, 0, P, B).shard_order
+    assert plan.shard_order != EpochPlan(s.manifest, 5, 1, P, B).shard_order
+    assert plan.shard_order != EpochPlan(s.manifest, 6, 0, P, B).shard_order
+    s.close()
 
 
-def test_state_dict_round_trip_and_mismatches(dataset: str) -> None:
-    s = stream(dataset, world_size=2)
-    s.set_position(3, 5)
-    state = s.state_dict()
-    assert state == {
-        "version": 1,
-        "epoch": 3,
-        "batches_consumed": 5,
-        "dataset_digest": Manifest.load(dataset).digest,
-        "seed": 7,
-        "world_size": 2,
-        "num_workers": 2,
-        "micro_batch_size": B,
-    }
-    fresh = stream(dataset, world_size=2)
-    fresh.load_state_dict(state)
-    assert (fresh.epoch, fresh.batches_consumed) == (3, 5)
-    with pytest.raises(ValueError, match="world_size"):
-        stream(dataset, world_size=1).load_state_dict(state)
-    with pytest.raises(ValueError, match="seed"):
-        stream(dataset, world_size=2, seed=1).load_state_dict(state)
-    with pytest.raises(ValueError, match="num_workers"):
-        stream(dataset, world_size=2, num_workers=3).load_state_dict(state)
-    with pytest.raises(ValueError, match="dataset_digest"):
-        fresh.load_state_dict({**state, "dataset_digest": "0" * 64})
+def test_two_epochs_differ_and_each_uses_each_sample_once(baseline: tuple[int, list[str]]) -> None:
+    steps, seq = baseline
+    one, two = seq[: steps * B], seq[steps * B :]
+    assert len(one) == len(two) == steps * B == P * (N // P)
+    assert len(set(one)) == len(one) and len(set(two)) == len(two)
+    assert one != two and set(one) != set(two)  # a different permutation drops another tail
 
 
-def test_too_small_dataset_and_bad_position(dataset: str) -> None:
-    with pytest.raises(ValueError, match=rf"{N} samples.*= 400"):
-        stream(dataset, world_size=2, micro_batch_size=100)
-    s = stream(dataset)
-    with pytest.raises(ValueError, match="outside an epoch"):
-        s.set_position(0, s.batches_per_epoch() + 1)
+def test_shuffle_buffer_mixes_within_partitions(dataset: str) -> None:
+    """Without a buffer, partition p's outputs are its inputs in order; with one they move."""
+    plain = open_rank(dataset, 0, 1, 0, buf=0)
+    keys = [s["__key__"] for s in plain.next_step()[0]]
+    plan = EpochPlan(plain.manifest, 5, 0, P, B)
+    in_order = [s["__key__"] for s in iter_dataset(dataset)]
+    starts = [sum(sh.samples for sh in plain.manifest.shards[:i]) for i in range(len(plain.manifest.shards))]
+    first_of = [plan.locate(p, 0) for p in range(P)]  # step 0 takes output 0 of each partition
+    assert keys == [in_order[starts[shard] + j] for shard, j in first_of]
+    plain.close()
+    shuffled = open_rank(dataset, 0, 1, 0)
+    assert [s["__key__"] for s in shuffled.next_step()[0]] != keys
+    shuffled.close()
+
+
+@pytest.mark.parametrize(("world", "workers"), [(2, 2), (3, 0), (4, 3)])
+def test_any_layout_yields_the_same_global_sequence(
+    dataset: str, baseline: tuple[int, list[str]], world: int, workers: int
+) -> None:
+    steps, seq = baseline
+    pieces, _ = run_layout(dataset, world, workers, steps)
+    assert global_sequence(pieces) == seq[: steps * B]
+
+
+layouts = st.tuples(st.integers(1, 4), st.integers(0, 3))
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(first=layouts, second=layouts, third=layouts, data=st.data())
+def test_interrupted_and_elastic_resume_is_exactly_once(
+    dataset: str,
+    baseline: tuple[int, list[str]],
+    first: tuple[int, int],
+    second: tuple[int, int],
+    third: tuple[int, int],
+    data: st.DataObject,
+) -> None:
+    """Stop anywhere in two epochs, resume on any world size / worker count, twice."""
+    steps, seq = baseline
+    total = 2 * steps
+    a = data.draw(st.integers(0, total), label="first stop")
+    b = data.draw(st.integers(a, total), label="second stop")
+    p1, s1 = run_layout(dataset, *first, a)
+    p2, s2 = run_layout(dataset, *second, b - a, resume=s1)
+    p3, _ = run_layout(dataset, *third, total - b, resume=s2)
+    assert global_sequence(p1 + p2 + p3) == seq
+    # Unsorted, rank by rank: resuming on the same layout continues each rank's own sequence.
+    if first == second:
+        whole, _ = run_layout(dataset, *first, b)
+        assert [x + y for x, y in zip(p1, p2, strict=True)] == whole
+
+
+def test_resume_reads_back_only_the_shuffle_buffer(
+    dataset: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cost of a resume: one read per buffered sample, wherever in the epoch it happens."""
+    reads: list[int] = []
+    real = LocalShard.read
+
+    def counting(self: LocalShard, j: int) -> Any:
+        reads.append(j)
+        return real(self, j)
+
+    monkeypatch.setattr(LocalShard, "read", counting)
+    for stop in (1, 7):  # early and late in an epoch of 8 steps
+        _, states = run_layout(dataset, 1, 0, stop)
+        parts = {int(p): st for p, st in states[0]["parts"].items()}
+        buffered = sum(len(st["buf"]) for st in parts.values())
+        assert 0 < buffered <= P * BUF
+        s = open_rank(dataset, 0, 1, 0)
+        reads.clear()
+        slot = Slot(s.spec, 0, 0, parts)  # rebuilds every partition from its state
+        assert len(reads) == buffered
+        assert all(part.out == stop * B // P for part in slot.parts.values())
+        slot.close()
+        s.close()
+
+
+def test_state_mismatches_are_refused_with_the_reason(dataset: str, tmp_path: Path) -> None:
+    _, states = run_layout(dataset, 2, 0, 2)
+    s = open_rank(dataset, 0, 1, 0, seed=6)
+    with pytest.raises(ValueError, match="seed was 5, is 6 now"):
+        s.load_state_dict(states)
+    s = open_rank(dataset, 0, 1, 0, partitions=36)
+    with pytest.raises(ValueError, match="partitions was 72, is 36 now"):
+        s.load_state_dict(states)
+    s = open_rank(dataset, 0, 1, 0)
+    with pytest.raises(ValueError, match=r"no state for partitions \[1, 3, 5"):
+        s.load_state_dict(states[:1])  # rank 1's file lost
+    with pytest.raises(ValueError, match="dataset \\(manifest digest\\) was"):
+        s.load_state_dict([{**st, "dataset_digest": "0" * 64} for st in states])
+    with pytest.raises(ValueError, match="positions"):
+        s.load_state_dict([states[0], {**states[1], "step": 1}])
+    s.load_state_dict(states)
+    assert (s.epoch, s.step) == (0, 2)
+
+
+def test_layout_and_size_errors(dataset: str) -> None:
+    with pytest.raises(ValueError, match="multiples of world_size x max\\(1, num_workers\\) = 8"):
+        open_rank(dataset, 0, 4, 2, partitions=36)
+    with pytest.raises(ValueError, match="give no full global batch"):
+        DataStream(dataset, rank=0, world_size=1, micro_batch_size=700, partitions=1)
+    with pytest.raises(ValueError, match="rank 2 is not in"):
+        open_rank(dataset, 2, 2, 0)

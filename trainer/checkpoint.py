@@ -3,7 +3,7 @@
     RUN_DIR/checkpoints/
         step00000050/                 one folder per step
             (DeepSpeed's model and optimizer files)
-            trainer_state_rank{r}.json  step, data position, MLflow run id, per rank
+            trainer_state_rank{r}.json  step, data stream state, MLflow run id, per rank
             rng_rank{r}.pt              torch RNG state of rank r (tensors only)
             model_config.json           transformers config of the pretraining model
             darkmatter.json             objective, step, dataset, tokenizer: what evaluation needs
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def tag_for(step: int) -> str:
@@ -56,6 +56,17 @@ def read_rank_state(ckpt_dir: Path, rank: int) -> dict[str, Any]:
     rng = torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     return state
+
+
+def read_data_states(ckpt_dir: Path) -> list[dict[str, Any]]:
+    """The data stream state of every rank that wrote the checkpoint (for any-world-size resume)."""
+    states = []
+    for path in sorted(ckpt_dir.glob("trainer_state_rank*.json")):
+        data = json.loads(path.read_text()).get("data")
+        if data is None:
+            raise ValueError(f"{path}: holds no data stream state (written by an older version)")
+        states.append(data)
+    return states
 
 
 def commit(root: Path, tag: str) -> None:

@@ -28,7 +28,22 @@ class DataConfig:
     num_workers: int = 1
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 256
-    """Samples held by each worker's shuffle buffer (0 disables sample shuffling)."""
+    """Samples held by each partition's shuffle buffer (0 disables sample shuffling)."""
+    partitions: int = 64
+    """Virtual partitions of an epoch. The sample order depends on it (not on world size or
+    workers); world_size x max(1, num_workers) must divide it and the global batch."""
+    strict: bool = False
+    """Stop on the first bad shard or sample instead of skipping it (and counting it)."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest before reading it."""
+    max_member_mb: float = 64.0
+    """A tar member larger than this is refused: its sample is skipped."""
+    readahead: int = 2
+    """Shards fetched ahead per partition, so decoding never waits on the network."""
+    retries: int = 5
+    """Fetch attempts per shard after the first (5xx, SlowDown, resets, truncated bodies)."""
+    cache_dir: str = ""
+    """Local folder for fetched shards; empty: the system temp folder."""
     seq_len: int = 128
     """Tokens per text sample, [CLS] and [SEP] included (text objectives)."""
     image_size: int = 32
@@ -251,8 +266,14 @@ def validate(cfg: Config) -> None:
             f"data.image_size: {cfg.data.image_size} is not divisible by "
             f"model.patch_size={cfg.model.patch_size}"
         )
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers: expected >= 0, got {cfg.data.num_workers}")
+    d = cfg.data
+    for key in ("num_workers", "shuffle_buffer", "readahead", "retries"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}: expected >= 0, got {getattr(d, key)}")
+    if d.partitions < 1:
+        raise ConfigError(f"data.partitions: expected >= 1, got {d.partitions}")
+    if d.max_member_mb <= 0:
+        raise ConfigError(f"data.max_member_mb: expected > 0, got {d.max_member_mb}")
 
 
 @dataclass(frozen=True)
@@ -297,6 +318,13 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
                 f"{key}: {given} contradicts {micro} micro × {accum} accumulation × "
                 f"{world_size} ranks = {derived}"
             )
+    slots = world_size * max(1, cfg.data.num_workers)
+    if cfg.data.partitions % slots or derived % slots:
+        raise ConfigError(
+            f"data.partitions: {cfg.data.partitions} partitions and the global batch {derived} "
+            f"must both be multiples of {world_size} ranks × {max(1, cfg.data.num_workers)} "
+            f"data workers = {slots}"
+        )
     return BatchPlan(micro, accum, world_size, derived)
 
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from data_pipeline.prepare import Manifest
-from data_pipeline.reader import ShardStream, make_loader
+from data_pipeline.reader import DataStream, ReaderOptions
 from data_pipeline.storage import check_bucket, join, read_bytes
 from trainer import checkpoint as ckpt
 from trainer import engine as eng
@@ -37,7 +37,6 @@ class Position:
 
     step: int = 0
     epoch: int = 0
-    batches_consumed: int = 0  # micro-batches this rank took from the current epoch
     mlflow_run_id: str | None = None
     restarts: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,32 +76,18 @@ def micro_batch_generator(cfg: Config, step: int, rank: int, micro: int) -> torc
     return torch.Generator().manual_seed(hash((cfg.train.seed, step, rank, micro)) & (2**62 - 1))
 
 
-class Batches:
-    """The rank's micro-batches across epochs, continuing from a Position."""
-
-    def __init__(self, cfg: Config, rank: int, world_size: int, pos: Position):
-        self.stream = ShardStream(
-            cfg.data.url, rank=rank, world_size=world_size,
-            micro_batch_size=cfg.train.micro_batch_size, num_workers=cfg.data.num_workers,
-            seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-        )  # fmt: skip
-        self.pos = pos
-        self._it: Any = None
-
-    def next(self) -> list[dict[str, Any]]:
-        while True:
-            if self._it is None:
-                self.stream.set_position(self.pos.epoch, self.pos.batches_consumed)
-                self._it = iter(make_loader(self.stream))
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self._it = None
-                self.pos.epoch += 1
-                self.pos.batches_consumed = 0
-                continue
-            self.pos.batches_consumed += 1
-            return batch  # type: ignore[no-any-return]
+def make_stream(cfg: Config, rank: int, world_size: int) -> DataStream:
+    d = cfg.data
+    opts = ReaderOptions(
+        shuffle_buffer=d.shuffle_buffer, strict=d.strict, verify=d.verify,
+        max_member_bytes=int(d.max_member_mb * 2**20), readahead=d.readahead,
+        retries=d.retries, cache_dir=d.cache_dir,
+    )  # fmt: skip
+    return DataStream(
+        d.url, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum, num_workers=d.num_workers, seed=cfg.train.seed,
+        partitions=d.partitions, options=opts,
+    )  # fmt: skip
 
 
 class Trainer:
@@ -112,9 +97,11 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.ds_config = deepspeed_config(cfg, world_size)
         self.engine, self._hf_ds = eng.build_engine(cfg, self.ds_config, objective.build_model)
+        self.stream = make_stream(cfg, rank, world_size)
         self.pos = self._resume()
         self.tracker = self._start_tracking() if rank == 0 else None
-        self.batches = Batches(cfg, rank, world_size, self.pos)
+        self._data_seen = self.stream.summary()  # counters at the last log line
+        self._quarantine_logged = 0
 
     # -- resume ---------------------------------------------------------------------------
     def _resume(self) -> Position:
@@ -130,11 +117,12 @@ class Trainer:
                 f"{self.ckpt_root / tag}: written by {state['world_size']} ranks, this job has "
                 f"{self.world_size} (elastic resume is not supported yet)"
             )
+        self.stream.load_state_dict(ckpt.read_data_states(self.ckpt_root / tag))
         if self.rank == 0:
             log.info("resuming from %s (step %d)", self.ckpt_root / tag, state["step"])
             _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
         return Position(
-            step=state["step"], epoch=state["epoch"], batches_consumed=state["batches_consumed"],
+            step=state["step"], epoch=self.stream.epoch,
             mlflow_run_id=state.get("mlflow_run_id") or run_id, restarts=state["restarts"] + 1,
         )  # fmt: skip
 
@@ -181,8 +169,8 @@ class Trainer:
         window = _Window()
         while self.pos.step < t.steps:
             t0 = time.perf_counter()
-            loss, tokens = self._step()
-            window.add(loss, tokens, time.perf_counter() - t0)
+            loss, tokens, wait = self._step()
+            window.add(loss, tokens, time.perf_counter() - t0, wait)
             self.pos.step += 1
             if self.pos.step % t.log_every == 0 or self.pos.step == t.steps:
                 self._log(window)
@@ -193,27 +181,44 @@ class Trainer:
             self.tracker.finish("FINISHED")
         return self.pos
 
-    def _step(self) -> tuple[float, int]:
+    def _step(self) -> tuple[float, int, float]:
+        """One optimizer step: (mean loss, tokens, seconds spent waiting for data)."""
         losses, tokens = [], 0
-        for micro in range(self.cfg.train.grad_accum):
+        t0 = time.perf_counter()
+        micro_batches = self.stream.next_step()
+        wait = time.perf_counter() - t0
+        self.pos.epoch = self.stream.epoch
+        for micro, samples in enumerate(micro_batches):
             gen = micro_batch_generator(self.cfg, self.pos.step, self.rank, micro)
-            batch = self.objective.make_batch(self.batches.next(), gen)
+            batch = self.objective.make_batch(samples, gen)
             tokens += self.objective.tokens(batch)
             out = self.engine(**batch)
             self.engine.backward(out.loss)
             self.engine.step()
             losses.append(out.loss.item())
-        return sum(losses) / len(losses), tokens
+        return sum(losses) / len(losses), tokens, wait
 
     def _log(self, w: _Window) -> None:
         plan = batch_plan(self.cfg, self.world_size)
-        loss, tokens, secs = eng.all_reduce_mean([w.mean_loss, w.tokens, w.seconds])
+        data = self.stream.summary()
+        delta = {k: v - self._data_seen.get(k, 0) for k, v in data.items()}
+        self._data_seen = data
+        self._write_quarantine()
+        loss, tokens, secs, wait, mb, retries, skipped = eng.all_reduce_mean([
+            w.mean_loss, w.tokens, w.seconds, w.data_wait,
+            delta["bytes_read"] / 2**20, delta["retries"], delta["skipped"],
+        ])  # fmt: skip
         gnorm = self.engine.get_global_grad_norm()
         rec = {
             "step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
             "lr": self.engine.get_lr()[0],
             "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
             "samples_per_s": plan.global_batch_size * w.steps / secs,
+            # Means over ranks; the fraction is what the slowest-fed rank would show on average.
+            "data_wait_s": wait / w.steps, "data_wait_fraction": wait / secs,
+            "data_mb_per_s": mb * self.world_size / secs,
+            "data_retries": retries * self.world_size,
+            "data_skipped": skipped * self.world_size,
         }  # fmt: skip
         if self.objective.modality == "text":
             rec["tokens_per_s"] = tokens * self.world_size / secs
@@ -251,10 +256,22 @@ class Trainer:
     def _rank_state(self) -> dict[str, Any]:
         p = self.pos
         return {
-            "step": p.step, "epoch": p.epoch, "batches_consumed": p.batches_consumed,
-            "mlflow_run_id": p.mlflow_run_id, "restarts": p.restarts,
-            "world_size": self.world_size, "seed": self.cfg.train.seed,
+            "step": p.step, "epoch": p.epoch, "mlflow_run_id": p.mlflow_run_id,
+            "restarts": p.restarts, "world_size": self.world_size, "seed": self.cfg.train.seed,
+            "data": self.stream.state_dict(),
         }  # fmt: skip
+
+    def _write_quarantine(self) -> None:
+        """Append this rank's newly skipped samples to quarantine_rank{r}.jsonl in the run dir."""
+        new = self.stream.quarantine[self._quarantine_logged :]
+        if not new:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / f"quarantine_rank{self.rank}.jsonl", "a") as f:
+            for hole in new:
+                f.write(json.dumps(hole._asdict()) + "\n")
+                log.warning("skipped bad data: shard %s, sample %s: %s", *hole)
+        self._quarantine_logged = len(self.stream.quarantine)
 
     def _write_model_meta(self, d: Path) -> None:
         self.objective.model_config().to_json_file(str(d / "model_config.json"))
@@ -276,12 +293,14 @@ class _Window:
     loss_sum: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
+    data_wait: float = 0.0
 
-    def add(self, loss: float, tokens: int, seconds: float) -> None:
+    def add(self, loss: float, tokens: int, seconds: float, data_wait: float) -> None:
         self.steps += 1
         self.loss_sum += loss
         self.tokens += tokens
         self.seconds += seconds
+        self.data_wait += data_wait
 
     @property
     def mean_loss(self) -> float:
