@@ -1,10 +1,13 @@
-"""`darkmatter prepare`: text and image inputs become hashed WebDataset shards plus a manifest."""
+"""`darkmatter prepare`: text and image inputs become hashed WebDataset shards plus a manifest.
+
+Parallel writing, resume, dedup, Parquet media and audio: tests/test_prepare_scale.py."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline import storage
 from data_pipeline.prepare import Manifest, PrepareError, cli, prepare
-from data_pipeline.reader import ShardStream, make_loader
+from data_pipeline.reader import DataStream, iter_dataset
 
 
 def read_tar(path: Path) -> list[dict[str, bytes | str]]:
@@ -41,14 +44,19 @@ def check_dataset(out: Path, m: Manifest) -> list[dict[str, bytes | str]]:
     assert on_disk["num_samples"] == m.num_samples == sum(s.samples for s in m.shards)
     assert m.digest == hashlib.sha256("".join(s.sha256 for s in m.shards).encode()).hexdigest()
     samples = []
-    for i, s in enumerate(m.shards):
+    names = [s.name for s in m.shards]
+    assert all(re.fullmatch(r"shard-\d{6}-\d{6}\.tar", n) for n in names), names
+    assert names == sorted(set(names))  # (unit, shard) order
+    assert sorted(p.name for p in out.glob("*.tar")) == names  # nothing stale or unlisted
+    for s in m.shards:
         path = out / s.name
-        assert s.name == f"shard-{i:06d}.tar"
         assert hashlib.sha256(path.read_bytes()).hexdigest() == s.sha256
         assert path.stat().st_size == s.bytes
         shard = read_tar(path)
         assert len(shard) == s.samples
         samples += shard
+    keys = [s["__key__"] for s in samples]
+    assert len(set(keys)) == len(keys) and not any("." in str(k) for k in keys)
     return samples
 
 
@@ -167,7 +175,8 @@ def test_small_shard_bytes_rolls_over_and_is_reproducible(tmp_path: Path) -> Non
     samples = check_dataset(tmp_path / "a", m1)
     assert len(m1.shards) >= 5 and m1.num_samples == 300
     assert all(s.bytes >= shard_bytes for s in m1.shards[:-1])
-    assert samples[m1.shards[0].samples]["__key__"] == "000001-00000000"
+    # Keys number the items of a work unit (here one), not the shards.
+    assert samples[m1.shards[0].samples]["__key__"] == f"000000-{m1.shards[0].samples:08d}"
     assert texts(samples) == [(f"document {i} " + "word " * (i % 13)).strip() for i in range(300)]
 
     # Same corpus and tokenizer: byte-identical shards (fixed tar mtime), so the same digest.
@@ -181,30 +190,52 @@ def test_small_shard_bytes_rolls_over_and_is_reproducible(tmp_path: Path) -> Non
     assert m2.digest == m1.digest and m2.shards == m1.shards
 
 
-def test_images_become_rgb_png_samples(tmp_path: Path) -> None:
+def test_images_keep_their_original_bytes(tmp_path: Path) -> None:
     src = tmp_path / "imgs"
     (src / "sub").mkdir(parents=True)
     Image.new("RGBA", (10, 12), (255, 0, 0, 128)).save(src / "a.png")
     Image.new("L", (7, 5), 200).save(src / "b.jpg")
     Image.new("RGB", (4, 6), (0, 0, 255)).save(src / "sub" / "c.webp", lossless=True)
+    Image.new("RGB", (3, 3), (0, 255, 0)).save(src / "sub" / "d.png", format="JPEG")
+    good = (src / "a.png").read_bytes()
+    (src / "broken.png").write_bytes(good[: len(good) // 2])  # truncated: header decodes, data not
+    (src / "noise.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (src / "readme.txt").write_text("not an image")
     out = tmp_path / "ds"
     m = prepare([str(src)], str(out), modality="image")
-    assert (m.modality, m.num_samples, m.tokenizer) == ("image", 3, None)
+    assert (m.modality, m.num_samples, m.tokenizer) == ("image", 4, None)
+    assert m.stats == {"units": 1, "skipped": 2, "duplicates": 0}
+    assert m.run is not None and len(m.run.skipped_examples) == 2
+    assert m.run.skipped_examples[0].startswith(f"{src / 'broken.png'}: ")
+    assert m.run.skipped_examples[1] == f"{src / 'noise.jpg'}: cannot identify image file"
     samples = check_dataset(out, m)
-    assert all(set(s) == {"__key__", "png"} for s in samples)
+    # Sorted walk: a.png, b.jpg, (broken.png), (noise.jpg), sub/c.webp, sub/d.png; the member
+    # extension follows the detected format, and the bytes are the file's own.
+    assert [[k for k in s if k != "__key__"] for s in samples] == [
+        ["png"],
+        ["jpg"],
+        ["webp"],
+        ["jpg"],
+    ]
+    originals = ["a.png", "b.jpg", "sub/c.webp", "sub/d.png"]
+    for s, name in zip(samples, originals, strict=True):
+        ext = next(k for k in s if k != "__key__")
+        assert s[ext] == (src / name).read_bytes()
 
-    stream = ShardStream(
-        str(out), rank=0, world_size=1, micro_batch_size=1, num_workers=0, seed=0, shuffle_buffer=0
-    )
-    images = [batch[0]["image"] for batch in make_loader(stream)]
-    assert [im.shape for im in images] == [(12, 10, 3), (5, 7, 3), (6, 4, 3)]
+    images = [s["image"] for s in iter_dataset(str(out))]
+    assert [im.shape for im in images] == [(12, 10, 3), (5, 7, 3), (6, 4, 3), (3, 3, 3)]
     assert all(im.dtype == np.uint8 for im in images)
     assert images[0][0, 0].tolist() == [255, 0, 0]
     assert images[2][0, 0].tolist() == [0, 0, 255]
 
+    with pytest.raises(PrepareError, match=f"cannot decode image {src / 'broken.png'}: "):
+        prepare([str(src)], str(tmp_path / "strict"), modality="image", strict=True)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
 
-@pytest.mark.parametrize("modality,what", [("text", "text documents"), ("image", "images")])
+
+@pytest.mark.parametrize(
+    "modality,what", [("text", "text documents"), ("image", "images"), ("audio", "audio files")]
+)
 def test_empty_folder_and_missing_path(tmp_path: Path, modality: str, what: str) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -257,13 +288,15 @@ def test_s3_round_trip(bucket: str, tmp_path: Path, capsys: pytest.CaptureFixtur
     # The parent process has used s3fs; forked DataLoader workers must still read the shards.
     keys: list[str] = []
     for rank in range(2):
-        stream = ShardStream(
-            url, rank=rank, world_size=2, micro_batch_size=4, num_workers=2, seed=3
+        stream = DataStream(
+            url, rank=rank, world_size=2, micro_batch_size=4, num_workers=2, seed=3, partitions=8
         )
-        for batch in make_loader(stream):
+        for _ in range(stream.steps_per_epoch):
+            (batch,) = stream.next_step()
             keys += [s["__key__"] for s in batch]
             assert all(s["input_ids"][0] == 2 for s in batch)
-    assert len(keys) == len(set(keys)) == 150 // 16 * 16
+        stream.close()
+    assert len(keys) == len(set(keys)) == 150 // 8 * 8
 
     missing = "s3://no-such-bucket-darkmatter/ds"
     with pytest.raises(storage.StorageError, match="no-such-bucket-darkmatter"):
