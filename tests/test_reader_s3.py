@@ -1,0 +1,93 @@
+"""The reader against the real S3 server, and through a proxy that injects 503 SlowDown,
+connection resets and truncated bodies: the sample sequence is the fault-free one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from data_pipeline import storage
+from data_pipeline.prepare import prepare
+from data_pipeline.reader import DataError, DataStream, ReaderOptions
+from tests.faultproxy import FaultProxy
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3reader")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"line {i} " + "text " * (i % 13) + "\n" for i in range(300)))
+    env = stack.env
+    boto3.client(
+        "s3", endpoint_url=stack.s3_endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket="reader-faults")  # fmt: skip
+    url = "s3://reader-faults/ds"
+    m = prepare([str(corpus)], url, modality="text", vocab_size=100, shard_bytes=20_000)
+    assert len(m.shards) >= 4
+    return url
+
+
+def sequence(url: str, workers: int, **opts: Any) -> tuple[list[str], dict[str, float]]:
+    s = DataStream(
+        url, rank=0, world_size=1, micro_batch_size=16, num_workers=workers, seed=2,
+        partitions=8, options=ReaderOptions(shuffle_buffer=8, backoff_s=0.01, **opts),
+    )  # fmt: skip
+    keys = [x["__key__"] for _ in range(s.steps_per_epoch) for x in s.next_step()[0]]
+    s.close()
+    return keys, s.summary()
+
+
+def test_faults_do_not_change_the_sequence(
+    s3_dataset: str, stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean, stats = sequence(s3_dataset, workers=2)
+    assert len(clean) == len(set(clean)) == 300 // 8 * 8 // 16 * 16
+    assert stats["retries"] == 0 and stats["skipped"] == 0
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore gives up at once: faults reach us
+
+    shards = lambda path: path.endswith(".tar")  # noqa: E731 - only shard reads are faulted
+    # Isolated faults: s3fs retries them itself.
+    with FaultProxy(stack.s3_endpoint, every=2, match=shards) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        faulty, _ = sequence(s3_dataset, workers=2)
+        counts = proxy.counts
+    assert faulty == clean
+    assert min(counts["slowdown"], counts["reset"], counts["truncate"]) >= 1
+
+    # Persistent faults (more than s3fs's five tries in a row): our fetch retries and resumes.
+    for kind in ("slowdown", "reset", "truncate"):
+        with FaultProxy(stack.s3_endpoint, plan=[kind] * 6, match=shards) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+            faulty, stats = sequence(s3_dataset, workers=0)
+            assert proxy.counts[kind] == 6
+        assert faulty == clean, kind
+        assert stats["retries"] == 1 and stats["skipped"] == 0, (kind, stats)
+
+
+def test_a_shard_that_never_comes_back_names_the_url(
+    s3_dataset: str, stack: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with FaultProxy(stack.s3_endpoint, every=1, faults=("reset",), match=lambda p: p.endswith(".tar")) as proxy:  # fmt: skip
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        with pytest.raises(DataError, match=r"s3://reader-faults/ds/\S+\.tar: giving up after 3"):
+            sequence(s3_dataset, workers=0, retries=2)
+
+
+def test_missing_shard_in_object_storage_is_a_counted_hole(s3_dataset: str, tmp_path: Path) -> None:
+    copy = "s3://reader-faults/copy"
+    for url in storage.list_files(s3_dataset):
+        rel = url[len(s3_dataset) + 1 :]
+        storage.write_bytes(f"{copy}/{rel}", storage.read_bytes(url))
+    gone = sorted(u for u in storage.list_files(copy) if u.endswith(".tar"))[0]
+    storage.delete(gone)
+    keys, stats = sequence(copy, workers=2)
+    assert stats["skipped/missing_shard"] == stats["skipped"] > 0
+    clean, _ = sequence(s3_dataset, workers=2)
+    assert len(keys) == len(clean) - stats["skipped"]
+    assert set(keys) < set(clean)
