@@ -30,6 +30,10 @@ def test_mae_on_digits_beats_random_init(tmp_path: Path) -> None:
         f"train.steps={STEPS}", "tracking.enabled=false", "--nproc", "2",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
+    # The data path keeps up: waiting for batches is under 1% of step time.
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    waits = [rec["data_wait_fraction"] for rec in lines]
+    assert len(waits) == STEPS // 50 and sum(waits) / len(waits) < 0.01, waits
     ev = run_darkmatter("evaluate", str(run_dir), "--task", str(task), "--no-mlflow")
     assert ev.returncode == 0, ev.stderr[-3000:]
     result = json.loads(ev.stdout.strip().splitlines()[-1])
