@@ -117,19 +117,23 @@ def test_two_ranks_zero1_and_zero3_agree(text_ds: str, tmp_path: Path) -> None:
 def test_resume_with_other_worker_count_continues_the_same_data(
     text_ds: str, tmp_path: Path
 ) -> None:
-    """Stop at step 3 with one DataLoader worker, resume with two: steps 4-6 see the same
-    samples as an uninterrupted run, so the losses are the uninterrupted run's."""
+    """Stop at step 3, then resume two copies of the run, with one and with two DataLoader
+    workers: they train on the same samples, so steps 4-6 have the same losses."""
+    import shutil
+
     train = {"zero_stage": 0, "log_every": 1, "ckpt_every": 3}
-    whole = tmp_path / "whole"
-    cfg = write_config(tmp_path / "w.yaml", text_ds, whole, train=train)
-    assert run_darkmatter("pretrain", str(cfg)).returncode == 0
-    split = tmp_path / "split"
-    cfg = write_config(tmp_path / "s.yaml", text_ds, split, train=train)
+    one = tmp_path / "one"
+    cfg = write_config(tmp_path / "c.yaml", text_ds, one, train=train)
     first = run_darkmatter("pretrain", str(cfg), "train.steps=3")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_darkmatter("pretrain", str(cfg), "data.num_workers=2")
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "(step 3)" in second.stderr
-    a, b = metrics(whole), metrics(split)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    for run_dir, workers in ((one, 1), (two, 2)):
+        more = run_darkmatter(
+            "pretrain", str(cfg), f"train.run_dir={run_dir}", f"data.num_workers={workers}"
+        )
+        assert more.returncode == 0, more.stderr[-3000:]
+        assert "(step 3)" in more.stderr
+    a, b = metrics(one), metrics(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
