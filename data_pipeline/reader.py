@@ -728,21 +728,31 @@ def _worker_main(
 ) -> None:
     """A worker process: one slot's pieces into a bounded queue until told to stop."""
     _die_with_parent()
-    out.cancel_join_thread()  # exit without waiting for the main process to drain the queue
+    last: Any = None
     try:
         for piece in slot_pieces(spec, slot, epoch, step, states):
-            while not stop.is_set():
-                try:
-                    out.put(piece, timeout=0.2)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
-                return
+            if not _put(out, piece, stop):
+                break
     except DataError as e:
-        out.put(_WorkerFailure(str(e)))
+        last = _WorkerFailure(str(e))
     except Exception:  # a bug: the main process re-raises it with this traceback
-        out.put(_WorkerFailure(f"data worker for slot {slot} failed:\n{traceback.format_exc()}"))
+        last = _WorkerFailure(f"data worker of slot {slot} failed:\n{traceback.format_exc()}")
+    if last is not None and _put(out, last, stop):
+        out.close()
+        out.join_thread()  # the failure reaches the pipe before the process exits
+    else:
+        out.cancel_join_thread()  # told to stop: nobody reads what is left
+
+
+def _put(out: Any, item: Any, stop: Any) -> bool:
+    """Put into the bounded queue, waiting for room; False once told to stop."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _die_with_parent() -> None:

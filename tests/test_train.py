@@ -137,3 +137,31 @@ def test_resume_with_other_worker_count_continues_the_same_data(
     a, b = metrics(one), metrics(two)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+
+
+def test_bad_shard_is_skipped_reported_or_stops_a_strict_run(text_ds: str, tmp_path: Path) -> None:
+    import shutil
+
+    from data_pipeline.prepare import Manifest
+
+    ds = tmp_path / "ds"
+    shutil.copytree(text_ds, ds)
+    bad = Manifest.load(str(ds)).shards[0]
+    (ds / bad.name).write_bytes(b"")  # an upload that never happened
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", str(ds), run_dir, train={"zero_stage": 0, "steps": 4})
+    out = run_darkmatter("pretrain", str(cfg))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"skipped bad data: shard {bad.name}" in out.stderr
+    rows = [json.loads(ln) for ln in (run_dir / "quarantine.jsonl").read_text().splitlines()]
+    assert rows and {(r["shard"], r["reason"], r["rank"]) for r in rows} == {
+        (bad.name, "zero-byte shard", 0)
+    }
+    assert sum(r["data_skipped"] for r in metrics(run_dir)) == len(rows)
+
+    strict = run_darkmatter("pretrain", str(cfg), f"train.run_dir={tmp_path / 'strict'}",
+                            "data.strict=true")  # fmt: skip
+    assert strict.returncode == 2
+    last = strict.stderr.strip().splitlines()[-1]
+    assert last.startswith("darkmatter pretrain: error: shard ") and bad.name in last, last
+    assert "zero-byte shard (data.strict is on)" in last

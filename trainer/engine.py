@@ -133,6 +133,15 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's `obj` on rank 0 (in rank order), None on the others."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -177,6 +177,9 @@ class Trainer:
                 window = _Window()
             if self.pos.step % t.ckpt_every == 0 or self.pos.step == t.steps:
                 self.save()
+        quarantine = self.run_dir / "quarantine.jsonl"
+        if self.tracker and quarantine.is_file():
+            self.tracker.log_text(quarantine.read_text(), "data/quarantine.jsonl")
         if self.tracker:
             self.tracker.finish("FINISHED")
         return self.pos
@@ -262,16 +265,20 @@ class Trainer:
         }  # fmt: skip
 
     def _write_quarantine(self) -> None:
-        """Append this rank's newly skipped samples to quarantine_rank{r}.jsonl in the run dir."""
-        new = self.stream.quarantine[self._quarantine_logged :]
-        if not new:
+        """Rank 0 appends every rank's newly skipped samples to RUN_DIR/quarantine.jsonl."""
+        new = [h._asdict() for h in self.stream.quarantine[self._quarantine_logged :]]
+        self._quarantine_logged = len(self.stream.quarantine)
+        gathered = eng.gather_to_rank0(new)
+        if gathered is None or not any(gathered):
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / f"quarantine_rank{self.rank}.jsonl", "a") as f:
-            for hole in new:
-                f.write(json.dumps(hole._asdict()) + "\n")
-                log.warning("skipped bad data: shard %s, sample %s: %s", *hole)
-        self._quarantine_logged = len(self.stream.quarantine)
+        with open(self.run_dir / "quarantine.jsonl", "a") as f:
+            for rank, holes in enumerate(gathered):
+                for hole in holes:
+                    f.write(json.dumps({"step": self.pos.step, "rank": rank, **hole}) + "\n")
+                    log.warning(
+                        "skipped bad data: shard %(shard)s, sample %(key)s: %(reason)s", hole
+                    )
 
     def _write_model_meta(self, d: Path) -> None:
         self.objective.model_config().to_json_file(str(d / "model_config.json"))
