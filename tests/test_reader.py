@@ -134,7 +134,10 @@ def test_shuffle_buffer_mixes_within_partitions(dataset: str) -> None:
     keys = [s["__key__"] for s in plain.next_step()[0]]
     plan = EpochPlan(plain.manifest, 5, 0, P, B)
     in_order = [s["__key__"] for s in iter_dataset(dataset)]
-    starts = [sum(sh.samples for sh in plain.manifest.shards[:i]) for i in range(len(plain.manifest.shards))]
+    starts = [
+        sum(sh.samples for sh in plain.manifest.shards[:i])
+        for i in range(len(plain.manifest.shards))
+    ]
     first_of = [plan.locate(p, 0) for p in range(P)]  # step 0 takes output 0 of each partition
     assert keys == [in_order[starts[shard] + j] for shard, j in first_of]
     plain.close()
