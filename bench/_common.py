@@ -1,0 +1,161 @@
+"""Shared helpers for the benchmarks: a private local stack, synthetic data, machine facts.
+
+Nothing here reads or writes outside the repository except a temporary folder that the
+caller removes; no data is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` puts bench/, not the repo, on the path
+    sys.path.insert(0, str(REPO_ROOT))
+
+# Variables the stack sets, and those that would send clients elsewhere than our stack.
+_STACK_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")  # fmt: skip
+_SHADOWING_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+
+
+def log(msg: str) -> None:
+    """Progress on stderr (stdout's last line is the JSON result)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A temporary folder, removed afterwards whatever happens."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_stack(root: Path) -> Iterator[Any]:
+    """Our own moto S3 + MLflow stack on free ports, state under `root`; os.environ points at it
+    for the duration and is restored afterwards. The stack is always stopped."""
+    from trainer import stack
+
+    state_dir = root / "stack"
+    saved = {k: os.environ.get(k) for k in (*_STACK_VARS, *_SHADOWING_VARS)}
+    log("starting the local stack (moto S3 + MLflow)")
+    try:
+        info = stack.up(
+            s3_port=free_port(), mlflow_port=free_port(), state_dir=state_dir, timeout=180
+        )
+        for key in _SHADOWING_VARS:
+            os.environ.pop(key, None)
+        os.environ.update(info.env)
+        yield info
+    finally:
+        stack.down(state_dir)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# -- synthetic data --------------------------------------------------------------------------
+
+_COMMON = "the a of to and in is was for on that with as by at from it an be this which or are"
+_TOPICAL = (
+    "model data stream shard sample batch token image learning training gradient loss layer "
+    "attention network vector matrix value signal noise river mountain forest city harbor "
+    "engine window garden silver copper winter summer morning evening quiet rapid ancient "
+    "modern bright distant narrow gentle simple complex careful curious several number"
+)
+_WORDS = f"{_COMMON} {_TOPICAL}".split()
+
+
+def write_text_corpus(path: Path, docs: int, seed: int = 0) -> Path:
+    """`docs` documents, one per line, of 20-150 words drawn from a Zipf-like vocabulary."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = _WORDS + [f"w{i:04d}" for i in range(2000)]  # a long tail of rarer words
+    weights = 1.0 / np.arange(1, len(vocab) + 1)
+    weights /= weights.sum()
+    lengths = rng.integers(20, 150, size=docs)
+    words = rng.choice(len(vocab), size=int(lengths.sum()), p=weights)
+    with open(path, "w") as f:
+        pos = 0
+        for i, n in enumerate(lengths):
+            body = " ".join(vocab[w] for w in words[pos : pos + n])
+            pos += n
+            f.write(f"document {i} {body}.\n")
+    return path
+
+
+def write_images(folder: Path, count: int, size: int = 128, seed: int = 0) -> Path:
+    """`count` JPEG files (quality 90) of size x size RGB: an upscaled scikit-learn digit,
+    tinted, over a random gradient, with noise, so decoding costs what a photo of that size
+    does rather than what a flat image does."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = load_digits().images.astype(np.float32) / 16.0  # 1797 x 8 x 8
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for i in range(count):
+        small = Image.fromarray((digits[i % len(digits)] * 255).astype(np.uint8))
+        big = small.resize((size, size), Image.Resampling.BILINEAR)
+        d = np.asarray(big, dtype=np.float32) / 255.0
+        a, b, c = rng.uniform(-1, 1, size=3)
+        grad = 0.5 + 0.25 * (a * xx + b * yy + c * np.sin(6.28 * (xx + yy) * rng.uniform(1, 4)))
+        tint = rng.uniform(0.2, 1.0, size=3)
+        img = grad[..., None] * (1 - d[..., None]) + d[..., None] * tint
+        img += rng.normal(0, 0.04, size=img.shape)
+        arr = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+        Image.fromarray(arr, "RGB").save(folder / f"img{i:06d}.jpg", quality=90)
+    return folder
+
+
+# -- measuring and reporting -----------------------------------------------------------------
+
+
+def machine() -> str:
+    """A one-line description of this machine."""
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    except Exception:
+        gpu = "no GPU"
+    return (
+        f"{platform.system()} {platform.release()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
+    )
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def emit(result: dict[str, Any]) -> None:
+    """The benchmark's result: one JSON object, the last line of stdout."""
+    print(json.dumps(result, sort_keys=False), flush=True)
