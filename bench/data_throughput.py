@@ -35,7 +35,9 @@ import argparse
 import cProfile
 import io
 import pstats
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -152,6 +154,8 @@ def make_stream(url: str, shuffle_buffer: int, seed: int, cache: Path, workers: 
 def run_ours(url: str, modality: str, samples: int, shuffle_buffer: int, seed: int, cache: Path,
              workers: int = WORKERS) -> Run:  # fmt: skip
     """Consume `samples` decoded samples from a fresh DataStream (manifest read included)."""
+    # A cold shard cache for every run, as webdataset streams every run from S3.
+    cache = Path(tempfile.mkdtemp(dir=cache))
     t0 = time.perf_counter()
     stream = make_stream(url, shuffle_buffer, seed, cache, workers)
     n, first = 0, 0.0
@@ -167,6 +171,7 @@ def run_ours(url: str, modality: str, samples: int, shuffle_buffer: int, seed: i
         counters = stream.summary()
     finally:
         stream.close()
+        shutil.rmtree(cache, ignore_errors=True)
     if n != samples or counters["skipped"]:
         raise RuntimeError(f"ours gave {n} samples ({counters['skipped']} skipped), not {samples}")
     return Run(first, total, counters)

@@ -18,7 +18,9 @@ epoch had got).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,7 @@ def record_states(url: str, shuffle_buffer: int, cache: Path, at: dict[str, floa
 
 def time_first_batch(url: str, shuffle_buffer: int, cache: Path, state: Any) -> tuple[float, float, list[str]]:  # fmt: skip
     """(seconds to the first batch, MiB the workers had fetched by then, the batch's keys)."""
+    cache = Path(tempfile.mkdtemp(dir=cache))  # cold, as on a machine that just restarted
     t0 = time.perf_counter()
     stream = make_stream(url, shuffle_buffer, cache)
     try:
@@ -79,6 +82,7 @@ def time_first_batch(url: str, shuffle_buffer: int, cache: Path, state: Any) -> 
         fetched = stream.summary()["bytes_read"] / 2**20
     finally:
         stream.close()
+        shutil.rmtree(cache, ignore_errors=True)
     return dt, fetched, keys(batch)
 
 

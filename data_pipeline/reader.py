@@ -35,14 +35,14 @@ decoded.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
+import mmap
 import multiprocessing as mp
 import os
 import queue
-import shutil
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -91,7 +91,10 @@ class ReaderOptions:
     backoff_s: float = 0.2
     """First retry delay; doubles per attempt, capped at 10 s."""
     cache_dir: str = ""
-    """Local folder for fetched shards (empty: the system temp folder)."""
+    """Folder for fetched shards, shared by the machine's processes (empty: a folder in the
+    system temp folder)."""
+    cache_bytes: int = 16 * 2**30
+    """The shared folder is kept under this size (least recently used shards go first)."""
 
 
 # -- the order -------------------------------------------------------------------------------
@@ -164,6 +167,80 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
+class TarFormatError(ValueError):
+    """A tar header that is not one."""
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def tar_members(f: Any) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular member of an open tar file, in order.
+
+    Written here because `tarfile` builds a TarInfo per member (about 40 us each, the largest
+    cost of opening a text shard): this reads only the fields an index needs, straight from the
+    mapped file, and understands ustar prefixes, GNU long names and pax `path`/`size` records.
+    A member whose data runs past the end of the file is still yielded (the caller decides);
+    a header with a bad checksum raises TarFormatError.
+    """
+    if os.fstat(f.fileno()).st_size == 0:
+        raise TarFormatError("empty file")
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            yield from _parse_tar(buf)
+        except (ValueError, IndexError) as e:  # a number or record that is not one
+            raise TarFormatError(f"malformed header: {e}") from None
+
+
+def _parse_tar(buf: Any) -> Iterator[tuple[str, int, int]]:
+    pos, end = 0, len(buf)
+    long_name: bytes | None = None
+    pax: dict[bytes, bytes] = {}
+    while pos + 512 <= end:
+        hdr = buf[pos : pos + 512]
+        if hdr == _ZERO_BLOCK:
+            return  # end-of-archive marker
+        stored = hdr[148:156].split(b"\0", 1)[0].strip()
+        if not stored or int(stored, 8) != sum(hdr) - sum(hdr[148:156]) + 8 * 32:
+            raise TarFormatError(f"bad header checksum at byte {pos}")
+        raw = hdr[124:136]
+        size = (
+            int.from_bytes(raw[1:], "big")
+            if raw[0] & 0x80
+            else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+        )
+        kind = hdr[156:157]
+        data = pos + 512
+        if kind == b"L":  # GNU long name of the next member
+            long_name = buf[data : data + size].split(b"\0", 1)[0]
+        elif kind in (b"x", b"X"):  # pax extended header of the next member
+            pax = _pax_records(buf[data : data + size])
+        elif kind != b"g":
+            name = hdr[0:100].split(b"\0", 1)[0]
+            if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+            name = pax.get(b"path", long_name or name)
+            if b"size" in pax:
+                size = int(pax[b"size"])
+            if kind in (b"0", b"\0", b"7"):
+                yield name.decode("utf-8", "surrogateescape"), data, size
+            long_name, pax = None, {}
+        pos = data + (size + 511) // 512 * 512
+
+
+def _pax_records(block: bytes) -> dict[bytes, bytes]:
+    """'LEN key=value\\n' records."""
+    out: dict[bytes, bytes] = {}
+    i = 0
+    while i < len(block) and block[i : i + 1] != b"\0":
+        space = block.index(b" ", i)
+        length = int(block[i:space])
+        key, _, value = block[space + 1 : i + length - 1].partition(b"=")
+        out[key] = value
+        i += length
+    return out
+
+
 @dataclass
 class LocalShard:
     """A fetched (or local) shard file indexed by sample: key and (ext, offset, size) members."""
@@ -180,28 +257,27 @@ class LocalShard:
     def index(self, max_member_bytes: int) -> None:
         """Read the tar headers; samples beyond a truncation or corruption become holes."""
         assert self.path is not None
-        size = os.path.getsize(self.path)
+        # Opened now and kept: a shared cache may delete the file, an open one stays readable.
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        size = os.fstat(self._file.fileno()).st_size
         key = None
         try:
-            with tarfile.open(self.path, mode="r:") as tar:
-                for m in tar:
-                    if not m.isreg():
-                        continue
-                    k, ext = _split_name(m.name)
-                    if k != key:
-                        key = k
-                        self.keys.append(k)
-                        self.members.append([])
-                    n = len(self.keys) - 1
-                    if m.offset_data + m.size > size:
-                        self.sample_bad.setdefault(n, "truncated tar")
-                    elif m.size > max_member_bytes:
-                        self.sample_bad.setdefault(
-                            n, f"member {ext} of {m.size} bytes over the {max_member_bytes} cap"
-                        )
-                    elif ext.rsplit(".", 1)[-1] not in PICKLE_EXTENSIONS:
-                        self.members[n].append((ext, m.offset_data, m.size))
-        except (tarfile.TarError, EOFError, OSError) as e:
+            for name, offset, length in tar_members(self._file):
+                k, ext = _split_name(name)
+                if k != key:
+                    key = k
+                    self.keys.append(k)
+                    self.members.append([])
+                n = len(self.keys) - 1
+                if offset + length > size:
+                    self.sample_bad.setdefault(n, "truncated tar")
+                elif length > max_member_bytes:
+                    self.sample_bad.setdefault(
+                        n, f"member {ext} of {length} bytes over the {max_member_bytes} cap"
+                    )
+                elif ext.rsplit(".", 1)[-1] not in PICKLE_EXTENSIONS:
+                    self.members[n].append((ext, offset, length))
+        except TarFormatError as e:
             if not self.keys:
                 self.bad = f"not a tar file: {e}"
                 return
@@ -278,16 +354,18 @@ def _reason_kind(reason: str) -> str:
 
 
 class ShardCache:
-    """One slot's shards: fetched whole into a private cache folder, verified, indexed.
+    """One slot's shards, verified and indexed, fetched ahead by threads.
 
-    Threads fetch ahead; `acquire` blocks until a shard is ready; a shard's file is deleted
-    once no partition holds it and no read-ahead wants it.
+    Remote shards go into a folder shared by every process of the machine (ranks and their
+    workers), named by their sha256: a shard is fetched once per machine however many slots
+    read it, under a file lock, and moved into place only once verified. The folder is kept
+    under `cache_bytes` by deleting the least recently used shards (a reader holds its shard
+    open, so a deletion never breaks it). Local shards are read in place.
     """
 
     def __init__(self, url: str, manifest: Manifest, opts: ReaderOptions, stats: IOStats):
         self.url, self.manifest, self.opts, self.stats = url, manifest, opts, stats
         self.local = "://" not in url or url.startswith("file://")
-        self._dir: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future[LocalShard]] = {}
         self._refs: Counter[int] = Counter()
@@ -295,17 +373,14 @@ class ShardCache:
         # input often wants the shard its shuffle buffer was just read back from.
         self._idle: deque[int] = deque()
         # Local shards cost only their index to keep: later epochs skip re-verifying them.
-        self._keep_idle = 256 if self.local else max(2, opts.readahead)
+        self._keep_idle = 256 if self.local else max(4, opts.readahead)
         self._shipped = IOStats()
         self._lock = threading.Lock()
 
     def _folder(self) -> str:
-        if self._dir is None:
-            root = self.opts.cache_dir or tempfile.gettempdir()
-            os.makedirs(root, exist_ok=True)
-            _remove_stale_caches(root)
-            self._dir = tempfile.mkdtemp(prefix=f"darkmatter-shards-{os.getpid()}-", dir=root)
-        return self._dir
+        root = self.opts.cache_dir or os.path.join(tempfile.gettempdir(), "darkmatter-shards")
+        os.makedirs(root, exist_ok=True)
+        return root
 
     def count_samples(self, good: int, holes: list[Hole]) -> None:
         with self._lock:
@@ -333,7 +408,7 @@ class ShardCache:
             if fut is None:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(
-                        max(1, self.opts.readahead), thread_name_prefix="darkmatter-fetch"
+                        max(4, self.opts.readahead), thread_name_prefix="darkmatter-fetch"
                     )
                 fut = self._futures[shard] = self._pool.submit(self._load, shard)
             return fut
@@ -366,10 +441,7 @@ class ShardCache:
             self._discard(fut.result())
 
     def _discard(self, local: LocalShard) -> None:
-        local.close()
-        if not self.local and local.path:
-            with contextlib.suppress(OSError):
-                os.remove(local.path)
+        local.close()  # the file stays in the shared cache until evicted
 
     def close(self) -> None:
         if self._pool is not None:
@@ -378,8 +450,6 @@ class ShardCache:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._discard(fut.result())
         self._futures.clear()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- fetching --------------------------------------------------------------------------
     def _load(self, shard: int) -> LocalShard:
@@ -388,42 +458,78 @@ class ShardCache:
         t0 = time.perf_counter()
         local = LocalShard(info.name, None, info.samples)
         try:
-            path, size, digest = self._fetch(url, info.bytes)
+            local.path, local.bad = (
+                self._local(url, info) if self.local else self._cached(url, info)
+            )
         except FileNotFoundError:
             local.bad = "missing shard"
-            return local
         finally:
             self._count(fetch_s=time.perf_counter() - t0)
-        local.path = path
-        if size == 0:
-            local.bad = "zero-byte shard"
-        elif size != info.bytes:
-            local.bad = f"size mismatch: {size} bytes, the manifest says {info.bytes}"
-        elif self.opts.verify and digest != info.sha256:
-            local.bad = f"sha256 mismatch: {digest[:12]}…, the manifest says {info.sha256[:12]}…"
-        else:
-            local.index(self.opts.max_member_bytes)
+        if local.bad is None:
+            try:
+                local.index(self.opts.max_member_bytes)
+            except FileNotFoundError:  # evicted by another process between check and open
+                return self._load(shard)
         return local
 
-    def _fetch(self, url: str, expected: int) -> tuple[str, int, str]:
-        """(local path, size, sha256) of the shard at url; remote shards are copied locally."""
+    def _check(self, size: int, digest: str | None, info: Any) -> str | None:
+        """Why a fetched shard does not match its manifest entry, or None."""
+        if size == 0:
+            return "zero-byte shard"
+        if size != info.bytes:
+            return f"size mismatch: {size} bytes, the manifest says {info.bytes}"
+        if digest is not None and digest != info.sha256:
+            return f"sha256 mismatch: {digest[:12]}…, the manifest says {info.sha256[:12]}…"
+        return None
+
+    def _local(self, url: str, info: Any) -> tuple[str, str | None]:
+        path = url.removeprefix("file://")
+        size = os.path.getsize(path)
+        digest = None
+        if self.opts.verify:
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+            digest = sha.hexdigest()
+        self._count(bytes_read=size)
+        return path, self._check(size, digest, info)
+
+    def _cached(self, url: str, info: Any) -> tuple[str | None, str | None]:
+        """(path in the shared cache, None), or (None, why the shard is bad)."""
+        root = self._folder()
+        path = os.path.join(root, f"{info.sha256}{'' if self.opts.verify else '.unverified'}.tar")
+        if _fresh(path, info.bytes):
+            return path, None
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per machine; the others wait for it
+            try:
+                if _fresh(path, info.bytes):
+                    return path, None
+                tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+                try:
+                    size, digest = self._download(url, tmp, info.bytes)
+                    bad = self._check(size, digest if self.opts.verify else None, info)
+                    if bad:
+                        return None, bad
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(tmp)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _evict(root, self.opts.cache_bytes, keep=path)
+        return path, None
+
+    def _download(self, url: str, tmp: str, expected: int) -> tuple[int, str]:
+        """Copy the object to `tmp` with retries that resume where the body broke off."""
         sha = hashlib.sha256()
-        if self.local:
-            path = url.removeprefix("file://")
-            size = os.path.getsize(path)
-            if self.opts.verify:
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        sha.update(chunk)
-            self._count(bytes_read=size)
-            return path, size, sha.hexdigest()
-        path = os.path.join(self._folder(), f"{hashlib.sha1(url.encode()).hexdigest()}.tar")
         done, attempt = 0, 0
-        with open(path, "wb") as out:
+        with open(tmp, "wb") as out:
             while True:
                 try:
                     done = self._copy(url, out, sha, done, expected)
-                    return path, done, sha.hexdigest()
+                    return done, sha.hexdigest()
                 except FileNotFoundError:
                     raise
                 except Exception as e:  # 5xx, SlowDown, resets, truncated bodies: all transient
@@ -457,14 +563,39 @@ class ShardCache:
 _CHUNK = 8 << 20
 
 
-def _remove_stale_caches(root: str) -> None:
-    """Delete shard caches left by processes that are gone (workers may be killed)."""
-    for name in os.listdir(root):
-        if not name.startswith("darkmatter-shards-"):
-            continue
-        pid = name.split("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+def _fresh(path: str, size: int) -> bool:
+    """A cached shard of the right size exists; mark it recently used."""
+    try:
+        if os.path.getsize(path) != size:
+            return False
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _evict(root: str, cap: int, keep: str) -> None:
+    """Delete the least recently used shards until the folder holds at most `cap` bytes, and
+    temporary files of processes that are gone."""
+    shards = []
+    for entry in os.scandir(root):
+        if entry.name.endswith(".tmp"):
+            pid = entry.name.rsplit(".", 3)[-3]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+        elif entry.name.endswith(".tar"):
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat()
+                shards.append((st.st_mtime, st.st_size, entry.path))
+    total = sum(size for _, size, _ in shards)
+    for _, size, path in sorted(shards):
+        if total <= cap:
+            break
+        if path != keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            total -= size
 
 
 def _alive(pid: int) -> bool:
@@ -478,6 +609,15 @@ def _alive(pid: int) -> bool:
 
 
 # -- partitions ------------------------------------------------------------------------------
+
+
+def needed_shards(plan: EpochPlan, p: int, state: dict[str, Any] | None) -> list[int]:
+    """The shards partition p reads first: its buffer's (from a state) and its next input's."""
+    start = int(state["next_in"]) if state else 0
+    shards = [plan.locate(p, int(i))[0] for i in state["buf"]] if state else []
+    if start < plan.part_len:
+        shards.append(plan.locate(p, start)[0])
+    return list(dict.fromkeys(shards))
 
 
 class PartitionStream:
@@ -657,6 +797,11 @@ class Slot:
         self._own_cache = cache is None
         self.cache = cache or ShardCache(spec.url, spec.manifest, spec.opts, IOStats())
         owned = range(slot % spec.n_slots, spec.partitions, spec.n_slots)
+        # Ask for every shard the partitions start with (and their buffers, on a resume) before
+        # any partition blocks on one: the fetch threads then work in parallel.
+        for p in owned:
+            for shard in needed_shards(self.plan, p, states.get(p)):
+                self.cache.prefetch(shard)
         self.parts = {
             p: PartitionStream(self.plan, p, self.cache, spec.opts, states.get(p)) for p in owned
         }

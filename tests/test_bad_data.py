@@ -193,3 +193,28 @@ def test_undecodable_image_and_hostile_member_names(tmp_path: Path) -> None:
     assert [x["__key__"] for x in batch].count("../../../../tmp/escape0") == 1
     assert not any(n.startswith("escape") for n in set(os.listdir("/tmp")) - before)
     s.close()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_index_agrees_with_tarfile(tmp_path: Path, fmt: int) -> None:
+    """The reader's own header parser finds what Python's tarfile finds: long names (GNU and
+    pax), ustar prefixes, non-ASCII names, empty members, directories skipped."""
+    from data_pipeline.reader import tar_members
+
+    path = tmp_path / "t.tar"
+    names = ["a.txt", "d/" * 60 + "long.input_ids.npy", "dir/" + "x" * 90 + ".png", "é.txt"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = [n for n in names if len(n) < 100 and n.isascii()] + ["p" * 120 + "/q.txt"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        d = tarfile.TarInfo("folder")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for i, name in enumerate(names):
+            data = bytes(range(256)) * i
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+    with open(path, "rb") as f:
+        assert list(tar_members(f)) == expected and len(expected) == len(names)

@@ -3,13 +3,15 @@ connection resets and truncated bodies: the sample sequence is the fault-free on
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from data_pipeline import storage
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import Manifest, prepare
 from data_pipeline.reader import DataError, DataStream, ReaderOptions
 from tests.faultproxy import FaultProxy
 
@@ -33,12 +35,15 @@ def s3_dataset(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def sequence(url: str, workers: int, **opts: Any) -> tuple[list[str], dict[str, float]]:
+    """One epoch's keys, fetched afresh (a new shard cache folder each time)."""
+    opts.setdefault("cache_dir", tempfile.mkdtemp(prefix="darkmatter-test-cache-"))
     s = DataStream(
         url, rank=0, world_size=1, micro_batch_size=16, num_workers=workers, seed=2,
         partitions=8, options=ReaderOptions(shuffle_buffer=8, backoff_s=0.01, **opts),
     )  # fmt: skip
     keys = [x["__key__"] for _ in range(s.steps_per_epoch) for x in s.next_step()[0]]
     s.close()
+    shutil.rmtree(opts["cache_dir"])
     return keys, s.summary()
 
 
@@ -49,6 +54,7 @@ def test_faults_do_not_change_the_sequence(
     assert len(clean) == len(set(clean)) == 300 // 8 * 8 // 16 * 16
     assert stats["retries"] == 0 and stats["skipped"] == 0
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore gives up at once: faults reach us
+    one = Manifest.load(s3_dataset).shards[1].name
 
     shards = lambda path: path.endswith(".tar")  # noqa: E731 - only shard reads are faulted
     # Isolated faults: s3fs retries them itself.
@@ -59,9 +65,11 @@ def test_faults_do_not_change_the_sequence(
     assert faulty == clean
     assert min(counts["slowdown"], counts["reset"], counts["truncate"]) >= 1
 
-    # Persistent faults (more than s3fs's five tries in a row): our fetch retries and resumes.
+    # Persistent faults on one shard (more than s3fs's five tries in a row): our fetch retries.
     for kind in ("slowdown", "reset", "truncate"):
-        with FaultProxy(stack.s3_endpoint, plan=[kind] * 6, match=shards) as proxy:
+        with FaultProxy(
+            stack.s3_endpoint, plan=[kind] * 6, match=lambda path: path.endswith(one)
+        ) as proxy:
             monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
             faulty, stats = sequence(s3_dataset, workers=0)
             assert proxy.counts[kind] == 6
@@ -91,3 +99,31 @@ def test_missing_shard_in_object_storage_is_a_counted_hole(s3_dataset: str, tmp_
     clean, _ = sequence(s3_dataset, workers=2)
     assert len(keys) == len(clean) - stats["skipped"]
     assert set(keys) < set(clean)
+
+
+def test_shard_cache_is_shared_verified_and_bounded(s3_dataset: str, tmp_path: Path) -> None:
+    """Two workers fetch each shard once between them; a second pass fetches nothing; a cap
+    smaller than the dataset keeps the folder under it without changing the sequence."""
+    cache = tmp_path / "cache"
+    clean, first = sequence(s3_dataset, workers=2, cache_dir=str(tmp_path / "fresh"))
+    size = sum(s.bytes for s in DataStream(s3_dataset, rank=0, world_size=1,
+               micro_batch_size=16, partitions=8).manifest.shards)  # fmt: skip
+    assert first["bytes_read"] == size  # each shard once, not once per worker
+
+    def keep(**o: Any) -> tuple[list[str], dict[str, float]]:
+        s = DataStream(s3_dataset, rank=0, world_size=1, micro_batch_size=16, num_workers=2,
+                       seed=2, partitions=8, options=ReaderOptions(shuffle_buffer=8, **o))  # fmt: skip
+        keys = [x["__key__"] for _ in range(s.steps_per_epoch) for x in s.next_step()[0]]
+        s.close()
+        return keys, s.summary()
+
+    keys, stats = keep(cache_dir=str(cache))
+    again, stats2 = keep(cache_dir=str(cache))
+    assert keys == again == clean and stats["bytes_read"] == size and stats2["bytes_read"] == 0
+    cap = size // 3
+    capped, _ = keep(cache_dir=str(tmp_path / "small"), cache_bytes=cap)
+    assert capped == clean
+    held = sum(p.stat().st_size for p in (tmp_path / "small").glob("*.tar"))
+    largest = max(s.bytes for s in DataStream(s3_dataset, rank=0, world_size=1,
+                  micro_batch_size=16, partitions=8).manifest.shards)  # fmt: skip
+    assert held <= cap + largest  # the shard just fetched is never the one evicted

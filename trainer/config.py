@@ -43,7 +43,10 @@ class DataConfig:
     retries: int = 5
     """Fetch attempts per shard after the first (5xx, SlowDown, resets, truncated bodies)."""
     cache_dir: str = ""
-    """Local folder for fetched shards; empty: the system temp folder."""
+    """Folder for fetched shards, shared by every process of a machine; empty: a folder in
+    the system temp folder."""
+    cache_gb: float = 16.0
+    """The shard folder is kept under this size; least recently used shards are deleted."""
     seq_len: int = 128
     """Tokens per text sample, [CLS] and [SEP] included (text objectives)."""
     image_size: int = 32
@@ -272,8 +275,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key}: expected >= 0, got {getattr(d, key)}")
     if d.partitions < 1:
         raise ConfigError(f"data.partitions: expected >= 1, got {d.partitions}")
-    if d.max_member_mb <= 0:
-        raise ConfigError(f"data.max_member_mb: expected > 0, got {d.max_member_mb}")
+    for key in ("max_member_mb", "cache_gb"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"data.{key}: expected > 0, got {getattr(d, key)}")
 
 
 @dataclass(frozen=True)

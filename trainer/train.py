@@ -81,7 +81,7 @@ def make_stream(cfg: Config, rank: int, world_size: int) -> DataStream:
     opts = ReaderOptions(
         shuffle_buffer=d.shuffle_buffer, strict=d.strict, verify=d.verify,
         max_member_bytes=int(d.max_member_mb * 2**20), readahead=d.readahead,
-        retries=d.retries, cache_dir=d.cache_dir,
+        retries=d.retries, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
     )  # fmt: skip
     return DataStream(
         d.url, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
