@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     with _common.workdir("darkmatter-bench-throughput-") as root, _common.local_stack(root):
         data = prepare_datasets(root, modalities, text_docs, images, shard_bytes)
         cache = root / "cache"
+        cache.mkdir()
         result: dict[str, Any] = {"bench": "data_throughput"}
         for modality in modalities:
             ds = data[modality]
