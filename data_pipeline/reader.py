@@ -34,6 +34,7 @@ decoded.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -121,20 +122,22 @@ class EpochPlan:
         self.part_len = manifest.num_samples // partitions
         self.steps = partitions * self.part_len // global_batch
         # Epoch-sequence offset of each shard in epoch order, for locating partition samples.
-        self._starts = np.cumsum([0] + [manifest.shards[i].samples for i in self.shard_order])
+        self._starts = [0]
+        for i in self.shard_order:
+            self._starts.append(self._starts[-1] + manifest.shards[i].samples)
 
     def locate(self, p: int, i: int) -> tuple[int, int]:
         """(manifest shard index, sample index in that shard) of input i of partition p."""
         pos = p * self.part_len + i
-        k = int(np.searchsorted(self._starts, pos, side="right")) - 1
-        return self.shard_order[k], int(pos - self._starts[k])
+        k = bisect.bisect_right(self._starts, pos) - 1
+        return self.shard_order[k], pos - self._starts[k]
 
     def segments(self, p: int, start: int = 0) -> list[Segment]:
         """Partition p's inputs from `start` on, as shard segments in stream order."""
         out: list[Segment] = []
         lo, hi = p * self.part_len + start, (p + 1) * self.part_len
         for k, shard in enumerate(self.shard_order):
-            a, b = int(self._starts[k]), int(self._starts[k + 1])
+            a, b = self._starts[k], self._starts[k + 1]
             if b <= lo:
                 continue
             if a >= hi:
@@ -373,7 +376,8 @@ class ShardCache:
         # input often wants the shard its shuffle buffer was just read back from.
         self._idle: deque[int] = deque()
         # Local shards cost only their index to keep: later epochs skip re-verifying them.
-        self._keep_idle = 256 if self.local else max(4, opts.readahead)
+        # Remote ones are on disk anyway; the index and an open file are what is kept.
+        self._keep_idle = 256 if self.local else max(64, opts.readahead)
         self._shipped = IOStats()
         self._lock = threading.Lock()
 

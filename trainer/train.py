@@ -333,6 +333,8 @@ def run_worker(cfg: Config) -> int:
         if trainer.tracker:
             trainer.tracker.finish("FAILED")
         raise
+    finally:
+        trainer.stream.close()  # stop the data workers now, not at interpreter exit
     if rank == 0:
         print(json.dumps({"event": "done", "step": pos.step, "run_dir": str(trainer.run_dir),
                           "mlflow_run_id": pos.mlflow_run_id}))  # fmt: skip
