@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         text_docs, images, shard_mib, reps = 6_000, 1_500, 1.0, 1
     else:
-        text_docs, images, shard_mib, reps = 40_000, 12_000, 4.0, 3
+        text_docs, images, shard_mib, reps = 40_000, 24_000, 4.0, 3
     text_docs = args.text_docs or text_docs
     images = args.images or images
     shard_bytes = int((args.shard_mib or shard_mib) * 2**20)
