@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,11 +106,14 @@ def darkmatter(*args: str) -> str:
 
 
 def train_and_probe(config: str, task_url: str, task: str) -> dict:
-    darkmatter("pretrain", config, "--nproc", "2")
     from trainer.config import load_config
 
     cfg = load_config(config)
     run_dir = Path(cfg.train.run_dir)
+    if run_dir.exists():  # the demo starts afresh; a real run would resume from its checkpoint
+        print(f"removing the previous quickstart run {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
+    darkmatter("pretrain", config, "--nproc", "2")
     out = darkmatter("evaluate", str(run_dir), "--task", task_url, "--name", task)
     result = json.loads(out.strip().splitlines()[-1])
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
