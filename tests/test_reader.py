@@ -237,3 +237,18 @@ def test_layout_and_size_errors(dataset: str) -> None:
         DataStream(dataset, rank=0, world_size=1, micro_batch_size=700, partitions=1)
     with pytest.raises(ValueError, match="rank 2 is not in"):
         open_rank(dataset, 2, 2, 0)
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_two_ranks_two_workers_interrupted_at_first_middle_last_batch(
+    dataset: str, baseline: tuple[int, list[str]], where: str
+) -> None:
+    """The fault catalogue's case, spelled out: 2 ranks x 2 workers stopped after the first,
+    a middle or the last batch of an epoch, resumed on the same layout."""
+    steps, seq = baseline
+    stop = {"first": 1, "middle": steps // 2, "last": steps}[where]
+    before, states = run_layout(dataset, 2, 2, stop)
+    after, _ = run_layout(dataset, 2, 2, steps - stop + 1, resume=states)  # into epoch 2
+    whole, _ = run_layout(dataset, 2, 2, steps + 1)
+    assert [x + y for x, y in zip(before, after, strict=True)] == whole
+    assert global_sequence(before + after) == seq[: steps * B + B]
