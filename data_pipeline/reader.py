@@ -21,9 +21,10 @@ Resume: a partition's state is (next input, outputs so far, the shuffle buffer a
 indices, its RNG state). A checkpoint keeps every partition's state; a resume, with the same or
 another world size or worker count, rebuilds each partition from it by reading only the samples
 its buffer held: the cost depends on the buffer, never on how far the epoch had got.
-Shards: each one a slot touches is fetched whole into a local cache (with read-ahead of the
-next ones, retries with backoff, resumed ranged reads), checked against the manifest's size and
-sha256, and indexed by its tar headers; samples are then read by offset. Raw bytes travel
+Shards: each one a slot touches is fetched whole into a cache folder shared by the machine's
+processes (read-ahead threads, retries with backoff that resume the body where it broke off),
+checked against the manifest's size and sha256, and indexed by its tar headers; samples are
+then read by offset. Raw bytes travel
 through the shuffle buffer; samples are decoded as they leave it. Bad data (a missing, empty,
 truncated or corrupt shard, an undecodable or oversized member) becomes a *hole* at that
 sample's place in the order, so no other sample moves; holes are counted by reason and listed
