@@ -383,7 +383,8 @@ class ShardCache:
         self._lock = threading.Lock()
 
     def _folder(self) -> str:
-        root = self.opts.cache_dir or os.path.join(tempfile.gettempdir(), "darkmatter-shards")
+        default = os.path.join(tempfile.gettempdir(), f"darkmatter-shards-{os.getuid()}")
+        root = self.opts.cache_dir or default  # per user: another user's files are not ours
         os.makedirs(root, exist_ok=True)
         return root
 
