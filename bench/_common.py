@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -24,22 +23,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python bench/x.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(REPO_ROOT))
 
-# Variables the stack sets, and those that would send clients elsewhere than our stack.
-_STACK_VARS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")  # fmt: skip
-_SHADOWING_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")
-
 
 def log(msg: str) -> None:
     """Progress on stderr (stdout's last line is the JSON result)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -58,24 +45,9 @@ def local_stack(root: Path) -> Iterator[Any]:
     for the duration and is restored afterwards. The stack is always stopped."""
     from trainer import stack
 
-    state_dir = root / "stack"
-    saved = {k: os.environ.get(k) for k in (*_STACK_VARS, *_SHADOWING_VARS)}
     log("starting the local stack (moto S3 + MLflow)")
-    try:
-        info = stack.up(
-            s3_port=free_port(), mlflow_port=free_port(), state_dir=state_dir, timeout=180
-        )
-        for key in _SHADOWING_VARS:
-            os.environ.pop(key, None)
-        os.environ.update(info.env)
+    with stack.private(root / "stack") as info:
         yield info
-    finally:
-        stack.down(state_dir)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 # -- synthetic data --------------------------------------------------------------------------

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
+
+from trainer.stack import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The virtualenv's bin dir: run its console scripts (darkmatter, torchrun, ...) from tests.
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_darkmatter(*args: str, env: dict[str, str] | None = None, timeout: float = 600):  # type: ignore[no-untyped-def]

@@ -334,6 +334,43 @@ def _start(sdir: Path, ports: dict[str, int], timeout: float, bucket: str) -> St
     return StackInfo(env["AWS_ENDPOINT_URL"], env["MLFLOW_TRACKING_URI"], str(sdir), env)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# Variables a private stack sets, and those that would send clients elsewhere than to it.
+_PRIVATE_VARS = (
+    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI", "DARKMATTER_STACK_DIR",
+)  # fmt: skip
+_SHADOWING_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def private(state_dir: str | os.PathLike[str], timeout: float = 180.0) -> Iterator[StackInfo]:
+    """A stack of our own on free ports (tests, benchmarks): os.environ points at it while the
+    block runs and is restored afterwards; the servers are always stopped."""
+    saved = {k: os.environ.get(k) for k in (*_PRIVATE_VARS, *_SHADOWING_VARS)}
+    try:
+        info = up(s3_port=free_port(), mlflow_port=free_port(), state_dir=state_dir,
+                  timeout=timeout)  # fmt: skip
+        for key in _SHADOWING_VARS:
+            os.environ.pop(key, None)
+        os.environ.update(info.env)
+        os.environ["DARKMATTER_STACK_DIR"] = str(state_dir)
+        yield info
+    finally:
+        down(state_dir)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def down(state_dir: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> list[str]:
     """Stop both servers; returns the names of those that were running."""
     return _stop_services(resolve_state_dir(state_dir), timeout)
