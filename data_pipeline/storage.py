@@ -122,3 +122,34 @@ def delete(url: str) -> None:
     fs, path = filesystem(url)
     if fs.exists(path):
         fs.rm_file(path)
+
+
+def is_remote(url: str) -> bool:
+    """True for object storage (s3://, gs://, ...), False for a local path or file:// URL."""
+    return "://" in url and not url.startswith("file://")
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Upload one local file to url (one object; a failed upload leaves no partial object)."""
+    fs, path = filesystem(url)
+    fs.put_file(local_path, path)
+
+
+def get_file(url: str, local_path: str) -> None:
+    """Download one object to a local file."""
+    fs, path = filesystem(url)
+    fs.get_file(path, local_path)
+
+
+def glob(pattern: str) -> list[str]:
+    """URLs (of the pattern's scheme) matching a glob pattern, sorted."""
+    fs, path = filesystem(pattern)
+    scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+    return [scheme + p for p in sorted(fs.glob(path))]
+
+
+def remove_tree(url: str) -> None:
+    """Remove a folder (or prefix) and everything under it; nothing if it does not exist."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

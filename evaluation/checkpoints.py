@@ -7,13 +7,19 @@ them with `AutoModel.from_config`, and the pretraining head is dropped.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from data_pipeline import storage
+from trainer import checkpoint as ckpt  # the checkpoint format only; never the engine
 
 # Where each objective's pretraining model keeps its encoder (the transformers attribute name).
 ENCODER_PREFIX = {"mlm": "bert.", "mae": "vit."}
@@ -38,19 +44,28 @@ class CheckpointRef:
         return int(self.meta["step"])
 
 
-def resolve(target: str) -> CheckpointRef:
-    """A run folder, a checkpoints folder, or one checkpoint folder -> the checkpoint to use."""
-    p = Path(target)
-    if (p / "darkmatter.json").is_file():
-        return CheckpointRef(p.parent, p.name)
-    for root in (p / "checkpoints", p):
-        latest = root / "latest"
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if (root / tag / "darkmatter.json").is_file():
-                return CheckpointRef(root, tag)
-            raise ValueError(f"{latest}: names {tag!r}, which is not a complete checkpoint")
-    raise FileNotFoundError(f"{target}: no committed checkpoint (no 'latest' or darkmatter.json)")
+def resolve(target: str, cache_dir: str = "") -> CheckpointRef:
+    """A run folder, a checkpoint root (local or s3://…) or one step folder -> the checkpoint to
+    use: the newest committed one, with every file checked against its commit record. A remote
+    checkpoint is downloaded to `cache_dir` (default: a per-user folder in the temp folder)."""
+    target = target.rstrip("/")
+    if storage.exists(storage.join(target, ckpt.COMMIT)):
+        root, tag = target.rsplit("/", 1) if "/" in target else (".", target)
+    else:
+        for root in (storage.join(target, "checkpoints"), target):
+            tags = ckpt.committed_tags(root)
+            if tags:
+                tag = tags[-1]
+                break
+        else:
+            raise FileNotFoundError(
+                f"{target}: no committed checkpoint (no step folder with {ckpt.COMMIT})"
+            )
+    cache = Path(cache_dir or Path(tempfile.gettempdir()) / f"darkmatter-checkpoints-{os.getuid()}")
+    local = ckpt.fetch(
+        root, tag, cache / hashlib.sha256(root.encode()).hexdigest()[:16], rank=0, everything=True
+    )
+    return CheckpointRef(local, tag)
 
 
 def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
@@ -58,7 +73,7 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     if int(ref.meta.get("zero_stage", 0)) == 0:
         # Without ZeRO, DeepSpeed keeps the whole module in one file (with non-tensor metadata).
         blob = torch.load(
-            ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+            ref.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
         )
         return {k: v.float() for k, v in blob["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

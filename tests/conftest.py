@@ -46,3 +46,15 @@ def bucket(stack: stack_mod.StackInfo) -> str:
     )
     s3.create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def text_ds(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small local text dataset (synthetic sentences, 200-token vocabulary, several shards)."""
+    from data_pipeline.prepare import prepare
+    from tests.helpers import synthetic_corpus
+
+    root = tmp_path_factory.mktemp("text")
+    corpus = synthetic_corpus(root / "corpus.txt")
+    prepare([str(corpus)], str(root / "ds"), modality="text", vocab_size=200, shard_bytes=100_000)
+    return str(root / "ds")

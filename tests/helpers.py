@@ -32,8 +32,9 @@ def write_config(path: Path, data_url: str, run_dir: Path, **sections: dict) -> 
         "objective": "mlm",
         "data": {"url": data_url, "num_workers": 1, "seq_len": 32, "shuffle_buffer": 64},
         "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64},
-        "train": {"steps": 6, "micro_batch_size": 8, "log_every": 2, "ckpt_every": 3,
+        "train": {"steps": 6, "micro_batch_size": 8, "log_every": 2,
                   "warmup_steps": 2, "lr": 0.002, "zero_stage": 2, "run_dir": str(run_dir)},
+        "checkpoint": {"every": 3},
         "tracking": {"enabled": False},
     }  # fmt: skip
     for name, values in sections.items():
@@ -56,3 +57,10 @@ def synthetic_corpus(path: Path, n: int = 600) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def metrics(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    """The rows of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]

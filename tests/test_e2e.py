@@ -69,7 +69,7 @@ def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
     steps = 120
     cfg = write_config(
         tmp_path / "c.yaml", data_url, run_dir,
-        train={"steps": steps, "log_every": 5, "ckpt_every": 20, "micro_batch_size": 16, "zero_stage": 2},
+        train={"steps": steps, "log_every": 5, "micro_batch_size": 16, "zero_stage": 2},
         tracking={"enabled": True, "experiment": "e2e", "run_name": "killed-and-resumed"},
     )  # fmt: skip
     cmd = [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), "--nproc", "2"]

@@ -12,22 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_pipeline.prepare import prepare
-from tests.helpers import run_darkmatter, synthetic_corpus, write_config
+from tests.helpers import metrics, run_darkmatter, write_config
 from trainer.config import load_config
 from trainer.engine import lr_lambda
-
-
-@pytest.fixture(scope="module")
-def text_ds(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("text")
-    corpus = synthetic_corpus(root / "corpus.txt")
-    prepare([str(corpus)], str(root / "ds"), modality="text", vocab_size=200, shard_bytes=100_000)
-    return str(root / "ds")
-
-
-def metrics(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_single_process_train_resume_evaluate_export(text_ds: str, tmp_path: Path) -> None:
@@ -91,8 +78,8 @@ def test_two_ranks_zero1_and_zero3_agree(text_ds: str, tmp_path: Path) -> None:
         run_dir = tmp_path / f"z{stage}"
         cfg = write_config(
             tmp_path / f"z{stage}.yaml", text_ds, run_dir,
-            train={"zero_stage": stage, "steps": 4, "log_every": 1, "ckpt_every": 4},
-            model={"dropout": 0.0},
+            train={"zero_stage": stage, "steps": 4, "log_every": 1},
+            checkpoint={"every": 4}, model={"dropout": 0.0},
         )  # fmt: skip
         out = run_darkmatter("pretrain", str(cfg), "--nproc", "2")
         assert out.returncode == 0, out.stderr[-4000:]
@@ -121,7 +108,7 @@ def test_resume_with_other_worker_count_continues_the_same_data(
     workers: they train on the same samples, so steps 4-6 have the same losses."""
     import shutil
 
-    train = {"zero_stage": 0, "log_every": 1, "ckpt_every": 3}
+    train = {"zero_stage": 0, "log_every": 1}
     one = tmp_path / "one"
     cfg = write_config(tmp_path / "c.yaml", text_ds, one, train=train)
     first = run_darkmatter("pretrain", str(cfg), "train.steps=3")

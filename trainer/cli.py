@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import Any
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
 
@@ -28,12 +29,24 @@ def pretrain_main(argv: list[str]) -> int:
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="a.b=c overrides, e.g. train.steps=100")
     p.add_argument("--nproc", type=int, default=0, help="start torchrun with N local processes")
+    p.add_argument(
+        "--max-restarts", type=int, default=0,
+        help="with --nproc: restart the whole group up to N times after a rank fails",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume-from", default="",
+        help="start from this checkpoint (a step folder or a checkpoint root) instead of the "
+        "newest one of this run (sets checkpoint.resume_from)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and stop")
     args = p.parse_intermixed_args(argv)
 
     from trainer.config import batch_plan, deepspeed_config, load_config, to_dict
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume_from:
+        overrides.append(f"checkpoint.resume_from={args.resume_from}")
+    cfg = load_config(args.config, overrides)
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
         import yaml
@@ -49,28 +62,54 @@ def pretrain_main(argv: list[str]) -> int:
 
         deepspeed_config(cfg, world)  # batch contradictions fail here, once
         preflight(cfg)
-        return _torchrun(args.nproc, argv)
+        return _torchrun(args.nproc, args.max_restarts, cfg.faults, argv)
     from trainer.train import run_worker
 
     return run_worker(cfg)
 
 
-def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Start torchrun on this machine, with this same command (minus --nproc) as the worker."""
+def _torchrun(nproc: int, max_restarts: int, faults: Any, argv: list[str]) -> int:
+    """Start torchrun on this machine, with this same command (minus the launcher flags) as the
+    worker. Preemption signals sent to this process are passed on to torchrun, which passes them
+    to the ranks and gives them faults.grace_s to checkpoint before it kills them."""
+    import signal
+
     from trainer.engine import _free_port
 
-    worker_args = [a for i, a in enumerate(argv) if not _is_nproc(argv, i)]
+    worker_args = [a for i, a in enumerate(argv) if not _is_launcher_flag(argv, i)]
+    signals = ",".join(sorted({"SIGTERM", "SIGINT", *filter(None, faults.signals.split(","))}))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+        f"--max-restarts={max_restarts}", f"--signals-to-handle={signals}",
+        f"--shutdown-timeout={int(faults.grace_s) + 10}",
         "-m", "trainer.cli", "pretrain", *worker_args,
     ]  # fmt: skip
-    return subprocess.call(cmd)
+    child = subprocess.Popen(cmd)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    for name in faults.signals.split(","):
+        if name.strip():
+            signal.signal(getattr(signal, name.strip()), forward)
+    code = child.wait()
+    if received and signal.SIGINT not in received:
+        return 143  # stopped on request, with a checkpoint: what schedulers expect
+    return code
 
 
-def _is_nproc(argv: list[str], i: int) -> bool:
+def _is_launcher_flag(argv: list[str], i: int) -> bool:
+    """--nproc and --max-restarts (and their values) are for this process, not the workers."""
+    flags = ("--nproc", "--max-restarts")
     a = argv[i]
-    return a == "--nproc" or a.startswith("--nproc=") or (i > 0 and argv[i - 1] == "--nproc")
+    return (
+        a in flags
+        or a.startswith(tuple(f + "=" for f in flags))
+        or (i > 0 and argv[i - 1] in flags)
+    )
 
 
 def _subcommands() -> dict[str, Callable[[list[str]], int]]:

@@ -103,12 +103,53 @@ class TrainConfig:
     """Seed of model init, data order and masking."""
     log_every: int = 10
     """Steps between logged metrics."""
-    ckpt_every: int = 50
+    run_dir: str = "runs/default"
+    """Local folder of this job: metrics.jsonl, checkpoints (unless checkpoint.root is set),
+    staging for uploads."""
+
+
+@dataclass
+class CheckpointConfig:
+    root: str = ""
+    """Where committed checkpoints live: a local folder or any fsspec URL (s3://bucket/prefix).
+    Empty: RUN_DIR/checkpoints."""
+    every: int = 50
     """Steps between checkpoints (the final step is always checkpointed)."""
     keep_last: int = 3
-    """Checkpoints kept on disk; older ones are deleted after a newer one is written."""
-    run_dir: str = "runs/default"
-    """Local folder of this job: checkpoints, metrics.jsonl, resolved config."""
+    """Newest committed checkpoints kept; older ones are purged after a newer one commits."""
+    keep_every: int = 0
+    """Also keep, for good, every checkpoint whose step is a multiple of this (0: none)."""
+    async_save: bool = True
+    """Copy the state to memory and write/upload it in the background while training goes on;
+    false: training waits until the checkpoint is committed."""
+    staging_dir: str = ""
+    """Local folder where ranks write before uploading to a remote root, and where a resume
+    downloads to. Empty: RUN_DIR/staging."""
+    upload_retries: int = 5
+    """Attempts per file after the first when an upload fails."""
+    resume: bool = True
+    """Continue from the newest committed checkpoint under root, if there is one."""
+    resume_from: str = ""
+    """Start from this checkpoint instead (a step folder, or a root whose newest is used)."""
+
+
+@dataclass
+class FaultConfig:
+    signals: str = "SIGTERM,SIGUSR1"
+    """Signals that mean "preempted": save, commit and exit 143 at the next step boundary."""
+    grace_s: float = 120.0
+    """Seconds between the signal and a forced exit, checkpoint or not (the scheduler's grace)."""
+    requeue: bool = True
+    """Under SLURM, requeue the job (scontrol requeue) after the preemption checkpoint."""
+    skip_nonfinite: bool = True
+    """Skip, on every rank alike, a step whose loss or gradient norm is NaN/Inf on any rank."""
+    grad_norm_spike: float = 0.0
+    """Also skip a step whose gradient norm exceeds this many times the mean of the last 50
+    applied steps (0: off)."""
+    max_skips: int = 3
+    """That many skipped steps within skip_window steps roll back to the last checkpoint."""
+    skip_window: int = 100
+    """Window, in steps, for max_skips."""
 
 
 @dataclass
@@ -135,6 +176,10 @@ class Config:
     """Encoder size and masking."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Where and how often checkpoints are written, kept and resumed from."""
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    """Preemption signals, numerical faults and rollback."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Passed through to DeepSpeed; batch and ZeRO fields are filled in from `train`."""
 
@@ -252,9 +297,28 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"objective: unknown {cfg.objective!r} (known: {', '.join(OBJECTIVES)})")
     if not 0 <= t.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage: expected 0-3, got {t.zero_stage}")
-    for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "ckpt_every", "keep_last"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}: expected >= 1, got {getattr(t, key)}")
+    for section, key in (
+        ("train", "steps"), ("train", "micro_batch_size"), ("train", "grad_accum"),
+        ("train", "log_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
+        ("faults", "max_skips"), ("faults", "skip_window"),
+    ):  # fmt: skip
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(
+                f"{section}.{key}: expected >= 1, got {getattr(getattr(cfg, section), key)}"
+            )
+    c, f = cfg.checkpoint, cfg.faults
+    for key, value in (("checkpoint.keep_every", c.keep_every),
+                       ("checkpoint.upload_retries", c.upload_retries),
+                       ("faults.grace_s", f.grace_s), ("faults.grad_norm_spike", f.grad_norm_spike)):  # fmt: skip
+        if value < 0:
+            raise ConfigError(f"{key}: expected >= 0, got {value}")
+    import signal
+
+    for name in f.signals.split(","):
+        if name.strip() and not isinstance(getattr(signal, name.strip(), None), signal.Signals):
+            raise ConfigError(
+                f"faults.signals: {name.strip()!r} is not a signal name (e.g. SIGTERM)"
+            )
     if t.lr <= 0:
         raise ConfigError(f"train.lr: expected > 0, got {t.lr}")
     if not 0.0 < cfg.model.mask_ratio < 1.0:

@@ -7,6 +7,7 @@ step and the same code runs under ZeRO stages 0-3.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import signal
@@ -17,6 +18,10 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
@@ -113,6 +118,52 @@ def build_engine(
     return engine, hf_ds
 
 
+# The only non-tensor, non-plain-data objects in DeepSpeed's optimizer states: inert records
+# (a loss-scale value, a stage number, an (offset, numel) pair). weights_only loading refuses
+# everything else.
+_STATE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class SnapshotCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
+    """DeepSpeed's extension point for checkpoint I/O, used to take saving off its hands.
+
+    DeepSpeed builds each state dict as usual and calls `save(state_dict, path)`; we pass it to
+    `sink(path, state_dict)` (the checkpoint writer, which snapshots it in memory and writes it
+    in the background) instead of writing it here. Loading uses `weights_only=True`: our
+    checkpoints hold tensors and plain data only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "darkmatter-snapshot"
+        self.sink: Callable[[str, Any], None] | None = None
+
+    def create(self, info: Any) -> None:
+        pass
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self.sink is None:
+            raise RuntimeError("checkpoint engine has no writer attached")
+        self.sink(path, state_dict)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(_STATE_CLASSES):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    def commit(self, info: Any) -> bool:
+        return True
+
+    def preserves_storage_sharing(self) -> bool:
+        # False: DeepSpeed then skips cloning tensors for torch.save; our snapshot copies them.
+        return False
+
+
+def attach_checkpoint_engine(engine: Any) -> SnapshotCheckpointEngine:
+    ce = SnapshotCheckpointEngine()
+    engine.checkpoint_engine = ce
+    return ce
+
+
 def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> None:
     # save_latest=False: DeepSpeed would move `latest` before every rank has finished writing.
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
@@ -124,6 +175,14 @@ def load_checkpoint(engine: Any, root: str, tag: str) -> None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
 
 
+def side_group() -> Any:
+    """A process group of its own for the checkpoint writer thread's collectives, so they never
+    interleave with the training thread's (gloo: it needs no device)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+
+
 def all_reduce_mean(values: list[float]) -> list[float]:
     """Mean across ranks of a few floats, in one collective."""
     t = torch.tensor(values, dtype=torch.float64)
@@ -133,13 +192,31 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def gather_to_rank0(obj: Any) -> list[Any] | None:
+def gather_to_rank0(obj: Any, group: Any = None) -> list[Any] | None:
     """Every rank's `obj` on rank 0 (in rank order), None on the others."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
+    dist.gather_object(obj, out, dst=0, group=group)
     return out
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's `obj` on every rank, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (one small all-reduce)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def barrier() -> None:

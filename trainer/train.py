@@ -2,15 +2,21 @@
 
 The loop: take `grad_accum` micro-batches from the rank's stream, forward/backward through the
 DeepSpeed engine, step; every `log_every` steps reduce the figures across ranks and hand them to
-metrics.jsonl and MLflow (rank 0); every `ckpt_every` steps checkpoint. Masking randomness is a
+metrics.jsonl and MLflow (rank 0); every `checkpoint.every` steps checkpoint (trainer.checkpoint). Masking randomness is a
 function of (seed, step, rank, micro-batch), so it does not depend on where a restart happened.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
 import platform
+import re
+import signal
+import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +25,13 @@ from typing import Any
 import torch
 import yaml
 
+from data_pipeline import storage
 from data_pipeline.prepare import Manifest
 from data_pipeline.reader import DataStream, ReaderOptions
 from data_pipeline.storage import check_bucket, join, read_bytes
 from trainer import checkpoint as ckpt
 from trainer import engine as eng
+from trainer import failpoints
 from trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
 from trainer.objectives import OBJECTIVES, Objective
 from trainer.tracking import Tracker, check_reachable, resolve_uri
@@ -90,41 +98,149 @@ def make_stream(cfg: Config, rank: int, world_size: int) -> DataStream:
     )  # fmt: skip
 
 
+class Preempted(Exception):
+    """The job was asked to stop (a preemption signal); its checkpoint is committed."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"preempted by {signal_name}")
+        self.signal_name = signal_name
+
+
+class _Signals:
+    """Preemption signals set a flag that the loop reads at the next step boundary. A watchdog
+    ends the process when the grace period runs out, checkpoint or not: a torn save is safe."""
+
+    def __init__(self, names: str, grace_s: float):
+        self.received: str | None = None
+        self.grace_s = grace_s
+        for name in filter(None, (n.strip() for n in names.split(","))):
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            log.warning("%s received: checkpointing at the end of this step", self.received)
+            threading.Thread(target=self._watchdog, name="grace", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        time.sleep(self.grace_s)
+        log.error("grace period of %.0f s ran out before the checkpoint committed", self.grace_s)
+        os._exit(PREEMPTED_EXIT)
+
+
 class Trainer:
     def __init__(self, cfg: Config, objective: Objective, rank: int, world_size: int):
         self.cfg, self.objective, self.rank, self.world_size = cfg, objective, rank, world_size
         self.run_dir = Path(cfg.train.run_dir)
-        self.ckpt_root = self.run_dir / "checkpoints"
+        c = cfg.checkpoint
+        self.ckpt_root = c.root or str(self.run_dir / "checkpoints")
+        self.staging = Path(c.staging_dir or self.run_dir / "staging")
         self.ds_config = deepspeed_config(cfg, world_size)
         self.engine, self._hf_ds = eng.build_engine(cfg, self.ds_config, objective.build_model)
+        self.ckpt_engine = eng.attach_checkpoint_engine(self.engine)
+        self.writer = ckpt.Writer(
+            self.ckpt_root, self.staging, rank, functools.partial(eng.gather_to_rank0, group=eng.side_group()),
+            async_save=c.async_save, retries=c.upload_retries, keep_last=c.keep_last,
+            keep_every=c.keep_every,
+        )  # fmt: skip
+        self.signals = _Signals(cfg.faults.signals, cfg.faults.grace_s)
         self.stream = make_stream(cfg, rank, world_size)
         self.pos = self._resume()
         self.tracker = self._start_tracking() if rank == 0 else None
         self._data_seen = self.stream.summary()  # counters at the last log line
         self._quarantine_logged = 0
+        self._stall_s = 0.0  # training time lost to saves since the last log line
 
     # -- resume ---------------------------------------------------------------------------
+    def _candidates(self) -> tuple[str, list[str]]:
+        """(root, committed tags oldest first) to resume from, as rank 0 sees them."""
+        c = self.cfg.checkpoint
+        own = ckpt.committed_tags(self.ckpt_root) if (c.resume or c.resume_from) else []
+        if not c.resume_from:
+            if not own and c.resume and ckpt.read_latest(self.ckpt_root) is not None:
+                raise ckpt.CheckpointError(
+                    f"{storage.join(self.ckpt_root, 'latest')} exists but no checkpoint under "
+                    f"{self.ckpt_root} has a commit record: nothing to resume from"
+                )
+            return self.ckpt_root, own
+        marker = storage.join(self.ckpt_root, "resumed_from")
+        if own and storage.exists(marker) and read_bytes(marker).decode() == c.resume_from:
+            return self.ckpt_root, own  # a restart of the job that started from resume_from
+        src = c.resume_from.rstrip("/")
+        last = src.split("/")[-1]
+        if storage.exists(storage.join(src, ckpt.COMMIT)):
+            return src[: -len(last) - 1], [last]
+        tags = ckpt.committed_tags(src)
+        if not tags:
+            raise ckpt.CheckpointError(f"{src}: no committed checkpoint (checkpoint.resume_from)")
+        return src, tags
+
     def _resume(self) -> Position:
-        tag = ckpt.latest_tag(self.ckpt_root)
         run_file = self.run_dir / "mlflow_run.json"
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
-        if tag is None:
-            return Position(mlflow_run_id=run_id)
-        eng.load_checkpoint(self.engine, str(self.ckpt_root), tag)
-        state = ckpt.read_rank_state(self.ckpt_root / tag, self.rank)
-        if state["world_size"] != self.world_size:
-            raise ValueError(
-                f"{self.ckpt_root / tag}: written by {state['world_size']} ranks, this job has "
-                f"{self.world_size} (elastic resume is not supported yet)"
-            )
-        self.stream.load_state_dict(ckpt.read_data_states(self.ckpt_root / tag))
+        found: Any = None
         if self.rank == 0:
-            log.info("resuming from %s (step %d)", self.ckpt_root / tag, state["step"])
+            try:
+                found = self._candidates()
+            except ckpt.CheckpointError as e:
+                found = str(e)
+        found = eng.all_gather(found)[0]  # every rank walks rank 0's list, in step
+        if isinstance(found, str):
+            raise ckpt.CheckpointError(found)
+        root, tags = found
+        if not tags:
+            if self.rank == 0 and ckpt.all_tags(self.ckpt_root):
+                log.warning("no committed checkpoint in %s: starting afresh", self.ckpt_root)
+                ckpt.remove_newer(self.ckpt_root, -1)
+            eng.barrier()
+            return Position(mlflow_run_id=run_id)
+        folder, tag = self._fetch_newest_usable(root, tags)
+        record = ckpt.read_commit(root, tag)
+        if record["world_size"] != self.world_size:
+            raise ckpt.CheckpointError(
+                f"{storage.join(root, tag)}: written by {record['world_size']} ranks, this job has "
+                f"{self.world_size}"
+            )
+        eng.load_checkpoint(self.engine, str(folder), tag)
+        state = ckpt.read_rank_state(folder / tag, self.rank)
+        self.stream.load_state_dict(ckpt.read_data_states(folder / tag))
+        if self.rank == 0:
+            log.info("resuming from %s (step %d)", storage.join(root, tag), state["step"])
+            gone = ckpt.remove_newer(self.ckpt_root, state["step"])
+            if gone:
+                log.warning("removed uncommitted or abandoned checkpoints %s", ", ".join(gone))
+            if root != self.ckpt_root:
+                storage.makedirs(self.ckpt_root)
+                storage.write_bytes(
+                    storage.join(self.ckpt_root, "resumed_from"),
+                    self.cfg.checkpoint.resume_from.encode(),
+                )
             _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
+        eng.barrier()
         return Position(
             step=state["step"], epoch=self.stream.epoch,
             mlflow_run_id=state.get("mlflow_run_id") or run_id, restarts=state["restarts"] + 1,
         )  # fmt: skip
+
+    def _fetch_newest_usable(self, root: str, tags: list[str]) -> tuple[Path, str]:
+        """The newest checkpoint whose files verify on every rank; a corrupt one is reported by
+        file name and the one before it is tried."""
+        problems = []
+        for tag in reversed(tags):
+            error = ""
+            try:
+                folder = ckpt.fetch(root, tag, self.staging / "restore", self.rank)
+            except (ckpt.CheckpointError, OSError) as e:
+                error = str(e)
+            errors = [msg for msg in eng.all_gather(error) if msg]
+            if not errors:
+                return folder, tag
+            problems.extend(errors)
+            if self.rank == 0:
+                for msg in errors:
+                    log.error("checkpoint %s is unusable: %s", tag, msg)
+                log.warning("falling back to the checkpoint before %s", tag)
+        raise ckpt.CheckpointError(f"{root}: no usable checkpoint ({problems[0]})")
 
     def _start_tracking(self) -> Tracker | None:
         t = self.cfg.tracking
@@ -166,17 +282,22 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
     def train(self) -> Position:
         t = self.cfg.train
+        every = self.cfg.checkpoint.every
         window = _Window()
         while self.pos.step < t.steps:
             t0 = time.perf_counter()
             loss, tokens, wait = self._step()
             window.add(loss, tokens, time.perf_counter() - t0, wait)
             self.pos.step += 1
-            if self.pos.step % t.log_every == 0 or self.pos.step == t.steps:
+            failpoints.kill_if("train.step", self.pos.step, self.rank)
+            preempted = eng.any_rank(self.signals.received is not None)
+            if self.pos.step % every == 0 or self.pos.step == t.steps or preempted:
+                self.save(wait=preempted or self.pos.step == t.steps)
+            if self.pos.step % t.log_every == 0 or self.pos.step == t.steps or preempted:
                 self._log(window)
                 window = _Window()
-            if self.pos.step % t.ckpt_every == 0 or self.pos.step == t.steps:
-                self.save()
+            if preempted:
+                raise Preempted(self.signals.received or "a signal on another rank")
         quarantine = self.run_dir / "quarantine.jsonl"
         if self.tracker and quarantine.is_file():
             self.tracker.log_text(quarantine.read_text(), "data/quarantine.jsonl")
@@ -227,6 +348,15 @@ class Trainer:
             rec["tokens_per_s"] = tokens * self.world_size / secs
         if self.rank != 0:
             return
+        rec["checkpoint/stall_s"], self._stall_s = self._stall_s, 0.0
+        for (
+            report
+        ) in self.writer.drain():  # saves that finished since the last line (rank 0's part)
+            rec.update({
+                "checkpoint/step": report.step, "checkpoint/write_s": report.write_s,
+                "checkpoint/upload_s": report.upload_s, "checkpoint/mb": report.bytes / 2**20,
+                "checkpoint/committed": float(report.committed),
+            })  # fmt: skip
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -236,25 +366,30 @@ class Trainer:
         if self.tracker:
             self.tracker.log_metrics(self.pos.step, {k: v for k, v in rec.items() if k != "step"})
 
-    def save(self) -> None:
+    def save(self, wait: bool = False) -> None:
+        """Checkpoint this step. The training thread only takes the snapshot; writing, upload
+        and commit run in the background unless `wait` (preemption, the last step) or
+        checkpoint.async_save is off."""
+        t0 = time.perf_counter()
         tag = ckpt.tag_for(self.pos.step)
-        d = self.ckpt_root / tag
-        eng.save_checkpoint(
-            self.engine,
-            str(self.ckpt_root),
-            tag,
-            {"step": self.pos.step},
+        job = self.writer.begin(tag)  # waits for the previous save's upload and commit
+        folder = self.writer.local_root / tag
+        self.ckpt_engine.sink = lambda path, sd: job.add_torch(
+            str(Path(path).relative_to(folder)), sd
         )
-        ckpt.write_rank_state(d, self.rank, self._rank_state())
+        eng.save_checkpoint(self.engine, str(self.writer.local_root), tag, {"step": self.pos.step})
+        ckpt.rank_state(job, self.rank, self._rank_state())
         if self.rank == 0:
-            self._write_model_meta(d)
-        eng.barrier()  # every rank's files are on disk before `latest` moves
-        if self.rank == 0:
-            ckpt.commit(self.ckpt_root, tag)
-            ckpt.prune(self.ckpt_root, self.cfg.train.keep_last)
-            if self.tracker:
-                self.tracker.log_metrics(self.pos.step, {"checkpoint/step": self.pos.step})
-        eng.barrier()
+            job.add_bytes(
+                "model_config.json", self.objective.model_config().to_json_string().encode()
+            )
+            job.add_json("darkmatter.json", self._model_meta())
+            for script in sorted(folder.glob("*.py")):  # DeepSpeed's zero_to_fp32.py & co.
+                job.add_file(script.name)
+        self.writer.submit(job)
+        if wait:
+            self.writer.wait()
+        self._stall_s += time.perf_counter() - t0
 
     def _rank_state(self) -> dict[str, Any]:
         p = self.pos
@@ -280,16 +415,14 @@ class Trainer:
                         "skipped bad data: shard %(shard)s, sample %(key)s: %(reason)s", hole
                     )
 
-    def _write_model_meta(self, d: Path) -> None:
-        self.objective.model_config().to_json_file(str(d / "model_config.json"))
-        meta = {
+    def _model_meta(self) -> dict[str, Any]:
+        return {
             "objective": self.cfg.objective, "step": self.pos.step,
             "zero_stage": self.cfg.train.zero_stage, "dataset": self.cfg.data.url,
             "tokenizer": self.objective.meta.get("tokenizer_url"),
             "mlflow_run_id": self.pos.mlflow_run_id,
             "data": {"seq_len": self.cfg.data.seq_len, "image_size": self.cfg.data.image_size},
         }  # fmt: skip
-        (d / "darkmatter.json").write_text(json.dumps(meta, indent=1))
 
 
 @dataclass
@@ -322,6 +455,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: what schedulers expect of a job that stopped on request
+
+
 def run_worker(cfg: Config) -> int:
     """Entry point of one rank."""
     objective = preflight(cfg)
@@ -329,8 +465,19 @@ def run_worker(cfg: Config) -> int:
     trainer = Trainer(cfg, objective, rank, world_size)
     try:
         pos = trainer.train()
+    except Preempted as p:
+        if trainer.tracker:
+            trainer.tracker.set_tags({"preempted": "true", "preempt_signal": p.signal_name})
+            trainer.tracker.finish("KILLED")
+        log.warning("%s: checkpoint at step %d committed, exiting", p, trainer.pos.step)
+        if rank == 0 and cfg.faults.requeue:
+            _slurm_requeue()
+        trainer.stream.close()
+        eng.shutdown()
+        return PREEMPTED_EXIT
     except BaseException:
         if trainer.tracker:
+            trainer.tracker.set_tags({"crashed": "true"})
             trainer.tracker.finish("FAILED")
         raise
     finally:
@@ -340,3 +487,20 @@ def run_worker(cfg: Config) -> int:
                           "mlflow_run_id": pos.mlflow_run_id}))  # fmt: skip
     eng.shutdown()
     return 0
+
+
+def _slurm_requeue() -> None:
+    """Under SLURM, put the job back in the queue; it continues from the checkpoint just made."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    if task := os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{job}_{task}"
+    if not re.fullmatch(r"\d+(_\d+)?", job):  # never pass an unchecked value to a command
+        log.error("SLURM job id %r is malformed: not requeueing", job)
+        return
+    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if out.returncode:
+        log.error("scontrol requeue %s failed: %s", job, out.stderr.strip())
+    else:
+        log.warning("requeued SLURM job %s", job)

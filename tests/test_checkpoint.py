@@ -1,0 +1,181 @@
+"""Checkpoints under faults (one process, ZeRO-2): torn saves in each phase, a flipped byte, a
+lost or garbled `latest`, a purge killed halfway, a checkpoint root in S3. After each fault the
+job is started again and must end with exactly the losses of a run that never failed: every
+step's loss compared with `==` (dropout on, so the RNG state must come back too)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from data_pipeline import storage
+from tests.helpers import metrics, run_darkmatter, write_config
+from trainer import checkpoint as ckpt
+
+STEPS = 9
+TRAIN = {"zero_stage": 2, "steps": STEPS, "log_every": 1}
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in metrics(run_dir)]
+
+
+def pretrain(cfg: Path, *overrides: str, failpoints: str = "") -> tuple[int, str]:
+    env = {"DARKMATTER_FAILPOINTS": failpoints} if failpoints else None
+    out = run_darkmatter("pretrain", str(cfg), *overrides, env=env)
+    return out.returncode, out.stderr
+
+
+@pytest.fixture(scope="module")
+def reference(text_ds: str, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, float]]:
+    """The losses of the uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = write_config(tmp / "c.yaml", text_ds, tmp / "run", train=TRAIN)
+    rc, err = pretrain(cfg)
+    assert rc == 0, err[-3000:]
+    rows = losses(tmp / "run")
+    assert [s for s, _ in rows] == list(range(1, STEPS + 1))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def crashed(text_ds: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run killed (SIGKILL) right after step 8, with checkpoints 3 and 6 committed."""
+    tmp = tmp_path_factory.mktemp("crashed")
+    cfg = write_config(tmp / "c.yaml", text_ds, tmp / "run", train=TRAIN,
+                       checkpoint={"every": 3, "async_save": False})  # fmt: skip
+    rc, err = pretrain(cfg, failpoints="train.step@8")
+    assert rc == -9, err[-3000:]
+    assert ckpt.committed_tags(str(tmp / "run/checkpoints")) == ["step00000003", "step00000006"]
+    return tmp
+
+
+def copy_of(crashed: Path, dest: Path) -> tuple[Path, Path]:
+    """A copy of the crashed run (its folder and a config pointing at the copy)."""
+    shutil.copytree(crashed / "run", dest / "run")
+    cfg = dest / "c.yaml"
+    cfg.write_text(
+        (crashed / "c.yaml").read_text().replace(str(crashed / "run"), str(dest / "run"))
+    )
+    return cfg, dest / "run"
+
+
+@pytest.mark.parametrize(
+    ("phase", "resumes_at"),
+    [
+        ("ckpt.after_write", 3),  # rank files written, nothing committed
+        ("ckpt.before_commit", 3),  # every rank done, commit record not yet written
+        ("ckpt.before_latest", 6),  # committed: `latest` is only a hint
+        ("ckpt.purge", 6),  # the purge of step 3 interrupted after its commit record went
+    ],
+)
+def test_torn_save_resumes_from_the_last_commit(
+    phase: str, resumes_at: int, text_ds: str, tmp_path: Path, reference: list
+) -> None:  # type: ignore[type-arg]
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir, train=TRAIN,
+                       checkpoint={"every": 3, "keep_last": 1})  # fmt: skip
+    rc, err = pretrain(cfg, failpoints=f"{phase}@6")
+    assert rc == -9, err[-3000:]  # killed by SIGKILL at the failpoint
+    root = str(run_dir / "checkpoints")
+    tags = ckpt.committed_tags(root)
+    assert tags[-1] == ckpt.tag_for(resumes_at)
+    rc, err = pretrain(cfg)
+    assert rc == 0, err[-3000:]
+    assert f"(step {resumes_at})" in err
+    assert losses(run_dir) == reference  # bit for bit, every step
+    assert ckpt.committed_tags(root) == ["step00000009"]  # keep_last=1; torn folders gone
+    assert ckpt.all_tags(root) == ["step00000009"]
+
+
+def test_flipped_byte_is_named_and_the_previous_checkpoint_used(
+    crashed: Path, tmp_path: Path, reference: list
+) -> None:  # type: ignore[type-arg]
+    cfg, run_dir = copy_of(crashed, tmp_path)
+    victim = run_dir / "checkpoints/step00000006/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    rc, err = pretrain(cfg)
+    assert rc == 0, err[-3000:]
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: sha256 mismatch" in err
+    assert "falling back" in err and "(step 3)" in err
+    assert losses(run_dir) == reference
+
+
+@pytest.mark.parametrize("damage", ["lost", "garbled"])
+def test_lost_or_garbled_latest_resumes_from_the_newest_commit(
+    damage: str, crashed: Path, tmp_path: Path, reference: list
+) -> None:  # type: ignore[type-arg]
+    cfg, run_dir = copy_of(crashed, tmp_path)
+    latest = run_dir / "checkpoints/latest"
+    if damage == "lost":
+        latest.unlink()
+    else:
+        latest.write_bytes(b"\x00step0000\xff")
+    rc, err = pretrain(cfg)
+    assert rc == 0, err[-3000:]
+    assert "(step 6)" in err
+    assert losses(run_dir) == reference
+    assert latest.read_text() == "step00000009"
+
+
+def test_no_complete_checkpoint_is_an_error_not_a_fresh_start(
+    crashed: Path, tmp_path: Path
+) -> None:
+    cfg, run_dir = copy_of(crashed, tmp_path)
+    for record in (run_dir / "checkpoints").glob("step*/COMMIT.json"):
+        record.unlink()
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    rc, err = pretrain(cfg)
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("darkmatter pretrain: error: ") and "no checkpoint under" in last, last
+    assert "has a commit record" in last
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing lost
+
+
+def test_checkpoints_in_s3_survive_a_torn_upload_and_a_lost_staging_folder(
+    bucket: str, text_ds: str, tmp_path: Path, reference: list
+) -> None:  # type: ignore[type-arg]
+    run_dir = tmp_path / "run"
+    root = f"{bucket}/ckpts/run1"
+    cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir, train=TRAIN,
+                       checkpoint={"every": 3, "root": root})  # fmt: skip
+    rc, err = pretrain(cfg, failpoints="ckpt.upload@6")  # killed after the first file's upload
+    assert rc == -9, err[-3000:]
+    assert ckpt.committed_tags(root) == ["step00000003"]
+    assert ckpt.all_tags(root) == ["step00000003", "step00000006"]  # a torn upload
+    shutil.rmtree(run_dir / "staging")  # the machine is gone: only S3 has the checkpoint
+    assert not (run_dir / "checkpoints").exists()
+    rc, err = pretrain(cfg)
+    assert rc == 0, err[-3000:]
+    assert f"resuming from {root}/step00000003 (step 3)" in err
+    assert losses(run_dir) == reference
+    record = ckpt.read_commit(root, "step00000009")
+    assert record["world_size"] == 1 and "rng_rank0.pt" in record["files"]
+    for name, want in record["files"].items():  # what S3 holds is what was committed
+        assert len(storage.read_bytes(f"{root}/step00000009/{name}")) == want["size"]
+    assert storage.read_bytes(f"{root}/latest") == b"step00000009"
+    # Staging copies are deleted once uploaded; the resume downloaded step 3 and verified it.
+    assert not (run_dir / "staging/step00000009").exists()
+    restored = run_dir / "staging/restore/step00000003"
+    assert sorted(p.name for p in restored.iterdir()) == sorted(
+        ckpt.read_commit(root, "step00000003")["files"]
+    )
+
+
+def test_each_rank_fetches_only_its_own_partitions() -> None:
+    names = [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_rank0.pt", "rng_rank1.pt", "trainer_state_rank0.json", "trainer_state_rank1.json",
+        "zero_to_fp32.py", "darkmatter.json",
+    ]  # fmt: skip
+    assert [n for n in names if ckpt.needed_by(n, 1)] == [
+        "mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.pt",
+        "trainer_state_rank0.json", "trainer_state_rank1.json", "zero_to_fp32.py", "darkmatter.json",
+    ]  # fmt: skip

@@ -1,0 +1,40 @@
+"""Fault injection points, for the fault-catalogue tests.
+
+`DARKMATTER_FAILPOINTS` holds comma-separated `name@step` or `name@step@rank` entries; code asks
+`hit(name, step, rank)` at the place a fault can strike, e.g. `ckpt.after_write@6` kills the
+process right after rank files of the step-6 checkpoint are written, before they are uploaded or
+committed. Unset (always, outside tests), `hit` is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_ENV = "DARKMATTER_FAILPOINTS"
+
+
+def _parse(text: str) -> dict[str, list[tuple[int, int | None]]]:
+    points: dict[str, list[tuple[int, int | None]]] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        name, _, rest = entry.partition("@")
+        step, _, rank = rest.partition("@")
+        points.setdefault(name, []).append((int(step), int(rank) if rank else None))
+    return points
+
+
+_POINTS = _parse(os.environ.get(_ENV, ""))
+
+
+def hit(name: str, step: int, rank: int) -> bool:
+    """True when the failpoint `name` is armed for this step and rank."""
+    for at_step, at_rank in _POINTS.get(name, ()):
+        if at_step == step and at_rank in (None, rank):
+            return True
+    return False
+
+
+def kill_if(name: str, step: int, rank: int) -> None:
+    """SIGKILL this process at an armed failpoint: no handler, no cleanup, like a lost node."""
+    if hit(name, step, rank):
+        os.kill(os.getpid(), signal.SIGKILL)
