@@ -64,3 +64,35 @@ def metrics(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
     import json
 
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def descendants(pid: int) -> list[int]:
+    """All processes below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of training rank `rank` below a `darkmatter pretrain --nproc` process: the child of
+    torchrun's agent whose RANK is `rank` (its data workers share the RANK but not the parent)."""
+    for pid in descendants(launcher_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env and b"torch.distributed.run" in parent:
+            return pid
+    return None

@@ -19,26 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_pipeline.storage import write_bytes
-from tests.helpers import REPO_ROOT, run_darkmatter, synthetic_corpus, write_config
+from tests.helpers import REPO_ROOT, descendants, run_darkmatter, synthetic_corpus, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below `pid` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 240) -> str:  # type: ignore[type-arg]

@@ -79,13 +79,18 @@ def _torchrun(nproc: int, max_restarts: int, faults: Any, argv: list[str]) -> in
     worker_args = [a for i, a in enumerate(argv) if not _is_launcher_flag(argv, i)]
     signals = ",".join(sorted({"SIGTERM", "SIGINT", *filter(None, faults.signals.split(","))}))
     cmd = [
+        # c10d rendezvous, not static: each restart is a new round with fresh store keys (a
+        # static rendezvous reuses them, and a restarted group can read the dead one's addresses).
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
         f"--max-restarts={max_restarts}", f"--signals-to-handle={signals}",
         f"--shutdown-timeout={int(faults.grace_s) + 10}",
         "-m", "trainer.cli", "pretrain", *worker_args,
     ]  # fmt: skip
-    child = subprocess.Popen(cmd)
+    # Each round (a restart) gets a fresh store on a new port: with the agent's store shared
+    # across rounds, a restarted gloo group can pick up its dead predecessor's keys and hang.
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    child = subprocess.Popen(cmd, env=env)
     received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:

@@ -1,0 +1,143 @@
+"""Faults of a running job, with real signals and real processes: a rank SIGKILLed under
+`torchrun --max-restarts=1`, preemption by SIGTERM (through the launcher) and SIGUSR1 (to a
+rank), numerical faults on one rank, and a resume on a different number of ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.helpers import REPO_ROOT, descendants, metrics, rank_pid, run_darkmatter, write_config
+from trainer import checkpoint as ckpt
+
+pytestmark = pytest.mark.distributed
+
+
+def start(cfg: Path, *args: str) -> subprocess.Popen:  # type: ignore[type-arg]
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), *args],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_until(what: str, cond: Any, proc: subprocess.Popen, timeout: float = 240) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"job ended (rc {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}"
+            )  # type: ignore[union-attr]
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def fp32_weights(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+
+
+def test_rank_killed_under_max_restarts_resumes_bit_exact(text_ds: str, tmp_path: Path) -> None:
+    train = {"zero_stage": 2, "steps": 30, "log_every": 1}
+    ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    ref_cfg = write_config(tmp_path / "ref.yaml", text_ds, ref_dir, train=train,
+                           checkpoint={"every": 10})  # fmt: skip
+    out = run_darkmatter("pretrain", str(ref_cfg), "--nproc", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir, train=train,
+                       checkpoint={"every": 10})  # fmt: skip
+    proc = start(cfg, "--nproc", "2", "--max-restarts", "1")
+    first = run_dir / "checkpoints/step00000010/COMMIT.json"
+    wait_until("the step-10 commit", first.is_file, proc)
+    victim = rank_pid(proc.pid, 1)
+    assert victim is not None
+    workers = [p for p in descendants(proc.pid) if p != victim]
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("resuming from") == 1  # exactly one restart
+    assert not [p for p in [victim, *workers] if Path(f"/proc/{p}").exists()]  # nobody left
+
+    a, b = metrics(ref_dir), metrics(run_dir)
+    assert [r["step"] for r in b] == list(range(1, 31))
+    assert [r["loss"] for r in b] == [r["loss"] for r in a]  # byte for byte
+    state = json.loads((run_dir / "checkpoints/step00000030/trainer_state_rank1.json").read_text())
+    assert state["restarts"] == 1
+    ref_w = fp32_weights(ref_dir / "checkpoints", "step00000030")
+    run_w = fp32_weights(run_dir / "checkpoints", "step00000030")
+    assert ref_w.keys() == run_w.keys()
+    assert all(torch.equal(ref_w[k], run_w[k]) for k in ref_w)
+
+
+def test_sigterm_checkpoints_exits_143_and_the_next_start_continues(
+    stack: Any, text_ds: str, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "c.yaml", text_ds, run_dir,
+        train={"zero_stage": 2, "steps": 400, "log_every": 1}, checkpoint={"every": 1000},
+        tracking={"enabled": True, "experiment": "preempt", "run_name": "sigterm"},
+    )  # fmt: skip
+    proc = start(cfg, "--nproc", "2")
+    wait_until("step 5", lambda: last_step(run_dir) >= 5, proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # what Kubernetes sends the container's main process
+    _, err = proc.communicate(timeout=120)
+    took = time.monotonic() - t0
+    assert proc.returncode == 143, err[-3000:]
+    assert took < 60  # faults.grace_s is 120
+    stopped = last_step(run_dir)
+    assert 5 <= stopped < 400
+    root = str(run_dir / "checkpoints")
+    assert ckpt.committed_tags(root) == [ckpt.tag_for(stopped)]  # the preemption checkpoint
+    for rank in (0, 1):  # both ranks agreed on the step
+        state = ckpt.read_rank_state(run_dir / "checkpoints" / ckpt.tag_for(stopped), rank, False)
+        assert state["step"] == stopped
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["preempted"] == "true" and run.data.tags["preempt_signal"] == "SIGTERM"
+
+    again = run_darkmatter("pretrain", str(cfg), "--nproc", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(step {stopped})" in again.stderr
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 401))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["restarts"] == "1"
+
+
+def test_sigusr1_to_a_single_process_job(text_ds: str, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir,
+                       train={"zero_stage": 0, "steps": 400, "log_every": 1},
+                       checkpoint={"every": 1000})  # fmt: skip
+    proc = start(cfg)
+    wait_until("step 3", lambda: last_step(run_dir) >= 3, proc)
+    proc.send_signal(signal.SIGUSR1)  # what SLURM's --signal=USR1@grace sends each task
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGUSR1 received" in err
+    assert ckpt.committed_tags(str(run_dir / "checkpoints")) == [ckpt.tag_for(last_step(run_dir))]
