@@ -159,6 +159,12 @@ def test_checkpoints_in_s3_survive_a_torn_upload_and_a_lost_staging_folder(
     for name, want in record["files"].items():  # what S3 holds is what was committed
         assert len(storage.read_bytes(f"{root}/step00000009/{name}")) == want["size"]
     assert storage.read_bytes(f"{root}/latest") == b"step00000009"
+    # Export straight from object storage (downloaded, verified, ZeRO shards consolidated).
+    out = run_darkmatter("export", root, str(tmp_path / "export"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(tmp_path / "export").config.hidden_size == 32
     # Staging copies are deleted once uploaded; the resume downloaded step 3 and verified it.
     assert not (run_dir / "staging/step00000009").exists()
     restored = run_dir / "staging/restore/step00000003"

@@ -43,3 +43,19 @@ def test_mae_on_digits_beats_random_init(tmp_path: Path) -> None:
     pretrained, random_init = result["pretrained"]["accuracy"], result["random_init"]["accuracy"]
     assert result["pretrained"]["n_test"] == 540  # 30% of 1,797, stratified
     assert pretrained >= random_init + MARGIN, (pretrained, random_init)
+
+    # The export carries an image processor that reproduces the training inputs.
+    exp = run_darkmatter("export", str(run_dir), str(tmp_path / "export"))
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    import numpy as np
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    from data_pipeline.transforms import images_to_tensor
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
+    image = (np.arange(8 * 8 * 3) % 251).astype(np.uint8).reshape(8, 8, 3)
+    pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, images_to_tensor([image], 32), atol=0.02, rtol=0)
+    model = AutoModel.from_pretrained(tmp_path / "export").eval()
+    assert model(pixel_values=pixels).last_hidden_state.shape[0] == 1

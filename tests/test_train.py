@@ -54,15 +54,22 @@ def test_single_process_train_resume_evaluate_export(text_ds: str, tmp_path: Pat
     )  # trivially separable task: both encoders solve it
 
     # Export loads with AutoModel and computes what the evaluation's encoder computes.
-    exp = run_darkmatter("export", str(run_dir), "--output", str(tmp_path / "export"))
+    exp = run_darkmatter("export", str(run_dir), str(tmp_path / "export"))
     assert exp.returncode == 0, exp.stderr[-3000:]
+    assert (tmp_path / "export/model.safetensors").is_file()
     from transformers import AutoModel, AutoTokenizer
 
     from evaluation.checkpoints import load_encoder, resolve
 
-    model = AutoModel.from_pretrained(tmp_path / "export").eval()
-    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
-    batch = tok(["the red fox jumps"], return_tensors="pt")
+    # The seed article's snippet, as written, against the export.
+    model = AutoModel.from_pretrained(tmp_path / "export")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    inputs = tokenizer("Hello world", return_tensors="pt")
+    outputs = model(**inputs)
+    embeddings = outputs.last_hidden_state
+    assert embeddings.shape == (1, inputs["input_ids"].shape[1], 32)
+    model.eval()
+    batch = tokenizer(["the red fox jumps"], return_tensors="pt")
     ref = load_encoder(resolve(str(run_dir)))
     with torch.no_grad():
         a = model(**batch).last_hidden_state

@@ -34,6 +34,7 @@ import re
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,16 +221,11 @@ def snapshot(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         t = obj.detach()
         return t.clone() if t.device.type == "cpu" else t.to("cpu")
-    if isinstance(obj, dict):
-        out = obj.__class__()
-        for k, v in obj.items():
-            out[k] = snapshot(v)
-        return out
-    if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(snapshot(v) for v in obj)
-    return copy.deepcopy(obj)
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, snapshot(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)  # torch.Size, enums, numbers, strings: kept with their types
 
 
 class _HashingFile(io.RawIOBase):
