@@ -185,3 +185,24 @@ def test_each_rank_fetches_only_its_own_partitions() -> None:
         "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.pt",
         "trainer_state_rank0.json", "trainer_state_rank1.json", "zero_to_fp32.py", "darkmatter.json",
     ]  # fmt: skip
+
+
+def test_snapshot_is_a_frozen_copy_that_keeps_types_and_sharing() -> None:
+    import torch
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"module": {"emb": weight, "decoder": weight, "row": weight[1]},
+             "shapes": [torch.Size([2, 3])], "pair": (1, "a")}  # fmt: skip
+    snap = ckpt.snapshot(state)
+    weight.add_(100)  # training goes on
+    assert torch.equal(snap["module"]["emb"], torch.arange(6.0).reshape(2, 3))
+    assert snap["module"]["emb"] is snap["module"]["decoder"]  # tied weights stay one tensor
+    assert torch.equal(snap["module"]["row"], torch.tensor([3.0, 4.0, 5.0]))
+    assert type(snap["shapes"][0]) is torch.Size and snap["pair"] == (1, "a")
+    # The next save copies into the same buffers (no new allocation) once the last one is done.
+    pool: list = []  # type: ignore[type-arg]
+    first = ckpt.snapshot(state, pool)
+    buffer = first["module"]["emb"]
+    weight.add_(1)
+    second = ckpt.snapshot(state, pool)
+    assert second["module"]["emb"] is buffer and torch.equal(buffer, weight)

@@ -213,18 +213,52 @@ def remove_newer(root: str, step: int) -> list[str]:
 # -- writing --------------------------------------------------------------------------------
 
 
-def snapshot(obj: Any) -> Any:
+class _Snap:
+    """State of one snapshot: tensors already copied (by view identity) and a pool of buffers
+    that the previous save of the same file used, reused when shapes match."""
+
+    def __init__(self, pool: list[torch.Tensor] | None):
+        self.memo: dict[Any, torch.Tensor] = {}
+        self.pool = pool if pool is not None else []
+        self.n = 0
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        key = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
+        if key in self.memo:
+            return self.memo[key]
+        i, self.n = self.n, self.n + 1
+        if i < len(self.pool) and self.pool[i].shape == t.shape and self.pool[i].dtype == t.dtype:
+            out = self.pool[i].copy_(t)  # no allocation, no page faults: a plain memcpy
+        else:
+            out = t.to("cpu", copy=True)
+            if i < len(self.pool):
+                self.pool[i] = out
+            else:
+                self.pool.append(out)
+        self.memo[key] = out
+        return out
+
+
+def snapshot(obj: Any, pool: list[torch.Tensor] | None = None, _s: _Snap | None = None) -> Any:
     """A copy of a state dict that later training steps cannot change: tensors are copied to
-    CPU memory, containers rebuilt, everything else copied."""
+    CPU memory (into `pool`'s buffers from the previous save when they fit; tensors that are the
+    same view of the same storage, such as tied weights, stay one tensor), containers rebuilt,
+    everything else copied."""
     import copy
 
+    s = _s or _Snap(pool)
     if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        return t.clone() if t.device.type == "cpu" else t.to("cpu")
+        return s.tensor(obj.detach())
     if type(obj) in (dict, OrderedDict):
-        return type(obj)((k, snapshot(v)) for k, v in obj.items())
+        return type(obj)((k, snapshot(v, _s=s)) for k, v in obj.items())
     if type(obj) in (list, tuple):
-        return type(obj)(snapshot(v) for v in obj)
+        return type(obj)(snapshot(v, _s=s) for v in obj)
     return copy.deepcopy(obj)  # torch.Size, enums, numbers, strings: kept with their types
 
 
@@ -255,9 +289,13 @@ class Job:
     step: int
     items: list[tuple[str, str, Any]] = field(default_factory=list)  # (name, kind, payload)
     copy: bool = True  # snapshot tensors (async saves): training goes on while we write
+    # Per file, the snapshot buffers of the previous save, free again once it has finished.
+    pools: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def add_torch(self, name: str, obj: Any) -> None:
-        self.items.append((name, "torch", snapshot(obj) if self.copy else obj))
+        if self.copy:
+            obj = snapshot(obj, self.pools.setdefault(name, []))
+        self.items.append((name, "torch", obj))
 
     def add_bytes(self, name: str, data: bytes) -> None:
         self.items.append((name, "bytes", data))
@@ -300,12 +338,13 @@ class Writer:
         self.reports: list[SaveReport] = []  # finished saves, drained by the trainer's logger
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._pools: dict[str, list[torch.Tensor]] = {}  # snapshot buffers, reused every save
 
     def begin(self, tag: str) -> Job:
         """Start the next save: waits for the previous one, then returns an empty job."""
         self.wait()
         (self.local_root / tag).mkdir(parents=True, exist_ok=True)
-        return Job(tag, step_of(tag), copy=self.async_save)
+        return Job(tag, step_of(tag), copy=self.async_save, pools=self._pools)
 
     def submit(self, job: Job) -> None:
         if not self.async_save:
