@@ -10,9 +10,12 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -173,6 +176,27 @@ def load_checkpoint(engine: Any, root: str, tag: str) -> None:
     path, _ = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """Convert a ZeRO checkpoint folder to DeepSpeed's universal format (its own converter, in a
+    process of its own), for loading on a different number of ranks. `dst` is rewritten."""
+    shutil.rmtree(dst, ignore_errors=True)
+    cmd = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(src), "--output_folder", str(dst),
+        "--inject_missing_state",  # our model does not declare its TP layout: nothing to merge
+        "--num_extract_workers", "2", "--num_merge_workers", "1",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"{src}: universal checkpoint conversion failed: {tail[0]}")
+
+
+def local_rank() -> int:
+    """This process's rank on its machine."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def side_group() -> Any:

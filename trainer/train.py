@@ -128,6 +128,17 @@ class _Signals:
         os._exit(PREEMPTED_EXIT)
 
 
+@dataclass
+class _Found:
+    """A verified checkpoint to resume from."""
+
+    root: str  # its checkpoint root (local or remote)
+    tag: str
+    folder: Path  # local folder holding the fetched files (root/tag's parent when local)
+    load_dir: Path  # what DeepSpeed loads from: `folder`, or its universal conversion
+    universal: bool  # written by another number of ranks
+
+
 class Trainer:
     def __init__(self, cfg: Config, objective: Objective, rank: int, world_size: int):
         self.cfg, self.objective, self.rank, self.world_size = cfg, objective, rank, world_size
@@ -136,6 +147,12 @@ class Trainer:
         self.ckpt_root = c.root or str(self.run_dir / "checkpoints")
         self.staging = Path(c.staging_dir or self.run_dir / "staging")
         self.ds_config = deepspeed_config(cfg, world_size)
+        found = self._find_checkpoint()  # before the engine: a new world size changes its config
+        if found and found.universal:
+            self.ds_config["checkpoint"] = {
+                **self.ds_config.get("checkpoint", {}),
+                "load_universal": True,
+            }
         self.engine, self._hf_ds = eng.build_engine(cfg, self.ds_config, objective.build_model)
         self.ckpt_engine = eng.attach_checkpoint_engine(self.engine)
         self.writer = ckpt.Writer(
@@ -145,7 +162,7 @@ class Trainer:
         )  # fmt: skip
         self.signals = _Signals(cfg.faults.signals, cfg.faults.grace_s)
         self.stream = make_stream(cfg, rank, world_size)
-        self.pos = self._resume()
+        self.pos = self._resume(found)
         self.tracker = self._start_tracking() if rank == 0 else None
         self._data_seen = self.stream.summary()  # counters at the last log line
         self._quarantine_logged = 0
@@ -175,9 +192,10 @@ class Trainer:
             raise ckpt.CheckpointError(f"{src}: no committed checkpoint (checkpoint.resume_from)")
         return src, tags
 
-    def _resume(self) -> Position:
-        run_file = self.run_dir / "mlflow_run.json"
-        run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    def _find_checkpoint(self) -> _Found | None:
+        """The checkpoint to resume from, fetched and verified on every rank (None: start
+        afresh). A checkpoint written by another number of ranks is converted to DeepSpeed's
+        universal format here, by the first rank of each machine."""
         found: Any = None
         if self.rank == 0:
             try:
@@ -193,23 +211,38 @@ class Trainer:
                 log.warning("no committed checkpoint in %s: starting afresh", self.ckpt_root)
                 ckpt.remove_newer(self.ckpt_root, -1)
             eng.barrier()
+            return None
+        folder, tag, record = self._fetch_newest_usable(root, tags)
+        universal = record["world_size"] != self.world_size and self.cfg.train.zero_stage > 0
+        load_dir = folder
+        if universal:
+            load_dir = self.staging / f"universal-{platform.node()}"
+            if eng.local_rank() == 0:
+                log.info("%s was written by %d ranks, this job has %d: converting it to a "
+                         "universal checkpoint", storage.join(root, tag), record["world_size"],
+                         self.world_size)  # fmt: skip
+                eng.to_universal(folder / tag, load_dir / tag)
+            eng.barrier()
+        return _Found(root, tag, folder, load_dir, universal)
+
+    def _resume(self, found: _Found | None) -> Position:
+        run_file = self.run_dir / "mlflow_run.json"
+        run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+        if found is None:
             return Position(mlflow_run_id=run_id)
-        folder, tag = self._fetch_newest_usable(root, tags)
-        record = ckpt.read_commit(root, tag)
-        if record["world_size"] != self.world_size:
-            raise ckpt.CheckpointError(
-                f"{storage.join(root, tag)}: written by {record['world_size']} ranks, this job has "
-                f"{self.world_size}"
-            )
-        eng.load_checkpoint(self.engine, str(folder), tag)
-        state = ckpt.read_rank_state(folder / tag, self.rank)
-        self.stream.load_state_dict(ckpt.read_data_states(folder / tag))
+        eng.load_checkpoint(self.engine, str(found.load_dir), found.tag)
+        state = ckpt.read_rank_state(
+            found.folder / found.tag, self.rank, restore_rng=not found.universal
+        )
+        self.stream.load_state_dict(ckpt.read_data_states(found.folder / found.tag))
         if self.rank == 0:
-            log.info("resuming from %s (step %d)", storage.join(root, tag), state["step"])
+            log.info(
+                "resuming from %s (step %d)", storage.join(found.root, found.tag), state["step"]
+            )
             gone = ckpt.remove_newer(self.ckpt_root, state["step"])
             if gone:
                 log.warning("removed uncommitted or abandoned checkpoints %s", ", ".join(gone))
-            if root != self.ckpt_root:
+            if found.root != self.ckpt_root:
                 storage.makedirs(self.ckpt_root)
                 storage.write_bytes(
                     storage.join(self.ckpt_root, "resumed_from"),
@@ -222,19 +255,22 @@ class Trainer:
             mlflow_run_id=state.get("mlflow_run_id") or run_id, restarts=state["restarts"] + 1,
         )  # fmt: skip
 
-    def _fetch_newest_usable(self, root: str, tags: list[str]) -> tuple[Path, str]:
+    def _fetch_newest_usable(self, root: str, tags: list[str]) -> tuple[Path, str, dict[str, Any]]:
         """The newest checkpoint whose files verify on every rank; a corrupt one is reported by
         file name and the one before it is tried."""
         problems = []
         for tag in reversed(tags):
-            error = ""
+            error, folder, record = "", Path(), {}
             try:
-                folder = ckpt.fetch(root, tag, self.staging / "restore", self.rank)
+                record = ckpt.read_commit(root, tag)
+                # A new world size: the converter reads every rank's files.
+                everything = record["world_size"] != self.world_size and eng.local_rank() == 0
+                folder = ckpt.fetch(root, tag, self.staging / "restore", self.rank, everything)
             except (ckpt.CheckpointError, OSError) as e:
                 error = str(e)
             errors = [msg for msg in eng.all_gather(error) if msg]
             if not errors:
-                return folder, tag
+                return folder, tag, record
             problems.extend(errors)
             if self.rank == 0:
                 for msg in errors:
