@@ -183,3 +183,37 @@ def test_resume_on_another_number_of_ranks(text_ds: str, tmp_path: Path) -> None
     assert b[:4] == a[:4]  # the 2-rank steps before the kill
     assert all(abs(x - y) < 0.03 * x for x, y in zip(a[4:], b[4:], strict=True)), (a, b)
     assert b[4] < a[0] - 0.25  # trained weights were loaded: a fresh model starts near a[0]
+
+
+def test_nan_or_spike_on_one_rank_skips_everywhere_and_repeats_roll_back(
+    text_ds: str, tmp_path: Path
+) -> None:
+    """Without ZeRO, DeepSpeed would apply a NaN gradient; the gate vetoes it on both ranks.
+    Steps 11 (a gradient-norm spike) and 12 (NaN) make two skips in the window: roll back to
+    the checkpoint of step 8, with the data stream moving on past the bad window."""
+    from trainer.config import load_config
+    from trainer.engine import lr_lambda
+
+    run_dir = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "c.yaml", text_ds, run_dir,
+        train={"zero_stage": 0, "steps": 16, "log_every": 1}, checkpoint={"every": 4},
+        faults={"grad_norm_spike": 10.0, "max_skips": 2, "skip_window": 5},
+    )  # fmt: skip
+    env = {"DARKMATTER_FAILPOINTS": "train.nan_loss@6@1,train.loss_spike@11@1,train.nan_loss@12@1"}
+    out = run_darkmatter("pretrain", str(cfg), "--nproc", "2", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 6 skipped on every rank" in out.stderr
+    assert "step 11 skipped" in out.stderr and "step 12 skipped" in out.stderr
+    assert "rolling back from step 12 to step 8" in out.stderr
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 17))  # steps 9-12 logged once, redone
+    # A skipped step has no loss to report; every other loss is finite: nothing bad was applied.
+    assert [r["step"] for r in rows if r["loss"] != r["loss"]] == [6]
+    assert all(r["loss"] < 10 for r in rows if r["step"] != 6)
+    assert rows[-1]["skipped_steps"] == 3 and rows[-1]["rollbacks"] == 1
+    # Skipped steps do not advance the schedule: 16 steps, one skip kept (step 6) -> f(15).
+    c = load_config(cfg)
+    assert rows[-1]["lr"] == pytest.approx(c.train.lr * lr_lambda(c)(15), rel=1e-9)
+    final = json.loads((run_dir / "checkpoints/step00000016/trainer_state_rank0.json").read_text())
+    assert final["data"]["step"] == 20  # 16 steps trained + the 4 of the abandoned window

@@ -141,11 +141,10 @@ class FaultConfig:
     """Seconds between the signal and a forced exit, checkpoint or not (the scheduler's grace)."""
     requeue: bool = True
     """Under SLURM, requeue the job (scontrol requeue) after the preemption checkpoint."""
-    skip_nonfinite: bool = True
-    """Skip, on every rank alike, a step whose loss or gradient norm is NaN/Inf on any rank."""
     grad_norm_spike: float = 0.0
-    """Also skip a step whose gradient norm exceeds this many times the mean of the last 50
-    applied steps (0: off)."""
+    """Skip a step whose gradient norm exceeds this many times the mean of the last 50 applied
+    steps (checked once 5 are known; 0: off). A step whose loss or gradient is NaN/Inf on any rank is always skipped, on
+    every rank alike."""
     max_skips: int = 3
     """That many skipped steps within skip_window steps roll back to the last checkpoint."""
     skip_window: int = 100

@@ -167,6 +167,63 @@ def attach_checkpoint_engine(engine: Any) -> SnapshotCheckpointEngine:
     return ce
 
 
+def install_step_gate(engine: Any, should_skip: Callable[[float], bool]) -> None:
+    """Let `should_skip(global_grad_norm)` veto an optimizer step, on every rank alike.
+
+    DeepSpeed computes the global gradient norm (all-reduced, so the same on every rank) and
+    then calls the base torch optimizer's step(): under ZeRO-1/2/3 once per (sub-)group, without
+    ZeRO after clipping. We gate that call: a vetoed step leaves parameters and Adam's state
+    untouched and raises the `overflow` flag that DeepSpeed's engine reads right after, so its
+    own bookkeeping follows (was_step_applied() is False, skipped_steps counts it, the lr
+    scheduler does not advance) exactly as for its own inf/NaN skips. DeepSpeed already skips
+    non-finite norms under ZeRO-1/2/3; without ZeRO it would apply them, and nowhere does it
+    know about spikes.
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    base, ds_opt = engine.basic_optimizer, engine.optimizer
+    inner = base.step
+    decided: dict[int, bool] = {}  # one decision per optimizer step, however many groups
+
+    if ds_opt is base:  # no ZeRO: the engine clips and drops the norm; keep it
+
+        def clip_and_keep_norm() -> None:
+            engine._dm_grad_norm = clip_grad_norm_(
+                parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+                mpu=engine.mpu,
+            )  # fmt: skip
+
+        engine.clip_fp32_gradients = clip_and_keep_norm
+
+    def norm_now() -> float:
+        if ds_opt is not base:
+            return float(ds_opt._global_grad_norm)  # set by DeepSpeed before it calls base.step
+        if engine.gradient_clipping() > 0:
+            return float(engine._dm_grad_norm)
+        sq = torch.zeros((), dtype=torch.float64)
+        for group in base.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    sq += p.grad.detach().double().pow(2).sum()
+        return float(sq.sqrt())
+
+    def gated_step(*args: Any, **kwargs: Any) -> Any:
+        step = engine.global_steps
+        if step not in decided:
+            decided.clear()
+            decided[step] = should_skip(norm_now())
+        if decided[step]:
+            ds_opt.overflow = True
+            return None
+        if ds_opt is base:
+            base.overflow = False
+        return inner(*args, **kwargs)
+
+    base.step = gated_step
+    if ds_opt is base:
+        base.overflow = False
+
+
 def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, Any]) -> None:
     # save_latest=False: DeepSpeed would move `latest` before every rank has finished writing.
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)

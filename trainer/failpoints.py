@@ -27,9 +27,12 @@ _POINTS = _parse(os.environ.get(_ENV, ""))
 
 
 def hit(name: str, step: int, rank: int) -> bool:
-    """True when the failpoint `name` is armed for this step and rank."""
-    for at_step, at_rank in _POINTS.get(name, ()):
+    """True when the failpoint `name` is armed for this step and rank; each fires once per
+    process (a step redone after a rollback does not fail again)."""
+    points = _POINTS.get(name, [])
+    for i, (at_step, at_rank) in enumerate(points):
         if at_step == step and at_rank in (None, rank):
+            del points[i]
             return True
     return False
 

@@ -8,9 +8,11 @@ function of (seed, step, rank, micro-batch), so it does not depend on where a re
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -18,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,8 @@ class Position:
     epoch: int = 0
     mlflow_run_id: str | None = None
     restarts: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0  # steps whose update was vetoed (NaN/Inf or a gradient-norm spike)
+    rollbacks: int = 0  # returns to the last checkpoint after too many skipped steps
 
 
 def dataset_meta(cfg: Config) -> dict[str, Any]:
@@ -167,6 +170,10 @@ class Trainer:
         self._data_seen = self.stream.summary()  # counters at the last log line
         self._quarantine_logged = 0
         self._stall_s = 0.0  # training time lost to saves since the last log line
+        self._norms: collections.deque[float] = collections.deque(maxlen=50)  # applied steps'
+        self._skips: list[int] = []  # recently skipped steps
+        self._rolled_back_to = -1
+        self._last_norm = float("nan")
 
     # -- resume ---------------------------------------------------------------------------
     def _candidates(self) -> tuple[str, list[str]]:
@@ -253,6 +260,7 @@ class Trainer:
         return Position(
             step=state["step"], epoch=self.stream.epoch,
             mlflow_run_id=state.get("mlflow_run_id") or run_id, restarts=state["restarts"] + 1,
+            skipped_steps=state.get("skipped_steps", 0), rollbacks=state.get("rollbacks", 0),
         )  # fmt: skip
 
     def _fetch_newest_usable(self, root: str, tags: list[str]) -> tuple[Path, str, dict[str, Any]]:
@@ -320,12 +328,19 @@ class Trainer:
         t = self.cfg.train
         every = self.cfg.checkpoint.every
         window = _Window()
+        eng.install_step_gate(self.engine, self._skip_guard)
         while self.pos.step < t.steps:
             t0 = time.perf_counter()
-            loss, tokens, wait = self._step()
-            window.add(loss, tokens, time.perf_counter() - t0, wait)
+            loss, tokens, wait, applied = self._step()
             self.pos.step += 1
+            window.add(loss, tokens, time.perf_counter() - t0, wait, applied)
             failpoints.kill_if("train.step", self.pos.step, self.rank)
+            if not applied:
+                rolled_back = self.pos.rollbacks
+                self._skipped(self.pos.step)
+                if self.pos.rollbacks != rolled_back:
+                    window = _Window()
+                    continue
             preempted = eng.any_rank(self.signals.received is not None)
             if self.pos.step % every == 0 or self.pos.step == t.steps or preempted:
                 self.save(wait=preempted or self.pos.step == t.steps)
@@ -341,8 +356,9 @@ class Trainer:
             self.tracker.finish("FINISHED")
         return self.pos
 
-    def _step(self) -> tuple[float, int, float]:
-        """One optimizer step: (mean loss, tokens, seconds spent waiting for data)."""
+    def _step(self) -> tuple[float, int, float, bool]:
+        """One optimizer step: (mean loss, tokens, seconds spent waiting for data, whether the
+        update was applied)."""
         losses, tokens = [], 0
         t0 = time.perf_counter()
         micro_batches = self.stream.next_step()
@@ -353,10 +369,67 @@ class Trainer:
             batch = self.objective.make_batch(samples, gen)
             tokens += self.objective.tokens(batch)
             out = self.engine(**batch)
-            self.engine.backward(out.loss)
+            loss = out.loss
+            if failpoints.hit("train.nan_loss", self.pos.step + 1, self.rank):
+                loss = loss * float("nan")
+            if failpoints.hit("train.loss_spike", self.pos.step + 1, self.rank):
+                loss = loss * 1e4
+            self.engine.backward(loss)
             self.engine.step()
-            losses.append(out.loss.item())
-        return sum(losses) / len(losses), tokens, wait
+            losses.append(loss.item())
+        return sum(losses) / len(losses), tokens, wait, self.engine.was_step_applied()
+
+    def _skip_guard(self, norm: float) -> bool:
+        """Veto the update of this step? The same answer on every rank: the norm is global."""
+        self._last_norm = norm
+        if not math.isfinite(norm):
+            return True
+        spike = self.cfg.faults.grad_norm_spike
+        if spike and len(self._norms) >= 5 and norm > spike * (sum(self._norms) / len(self._norms)):
+            return True
+        self._norms.append(norm)
+        return False
+
+    def _skipped(self, step: int) -> None:
+        """Count a skipped step; too many in the window roll back to the last checkpoint."""
+        f = self.cfg.faults
+        self.pos.skipped_steps += 1
+        self._skips = [s for s in self._skips if s > step - f.skip_window] + [step]
+        if self.rank == 0:
+            log.warning("step %d skipped on every rank: its gradient was not finite or spiked "
+                        "(%d in the last %d steps)", step, len(self._skips), f.skip_window)  # fmt: skip
+        if len(self._skips) >= f.max_skips:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        """Back to the last committed checkpoint's model, optimizer and RNG state; the data
+        stream keeps its position, so the samples of the bad window are not seen again."""
+        self.writer.wait()
+        tags = ckpt.committed_tags(self.ckpt_root) if self.rank == 0 else []
+        tags = eng.all_gather(tags)[0]
+        if not tags:
+            raise RuntimeError(
+                f"{len(self._skips)} skipped steps in {self.cfg.faults.skip_window} and no "
+                f"checkpoint in {self.ckpt_root} to roll back to: training diverges"
+            )
+        folder, tag, _ = self._fetch_newest_usable(self.ckpt_root, tags)
+        to_step = ckpt.step_of(tag)
+        if to_step == self._rolled_back_to:
+            raise RuntimeError(
+                f"steps keep failing after rolling back to step {to_step} with fresh data: "
+                "training diverges (lower train.lr or raise faults.grad_norm_spike)"
+            )
+        eng.load_checkpoint(self.engine, str(folder), tag)
+        ckpt.read_rank_state(folder / tag, self.rank)  # the RNG state
+        if self.rank == 0:
+            log.warning("rolling back from step %d to step %d; the data stream moves on",
+                        self.pos.step, to_step)  # fmt: skip
+            _truncate_metrics(self.run_dir / "metrics.jsonl", to_step)
+            if self.tracker:
+                self.tracker.set_tags({"nan_rollback": str(self.pos.rollbacks + 1)})
+        self.pos.step, self._rolled_back_to = to_step, to_step
+        self.pos.rollbacks += 1
+        self._skips = []
 
     def _log(self, w: _Window) -> None:
         plan = batch_plan(self.cfg, self.world_size)
@@ -369,6 +442,8 @@ class Trainer:
             delta["bytes_read"] / 2**20, delta["retries"], delta["skipped"],
         ])  # fmt: skip
         gnorm = self.engine.get_global_grad_norm()
+        if gnorm is None:  # without ZeRO DeepSpeed keeps no norm; the step gate saw it
+            gnorm = self._last_norm
         rec = {
             "step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
             "lr": self.engine.get_lr()[0],
@@ -379,6 +454,7 @@ class Trainer:
             "data_mb_per_s": mb * self.world_size / secs,
             "data_retries": retries * self.world_size,
             "data_skipped": skipped * self.world_size,
+            "skipped_steps": self.pos.skipped_steps, "rollbacks": self.pos.rollbacks,
         }  # fmt: skip
         if self.objective.modality == "text":
             rec["tokens_per_s"] = tokens * self.world_size / secs
@@ -432,6 +508,7 @@ class Trainer:
         return {
             "step": p.step, "epoch": p.epoch, "mlflow_run_id": p.mlflow_run_id,
             "restarts": p.restarts, "world_size": self.world_size, "seed": self.cfg.train.seed,
+            "skipped_steps": p.skipped_steps, "rollbacks": p.rollbacks,
             "data": self.stream.state_dict(),
         }  # fmt: skip
 
@@ -466,21 +543,26 @@ class _Window:
     """Sums over the steps since the last log line."""
 
     steps: int = 0
+    applied: int = 0  # steps whose update was applied: the loss is averaged over these
     loss_sum: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
     data_wait: float = 0.0
 
-    def add(self, loss: float, tokens: int, seconds: float, data_wait: float) -> None:
+    def add(
+        self, loss: float, tokens: int, seconds: float, data_wait: float, applied: bool
+    ) -> None:
         self.steps += 1
-        self.loss_sum += loss
+        if applied:
+            self.applied += 1
+            self.loss_sum += loss
         self.tokens += tokens
         self.seconds += seconds
         self.data_wait += data_wait
 
     @property
     def mean_loss(self) -> float:
-        return self.loss_sum / max(1, self.steps)
+        return self.loss_sum / self.applied if self.applied else float("nan")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
