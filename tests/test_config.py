@@ -52,6 +52,10 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         ("objective: mlm\ndata: {url: x}\n", None, "train.steps: required key is missing"),
         ("objective: mlm\ntrain: {steps: 1}\n", None, "data.url: required key is missing"),
         (BASE, "trainsteps", "expected KEY=VALUE"),
+        (BASE, "train.ckpt_every=5", "train.ckpt_every: unknown key"),  # now checkpoint.every
+        (BASE, "checkpoint.keep_last=0", "checkpoint.keep_last: expected >= 1, got 0"),
+        (BASE, "faults.signals=SIGTERM,SIGFOO", "faults.signals: 'SIGFOO' is not a signal name"),
+        (BASE, "faults.grace_s=-1", "faults.grace_s: expected >= 0, got -1.0"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, override: str | None, message: str) -> None:
@@ -104,5 +108,5 @@ def test_cli_config_error_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert lines == [
-        "darkmatter pretrain: error: train_typo: unknown key (known here: data, deepspeed, model, objective, tracking, train)"
+        "darkmatter pretrain: error: train_typo: unknown key (known here: checkpoint, data, deepspeed, faults, model, objective, tracking, train)"
     ]

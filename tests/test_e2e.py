@@ -53,6 +53,7 @@ def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
     cfg = write_config(
         tmp_path / "c.yaml", data_url, run_dir,
         train={"steps": steps, "log_every": 5, "micro_batch_size": 16, "zero_stage": 2},
+        checkpoint={"every": 20},
         tracking={"enabled": True, "experiment": "e2e", "run_name": "killed-and-resumed"},
     )  # fmt: skip
     cmd = [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), "--nproc", "2"]

@@ -118,6 +118,11 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
     )
+    if engine.zero_optimization_stage() == 3:  # the settings each sub-group must keep
+        engine._dm_group_hparams = [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in engine.optimizer.optimizer.param_groups
+        ]
     return engine, hf_ds
 
 
@@ -150,8 +155,7 @@ class SnapshotCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self.sink(path, state_dict)
 
     def load(self, path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(_STATE_CLASSES):
-            return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
 
     def commit(self, info: Any) -> bool:
         return True
@@ -230,9 +234,35 @@ def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, An
 
 
 def load_checkpoint(engine: Any, root: str, tag: str) -> None:
-    path, _ = engine.load_checkpoint(root, tag=tag)
+    """Load a checkpoint folder into the engine; every file is unpickled with weights_only=True
+    (DeepSpeed's own loaders pass weights_only=False; the variable overrides them here)."""
+    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_STATE_CLASSES):
+            path, _ = engine.load_checkpoint(root, tag=tag)
+    finally:
+        if saved is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
+    if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
+        _repair_zero3_universal_load(engine)
+
+
+def _repair_zero3_universal_load(engine: Any) -> None:
+    """Undo two faults of DeepSpeed's ZeRO-3 universal loader (stage3's
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3): it gives every sub-group one shared
+    Adam `step` tensor, which AdamW then advances once per group (wrong bias correction), and it
+    copies param_groups[0]'s settings into every group (weight decay on biases and norms)."""
+    base = engine.optimizer.optimizer
+    for state in base.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for group, hparams in zip(base.param_groups, engine._dm_group_hparams, strict=True):
+        group.update({k: v for k, v in hparams.items() if k not in ("lr", "initial_lr")})
 
 
 def to_universal(src: Path, dst: Path) -> None:
@@ -245,7 +275,8 @@ def to_universal(src: Path, dst: Path) -> None:
         "--inject_missing_state",  # our model does not declare its TP layout: nothing to merge
         "--num_extract_workers", "2", "--num_merge_workers", "1",
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{src}: universal checkpoint conversion failed: {tail[0]}")
