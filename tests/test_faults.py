@@ -151,10 +151,11 @@ def merged_data_state(ckpt_dir: Path) -> dict[str, Any]:
     return parts
 
 
-def test_resume_on_another_number_of_ranks(text_ds: str, tmp_path: Path) -> None:
-    """2 ranks ZeRO-2, killed after step 5 (checkpoint at 4); resumed on 1 rank with twice the
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_another_number_of_ranks(stage: int, text_ds: str, tmp_path: Path) -> None:
+    """2 ranks, killed after step 5 (checkpoint at 4); resumed on 1 rank with twice the
     accumulation (same global batch), through DeepSpeed's universal checkpoint conversion."""
-    train = {"zero_stage": 2, "steps": 8, "log_every": 1}
+    train = {"zero_stage": stage, "steps": 8, "log_every": 1}
     common = {"checkpoint": {"every": 4, "async_save": False}, "model": {"dropout": 0.0}}
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     ref_cfg = write_config(tmp_path / "ref.yaml", text_ds, ref_dir, train=train, **common)
