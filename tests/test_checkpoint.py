@@ -206,3 +206,49 @@ def test_snapshot_is_a_frozen_copy_that_keeps_types_and_sharing() -> None:
     weight.add_(1)
     second = ckpt.snapshot(state, pool)
     assert second["module"]["emb"] is buffer and torch.equal(buffer, weight)
+
+
+def test_retention_keeps_the_newest_and_every_mth(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    for step in range(5, 55, 5):  # committed 5..50, a torn 27 and the newest 50
+        folder = root / ckpt.tag_for(step)
+        folder.mkdir(parents=True)
+        (folder / "weights.pt").write_bytes(b"x")
+        (folder / ckpt.COMMIT).write_text("{}")
+    (root / ckpt.tag_for(27)).mkdir()
+    doomed = ckpt.purge(str(root), ckpt.tag_for(50), keep_last=2, keep_every=20)
+    assert ckpt.all_tags(str(root)) == [ckpt.tag_for(s) for s in (20, 40, 45, 50)]
+    assert sorted(doomed) == [ckpt.tag_for(s) for s in (5, 10, 15, 25, 27, 30, 35)]
+
+
+def test_resume_from_another_run_continues_bit_exact(
+    crashed: Path, text_ds: str, tmp_path: Path, reference: list
+) -> None:  # type: ignore[type-arg]
+    run_dir = tmp_path / "fork"
+    cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir, train=TRAIN, checkpoint={"every": 3})
+    source = crashed / "run/checkpoints/step00000003"
+    rc, err = pretrain(cfg, "--resume-from", str(source))
+    assert rc == 0, err[-3000:]
+    assert f"resuming from {source} (step 3)" in err
+    assert losses(run_dir) == reference[3:]  # steps 4-9, as if never interrupted
+    # A restart of this job continues from its own checkpoints, not from the source again.
+    rc, err = pretrain(cfg, "--resume-from", str(source), "train.steps=9")
+    assert rc == 0 and "(step 9)" in err, err[-3000:]
+
+
+def test_checkpoint_files_hold_tensors_and_plain_data_only(crashed: Path) -> None:
+    import torch
+
+    folder = crashed / "run/checkpoints/step00000006"
+    allowed = {  # inert DeepSpeed records, allowlisted by name in trainer.engine
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+    }
+    pickles = sorted(folder.glob("*.pt"))
+    assert len(pickles) == 3  # model states, this rank's optimizer partition, its RNG
+    for path in pickles:
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) <= allowed
+    record = ckpt.read_commit(str(crashed / "run/checkpoints"), "step00000006")
+    assert {p.name for p in folder.iterdir()} - {ckpt.COMMIT} == set(record["files"])
+    assert all(n.endswith((".pt", ".json", ".py")) for n in record["files"])
