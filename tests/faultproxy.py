@@ -14,7 +14,9 @@ response is streamed back, except that some object GETs get a fault instead:
   first ``truncate_fraction`` of the body are sent, then the connection is closed (FIN).
 
 Candidates for faults are object GETs only: GET requests whose path names a key after the bucket
-(``/bucket/key``), not bucket listings; ``match(path)`` narrows them further. The schedule is
+(``/bucket/key``), not bucket listings; ``match(path)`` narrows them further. With
+``methods=("PUT",)`` object uploads are the candidates instead (a SlowDown is answered after the
+body has been read, as S3 does). The schedule is
 deterministic, counted over candidates in arrival order (1-based):
 
 * ``FaultProxy(upstream, every=3, faults=("slowdown", "reset", "truncate"))``: candidates 3, 6,
@@ -79,9 +81,10 @@ HOP_BY_HOP = frozenset(
 _COPY_CHUNK = 64 * 1024
 
 
-def is_object_get(method: str, path: str) -> bool:
-    """A GET of an object: ``/bucket/key...`` with a non-empty key (not a bucket listing)."""
-    if method != "GET":
+def is_object_get(method: str, path: str, methods: Sequence[str] = ("GET",)) -> bool:
+    """A request for an object (``/bucket/key...`` with a non-empty key, not a bucket listing)
+    whose method is one of ``methods`` (object GETs by default)."""
+    if method not in methods:
         return False
     bucket, _, key = urllib.parse.urlsplit(path).path.lstrip("/").partition("/")
     return bool(bucket and key)
@@ -108,6 +111,7 @@ class FaultProxy:
         reset_fraction: float = 0.0,
         upstream_timeout: float = 60.0,
         idle_timeout: float = 60.0,
+        methods: Sequence[str] = ("GET",),
     ) -> None:
         parts = urllib.parse.urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
@@ -120,6 +124,7 @@ class FaultProxy:
         self.reset_fraction = reset_fraction
         self.upstream_timeout = upstream_timeout
         self.idle_timeout = idle_timeout
+        self.methods = tuple(methods)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self.injected: list[tuple[str, str]] = []
@@ -168,7 +173,9 @@ class FaultProxy:
         """Count the request; the fault it gets, if any (called once per request)."""
         with self._lock:
             self._counts["requests"] += 1
-            if not is_object_get(method, path) or (self.match and not self.match(path)):
+            if not is_object_get(method, path, self.methods) or (
+                self.match and not self.match(path)
+            ):
                 return None
             self._counts["candidates"] += 1
             self._candidates += 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -252,3 +253,30 @@ def test_checkpoint_files_hold_tensors_and_plain_data_only(crashed: Path) -> Non
     record = ckpt.read_commit(str(crashed / "run/checkpoints"), "step00000006")
     assert {p.name for p in folder.iterdir()} - {ckpt.COMMIT} == set(record["files"])
     assert all(n.endswith((".pt", ".json", ".py")) for n in record["files"])
+
+
+def test_failed_uploads_are_retried_then_reported(
+    stack: Any, bucket: str, text_ds: str, tmp_path: Path
+) -> None:
+    """S3 answers 503 SlowDown to 16 checkpoint uploads in a row (botocore's own retries off,
+    s3fs tries 5 times per call). Step 3: 5 + 5 failures exhaust checkpoint.upload_retries=1, so
+    it is reported and not committed; training goes on. Step 6: 5 failures, our retry succeeds."""
+    from tests.faultproxy import FaultProxy
+
+    root = f"{bucket}/ckpts/flaky"
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir,
+                       train={"zero_stage": 2, "steps": 6, "log_every": 3},
+                       checkpoint={"every": 3, "root": root, "upload_retries": 1})  # fmt: skip
+    with FaultProxy(stack.s3_endpoint, methods=("PUT",), plan=["slowdown"] * 16,
+                    match=lambda p: "/ckpts/flaky/step" in p) as proxy:  # fmt: skip
+        env = {"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1"}
+        out = run_darkmatter("pretrain", str(cfg), env=env)
+        assert proxy.counts["slowdown"] == 16
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoint step00000003 not committed: rank 0: upload of" in out.stderr
+    assert "failed 2 times" in out.stderr and "retrying in" in out.stderr
+    assert ckpt.committed_tags(root) == ["step00000006"]
+    record = ckpt.read_commit(root, "step00000006")
+    for name, want in record["files"].items():
+        assert len(storage.read_bytes(f"{root}/step00000006/{name}")) == want["size"]
