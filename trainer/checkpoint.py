@@ -355,13 +355,11 @@ class Writer:
         )
         self._thread.start()
 
-    def wait(self) -> SaveReport | None:
+    def wait(self) -> None:
         """Block until the save in flight (if any) is written, uploaded and committed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        with self._lock:
-            return self.reports[-1] if self.reports else None
 
     def drain(self) -> list[SaveReport]:
         with self._lock:

@@ -45,7 +45,15 @@ def init_distributed() -> tuple[int, int, int]:
         _die_with_parent()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    global _CONTROL
+    if backend != "gloo" and dist.get_world_size() > 1:
+        # The loop's small collectives (figures to log, flags, states) travel as CPU tensors and
+        # pickles, which NCCL cannot carry: they get a gloo group of their own.
+        _CONTROL = dist.new_group(backend="gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+_CONTROL: Any = None  # the group of the training thread's CPU collectives (None: the default)
 
 
 def _die_with_parent() -> None:
@@ -299,7 +307,7 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     """Mean across ranks of a few floats, in one collective."""
     t = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=_CONTROL)
         t /= dist.get_world_size()
     return t.tolist()
 
@@ -309,7 +317,7 @@ def gather_to_rank0(obj: Any, group: Any = None) -> list[Any] | None:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0, group=group)
+    dist.gather_object(obj, out, dst=0, group=group or _CONTROL)
     return out
 
 
@@ -318,7 +326,7 @@ def all_gather(obj: Any) -> list[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_CONTROL)
     return out
 
 
@@ -327,7 +335,7 @@ def any_rank(flag: bool) -> bool:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
     t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL)
     return bool(t.item() > 0)
 
 

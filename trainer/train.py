@@ -335,12 +335,9 @@ class Trainer:
             self.pos.step += 1
             window.add(loss, tokens, time.perf_counter() - t0, wait, applied)
             failpoints.kill_if("train.step", self.pos.step, self.rank)
-            if not applied:
-                rolled_back = self.pos.rollbacks
-                self._skipped(self.pos.step)
-                if self.pos.rollbacks != rolled_back:
-                    window = _Window()
-                    continue
+            if not applied and self._skipped(self.pos.step):  # rolled back: the window restarts
+                window = _Window()
+                continue
             preempted = eng.any_rank(self.signals.received is not None)
             if self.pos.step % every == 0 or self.pos.step == t.steps or preempted:
                 self.save(wait=preempted or self.pos.step == t.steps)
@@ -390,16 +387,19 @@ class Trainer:
         self._norms.append(norm)
         return False
 
-    def _skipped(self, step: int) -> None:
-        """Count a skipped step; too many in the window roll back to the last checkpoint."""
+    def _skipped(self, step: int) -> bool:
+        """Count a skipped step; too many in the window roll back to the last checkpoint
+        (returns whether it did)."""
         f = self.cfg.faults
         self.pos.skipped_steps += 1
         self._skips = [s for s in self._skips if s > step - f.skip_window] + [step]
         if self.rank == 0:
             log.warning("step %d skipped on every rank: its gradient was not finite or spiked "
                         "(%d in the last %d steps)", step, len(self._skips), f.skip_window)  # fmt: skip
-        if len(self._skips) >= f.max_skips:
-            self._rollback()
+        if len(self._skips) < f.max_skips:
+            return False
+        self._rollback()
+        return True
 
     def _rollback(self) -> None:
         """Back to the last committed checkpoint's model, optimizer and RNG state; the data
