@@ -2,17 +2,25 @@
 folder (safetensors weights, config, and the tokenizer for text or the image processor for
 images), loadable by `AutoModel.from_pretrained` and `AutoTokenizer` / `AutoImageProcessor`.
 ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32; the checkpoint may be local or in
-object storage, and its files are verified against its commit record first."""
+object storage, and its files are verified against its commit record first.
+
+`--register NAME` also logs the export into the checkpoint's training run with MLflow's
+transformers flavor (artifact `models/stepNNNNNNNN`) and registers it as a new version of model
+NAME, tagged with the run and step."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import os
+import tempfile
 from pathlib import Path
+from typing import Any
 
-from evaluation.checkpoints import load_encoder, resolve
+from evaluation.checkpoints import CheckpointRef, load_encoder, resolve
 
 
-def export(target: str, output: str) -> Path:
+def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
     ref = resolve(target)
     out = Path(output)
     encoder = load_encoder(ref, pretrained=True)
@@ -40,7 +48,53 @@ def export(target: str, output: str) -> Path:
             size={"height": size, "width": size}, resample=2,  # bilinear, as in training
             image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
         ).save_pretrained(str(out))  # fmt: skip
-    return out
+    return ref, out
+
+
+def register(ref: CheckpointRef, out: Path, name: str) -> Any:
+    """Log the export `out` into ref's training run and register it as a version of `name`."""
+    import mlflow.transformers
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    run_id = ref.meta.get("mlflow_run_id")
+    if not uri:
+        raise ValueError("--register: MLFLOW_TRACKING_URI is not set")
+    if not run_id:
+        raise ValueError(f"{ref.path}: --register needs a checkpoint from a run tracked in MLflow "
+                         "(this one was trained with tracking off)")  # fmt: skip
+    components: dict[str, Any] = {"model": AutoModel.from_pretrained(str(out))}
+    if ref.meta.get("tokenizer"):
+        task, components["tokenizer"] = "feature-extraction", AutoTokenizer.from_pretrained(out)
+    else:
+        task = "image-feature-extraction"
+        components["image_processor"] = AutoImageProcessor.from_pretrained(str(out))
+    # Pinned explicitly: MLflow's inference of requirements imports packages we do not need.
+    reqs = [f"{p}=={importlib.metadata.version(p)}" for p in ("torch", "transformers")]
+    artifact_path = f"models/{ref.tag}"
+    client = MlflowClient(tracking_uri=uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.transformers.save_model(
+            components, f"{tmp}/model", task=task, pip_requirements=reqs,
+            metadata={"darkmatter_step": ref.step, "darkmatter_checkpoint": str(ref.path),
+                      "objective": ref.meta["objective"]},
+        )  # fmt: skip
+        client.log_artifacts(run_id, f"{tmp}/model", artifact_path)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+        tags={"step": str(ref.step), "checkpoint": str(ref.path),
+              "objective": ref.meta["objective"]},
+        description=f"{ref.meta['objective']} encoder at step {ref.step} of run {run_id}",
+    )  # fmt: skip
+    client.set_tag(run_id, f"registered.{name}", f"version {version.version} (step {ref.step})")
+    return version
 
 
 def cli(argv: list[str]) -> int:
@@ -48,10 +102,16 @@ def cli(argv: list[str]) -> int:
     p.add_argument("target", help="run folder, checkpoint root (local or s3://…) or step folder")
     p.add_argument("out_dir", nargs="?", help="folder to write")
     p.add_argument("--output", help="folder to write (same as OUT_DIR)")
+    p.add_argument("--register", metavar="NAME", help="register it in MLflow's model registry")
     args = p.parse_args(argv)
     output = args.out_dir or args.output
     if not output:
         p.error("the output folder is required (OUT_DIR or --output)")
-    out = export(args.target, output)
+    ref, out = export(args.target, output)
     print(f"exported encoder to {out} (load with transformers.AutoModel.from_pretrained)")
+    if args.register:
+        v = register(ref, out, args.register)
+        print(f"registered {args.register} version {v.version}: step {ref.step} of run "
+              f"{v.run_id} (load with mlflow.transformers.load_model('models:/"
+              f"{args.register}/{v.version}'))")  # fmt: skip
     return 0

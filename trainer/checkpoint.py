@@ -109,6 +109,26 @@ def read_commit(root: str, tag: str) -> dict[str, Any]:
     return record
 
 
+def index_entry(root: str, record: dict[str, Any]) -> dict[str, Any]:
+    """One line of the checkpoint index that tracking publishes: step → URI, commit time."""
+    return {
+        "step": record["step"], "tag": record["tag"], "uri": storage.join(root, record["tag"]),
+        "committed_at": record["committed_at"], "world_size": record["world_size"],
+        "bytes": sum(f["size"] for f in record["files"].values()),
+    }  # fmt: skip
+
+
+def build_index(root: str) -> list[dict[str, Any]]:
+    """The committed checkpoints under root, oldest first, as index entries."""
+    out = []
+    for tag in committed_tags(root):
+        try:
+            out.append(index_entry(root, read_commit(root, tag)))
+        except CheckpointError as e:  # purged meanwhile, or garbled: not in the index
+            log.warning("checkpoint index: %s", e)
+    return out
+
+
 def read_latest(root: str) -> str | None:
     """What `latest` says, if it exists and names a tag; informational only."""
     url = storage.join(root, "latest")
@@ -316,6 +336,7 @@ class SaveReport:
     upload_s: float = 0.0
     committed: bool = False
     error: str = ""
+    index: list[dict[str, Any]] | None = None  # rank 0, committed: the root's checkpoints now
 
 
 class Writer:
@@ -339,6 +360,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pools: dict[str, list[torch.Tensor]] = {}  # snapshot buffers, reused every save
+        self._index: dict[str, dict[str, Any]] | None = None  # rank 0: committed, by tag
 
     def begin(self, tag: str) -> Job:
         """Start the next save: waits for the previous one, then returns an empty job."""
@@ -390,7 +412,7 @@ class Writer:
                 report.error = "; ".join(errors)
             else:
                 try:
-                    self._commit(job, parts)
+                    report.index = self._commit(job, parts)
                     report.committed = True
                 except Exception as e:
                     report.error = f"commit: {e}"
@@ -444,7 +466,8 @@ class Writer:
         # The staging copy has served its purpose; a resume downloads what it needs.
         shutil.rmtree(folder, ignore_errors=True)
 
-    def _commit(self, job: Job, parts: list[dict[str, Any]]) -> None:
+    def _commit(self, job: Job, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Write the commit record, move `latest`, purge; returns the checkpoint index."""
         files: dict[str, Any] = {}
         for p in parts:
             files.update(p["files"])
@@ -457,9 +480,15 @@ class Writer:
         _put(self.root, job.tag + "/" + COMMIT, json.dumps(record, indent=1).encode())
         failpoints.kill_if("ckpt.before_latest", job.step, self.rank)
         _put(self.root, "latest", job.tag.encode())
+        if self._index is None:  # first commit of this process: what earlier runs left
+            self._index = {e["tag"]: e for e in build_index(self.root)}
+        self._index[job.tag] = index_entry(self.root, record)
         doomed = purge(self.root, job.tag, self.keep_last, self.keep_every, self.rank)
         if doomed:
             log.info("purged checkpoints %s", ", ".join(doomed))
+        for tag in doomed:
+            self._index.pop(tag, None)
+        return sorted(self._index.values(), key=lambda e: int(e["step"]))
 
 
 def _put(root: str, name: str, data: bytes) -> None:

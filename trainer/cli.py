@@ -48,13 +48,15 @@ def pretrain_main(argv: list[str]) -> int:
         overrides.append(f"checkpoint.resume_from={args.resume_from}")
     cfg = load_config(args.config, overrides)
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
-    if args.dry_run:
+    if args.dry_run:  # secrets are shown as *** (as everywhere the config is written)
         import yaml
 
+        from trainer.tracking import redact
+
         print("# resolved config")
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False), end="")
         print("# deepspeed config")
-        print(json.dumps(deepspeed_config(cfg, world), indent=2))
+        print(json.dumps(redact(deepspeed_config(cfg, world)), indent=2))
         print(f"# batch: {batch_plan(cfg, world).describe()}")
         return 0
     if args.nproc and "RANK" not in os.environ:
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("DARKMATTER_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    for noisy in ("aiobotocore", "botocore", "s3fs", "urllib3"):
+    for noisy in ("aiobotocore", "botocore", "s3fs", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     command, rest = argv[0], argv[1:]

@@ -161,6 +161,14 @@ class TrackingConfig:
     """MLflow run name; empty uses the run_dir's folder name."""
     enabled: bool = True
     """Set false to train without MLflow."""
+    flush_s: float = 1.0
+    """Least seconds between two requests to the server: metrics queue up and go in batches."""
+    max_buffer: int = 1_000_000
+    """Metrics kept while the server is unreachable; beyond it the oldest are dropped (with a
+    warning)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device, for MFU. 0: looked up for known GPUs (dense bf16); on a CPU
+    the rate of a large matrix multiply, measured at start."""
 
 
 @dataclass
@@ -299,7 +307,7 @@ def validate(cfg: Config) -> None:
     for section, key in (
         ("train", "steps"), ("train", "micro_batch_size"), ("train", "grad_accum"),
         ("train", "log_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
-        ("faults", "max_skips"), ("faults", "skip_window"),
+        ("faults", "max_skips"), ("faults", "skip_window"), ("tracking", "max_buffer"),
     ):  # fmt: skip
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(
@@ -308,7 +316,9 @@ def validate(cfg: Config) -> None:
     c, f = cfg.checkpoint, cfg.faults
     for key, value in (("checkpoint.keep_every", c.keep_every),
                        ("checkpoint.upload_retries", c.upload_retries),
-                       ("faults.grace_s", f.grace_s), ("faults.grad_norm_spike", f.grad_norm_spike)):  # fmt: skip
+                       ("faults.grace_s", f.grace_s), ("faults.grad_norm_spike", f.grad_norm_spike),
+                       ("tracking.flush_s", cfg.tracking.flush_s),
+                       ("tracking.peak_tflops", cfg.tracking.peak_tflops)):  # fmt: skip
         if value < 0:
             raise ConfigError(f"{key}: expected >= 0, got {value}")
     import signal

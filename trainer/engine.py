@@ -312,6 +312,14 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Maximum across ranks of a few floats, in one collective (negate for a minimum)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTROL)
+    return t.tolist()
+
+
 def gather_to_rank0(obj: Any, group: Any = None) -> list[Any] | None:
     """Every rank's `obj` on rank 0 (in rank order), None on the others."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

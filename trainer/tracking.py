@@ -1,8 +1,11 @@
 """The one training-side module that imports mlflow.
 
 One MLflow run per training job: its id is kept in the run folder and in every checkpoint, so a
-restarted job continues the same run. A synchronous `log_metric` costs tens of milliseconds, so
-metrics go through a queue to a background thread that sends them with `log_batch`.
+restarted job continues the same run. A synchronous call to the server costs tens of
+milliseconds, so the training thread only queues: metrics, tags and text artifacts go to a
+background thread that sends them with `log_batch`, at most once per `flush_s`. While the server
+is unreachable they wait (metrics in a bounded buffer, tags and artifacts latest-wins) and are
+sent when it is back. Whatever reaches the server passes `redact` first.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -20,18 +24,35 @@ import requests
 
 log = logging.getLogger(__name__)
 
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+# A key is secret when one of its words is one of these (`aws.secret_access_key`, `api_token`,
+# `db.password`), not when a word merely contains one (`tokenizer`, `keep_last`).
+_SECRET_WORDS = {
+    "key", "secret", "token", "password", "passwd", "credential", "credentials", "apikey",
+}  # fmt: skip
+_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")  # scheme://user:password@host
+REDACTED = "***"
 
 
 class TrackingError(RuntimeError):
     """The tracking server cannot be used; the message names its URI."""
 
 
-def redact(params: dict[str, Any]) -> dict[str, Any]:
-    """Replace values whose key looks secret, so credentials never reach MLflow."""
-    return {
-        k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in params.items()
-    }
+def is_secret(key: str) -> bool:
+    return any(w in _SECRET_WORDS for w in re.split(r"[^a-z0-9]+", str(key).lower()))
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """`value` with every entry under a secret-looking key replaced by "***", recursively, and
+    credentials inside URLs (scheme://user:password@host) removed."""
+    if key and is_secret(key.rsplit(".", 1)[-1]) and value not in (None, "", {}):
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        return _USERINFO.sub(REDACTED + "@", value)
+    return value
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -41,13 +62,23 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as e:
         reason = type(e).__name__
-        raise TrackingError(f"MLflow tracking server at {uri} is unreachable ({reason})") from None
+        where = redact(uri)
+        raise TrackingError(
+            f"MLflow tracking server at {where} is unreachable ({reason})"
+        ) from None
+
+
+_FLUSH = object()  # queue marker: send what is pending now
+_STOP = object()  # queue marker: send what is pending, then end the thread
 
 
 class Tracker:
-    """Rank 0's MLflow run. Metrics are batched and sent off the training thread."""
+    """Rank 0's MLflow run. Everything after the run's creation is sent off the training thread."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None):
+    def __init__(
+        self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
+        flush_s: float = 1.0, max_buffer: int = 1_000_000,
+    ):  # fmt: skip
         from mlflow.tracking import MlflowClient
 
         check_reachable(uri)
@@ -66,102 +97,134 @@ class Tracker:
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
             self.resumed = False
         self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        self.flush_s = flush_s  # the least time between two sends: one request a second at most
         self.retry_s = 2.0  # seconds between attempts while the server is unreachable
-        self.max_buffer = 1_000_000  # metrics kept during an outage (~100 bytes each)
+        self.max_buffer = max_buffer  # metrics kept during an outage (~100 bytes each)
+        self.dropped = 0  # metrics lost to the bound
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
     @property
     def run_url(self) -> str:
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        base = redact(self.uri.rstrip("/"))
+        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def log_params(self, params: dict[str, Any]) -> None:
+        """Synchronous (once, at start). Params are immutable in MLflow: a resumed run logs only
+        the ones it does not have yet."""
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        items = [
-            Param(k, str(v)[:6000])
-            for k, v in redact(params).items()
-            if k not in existing  # params are immutable in MLflow; a resume logs only new ones
-        ]
+        items = [Param(k, str(v)[:6000]) for k, v in redact(params).items() if k not in existing]
         for i in range(0, len(items), 100):  # the server's limit per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._queue.put(("tags", redact({k: str(v) for k, v in tags.items()})))
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Queue metrics; never blocks the training step."""
-        self._queue.put((step, int(time.time() * 1000), metrics))
+        self._queue.put(("metrics", (step, int(time.time() * 1000), metrics)))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        """Queue a text artifact; a newer text for the same file replaces one not yet sent."""
+        self._queue.put(("artifact", (artifact_file, text)))
 
     def log_dict(self, d: dict[str, Any], artifact_file: str) -> None:
-        self.log_text(json.dumps(d, indent=2, sort_keys=True), artifact_file)
+        self.log_text(json.dumps(redact(d), indent=2, sort_keys=True, default=str), artifact_file)
 
+    # -- the sender thread ---------------------------------------------------------------
     def _send_loop(self) -> None:
-        """Drain the queue into `pending` and send it in batches. While the server is down,
-        metrics wait in `pending` (bounded: the oldest are dropped, with a warning) and sending
-        is retried every `retry_s` seconds, so an outage loses nothing that fits the bound."""
-        pending: deque[Any] = deque()
-        stopping, failing = False, False
+        """Take what the training thread queued, send it, and wait at least `flush_s` before the
+        next send so that logging every step costs one request a second, not one a step."""
+        pend = _Pending()
+        failing, stopping, last_send = False, False, 0.0
         while True:
-            items = self._take(block_s=self.retry_s if pending else None)
-            for item in items:
-                if item is None:
-                    stopping = True
-                else:
-                    pending.extend(_metrics(*item))
-            if len(pending) > self.max_buffer:
-                dropped = len(pending) - self.max_buffer
-                for _ in range(dropped):
-                    pending.popleft()
-                log.warning("MLflow buffer full: dropped the %d oldest metrics", dropped)
-            failing = not self._send(pending, already_failing=failing)
-            for _ in items:
+            if pend.empty() and not stopping:
+                wait: float | None = None  # nothing to do until something is queued
+            else:
+                gap = self.retry_s if failing else self.flush_s
+                wait = max(0.0, last_send + gap - time.monotonic())
+            taken, now_please, stopping = self._take(wait, pend, stopping)
+            due = time.monotonic() >= last_send + (self.retry_s if failing else self.flush_s)
+            if not pend.empty() and (due or now_please or stopping):
+                self._bound(pend)
+                failing = not self._send(pend, already_failing=failing)
+                last_send = time.monotonic()
+            for _ in range(taken):
                 self._queue.task_done()
-            if stopping and (not pending or failing):
+            if stopping and (pend.empty() or failing):
+                if not pend.empty():
+                    log.warning("MLflow unreachable at the end of the run: %d metrics, %d "
+                                "tags and %d artifacts not sent", len(pend.metrics),
+                                len(pend.tags), len(pend.artifacts))  # fmt: skip
                 return
 
-    def _take(self, block_s: float | None) -> list[Any]:
-        try:
-            items = [self._queue.get(timeout=block_s)]
-        except queue.Empty:
-            return []
-        while len(items) < 1000:
+    def _take(self, wait: float | None, pend: _Pending, stopping: bool) -> tuple[int, bool, bool]:
+        """Move queued items into `pend`, blocking up to `wait` seconds for the first one.
+        Returns (items taken, whether a flush was asked for, whether to stop)."""
+        taken, now_please = 0, False
+        block: float | None = wait
+        while taken < 10_000:
             try:
-                items.append(self._queue.get_nowait())
+                item = self._queue.get(timeout=block) if block != 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-        return items
+            taken += 1
+            block = 0
+            if item is _FLUSH:
+                now_please = True
+            elif item is _STOP:
+                stopping = True
+            else:
+                pend.add(*item)
+        return taken, now_please, stopping
 
-    def _send(self, pending: deque[Any], already_failing: bool) -> bool:
-        """Send what is pending, 1000 metrics a request (the server's limit). True on success."""
-        while pending:
-            chunk = [pending[i] for i in range(min(1000, len(pending)))]
-            try:
+    def _bound(self, pend: _Pending) -> None:
+        extra = len(pend.metrics) - self.max_buffer
+        if extra > 0:
+            for _ in range(extra):
+                pend.metrics.popleft()
+            self.dropped += extra
+            log.warning("MLflow buffer full (tracking.max_buffer=%d): dropped the %d oldest "
+                        "metrics", self.max_buffer, extra)  # fmt: skip
+
+    def _send(self, pend: _Pending, already_failing: bool) -> bool:
+        """Send tags, then metrics (1000 a request, the server's limit), then artifacts.
+        True when everything went."""
+        from mlflow.entities import RunTag
+
+        try:
+            if pend.tags:
+                tags = [RunTag(k, v) for k, v in pend.tags.items()]
+                self.client.log_batch(self.run_id, tags=tags)
+                pend.tags.clear()
+            while pend.metrics:
+                chunk = [pend.metrics[i] for i in range(min(1000, len(pend.metrics)))]
                 self.client.log_batch(self.run_id, metrics=chunk)
-            except Exception as e:  # any failure means: keep the metrics, try again later
-                if not already_failing:
-                    log.warning(
-                        "MLflow unreachable, buffering metrics (%d pending): %s", len(pending), e
-                    )
-                return False
-            for _ in chunk:
-                pending.popleft()
+                for _ in chunk:
+                    pend.metrics.popleft()
+            while pend.artifacts:
+                path, text = next(iter(pend.artifacts.items()))
+                self.client.log_text(self.run_id, text, path)
+                del pend.artifacts[path]
+        except Exception as e:  # any failure means: keep it all, try again later
+            if not already_failing:
+                log.warning("MLflow unreachable, buffering (%d metrics pending): %s",
+                            len(pend.metrics), redact(str(e)))  # fmt: skip
+            return False
         if already_failing:
             log.warning("MLflow reachable again: buffered metrics sent")
         return True
 
     def flush(self) -> None:
+        """Send everything queued so far now; returns after the attempt."""
+        self._queue.put(_FLUSH)
         self._queue.join()
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._queue.put(None)
+        self._queue.put(_STOP)
         self._thread.join(timeout=120)
         try:
             self.client.set_terminated(self.run_id, status=status)
@@ -169,10 +232,28 @@ class Tracker:
             log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, e)
 
 
-def _metrics(step: int, ts: int, values: dict[str, float]) -> list[Any]:
-    from mlflow.entities import Metric
+class _Pending:
+    """What the sender holds until the server takes it."""
 
-    return [Metric(k, float(v), ts, step) for k, v in values.items()]
+    def __init__(self) -> None:
+        self.metrics: deque[Any] = deque()
+        self.tags: dict[str, str] = {}
+        self.artifacts: dict[str, str] = {}
+
+    def empty(self) -> bool:
+        return not (self.metrics or self.tags or self.artifacts)
+
+    def add(self, kind: str, payload: Any) -> None:
+        from mlflow.entities import Metric
+
+        if kind == "metrics":
+            step, ts, values = payload
+            self.metrics.extend(Metric(k, float(v), ts, step) for k, v in values.items())
+        elif kind == "tags":
+            self.tags.update(payload)
+        else:
+            path, text = payload
+            self.artifacts[path] = text
 
 
 def resolve_uri(configured: str) -> str:

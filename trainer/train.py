@@ -20,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,10 @@ from data_pipeline.reader import DataStream, ReaderOptions
 from data_pipeline.storage import check_bucket, join, read_bytes
 from trainer import checkpoint as ckpt
 from trainer import engine as eng
-from trainer import failpoints
+from trainer import environment, failpoints, perf
 from trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
 from trainer.objectives import OBJECTIVES, Objective
-from trainer.tracking import Tracker, check_reachable, resolve_uri
+from trainer.tracking import Tracker, check_reachable, redact, resolve_uri
 
 log = logging.getLogger("darkmatter.train")
 
@@ -166,6 +166,8 @@ class Trainer:
         self.signals = _Signals(cfg.faults.signals, cfg.faults.grace_s)
         self.stream = make_stream(cfg, rank, world_size)
         self.pos = self._resume(found)
+        self.nodes = sorted(set(eng.all_gather(platform.node())))
+        self.peak = perf.Peak(0.0, "rank 0 only")
         self.tracker = self._start_tracking() if rank == 0 else None
         self._data_seen = self.stream.summary()  # counters at the last log line
         self._quarantine_logged = 0
@@ -292,7 +294,8 @@ class Trainer:
         if not (t.enabled and uri):
             return None
         run_name = t.run_name or self.run_dir.name
-        tracker = Tracker(uri, t.experiment, run_name, run_id=self.pos.mlflow_run_id)
+        tracker = Tracker(uri, t.experiment, run_name, run_id=self.pos.mlflow_run_id,
+                          flush_s=t.flush_s, max_buffer=t.max_buffer)  # fmt: skip
         log.info(
             "MLflow run %s: %s", "continued" if tracker.resumed else "created", tracker.run_url
         )
@@ -301,10 +304,16 @@ class Trainer:
         (self.run_dir / "mlflow_run.json").write_text(
             json.dumps({"run_id": tracker.run_id, "tracking_uri": uri, "url": tracker.run_url})
         )
-        tracker.log_params(flatten(to_dict(self.cfg)))
+        self.peak = perf.peak_flops(t.peak_tflops, self.cfg.train.bf16)
+        mfu = {f"mfu.{k}": v for k, v in self.objective.flops_inputs().items()}
+        mfu.update({"mfu.peak_flops": self.peak.flops, "mfu.peak_source": self.peak.source,
+                    "mfu.formula": "seq*(6*matmul_params + 12*layers*heads*head_dim*seq)"})  # fmt: skip
+        tracker.log_params({**flatten(to_dict(self.cfg)), **mfu})
         tracker.set_tags(self._tags())
-        tracker.log_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False), "config.yaml")
+        cfg_text = yaml.safe_dump(redact(to_dict(self.cfg)), sort_keys=False)
+        tracker.log_text(cfg_text, "config.yaml")
         tracker.log_dict(self.ds_config, "deepspeed_config.json")
+        tracker.log_dict(environment.summary(self.nodes, self.world_size), "environment.json")
         return tracker
 
     def _tags(self) -> dict[str, Any]:
@@ -316,10 +325,12 @@ class Trainer:
             n_params = sum(
                 getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
             )
+        sha, dirty = environment.git_revision()
         return {
             "objective": self.cfg.objective, "world_size": self.world_size,
-            "node": platform.node(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "nodes": ",".join(self.nodes), "num_nodes": len(self.nodes),
+            "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "git_sha": sha, "git_dirty": dirty,
             "parameters": n_params, "restarts": self.pos.restarts,
         }  # fmt: skip
 
@@ -331,9 +342,9 @@ class Trainer:
         eng.install_step_gate(self.engine, self._skip_guard)
         while self.pos.step < t.steps:
             t0 = time.perf_counter()
-            loss, tokens, wait, applied = self._step()
+            loss, tokens, flops, phases, applied = self._step()
             self.pos.step += 1
-            window.add(loss, tokens, time.perf_counter() - t0, wait, applied)
+            window.add(loss, tokens, flops, time.perf_counter() - t0, phases, applied)
             failpoints.kill_if("train.step", self.pos.step, self.rank)
             if not applied and self._skipped(self.pos.step):  # rolled back: the window restarts
                 window = _Window()
@@ -346,35 +357,39 @@ class Trainer:
                 window = _Window()
             if preempted:
                 raise Preempted(self.signals.received or "a signal on another rank")
-        quarantine = self.run_dir / "quarantine.jsonl"
-        if self.tracker and quarantine.is_file():
-            self.tracker.log_text(quarantine.read_text(), "data/quarantine.jsonl")
         if self.tracker:
             self.tracker.finish("FINISHED")
         return self.pos
 
-    def _step(self) -> tuple[float, int, float, bool]:
-        """One optimizer step: (mean loss, tokens, seconds spent waiting for data, whether the
+    def _step(self) -> tuple[float, int, float, dict[str, float], bool]:
+        """One optimizer step: (mean loss, tokens, model FLOPs, seconds per phase, whether the
         update was applied)."""
-        losses, tokens = [], 0
-        t0 = time.perf_counter()
+        losses, tokens, flops = [], 0, 0.0
+        timer = perf.PhaseTimer()
+        timer.mark("start")
         micro_batches = self.stream.next_step()
-        wait = time.perf_counter() - t0
+        timer.mark("data")
         self.pos.epoch = self.stream.epoch
         for micro, samples in enumerate(micro_batches):
             gen = micro_batch_generator(self.cfg, self.pos.step, self.rank, micro)
             batch = self.objective.make_batch(samples, gen)
             tokens += self.objective.tokens(batch)
+            flops += self.objective.flops(batch)
+            timer.mark("batch")
             out = self.engine(**batch)
             loss = out.loss
+            timer.mark("forward")
             if failpoints.hit("train.nan_loss", self.pos.step + 1, self.rank):
                 loss = loss * float("nan")
             if failpoints.hit("train.loss_spike", self.pos.step + 1, self.rank):
                 loss = loss * 1e4
             self.engine.backward(loss)
+            timer.mark("backward")
             self.engine.step()
+            timer.mark("optimizer")
             losses.append(loss.item())
-        return sum(losses) / len(losses), tokens, wait, self.engine.was_step_applied()
+        applied = self.engine.was_step_applied()
+        return sum(losses) / len(losses), tokens, flops, timer.read(), applied
 
     def _skip_guard(self, norm: float) -> bool:
         """Veto the update of this step? The same answer on every rank: the norm is global."""
@@ -432,43 +447,55 @@ class Trainer:
         self._skips = []
 
     def _log(self, w: _Window) -> None:
+        """Reduce the window's figures across ranks (the one collective of a log interval) and
+        hand them to metrics.jsonl and, on rank 0, MLflow."""
         plan = batch_plan(self.cfg, self.world_size)
         data = self.stream.summary()
         delta = {k: v - self._data_seen.get(k, 0) for k, v in data.items()}
         self._data_seen = data
         self._write_quarantine()
-        loss, tokens, secs, wait, mb, retries, skipped = eng.all_reduce_mean([
-            w.mean_loss, w.tokens, w.seconds, w.data_wait,
+        means = dict(zip(_REDUCED, eng.all_reduce_mean([
+            w.mean_loss, w.tokens, w.flops, w.seconds, *(w.phases.get(p, 0.0) for p in PHASES),
             delta["bytes_read"] / 2**20, delta["retries"], delta["skipped"],
-        ])  # fmt: skip
+        ]), strict=True))  # fmt: skip
+        mem_max, neg_min = eng.all_reduce_max([perf.memory_gb(), -perf.memory_gb()])
         gnorm = self.engine.get_global_grad_norm()
         if gnorm is None:  # without ZeRO DeepSpeed keeps no norm; the step gate saw it
             gnorm = self._last_norm
+        secs, n = means["seconds"], w.steps
         rec = {
-            "step": self.pos.step, "epoch": self.pos.epoch, "loss": loss,
+            "step": self.pos.step, "epoch": self.pos.epoch, "loss": means["loss"],
             "lr": self.engine.get_lr()[0],
             "grad_norm": float(gnorm) if gnorm is not None else float("nan"),
-            "samples_per_s": plan.global_batch_size * w.steps / secs,
+            "samples_per_s": plan.global_batch_size * n / secs,
             # Means over ranks; the fraction is what the slowest-fed rank would show on average.
-            "data_wait_s": wait / w.steps, "data_wait_fraction": wait / secs,
-            "data_mb_per_s": mb * self.world_size / secs,
-            "data_retries": retries * self.world_size,
-            "data_skipped": skipped * self.world_size,
+            "data_wait_s": means["data"] / n, "data_wait_fraction": means["data"] / secs,
+            "data_mb_per_s": means["mb"] * self.world_size / secs,
+            "data_retries": means["retries"] * self.world_size,
+            "data_skipped": means["skipped"] * self.world_size,
             "skipped_steps": self.pos.skipped_steps, "rollbacks": self.pos.rollbacks,
+            # Where a step's time goes, per step, means over ranks.
+            "time/step_s": secs / n,
+            **{f"time/{p}_s": means[p] / n for p in PHASES},
+            "time/other_s": max(0.0, secs - sum(means[p] for p in PHASES)) / n,
+            "memory/max_gb": mem_max, "memory/min_gb": -neg_min,  # peak so far, per rank
         }  # fmt: skip
         if self.objective.modality == "text":
-            rec["tokens_per_s"] = tokens * self.world_size / secs
+            rec["tokens_per_s"] = means["tokens"] * self.world_size / secs
+        rec["model_tflops_per_s"] = means["flops"] / secs / 1e12  # per device
         if self.rank != 0:
             return
+        if self.peak.flops > 0:
+            rec["mfu"] = means["flops"] / secs / self.peak.flops
         rec["checkpoint/stall_s"], self._stall_s = self._stall_s, 0.0
-        for (
-            report
-        ) in self.writer.drain():  # saves that finished since the last line (rank 0's part)
+        for report in self.writer.drain():  # saves finished since the last line (rank 0's part)
             rec.update({
                 "checkpoint/step": report.step, "checkpoint/write_s": report.write_s,
                 "checkpoint/upload_s": report.upload_s, "checkpoint/mb": report.bytes / 2**20,
                 "checkpoint/committed": float(report.committed),
             })  # fmt: skip
+            if self.tracker and report.index is not None:
+                self._publish_index(report.index)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -477,6 +504,16 @@ class Trainer:
         )
         if self.tracker:
             self.tracker.log_metrics(self.pos.step, {k: v for k, v in rec.items() if k != "step"})
+
+    def _publish_index(self, index: list[dict[str, Any]]) -> None:
+        """The committed checkpoints (step → URI, commit time) as the run's
+        `checkpoints/index.json`: what the evaluation harness watches."""
+        assert self.tracker is not None
+        self.tracker.log_dict({"root": self.ckpt_root, "checkpoints": index},
+                              "checkpoints/index.json")  # fmt: skip
+        if index:
+            self.tracker.set_tags({"checkpoint.latest": index[-1]["uri"],
+                                   "checkpoint.latest_step": index[-1]["step"]})  # fmt: skip
 
     def save(self, wait: bool = False) -> None:
         """Checkpoint this step. The training thread only takes the snapshot; writing, upload
@@ -527,6 +564,9 @@ class Trainer:
                     log.warning(
                         "skipped bad data: shard %(shard)s, sample %(key)s: %(reason)s", hole
                     )
+        if self.tracker:  # the whole list so far: one small artifact, replaced as it grows
+            quarantine = (self.run_dir / "quarantine.jsonl").read_text()
+            self.tracker.log_text(quarantine, "data/quarantine.jsonl")
 
     def _model_meta(self) -> dict[str, Any]:
         return {
@@ -538,6 +578,10 @@ class Trainer:
         }  # fmt: skip
 
 
+PHASES = ("data", "batch", "forward", "backward", "optimizer")  # of a step, in order
+_REDUCED = ("loss", "tokens", "flops", "seconds", *PHASES, "mb", "retries", "skipped")
+
+
 @dataclass
 class _Window:
     """Sums over the steps since the last log line."""
@@ -546,19 +590,23 @@ class _Window:
     applied: int = 0  # steps whose update was applied: the loss is averaged over these
     loss_sum: float = 0.0
     tokens: int = 0
+    flops: float = 0.0
     seconds: float = 0.0
-    data_wait: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
 
     def add(
-        self, loss: float, tokens: int, seconds: float, data_wait: float, applied: bool
-    ) -> None:
+        self, loss: float, tokens: int, flops: float, seconds: float, phases: dict[str, float],
+        applied: bool,
+    ) -> None:  # fmt: skip
         self.steps += 1
         if applied:
             self.applied += 1
             self.loss_sum += loss
         self.tokens += tokens
+        self.flops += flops
         self.seconds += seconds
-        self.data_wait += data_wait
+        for k, v in phases.items():
+            self.phases[k] = self.phases.get(k, 0.0) + v
 
     @property
     def mean_loss(self) -> float:

@@ -35,3 +35,12 @@ class Objective(ABC):
     @abstractmethod
     def tokens(self, batch: dict[str, Any]) -> int:
         """Tokens (text) or patches (images) the encoder sees in this batch, for throughput."""
+
+    @abstractmethod
+    def flops(self, batch: dict[str, Any]) -> float:
+        """Training FLOPs (forward and backward) of this micro-batch: what the model actually
+        multiplies, by the formula in trainer.perf. Padding is not counted."""
+
+    @abstractmethod
+    def flops_inputs(self) -> dict[str, Any]:
+        """The formula's inputs (logged as `mfu.*` params, so the figure can be checked)."""

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, ViTMAEConfig, ViTMAEForPreTraining
 
 from data_pipeline.transforms import images_to_tensor
 from trainer.objectives.base import Objective
+from trainer.perf import encoder_layer_params, sequence_flops
 
 
 class MAEObjective(Objective):
@@ -48,9 +49,41 @@ class MAEObjective(Objective):
         noise = torch.rand((pixels.shape[0], self.num_patches()), generator=gen)
         return {"pixel_values": pixels, "noise": noise}
 
+    def visible(self) -> int:
+        return int(self.num_patches() * (1 - self.cfg.model.mask_ratio))  # as ViTMAE rounds
+
     def tokens(self, batch: dict[str, Any]) -> int:
-        visible = round(self.num_patches() * (1 - self.cfg.model.mask_ratio))
-        return int(batch["pixel_values"].shape[0]) * visible
+        return int(batch["pixel_values"].shape[0]) * self.visible()
+
+    def sample_flops(self) -> float:
+        """The patch projection on every patch, the encoder on the visible patches and [CLS],
+        the decoder on every patch and [CLS] (embedding in, pixels out)."""
+        m = self.cfg.model
+        h, hd, pix = m.hidden_size, m.decoder_hidden_size, 3 * m.patch_size**2
+        n_all, n_vis = self.num_patches() + 1, self.visible() + 1
+        encoder = sequence_flops(m.num_layers * encoder_layer_params(h, m.intermediate_size),
+                                 m.num_layers, m.num_heads, h // m.num_heads, n_vis)  # fmt: skip
+        decoder = sequence_flops(
+            m.decoder_num_layers * encoder_layer_params(hd, 4 * hd),
+            m.decoder_num_layers,
+            m.num_heads,
+            hd // m.num_heads,
+            n_all,
+        )
+        linear = 6.0 * (pix * h * self.num_patches() + h * hd * n_vis + hd * pix * n_all)
+        return encoder + decoder + linear
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        return int(batch["pixel_values"].shape[0]) * self.sample_flops()
+
+    def flops_inputs(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {
+            "encoder_layers": m.num_layers, "decoder_layers": m.decoder_num_layers,
+            "heads": m.num_heads, "hidden": m.hidden_size, "decoder_hidden": m.decoder_hidden_size,
+            "patches": self.num_patches(), "visible_patches": self.visible(),
+            "flops_per_sample": self.sample_flops(),
+        }  # fmt: skip
 
 
 def init_sincos_position_embeddings(model: Any) -> Any:
