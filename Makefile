@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	# DeepSpeed compiles its CPU shared-memory collective on first use; do it once, here.
-	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions \
+	  $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 # Real labeled text for the quickstart: Debian's fortune-cookie files (one category per file).

@@ -1,6 +1,8 @@
 """End to end against the real local stack (moto S3 + MLflow servers over HTTP): shards in a
 bucket, a 2-process job killed with SIGKILL and started again, which continues from its
-checkpoint and the same MLflow run, then an evaluation logged into that run."""
+checkpoint and the same MLflow run (with the metrics, tags and artifacts a run must have, and
+no trace of a secret from its config), then an evaluation logged into that run, `runs show`,
+and the export registered in MLflow's model registry."""
 
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
         train={"steps": steps, "log_every": 5, "micro_batch_size": 16, "zero_stage": 2},
         checkpoint={"every": 20},
         tracking={"enabled": True, "experiment": "e2e", "run_name": "killed-and-resumed"},
+        deepspeed={"comet": {"enabled": False, "api_key": SECRET}},  # a secret in the config
     )  # fmt: skip
     cmd = [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), "--nproc", "2"]
     proc = subprocess.Popen(
@@ -100,8 +103,8 @@ def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
     assert logged[-1] == steps and killed_at + 5 in logged
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]  # the restart did not open a second run
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "deepspeed_config.json"} <= artifacts
+    _check_run_contents(client, run, run_dir, tmp_path / "artifacts")
+    assert SECRET not in again.stderr
 
     # The evaluation harness logs into the same run at the checkpoint's step.
     texts = [
@@ -118,3 +121,60 @@ def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
     acc = client.get_metric_history(run_id, "eval/toy/linear_probe/accuracy")
     assert [m.step for m in acc] == [steps] and 0.0 <= acc[0].value <= 1.0
     assert client.get_metric_history(run_id, "eval/toy/linear_probe/accuracy_random_init")
+
+    from evaluation.runs import show_run
+
+    shown = "\n".join(show_run(str(run_dir)))
+    assert "where the time went" in shown and "restarted 1 time(s)" in shown, shown
+    assert f"eval/toy/linear_probe/accuracy = {acc[0].value:.4f} at step {steps}" in shown
+
+    # The export, registered: a model version linked to the run and step, loadable by MLflow.
+    out = tmp_path / "export"
+    reg = run_darkmatter("export", str(run_dir), str(out), "--register", "e2e-encoder")
+    assert reg.returncode == 0, reg.stderr[-3000:]
+    version = client.get_model_version("e2e-encoder", "1")
+    assert version.run_id == run_id and version.tags["step"] == str(steps)
+    import mlflow.transformers
+    import torch
+    from transformers import AutoModel
+
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    loaded = mlflow.transformers.load_model("models:/e2e-encoder/1", return_type="components")
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    with torch.no_grad():
+        want = AutoModel.from_pretrained(out)(input_ids=ids).last_hidden_state
+        assert torch.equal(loaded["model"](input_ids=ids).last_hidden_state, want)
+
+
+SECRET = "sekrit-6f1d0c"
+
+
+def _check_run_contents(client: MlflowClient, run, run_dir: Path, dest: Path) -> None:  # type: ignore[no-untyped-def]
+    """What every training run in MLflow holds, and the secret nowhere in it."""
+    m, tags, params = run.data.metrics, run.data.tags, run.data.params
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "mfu",
+                "model_tflops_per_s", "time/data_s", "time/forward_s", "time/backward_s",
+                "time/optimizer_s", "memory/max_gb", "memory/min_gb", "data_mb_per_s",
+                "checkpoint/write_s", "skipped_steps"):  # fmt: skip
+        assert key in m, key
+    assert 0 < m["mfu"] < 1 and m["memory/max_gb"] >= m["memory/min_gb"] > 0
+    assert 0 < m["time/forward_s"] < m["time/step_s"]
+    assert tags["world_size"] == "2" and tags["num_nodes"] == "1" and tags["nodes"]
+    assert len(tags["git_sha"]) == 40 and tags["objective"] == "mlm"
+    assert int(tags["parameters"]) > 0 and tags["deepspeed"] and tags["torch"]
+    assert params["mfu.peak_source"] == "measured" and float(params["mfu.peak_flops"]) > 0
+    assert params["deepspeed.comet.api_key"] == "***"
+    root = client.download_artifacts(run.info.run_id, "", str(dest))
+    files = {str(p.relative_to(root)): p.read_text() for p in Path(root).rglob("*") if p.is_file()}
+    assert {"config.yaml", "deepspeed_config.json", "environment.json",
+            "checkpoints/index.json"} <= set(files)  # fmt: skip
+    index = json.loads(files["checkpoints/index.json"])["checkpoints"]
+    committed = sorted(p.parent.name for p in (run_dir / "checkpoints").glob("step*/COMMIT.json"))
+    assert [e["tag"] for e in index] == committed
+    assert index[-1]["uri"] == str(run_dir / "checkpoints" / committed[-1])
+    assert tags["checkpoint.latest"] == index[-1]["uri"]
+    env = json.loads(files["environment.json"])
+    assert env["world_size"] == 2 and env["versions"]["deepspeed"] == tags["deepspeed"]
+    everything = [*params.values(), *tags.values(), *files.values()]
+    assert not [x for x in everything if SECRET in x]
+    assert "AWS_SECRET_ACCESS_KEY" not in files["environment.json"]

@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("aiobotocore", "botocore", "s3fs", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's compiled ops belong to this environment (`make venv` builds them there): two
+    # environments sharing one cache would rebuild each other's.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     command, rest = argv[0], argv[1:]
     if command != "stack":
         from trainer.stack import load_env_defaults

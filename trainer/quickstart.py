@@ -1,5 +1,6 @@
 """`make quickstart`: real data → shards in S3 → 2-process ZeRO-2 pretraining → checkpoint →
-MLflow → linear probe, for MLM (text) and MAE (images), ending with one table.
+MLflow → linear probe, for MLM (text) and MAE (images), ending with `darkmatter runs show` for
+each run and one table.
 
 Real, human-made data that installs offline:
 - text: Debian's fortune-cookie files (package `fortunes`), one category per file. Every file is
@@ -137,6 +138,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
+    from trainer.config import load_config
     from trainer.stack import load_env_defaults
 
     if not load_env_defaults() and not os.environ.get("AWS_ENDPOINT_URL"):
@@ -162,6 +164,9 @@ def main() -> int:
         train_and_probe("configs/quickstart_mae.yaml", digits_url, "digits"),
     ]
     (WORK / "summary.json").write_text(json.dumps(rows, indent=1))
+    # What a user watching the run would read: where the time went, its health, its evaluation.
+    for config in ("configs/quickstart_mlm.yaml", "configs/quickstart_mae.yaml"):
+        darkmatter("runs", "show", load_config(config).train.run_dir)
     print()
     print(table(rows))
     return 0
