@@ -54,14 +54,22 @@ def test_outage_mid_run_loses_no_metric(tmp_path: Path) -> None:
         tracker.log_dict({"checkpoints": [10]}, "checkpoints/index.json")
         assert time.perf_counter() - t0 < 0.5  # logging never blocks the training thread
         time.sleep(1.5)  # at least one failed send while the server is down
+        # A restart during the outage continues its run: no error, everything waits.
+        restarted = Tracker(info.mlflow_uri, "outage", "outage-run", run_id=tracker.run_id)
+        assert restarted.resumed and restarted.run_url.endswith(f"/#/runs/{tracker.run_id}")
+        restarted.retry_s = 0.5
+        restarted.log_params({"train.lr": 0.1, "train.steps": 12})
+        restarted.log_metrics(11, {"loss": 1.0 / 11})
         stack.up(**ports, state_dir=tmp_path / "stack", timeout=180)  # same database, same run
         tracker.finish()
+        restarted.finish()
         client = MlflowClient(tracking_uri=info.mlflow_uri)
         steps = sorted(m.step for m in client.get_metric_history(tracker.run_id, "loss"))
-        assert steps == list(range(1, 11))
+        assert steps == list(range(1, 12))
         run = client.get_run(tracker.run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params["storage.secret_key"] == "***"
+        assert run.data.params["train.steps"] == "12"  # the restart's new param, sent late
         assert "hunter2" not in str(run.data.params)
         assert run.data.tags["checkpoint.latest_step"] == "10"
         got = client.download_artifacts(tracker.run_id, "checkpoints/index.json", str(tmp_path))

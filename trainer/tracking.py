@@ -81,44 +81,48 @@ class Tracker:
     ):  # fmt: skip
         from mlflow.tracking import MlflowClient
 
-        check_reachable(uri)
         # Our own loop retries during outages; MLflow's default backoff would stall it minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self.resumed = bool(run_id)
+        self.experiment_id = ""
         if run_id:
+            # A restart continues its run even while the server is down: the status change and
+            # everything after it wait in the queue.
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
-            self.resumed = True
+            self._queue.put(("status", "RUNNING"))
+            try:
+                check_reachable(uri)
+                self.experiment_id = self.client.get_run(run_id).info.experiment_id
+            except Exception as e:
+                log.warning("MLflow unreachable at start (%s): run %s goes on, everything is "
+                            "buffered until the server is back", redact(str(e)), run_id)  # fmt: skip
         else:
+            check_reachable(uri)  # a new run needs the server: fail fast, naming it
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-            self.resumed = False
-        self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+            self.experiment_id = exp_id
         self.flush_s = flush_s  # the least time between two sends: one request a second at most
         self.retry_s = 2.0  # seconds between attempts while the server is unreachable
         self.max_buffer = max_buffer  # metrics kept during an outage (~100 bytes each)
         self.dropped = 0  # metrics lost to the bound
-        self._queue: queue.Queue[Any] = queue.Queue()
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
     @property
     def run_url(self) -> str:
         base = redact(self.uri.rstrip("/"))
-        return f"{base}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        exp = f"experiments/{self.experiment_id}/" if self.experiment_id else ""
+        return f"{base}/#/{exp}runs/{self.run_id}"
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Synchronous (once, at start). Params are immutable in MLflow: a resumed run logs only
-        the ones it does not have yet."""
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, str(v)[:6000]) for k, v in redact(params).items() if k not in existing]
-        for i in range(0, len(items), 100):  # the server's limit per batch
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        """Queue params. They are immutable in MLflow: a resumed run sends only the ones it does
+        not have yet."""
+        self._queue.put(("params", {k: str(v)[:6000] for k, v in redact(params).items()}))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._queue.put(("tags", redact({k: str(v) for k, v in tags.items()})))
@@ -193,9 +197,18 @@ class Tracker:
     def _send(self, pend: _Pending, already_failing: bool) -> bool:
         """Send tags, then metrics (1000 a request, the server's limit), then artifacts.
         True when everything went."""
-        from mlflow.entities import RunTag
+        from mlflow.entities import Param, RunTag
 
         try:
+            if pend.status:
+                self.client.update_run(self.run_id, status=pend.status)
+                pend.status = ""
+            if pend.params:
+                existing = self.client.get_run(self.run_id).data.params
+                items = [Param(k, v) for k, v in pend.params.items() if k not in existing]
+                for i in range(0, len(items), 100):  # the server's limit per batch
+                    self.client.log_batch(self.run_id, params=items[i : i + 100])
+                pend.params.clear()
             if pend.tags:
                 tags = [RunTag(k, v) for k, v in pend.tags.items()]
                 self.client.log_batch(self.run_id, tags=tags)
@@ -239,9 +252,11 @@ class _Pending:
         self.metrics: deque[Any] = deque()
         self.tags: dict[str, str] = {}
         self.artifacts: dict[str, str] = {}
+        self.params: dict[str, str] = {}
+        self.status = ""
 
     def empty(self) -> bool:
-        return not (self.metrics or self.tags or self.artifacts)
+        return not (self.metrics or self.tags or self.artifacts or self.params or self.status)
 
     def add(self, kind: str, payload: Any) -> None:
         from mlflow.entities import Metric
@@ -251,6 +266,10 @@ class _Pending:
             self.metrics.extend(Metric(k, float(v), ts, step) for k, v in values.items())
         elif kind == "tags":
             self.tags.update(payload)
+        elif kind == "params":
+            self.params.update(payload)
+        elif kind == "status":
+            self.status = payload
         else:
             path, text = payload
             self.artifacts[path] = text

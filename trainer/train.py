@@ -36,7 +36,7 @@ from trainer import engine as eng
 from trainer import environment, failpoints, perf
 from trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
 from trainer.objectives import OBJECTIVES, Objective
-from trainer.tracking import Tracker, check_reachable, redact, resolve_uri
+from trainer.tracking import Tracker, TrackingError, check_reachable, redact, resolve_uri
 
 log = logging.getLogger("darkmatter.train")
 
@@ -78,8 +78,21 @@ def preflight(cfg: Config) -> Objective:
         )
     uri = resolve_uri(cfg.tracking.tracking_uri)
     if cfg.tracking.enabled and uri:
-        check_reachable(uri)
+        try:
+            check_reachable(uri)
+        except TrackingError as e:
+            if not _resumable(cfg):
+                raise  # a new run needs the server: most likely a wrong URI
+            log.warning("%s: resuming anyway, MLflow logging is buffered until it is back", e)
     return objective
+
+
+def _resumable(cfg: Config) -> bool:
+    """Whether this job continues an existing run (and so has its MLflow run id)."""
+    root = cfg.checkpoint.root or str(Path(cfg.train.run_dir) / "checkpoints")
+    if (Path(cfg.train.run_dir) / "mlflow_run.json").is_file():
+        return True
+    return cfg.checkpoint.resume and bool(ckpt.committed_tags(root))
 
 
 def micro_batch_generator(cfg: Config, step: int, rank: int, micro: int) -> torch.Generator:
