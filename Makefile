@@ -33,7 +33,7 @@ quickstart: venv corpora
 test: venv corpora
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: venv
 	$(BIN)/ruff check .

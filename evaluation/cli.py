@@ -1,52 +1,37 @@
-"""`darkmatter evaluate CHECKPOINT_OR_RUN --task PARQUET`: linear probe of a checkpoint's encoder
-next to the same probe on a randomly initialized encoder of the same architecture, logged into
-the training run in MLflow at the checkpoint's step as `eval/<task>/linear_probe/<metric>`."""
+"""`darkmatter evaluate`: downstream numbers for checkpoints, logged into their training run.
+
+One shot:  darkmatter evaluate CHECKPOINT_OR_RUN (--task PARQUET | --tasks TASKS.yaml)
+Watching:  darkmatter evaluate --watch EXPERIMENT_OR_RUN_ID --tasks TASKS.yaml
+
+A one-shot evaluation takes the newest committed checkpoint of a run folder or checkpoint root
+(local or s3://…), or one step folder. Watching polls MLflow for committed checkpoints that have
+no result yet and evaluates them, oldest (or newest) first, until stopped (SIGTERM/SIGINT:
+the claim in hand is released). Harnesses side by side share the work through claims in the
+state folder (default: CHECKPOINT_ROOT/_eval). Metrics go into the training run as
+`eval/<task>/<protocol>/<metric>` at the checkpoint's step, with `_random_init` twins.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import time
+import signal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from evaluation.checkpoints import CheckpointRef, load_encoder, resolve
-from evaluation.probe import as_dict, embed, linear_probe
-from evaluation.tasks import LabeledSet, image_inputs, load_parquet, text_inputs
+from evaluation.checkpoints import resolve
+from evaluation.harness import Harness, Pending, evaluate_checkpoint
+from evaluation.tasks import TaskSpec, load_tasks
 
 
-def _inputs(ref: CheckpointRef, data: LabeledSet) -> dict[str, Any]:
-    meta = ref.meta
-    if data.texts is not None:
-        if not meta.get("tokenizer"):
-            raise ValueError(
-                f"{ref.path}: a text task needs a text checkpoint (objective {meta['objective']})"
-            )
-        return text_inputs(data.texts, meta["tokenizer"], int(meta["data"]["seq_len"]))
-    assert data.images is not None
-    if meta.get("tokenizer"):
-        raise ValueError(
-            f"{ref.path}: an image task needs an image checkpoint (objective {meta['objective']})"
-        )
-    return image_inputs(data.images, int(meta["data"]["image_size"]))
-
-
-def evaluate(ref: CheckpointRef, data: LabeledSet, seed: int = 0) -> dict[str, Any]:
-    """Probe results for the pretrained encoder and its random-init twin."""
-    inputs = _inputs(ref, data)
-    out: dict[str, Any] = {"task": data.name, "step": ref.step, "checkpoint": str(ref.path)}
-    for which, pretrained in (("pretrained", True), ("random_init", False)):
-        feats = embed(load_encoder(ref, pretrained=pretrained, seed=seed), inputs)
-        out[which] = as_dict(linear_probe(feats, np.asarray(data.labels), seed=seed))
-    return out
-
-
-def log_to_mlflow(result: dict[str, Any], run_id: str, uri: str) -> None:
+def _client(required: bool) -> Any:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        if required:
+            raise ValueError("--watch needs MLflow: MLFLOW_TRACKING_URI is not set")
+        return None
     import requests
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     try:
@@ -55,42 +40,103 @@ def log_to_mlflow(result: dict[str, Any], run_id: str, uri: str) -> None:
         raise RuntimeError(
             f"MLflow tracking server at {uri} is unreachable ({type(e).__name__})"
         ) from None
-    client = MlflowClient(tracking_uri=uri)
-    step, task = int(result["step"]), result["task"]
-    ts = int(time.time() * 1000)
-    metrics = [
-        Metric(f"eval/{task}/linear_probe/{m}{suffix}", float(result[which][m]), ts, step)
-        for which, suffix in (("pretrained", ""), ("random_init", "_random_init"))
-        for m in ("accuracy", "macro_f1")
-    ]
-    client.log_batch(run_id, metrics=metrics)
+    return MlflowClient(tracking_uri=uri)
 
 
-def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="darkmatter evaluate", description=__doc__)
-    p.add_argument("target", help="run folder, checkpoints folder or one checkpoint folder")
-    p.add_argument("--task", required=True, help="labeled Parquet file (URL or path)")
-    p.add_argument("--name", default="", help="task name in metric keys (default: file stem)")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-mlflow", action="store_true", help="do not log into the training run")
-    p.add_argument("--output", default="", help="also write the result JSON here")
-    args = p.parse_args(argv)
-
-    ref = resolve(args.target)
+def _specs(args: argparse.Namespace) -> list[TaskSpec]:
+    if args.tasks:
+        return load_tasks(args.tasks)
+    if not args.task:
+        raise ValueError("give the labeled data: --task PARQUET or --tasks TASKS.yaml")
     name = args.name or Path(args.task.rstrip("/")).stem
-    result = evaluate(ref, load_parquet(args.task, name, args.label_column), seed=args.seed)
+    protocols: dict[str, dict[str, Any]] = {
+        p.strip(): {} for p in args.protocols.split(",") if p.strip()
+    }
+    spec = TaskSpec(name=name, data=args.task, label=args.label_column, seed=args.seed,
+                    protocols=protocols)  # fmt: skip
+    from evaluation.tasks import PROTOCOLS
+
+    if bad := [p for p in protocols if p not in PROTOCOLS]:
+        raise ValueError(f"--protocols: unknown {bad[0]!r} (known: {', '.join(PROTOCOLS)})")
+    return [spec]
+
+
+def one_shot(args: argparse.Namespace) -> int:
+    specs = _specs(args)
+    ref = resolve(args.target, cache_dir=args.cache_dir)
+    outcome = evaluate_checkpoint(ref, specs, args.state)
     run_id = ref.meta.get("mlflow_run_id")
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not args.no_mlflow and run_id and uri:
-        log_to_mlflow(result, run_id, uri)
+    client = None if args.no_mlflow or not run_id else _client(required=False)
+    if client is not None and run_id:
+        harness = Harness(client, specs, args.state, args.cache_dir)
+        pending = Pending(run_id, ref.tag, ref.step, str(ref.path), str(ref.root))
+        harness.report(pending, outcome, 0.0)
+    first = specs[0]
+    proto = next(iter(first.protocols))
+    head = f"eval/{first.name}/{proto}/"
+    result: dict[str, Any] = {
+        "task": first.name, "step": ref.step, "checkpoint": str(ref.path),
+        # The first task's first protocol, as one line (what scripts read).
+        "pretrained": {m: outcome.metrics[head + m] for m in first.metrics},
+        "random_init": {m: outcome.metrics[head + m + "_random_init"] for m in first.metrics},
+        "metrics": outcome.metrics, "results": outcome.rows,
+    }  # fmt: skip
+    first_row = next(r for r in outcome.rows if r["task"] == first.name)
+    result["pretrained"].update(n_train=first_row["n_train"], n_test=first_row["n_test"])
+    if client is not None:
         result["mlflow_run_id"] = run_id
+    for r in outcome.rows:
+        print(f"{r['task']} @ step {ref.step}: {r['protocol']} {r['metric']} {r['value']:.3f} "
+              f"pretrained vs {r['random_init']:.3f} random init")  # fmt: skip
     line = json.dumps(result)
     if args.output:
         Path(args.output).write_text(line + "\n")
-    pre, rnd = result["pretrained"]["accuracy"], result["random_init"]["accuracy"]
-    print(
-        f"{name} @ step {ref.step}: linear probe accuracy {pre:.3f} pretrained vs {rnd:.3f} random init"
-    )
     print(line)
     return 0
+
+
+def watch(args: argparse.Namespace) -> int:
+    if not args.tasks:
+        raise ValueError("--watch needs --tasks TASKS.yaml")
+    harness = Harness(_client(required=True), load_tasks(args.tasks), args.state, args.cache_dir,
+                      owner=args.id, ttl_s=args.claim_ttl_s, order=args.order)  # fmt: skip
+
+    def stop(signum: int, frame: Any) -> None:
+        harness.stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    counts = harness.watch(args.watch, poll_s=args.poll_s, once=args.once)
+    print(json.dumps({"event": "stopped", "harness": harness.owner, **counts}))
+    return 0
+
+
+def cli(argv: list[str]) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    p = argparse.ArgumentParser(prog="darkmatter evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("target", nargs="?", help="run folder, checkpoint root or step folder")
+    p.add_argument("--task", help="one labeled Parquet file (URL or path)")
+    p.add_argument("--name", default="", help="its name in metric keys (default: file stem)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--protocols", default="linear_probe,knn",
+                   help="for --task: linear_probe,knn,finetune")  # fmt: skip
+    p.add_argument("--tasks", help="tasks YAML (see evaluation/tasks.py)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mlflow", action="store_true", help="do not log into the training run")
+    p.add_argument("--output", default="", help="also write the result JSON here")
+    p.add_argument("--watch", metavar="EXPERIMENT_OR_RUN", help="keep evaluating new checkpoints")
+    p.add_argument("--order", choices=("oldest", "newest"), default="oldest")
+    p.add_argument("--poll-s", type=float, default=30.0, help="seconds between looks at MLflow")
+    p.add_argument("--once", action="store_true", help="stop when nothing is left to evaluate")
+    p.add_argument("--state", default="", help="claims and shared baselines (URL or folder)")
+    p.add_argument("--claim-ttl-s", type=float, default=300.0,
+                   help="a claim not renewed for this long is taken over")  # fmt: skip
+    p.add_argument("--id", default="", help="this harness's name in claims (default: unique)")
+    p.add_argument("--cache-dir", default="", help="where remote checkpoints are downloaded")
+    args = p.parse_args(argv)
+    if args.watch:
+        return watch(args)
+    if not args.target:
+        p.error("give a checkpoint (run folder, checkpoint root or step folder) or --watch")
+    return one_shot(args)

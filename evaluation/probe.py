@@ -1,9 +1,13 @@
-"""Linear probe on frozen features: embed a labeled set once, fit a logistic regression on the
-train split, report accuracy and macro-F1 on the test split.
+"""The evaluation protocols of self-supervised learning, on one seeded split:
+
+- linear probe: a logistic regression on frozen, standardized features;
+- kNN: cosine similarity on L2-normalized frozen features, the k nearest training examples
+  vote with weight exp(similarity / temperature) (Wu et al. 2018; DINO's k=20, T=0.07);
+- fine-tuning: the whole encoder and a linear head trained briefly with AdamW.
 
 Features are mean-pooled last hidden states (over real tokens for text, over patches for
-images), standardized on the train split; the split is stratified and seeded, so the pretrained
-encoder and its random-init baseline are scored on exactly the same examples.
+images). The split is stratified and seeded, so a pretrained encoder and its random-init baseline
+are scored on exactly the same examples.
 """
 
 from __future__ import annotations
@@ -21,53 +25,122 @@ from transformers import PreTrainedModel
 
 
 @dataclass
-class ProbeResult:
+class ProtocolResult:
     accuracy: float
     macro_f1: float
     n_train: int
     n_test: int
+    y_true: np.ndarray  # test labels
+    y_pred: np.ndarray  # test predictions
+
+    def metrics(self, names: tuple[str, ...] = ("accuracy", "macro_f1")) -> dict[str, float]:
+        return {m: float(getattr(self, m)) for m in names}
+
+
+def scored(y_true: np.ndarray, y_pred: np.ndarray, n_train: int) -> ProtocolResult:
+    return ProtocolResult(
+        accuracy=float(accuracy_score(y_true, y_pred)),
+        macro_f1=float(f1_score(y_true, y_pred, average="macro")),
+        n_train=n_train, n_test=len(y_true), y_true=y_true, y_pred=y_pred,
+    )  # fmt: skip
+
+
+def split(
+    labels: np.ndarray, test_fraction: float, seed: int, test_mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, test indices): the data's own split if it has one, else stratified."""
+    idx = np.arange(len(labels))
+    if test_mask is not None:
+        return idx[~test_mask], idx[test_mask]
+    train, test = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=labels)
+    return np.sort(train), np.sort(test)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, T, D] -> [B, D]: the mean over real tokens, or over patches (token 0 is [CLS])."""
+    if attention_mask is not None:
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    return hidden[:, 1:].mean(1)
 
 
 @torch.no_grad()
 def embed(
     model: PreTrainedModel, inputs: dict[str, torch.Tensor], batch_size: int = 128
 ) -> np.ndarray:
-    """[N, D] mean-pooled features."""
+    """[N, D] features of the frozen encoder."""
     n = next(iter(inputs.values())).shape[0]
     out = []
     for i in range(0, n, batch_size):
         chunk = {k: v[i : i + batch_size] for k, v in inputs.items()}
-        hidden = model(**chunk).last_hidden_state  # [B, T, D]
-        if "attention_mask" in chunk:
-            m = chunk["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-            out.append(((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float().numpy())
-        else:
-            out.append(hidden[:, 1:].mean(1).float().numpy())  # patches; token 0 is [CLS]
+        hidden = model(**chunk).last_hidden_state
+        out.append(pool(hidden, chunk.get("attention_mask")).float().numpy())
     return np.concatenate(out)
 
 
 def linear_probe(
-    features: np.ndarray, labels: np.ndarray, seed: int = 0, test_size: float = 0.3
-) -> ProbeResult:
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        features, labels, test_size=test_size, random_state=seed, stratify=labels
-    )
-    scaler = StandardScaler().fit(x_tr)
-    clf = LogisticRegression(max_iter=3000, C=1.0)
-    clf.fit(scaler.transform(x_tr), y_tr)
-    pred = clf.predict(scaler.transform(x_te))
-    return ProbeResult(
-        accuracy=float(accuracy_score(y_te, pred)),
-        macro_f1=float(f1_score(y_te, pred, average="macro")),
-        n_train=len(y_tr),
-        n_test=len(y_te),
-    )
+    features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, C: float = 1.0
+) -> ProtocolResult:
+    scaler = StandardScaler().fit(features[train])
+    clf = LogisticRegression(max_iter=3000, C=C)
+    clf.fit(scaler.transform(features[train]), labels[train])
+    pred = clf.predict(scaler.transform(features[test]))
+    return scored(labels[test], pred, len(train))
 
 
-def as_dict(r: ProbeResult) -> dict[str, Any]:
-    return {
-        "accuracy": r.accuracy,
-        "macro_f1": r.macro_f1,
-        "n_train": r.n_train,
-        "n_test": r.n_test,
-    }
+def knn(
+    features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
+    k: int = 20, temperature: float = 0.07,
+) -> ProtocolResult:  # fmt: skip
+    """Weighted kNN vote on cosine similarity."""
+    f = features / np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
+    sim = f[test] @ f[train].T  # [n_test, n_train]
+    k = min(k, len(train))
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # the k most similar, any order
+    top_sim = np.take_along_axis(sim, top, axis=1)
+    weights = np.exp(top_sim / temperature)
+    n_classes = int(labels.max()) + 1
+    votes = np.zeros((len(test), n_classes))
+    np.add.at(votes, (np.arange(len(test))[:, None], labels[train][top]), weights)
+    return scored(labels[test], votes.argmax(1), len(train))
+
+
+def finetune(
+    model: PreTrainedModel, inputs: dict[str, torch.Tensor], labels: np.ndarray,
+    train: np.ndarray, test: np.ndarray, epochs: int = 2, lr: float = 1e-4,
+    batch_size: int = 32, seed: int = 0,
+) -> ProtocolResult:  # fmt: skip
+    """Train encoder + linear head on the train split (AdamW, cross-entropy), score the test
+    split. The model is changed in place: pass a fresh copy."""
+    torch.manual_seed(seed)
+    n_classes = int(labels.max()) + 1
+    head = torch.nn.Linear(model.config.hidden_size, n_classes)
+    params = [*model.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    y = torch.as_tensor(labels)
+    gen = torch.Generator().manual_seed(seed)
+
+    def logits(rows: np.ndarray) -> torch.Tensor:
+        chunk = {k: v[rows] for k, v in inputs.items()}
+        return head(pool(model(**chunk).last_hidden_state, chunk.get("attention_mask")))
+
+    model.train()
+    for _ in range(epochs):
+        order = train[torch.randperm(len(train), generator=gen).numpy()]
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            loss = torch.nn.functional.cross_entropy(logits(rows), y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        pred = np.concatenate([
+            logits(test[i : i + 128]).argmax(1).numpy() for i in range(0, len(test), 128)
+        ])  # fmt: skip
+    return scored(labels[test], pred, len(train))
+
+
+def as_dict(r: ProtocolResult) -> dict[str, Any]:
+    return {"accuracy": r.accuracy, "macro_f1": r.macro_f1, "n_train": r.n_train,
+            "n_test": r.n_test}  # fmt: skip

@@ -134,7 +134,9 @@ def list_runs(experiment: str) -> list[str]:
             t.get("checkpoint.latest_step", "-"), ev,
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
 
 
 def show_run(ref: str) -> list[str]:
@@ -274,6 +276,7 @@ def plot(refs: list[str], path: str) -> str:
 
 
 def cli(argv: list[str]) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     p = argparse.ArgumentParser(prog="darkmatter runs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -1,0 +1,366 @@
+"""The evaluation harness: checkpoints in, downstream numbers out, into the training run.
+
+`evaluate_checkpoint` runs every task's protocols on one checkpoint and on a random-init twin of
+its encoder (computed once per task and architecture, shared through the state folder).
+`Harness` watches MLflow: for each run it reads the `checkpoints/index.json` artifact the trainer
+keeps, skips what already has results, claims a checkpoint (evaluation.claims), evaluates it and
+logs `eval/<task>/<protocol>/<metric>` at the checkpoint's step, then the plots and the results
+table, then the tag `eval.<tag>` that marks it done. A checkpoint whose files do not verify is
+tagged `eval.<tag> = corrupt: …` and skipped; nothing without a commit record is ever loaded.
+
+Exactly once: the metrics go in one request; a harness killed after it and before the tag finds
+them at the next look and only sets the tag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import storage
+from evaluation import claims as cl
+from evaluation.checkpoints import CheckpointRef, load_encoder, resolve
+from evaluation.probe import embed, finetune, knn, linear_probe, split
+from evaluation.tasks import LabeledSet, TaskSpec, image_inputs, load_labeled, text_inputs
+from trainer.checkpoint import CheckpointError
+
+log = logging.getLogger("darkmatter.evaluation")
+DONE_PREFIX = "eval."  # tag eval.<tag>: "done", "corrupt: …" or "skipped: …"
+
+
+@dataclass
+class Outcome:
+    """What one checkpoint's evaluation produced."""
+
+    step: int
+    metrics: dict[str, float]  # eval/<task>/<protocol>/<metric>[_random_init] -> value
+    rows: list[dict[str, Any]]  # one per (task, protocol, metric), for the results table
+    plots: dict[str, bytes]  # artifact path -> PNG
+
+
+def _inputs(ref: CheckpointRef, data: LabeledSet) -> dict[str, Any]:
+    meta = ref.meta
+    if data.texts is not None:
+        if not meta.get("tokenizer"):
+            raise ValueError(f"{ref.path}: task {data.name} has texts but the checkpoint is "
+                             f"not a text encoder (objective {meta['objective']})")  # fmt: skip
+        return text_inputs(data.texts, meta["tokenizer"], int(meta["data"]["seq_len"]))
+    assert data.images is not None
+    if meta.get("tokenizer"):
+        raise ValueError(f"{ref.path}: task {data.name} has images but the checkpoint is a "
+                         f"text encoder (objective {meta['objective']})")  # fmt: skip
+    return image_inputs(data.images, int(meta["data"]["image_size"]))
+
+
+def _protocols(
+    spec: TaskSpec, ref: CheckpointRef, pretrained: bool, feats: np.ndarray,
+    inputs: dict[str, Any], data: LabeledSet, train: np.ndarray, test: np.ndarray,
+) -> dict[str, Any]:  # fmt: skip
+    out = {}
+    for protocol in spec.protocols:
+        opts = spec.options(protocol)
+        if protocol == "linear_probe":
+            out[protocol] = linear_probe(feats, data.labels, train, test, C=float(opts["C"]))
+        elif protocol == "knn":
+            out[protocol] = knn(feats, data.labels, train, test, k=int(opts["k"]),
+                                temperature=float(opts["temperature"]))  # fmt: skip
+        else:
+            model = load_encoder(ref, pretrained=pretrained, seed=spec.seed)
+            out[protocol] = finetune(
+                model, inputs, data.labels, train, test, epochs=int(opts["epochs"]),
+                lr=float(opts["lr"]), batch_size=int(opts["batch_size"]), seed=spec.seed,
+            )  # fmt: skip
+    return out
+
+
+def _baseline_key(ref: CheckpointRef, spec: TaskSpec) -> str:
+    """Same architecture, same task, same protocols and split: same random-init numbers."""
+    arch = (ref.path / "model_config.json").read_bytes()
+    desc = json.dumps([spec.name, spec.data, spec.protocols, spec.seed, spec.test_fraction,
+                       spec.split_column, ref.meta.get("data")], sort_keys=True)  # fmt: skip
+    return hashlib.sha256(arch + desc.encode()).hexdigest()[:20]
+
+
+def evaluate_checkpoint(
+    ref: CheckpointRef, specs: list[TaskSpec], state: str = "", should_stop: Any = None,
+) -> Outcome:  # fmt: skip
+    """Every task's protocols on `ref`'s encoder, and on its random-init twin (cached under
+    `state`/baselines when a state folder is given)."""
+    metrics: dict[str, float] = {}
+    rows: list[dict[str, Any]] = []
+    plots: dict[str, bytes] = {}
+    for spec in specs:
+        if should_stop and should_stop():
+            raise InterruptedError("stopping")
+        data = load_labeled(spec)
+        inputs = _inputs(ref, data)
+        train, test = split(data.labels, spec.test_fraction, spec.seed, data.test_mask)
+        feats = embed(load_encoder(ref, pretrained=True), inputs)
+        results = _protocols(spec, ref, True, feats, inputs, data, train, test)
+        baseline = _baseline(ref, spec, state, inputs, data, train, test)
+        for protocol, r in results.items():
+            for m in spec.metrics:
+                key = f"eval/{spec.name}/{protocol}/{m}"
+                metrics[key] = float(getattr(r, m))
+                metrics[key + "_random_init"] = baseline[protocol][m]
+                rows.append({"task": spec.name, "protocol": protocol, "metric": m,
+                             "value": metrics[key], "random_init": baseline[protocol][m],
+                             "n_train": r.n_train, "n_test": r.n_test})  # fmt: skip
+        first = next(iter(results))
+        folder = f"eval/{spec.name}/{ref.tag}"
+        plots[f"{folder}/confusion_{first}.png"] = confusion_png(results[first], data, spec, first)
+        plots[f"{folder}/embedding_pca.png"] = projection_png(feats[test], data.labels[test],
+                                                              data, spec, ref.step)  # fmt: skip
+    return Outcome(ref.step, metrics, rows, plots)
+
+
+def _baseline(
+    ref: CheckpointRef, spec: TaskSpec, state: str, inputs: dict[str, Any], data: LabeledSet,
+    train: np.ndarray, test: np.ndarray,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    url = storage.join(state, "baselines", f"{spec.name}-{_baseline_key(ref, spec)}.json")
+    if state and storage.exists(url):
+        cached: dict[str, dict[str, float]] = json.loads(storage.read_bytes(url))
+        return cached
+    feats = embed(load_encoder(ref, pretrained=False, seed=spec.seed), inputs)
+    results = _protocols(spec, ref, False, feats, inputs, data, train, test)
+    out = {p: r.metrics(spec.metrics) for p, r in results.items()}
+    if state:  # another harness may have written it meanwhile: the same numbers, either wins
+        storage.write_if(url, json.dumps(out).encode(), None)
+    return out
+
+
+def confusion_png(r: Any, data: LabeledSet, spec: TaskSpec, protocol: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    n = int(data.labels.max()) + 1
+    cm = confusion_matrix(r.y_true, r.y_pred, labels=list(range(n)))
+    names = data.classes or [str(i) for i in range(n)]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{spec.name}: {protocol}, accuracy {r.accuracy:.3f}", fontsize=9)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
+    return _png(fig)
+
+
+def projection_png(feats: np.ndarray, labels: np.ndarray, data: LabeledSet, spec: TaskSpec,
+                   step: int) -> bytes:  # fmt: skip
+    """The test set's features projected on their two principal components."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    xy = PCA(n_components=2, random_state=0).fit_transform(feats)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for c in np.unique(labels):
+        pts = xy[labels == c]
+        name = data.classes[c] if data.classes else str(c)
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, label=name)
+    ax.set_title(f"{spec.name}: test features, PCA, step {step}", fontsize=9)
+    ax.legend(fontsize=6, markerscale=2)
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# -- watching MLflow --------------------------------------------------------------------------
+
+
+@dataclass
+class Pending:
+    """A committed checkpoint of a run, from its checkpoint index."""
+
+    run_id: str
+    tag: str
+    step: int
+    uri: str
+    root: str
+
+
+class Harness:
+    def __init__(
+        self, client: Any, specs: list[TaskSpec], state: str = "", cache_dir: str = "",
+        owner: str = "", ttl_s: float = 300.0, order: str = "oldest",
+    ):  # fmt: skip
+        self.client, self.specs, self.state = client, specs, state
+        self.cache_dir, self.ttl_s, self.order = cache_dir, ttl_s, order
+        self.owner = owner or cl.harness_id()
+        self.stop = threading.Event()
+        self.first_key = (
+            f"eval/{specs[0].name}/{next(iter(specs[0].protocols))}/" + specs[0].metrics[0]
+        )
+
+    # -- discovery
+    def runs(self, target: str) -> list[Any]:
+        """The run `target` names (a run id), or every run of the experiment it names."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(target)
+        if exp is not None:
+            return list(self.client.search_runs([exp.experiment_id], max_results=1000))
+        try:
+            return [self.client.get_run(target)]
+        except MlflowException:
+            raise ValueError(f"{target}: neither an MLflow experiment name nor a run id") from None
+
+    def pending(self, run: Any) -> list[Pending]:
+        """Committed checkpoints of `run` without a result yet, in the configured order."""
+        from mlflow.exceptions import MlflowException
+
+        rid = run.info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                got = self.client.download_artifacts(rid, "checkpoints/index.json", tmp)
+            except (MlflowException, OSError):
+                return []  # no checkpoint committed yet
+            index = json.loads(Path(got).read_text())
+        done = {k.removeprefix(DONE_PREFIX) for k in run.data.tags if k.startswith(DONE_PREFIX)}
+        out = [Pending(rid, e["tag"], int(e["step"]), e["uri"], index["root"])
+               for e in index["checkpoints"] if e["tag"] not in done]  # fmt: skip
+        out.sort(key=lambda p: p.step, reverse=self.order == "newest")
+        return out
+
+    def _state(self, p: Pending) -> str:
+        return self.state or storage.join(p.root, "_eval")
+
+    # -- one checkpoint
+    def process(self, p: Pending) -> str:
+        """Claim, evaluate, report. Returns what happened: done, corrupt, skipped, claimed
+        elsewhere, already done, stopped."""
+        state = self._state(p)
+        claim = cl.try_claim(storage.join(state, "claims", p.run_id, p.tag + ".json"),
+                             self.owner, self.ttl_s)  # fmt: skip
+        if claim is None:
+            return "claimed elsewhere"
+        claim.keep_alive()
+        try:
+            tags = self.client.get_run(p.run_id).data.tags
+            if DONE_PREFIX + p.tag in tags:
+                return "already done"
+            if any(
+                m.step == p.step for m in self.client.get_metric_history(p.run_id, self.first_key)
+            ):
+                self._tag(p, "done")  # a harness died between the metrics and the tag
+                return "already done"
+            try:
+                ref = resolve(p.uri, cache_dir=self.cache_dir)
+            except CheckpointError as e:
+                log.error("checkpoint %s is corrupt, skipping it: %s", p.uri, e)
+                self._tag(p, f"corrupt: {e}"[:4900])
+                return "corrupt"
+            except FileNotFoundError as e:
+                log.warning("checkpoint %s is not there (purged?): %s", p.uri, e)
+                self._tag(p, f"skipped: {e}"[:4900])
+                return "skipped"
+            log.info("evaluating %s (step %d) of run %s", p.tag, p.step, p.run_id)
+            t0 = time.perf_counter()
+            outcome = evaluate_checkpoint(ref, self.specs, state, self.stop.is_set)
+            if claim.lost or not claim.renew():
+                log.warning("lost the claim on %s: not reporting", p.uri)
+                return "claimed elsewhere"
+            self.report(p, outcome, time.perf_counter() - t0)
+            return "done"
+        except InterruptedError:
+            return "stopped"
+        finally:
+            claim.release()
+
+    def report(self, p: Pending, o: Outcome, seconds: float) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(p.run_id, metrics=[Metric(k, v, ts, o.step)
+                                                 for k, v in o.metrics.items()])  # fmt: skip
+        for path, png in o.plots.items():
+            folder, name = path.rsplit("/", 1)
+            self._log_bytes(p.run_id, png, folder, name)
+        self._log_results_table(p.run_id)
+        self._tag(p, "done")
+        log.info("step %d of run %s: %s (%.1f s)", o.step, p.run_id,
+                 ", ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in o.metrics.items()
+                           if not k.endswith("_random_init")), seconds)  # fmt: skip
+
+    def _tag(self, p: Pending, value: str) -> None:
+        self.client.set_tag(p.run_id, DONE_PREFIX + p.tag, value)
+
+    def _log_bytes(self, run_id: str, data: bytes, folder: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / name).write_bytes(data)
+            self.client.log_artifact(run_id, str(Path(tmp) / name), folder)
+
+    def _log_results_table(self, run_id: str) -> None:
+        """`eval/results.parquet`: every eval metric of the run so far, rebuilt from MLflow (the
+        source of truth), so harnesses side by side never lose each other's rows."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        run = self.client.get_run(run_id)
+        rows = []
+        for key in sorted(k for k in run.data.metrics if k.startswith("eval/")):
+            _, task, protocol, metric = key.split("/", 3)
+            for m in self.client.get_metric_history(run_id, key):
+                rows.append({"step": m.step, "task": task, "protocol": protocol,
+                             "metric": metric, "value": m.value, "logged_at_ms": m.timestamp})  # fmt: skip
+        rows.sort(key=lambda r: (r["step"], r["task"], r["protocol"], r["metric"]))
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buf)
+        self._log_bytes(run_id, buf.getvalue(), "eval", "results.parquet")
+
+    # -- the loop
+    def watch(self, target: str, poll_s: float = 30.0, once: bool = False) -> dict[str, int]:
+        """Evaluate what is pending, then look again every `poll_s` seconds until `stop` is set
+        (or, with `once`, until nothing is pending). Returns counts of outcomes."""
+        counts: dict[str, int] = {}
+        waiting = False
+        while not self.stop.is_set():
+            worked = False
+            try:
+                runs = self.runs(target)
+            except ValueError:
+                if once:
+                    raise
+                if not waiting:  # the harness may start before the training job's first run
+                    log.warning("%s is not an experiment or run yet: waiting for it", target)
+                waiting, runs = True, []
+            for run in runs:
+                for p in self.pending(run):
+                    if self.stop.is_set():
+                        break
+                    outcome = self.process(p)
+                    counts[outcome] = counts.get(outcome, 0) + 1
+                    worked = worked or outcome in ("done", "corrupt", "skipped")
+            if once and not worked:
+                break
+            if not worked:
+                self.stop.wait(poll_s)
+        return counts

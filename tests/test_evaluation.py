@@ -1,0 +1,256 @@
+"""The evaluation harness: protocols against direct formulas, task files and their three kinds of
+labeled data, claims on the real S3 server, and two watching harnesses (one killed and started
+again mid-evaluation) against a training run that commits checkpoints to S3 and MLflow: every
+checkpoint evaluated exactly once at its own step, a corrupt one reported, a torn one never
+loaded."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_pipeline import storage
+from evaluation import claims
+from evaluation.probe import knn
+from evaluation.tasks import TaskError, TaskSpec, load_labeled, load_tasks
+from tests.helpers import REPO_ROOT, write_config
+
+
+def test_knn_is_the_weighted_cosine_vote() -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(60, 8))
+    labels = rng.integers(0, 3, size=60)
+    train, test = np.arange(40), np.arange(40, 60)
+    got = knn(feats, labels, train, test, k=5, temperature=0.1)
+    f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    want = []
+    for i in test:  # the definition, one test example at a time
+        sims = [(float(f[i] @ f[j]), j) for j in train]
+        top = sorted(sims, reverse=True)[:5]
+        votes = [0.0, 0.0, 0.0]
+        for s, j in top:
+            votes[labels[j]] += np.exp(s / 0.1)
+        want.append(int(np.argmax(votes)))
+    assert got.y_pred.tolist() == want
+    assert got.accuracy == pytest.approx(np.mean(np.array(want) == labels[test]))
+
+
+def _png(value: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_task_files_and_the_three_kinds_of_labeled_data(tmp_path: Path) -> None:
+    # A folder of class folders (images).
+    for cls in ("cat", "dog"):
+        (tmp_path / "folder" / cls).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "folder" / cls / f"{i}.png").write_bytes(_png(10 * i))
+    # Labeled WebDataset shards, written with webdataset's own writer.
+    import webdataset as wds
+
+    (tmp_path / "wds").mkdir()
+    with wds.TarWriter(str(tmp_path / "wds" / "shard-000000.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"s{i}", "txt": f"text {i}", "cls": str(i % 2)})
+    # Parquet with its own split column.
+    pq.write_table(pa.table({"text": ["a", "b", "c", "d"], "label": ["x", "y", "x", "y"],
+                             "split": ["train", "train", "test", "test"]}),
+                   tmp_path / "t.parquet")  # fmt: skip
+    (tmp_path / "tasks.yaml").write_text(f"""
+tasks:
+  - {{name: pets, data: {tmp_path / "folder"}}}
+  - {{name: shards, data: {tmp_path / "wds"}, protocols: [knn]}}
+  - name: split
+    data: {tmp_path / "t.parquet"}
+    split: {{column: split}}
+    protocols: {{linear_probe: {{C: 0.5}}, finetune: {{epochs: 1}}}}
+""")
+    pets, shards, split = load_tasks(str(tmp_path / "tasks.yaml"))
+    assert split.options("linear_probe") == {"C": 0.5}
+    assert split.options("finetune") == {"epochs": 1, "lr": 1e-4, "batch_size": 32}
+    a = load_labeled(pets)
+    assert a.classes == ["cat", "dog"] and a.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert a.images is not None and len(a.images) == 6
+    b = load_labeled(shards)
+    assert b.texts == [f"text {i}" for i in range(4)] and b.labels.tolist() == [0, 1, 0, 1]
+    c = load_labeled(split)
+    assert c.test_mask is not None and c.test_mask.tolist() == [False, False, True, True]
+
+    bad = tmp_path / "bad.yaml"
+    for text, message in (
+        ("tasks: []", "expected a non-empty list under 'tasks:'"),
+        ("tasks: [{name: a}]", "tasks[0].data: required string"),
+        ("tasks: [{name: a, data: x, protocols: [svm]}]", "tasks[0].protocols.svm: unknown"),
+        ("tasks: [{name: a, data: x, protocols: {knn: {kk: 1}}}]", "protocols.knn.kk: unknown"),
+        ("tasks: [{name: a, data: x, split: {test_fraction: 2}}]", "expected in (0, 1)"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(TaskError, match=message.replace("(", r"\(").replace(")", r"\)")
+                           .replace("[", r"\[").replace("]", r"\]")):  # fmt: skip
+            load_tasks(str(bad))
+    with pytest.raises(TaskError, match="no such file or folder"):
+        load_labeled(TaskSpec(name="gone", data=str(tmp_path / "nothing")))
+
+
+def test_claims_are_exclusive_expire_and_are_taken_over(bucket: str) -> None:
+    url = f"{bucket}/eval/claims/run/step00000010.json"
+    a = claims.try_claim(url, "harness-a", ttl_s=1.0)
+    assert a is not None
+    assert claims.try_claim(url, "harness-b", ttl_s=1.0) is None  # live claim: refused
+    assert a.renew()
+    time.sleep(1.2)  # a stops renewing (it "died"): the claim expires
+    b = claims.try_claim(url, "harness-b", ttl_s=30.0)
+    assert b is not None
+    assert not a.renew() and a.lost  # the old owner finds out
+    a.release()  # not the owner any more: leaves b's claim alone
+    assert json.loads(storage.read_bytes(url))["owner"] == "harness-b"
+    again = claims.try_claim(url, "harness-b", ttl_s=30.0)  # its own claim, e.g. after a restart
+    assert again is not None
+    again.release()
+    assert not storage.exists(url)
+
+
+def _harness(exp: str, tasks: Path, name: str, log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+    cmd = [sys.executable, "-m", "trainer.cli", "evaluate", "--watch", exp, "--tasks",
+           str(tasks), "--poll-s", "0.5", "--claim-ttl-s", "4", "--id", name]  # fmt: skip
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT)
+
+
+def _wait(what: str, cond: Any, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := cond():
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.e2e
+def test_two_harnesses_evaluate_each_checkpoint_once(
+    stack: Any, bucket: str, text_ds: str, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    texts = [f"the red fox number {i}" if i % 2 else f"the blue owl by the river {i}"
+             for i in range(120)]  # fmt: skip
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts, "label": [i % 2 for i in range(120)]}), buf)
+    storage.write_bytes(f"{bucket}/tasks/toy.parquet", buf.getvalue())
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(f"tasks:\n  - {{name: toy, data: {bucket}/tasks/toy.parquet, "
+                     "protocols: {linear_probe: {}, knn: {k: 10}}}\n")  # fmt: skip
+    exp = "harness"
+    logs = {n: tmp_path / f"{n}.log" for n in ("a", "b")}
+    a = _harness(exp, tasks, "a", logs["a"])
+    b = _harness(exp, tasks, "b", logs["b"])
+    root = f"{bucket}/ckpt"
+    try:
+        run_dir = tmp_path / "run"
+        cfg = write_config(
+            tmp_path / "c.yaml", text_ds, run_dir,
+            train={"steps": 30, "log_every": 5, "zero_stage": 0},
+            checkpoint={"every": 10, "root": root, "keep_last": 10},
+            tracking={"enabled": True, "experiment": exp, "run_name": "watched"},
+        )  # fmt: skip
+        train = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", str(cfg)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert train.returncode == 0, train.stderr[-3000:]
+        run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+        # Kill harness a in the middle of an evaluation (while it holds a claim), start it again.
+        def a_claim() -> bool:
+            for url in storage.glob(f"{root}/_eval/claims/{run_id}/*.json"):
+                try:
+                    if json.loads(storage.read_bytes(url))["owner"] == "a":
+                        return True
+                except (FileNotFoundError, ValueError):
+                    pass
+            return False
+
+        _wait("harness a to claim a checkpoint", a_claim)
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=30)
+        a = _harness(exp, tasks, "a", logs["a"])
+
+        def done() -> list[str]:
+            tags = client.get_run(run_id).data.tags
+            marks = [tags.get(f"eval.step{s:08d}") for s in (10, 20, 30)]
+            return marks if all(marks) else []
+
+        assert _wait("all three checkpoints evaluated", done) == ["done"] * 3
+
+        # A torn checkpoint (no commit record) and a corrupt one appear in the index.
+        step30 = storage.join(root, "step00000030")
+        for name in ("step00000040", "step00000050"):
+            for url in storage.list_files(step30):
+                dest = url.replace("step00000030", name)
+                storage.write_bytes(dest, storage.read_bytes(url))
+        storage.delete(f"{root}/step00000050/COMMIT.json")  # torn
+        record = json.loads(storage.read_bytes(f"{root}/step00000040/COMMIT.json"))
+        record.update(tag="step00000040", step=40)  # a committed copy, then a flipped byte
+        storage.write_bytes(f"{root}/step00000040/COMMIT.json", json.dumps(record).encode())
+        victim = f"{root}/step00000040/mp_rank_00_model_states.pt"
+        data = bytearray(storage.read_bytes(victim))
+        data[len(data) // 2] ^= 0xFF
+        storage.write_bytes(victim, bytes(data))
+        (tmp_path / "index").mkdir()
+        got = client.download_artifacts(run_id, "checkpoints/index.json", str(tmp_path / "index"))
+        index = json.loads(Path(got).read_text())
+        last = index["checkpoints"][-1]
+        for step in (40, 50):
+            tag = f"step{step:08d}"
+            index["checkpoints"].append({**last, "step": step, "tag": tag,
+                                         "uri": storage.join(root, tag)})  # fmt: skip
+        client.log_text(run_id, json.dumps(index), "checkpoints/index.json")
+
+        def marked() -> list[str]:
+            tags = client.get_run(run_id).data.tags
+            marks = [tags.get("eval.step00000040", ""), tags.get("eval.step00000050", "")]
+            return marks if all(marks) else []
+
+        corrupt, torn = _wait("the corrupt and the torn checkpoint reported", marked)
+        assert corrupt.startswith("corrupt:") and "sha256 mismatch" in corrupt, corrupt
+        assert torn.startswith("skipped:") and "no committed checkpoint" in torn, torn
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        rcs = [proc.wait(timeout=60) for proc in (a, b)]
+    assert rcs == [0, 0], [p.read_text()[-3000:] for p in logs.values()]
+
+    # Exactly once per checkpoint, at its own step, for every metric; nothing for 40 and 50.
+    for key in ("eval/toy/linear_probe/accuracy", "eval/toy/knn/macro_f1",
+                "eval/toy/linear_probe/accuracy_random_init"):  # fmt: skip
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == [10, 20, 30], (key, steps)
+    history = client.get_metric_history(run_id, "eval/toy/linear_probe/accuracy")
+    assert all(0.0 <= m.value <= 1.0 for m in history)
+    stopped = [json.loads(ln) for p in logs.values() for ln in p.read_text().splitlines()
+               if ln.startswith('{"event": "stopped"')]  # fmt: skip
+    assert sum(s.get("done", 0) for s in stopped) <= 3  # the killed a never printed its count
+    arts = client.download_artifacts(run_id, "eval", str(tmp_path / "arts"))
+    table = pq.read_table(os.path.join(arts, "results.parquet")).to_pylist()
+    assert sorted({r["step"] for r in table}) == [10, 20, 30]
+    assert len(table) == 3 * 8  # 3 steps x (2 protocols x 2 metrics, each with random init)
+    for tag in ("step00000010", "step00000020", "step00000030"):
+        assert (Path(arts) / "toy" / tag / "confusion_linear_probe.png").stat().st_size > 1000
+        assert (Path(arts) / "toy" / tag / "embedding_pca.png").stat().st_size > 1000
+    assert sorted(p.name for p in Path(arts, "toy").iterdir()) == [
+        "step00000010", "step00000020", "step00000030"]  # fmt: skip
