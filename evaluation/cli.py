@@ -4,7 +4,8 @@ One shot:  darkmatter evaluate CHECKPOINT_OR_RUN (--task PARQUET | --tasks TASKS
 Watching:  darkmatter evaluate --watch EXPERIMENT_OR_RUN_ID --tasks TASKS.yaml
 
 A one-shot evaluation takes the newest committed checkpoint of a run folder or checkpoint root
-(local or s3://…), or one step folder. Watching polls MLflow for committed checkpoints that have
+(local or s3://…), or one step folder; given an MLflow run id, it evaluates every checkpoint of
+that run that has no result yet (as --watch RUN_ID --once). Watching polls MLflow for committed checkpoints that have
 no result yet and evaluates them, oldest (or newest) first, until stopped (SIGTERM/SIGINT:
 the claim in hand is released). Harnesses side by side share the work through claims in the
 state folder (default: CHECKPOINT_ROOT/_eval). Metrics go into the training run as
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -111,8 +113,7 @@ def watch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cli(argv: list[str]) -> int:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="darkmatter evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("target", nargs="?", help="run folder, checkpoint root or step folder")
@@ -134,9 +135,19 @@ def cli(argv: list[str]) -> int:
                    help="a claim not renewed for this long is taken over")  # fmt: skip
     p.add_argument("--id", default="", help="this harness's name in claims (default: unique)")
     p.add_argument("--cache-dir", default="", help="where remote checkpoints are downloaded")
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    p = parser()
     args = p.parse_args(argv)
     if args.watch:
         return watch(args)
     if not args.target:
         p.error("give a checkpoint (run folder, checkpoint root or step folder) or --watch")
+    if re.fullmatch(r"[0-9a-f]{32}", args.target) and not os.path.exists(args.target):
+        # An MLflow run id: what the run has committed and not yet evaluated, then stop.
+        args.watch, args.once = args.target, True
+        return watch(args)
     return one_shot(args)

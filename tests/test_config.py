@@ -28,6 +28,11 @@ def test_presets_load() -> None:
     for preset in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(preset)
         assert cfg.train.steps > 0, preset
+    from evaluation.tasks import load_tasks
+
+    for tasks in sorted((REPO / "configs" / "tasks").glob("*.yaml")):
+        (spec,) = load_tasks(str(tasks))
+        assert set(spec.protocols) == {"linear_probe", "knn"}, tasks
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:

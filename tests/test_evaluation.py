@@ -235,6 +235,13 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
         rcs = [proc.wait(timeout=60) for proc in (a, b)]
     assert rcs == [0, 0], [p.read_text()[-3000:] for p in logs.values()]
 
+    # A later one-shot on the run id finds nothing left to do.
+    again = subprocess.run([sys.executable, "-m", "trainer.cli", "evaluate", run_id, "--tasks",
+                            str(tasks)], cwd=REPO_ROOT, capture_output=True, text=True)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["event"] == "stopped"
+    assert "done" not in json.loads(again.stdout.strip().splitlines()[-1])
+
     # Exactly once per checkpoint, at its own step, for every metric; nothing for 40 and 50.
     for key in ("eval/toy/linear_probe/accuracy", "eval/toy/knn/macro_f1",
                 "eval/toy/linear_probe/accuracy_random_init"):  # fmt: skip
@@ -254,3 +261,40 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
         assert (Path(arts) / "toy" / tag / "embedding_pca.png").stat().st_size > 1000
     assert sorted(p.name for p in Path(arts, "toy").iterdir()) == [
         "step00000010", "step00000020", "step00000030"]  # fmt: skip
+
+
+def test_deployments_speak_the_cli(tmp_path: Path) -> None:
+    """The Kubernetes Deployment and the SLURM job script start `darkmatter evaluate --watch`
+    with flags the CLI knows (the job script is run for real, with `echo` as the command)."""
+    import yaml
+
+    from evaluation.cli import parser
+
+    docs = list(yaml.safe_load_all((REPO_ROOT / "launch/k8s/evaluator.yaml").read_text()))
+    deploy = next(d for d in docs if d["kind"] == "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"] for e in container["env"]}
+    args = container["args"]
+    assert args[0] == "evaluate"
+    for a in args:  # every $(VAR) the args use is defined in the container's env
+        if a.startswith("$("):
+            assert a[2:-1] in env, a
+    ns = parser().parse_args(args[1:])
+    assert ns.watch == "$(EXPERIMENT)" and ns.id == "$(POD_NAME)" and ns.tasks.endswith(".yaml")
+    tasks_cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["tasks.yaml"]
+    (tmp_path / "tasks.yaml").write_text(tasks_cm)
+    assert load_tasks(str(tmp_path / "tasks.yaml"))[0].name == "topics"
+
+    script = REPO_ROOT / "launch/slurm/evaluate.sbatch"
+    env_vars = {**os.environ, "DARKMATTER": "echo", "EXPERIMENT": "exp", "TASKS": "t.yaml",
+                "MLFLOW_TRACKING_URI": "http://127.0.0.1:1", "SLURM_JOB_ID": "42",
+                "EVAL_STATE": "s3://b/state"}  # fmt: skip
+    out = subprocess.run(["bash", str(script)], env=env_vars, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split()
+    assert argv[0] == "evaluate"
+    ns = parser().parse_args(argv[1:])
+    assert (ns.watch, ns.tasks, ns.id, ns.state) == ("exp", "t.yaml", "slurm-42", "s3://b/state")
+    missing = subprocess.run(["bash", str(script)], env={**env_vars, "EXPERIMENT": ""},
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode != 0 and "set EXPERIMENT" in missing.stderr

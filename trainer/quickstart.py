@@ -1,6 +1,6 @@
-"""`make quickstart`: real data → shards in S3 → 2-process ZeRO-2 pretraining → checkpoint →
-MLflow → linear probe, for MLM (text) and MAE (images), ending with `darkmatter runs show` for
-each run and one table.
+"""`make quickstart`: real data → shards in S3 → 2-process ZeRO-2 pretraining → checkpoints →
+MLflow → the evaluation harness (linear probe and kNN on every checkpoint, logged into the run),
+for MLM (text) and MAE (images), ending with `darkmatter runs show` for each run and one table.
 
 Real, human-made data that installs offline:
 - text: Debian's fortune-cookie files (package `fortunes`), one category per file. Every file is
@@ -106,7 +106,12 @@ def darkmatter(*args: str) -> str:
     return proc.stdout
 
 
-def train_and_probe(config: str, task_url: str, task: str) -> dict:
+def train_and_probe(config: str, tasks: str) -> dict:
+    """Pretrain, then let the evaluation harness evaluate every committed checkpoint of the run
+    (`--once`: until none is left; in production it runs beside the training job, as its own)."""
+    from mlflow.tracking import MlflowClient
+
+    from evaluation.tasks import load_tasks
     from trainer.config import load_config
 
     cfg = load_config(config)
@@ -115,25 +120,41 @@ def train_and_probe(config: str, task_url: str, task: str) -> dict:
         print(f"removing the previous quickstart run {run_dir}", flush=True)
         shutil.rmtree(run_dir)
     darkmatter("pretrain", config, "--nproc", "2")
-    out = darkmatter("evaluate", str(run_dir), "--task", task_url, "--name", task)
-    result = json.loads(out.strip().splitlines()[-1])
-    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     run = json.loads((run_dir / "mlflow_run.json").read_text())
+    darkmatter("evaluate", "--watch", run["run_id"], "--tasks", tasks, "--once")
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    task = load_tasks(tasks)[0].name
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run["run_id"], key))
+
+    probe = history(f"eval/{task}/linear_probe/accuracy")
+    knn = history(f"eval/{task}/knn/accuracy")
     return {
         "objective": cfg.objective, "steps": last["step"], "final_loss": last["loss"],
-        "probe_pretrained": result["pretrained"]["accuracy"],
-        "probe_random_init": result["random_init"]["accuracy"], "mlflow_run": run["url"],
+        "task": task, "checkpoints": [s for s, _ in probe],
+        "probe": [v for _, v in probe], "knn": [v for _, v in knn],
+        "probe_random_init": history(f"eval/{task}/linear_probe/accuracy_random_init")[-1][1],
+        "knn_random_init": history(f"eval/{task}/knn/accuracy_random_init")[-1][1],
+        "mlflow_run": run["url"],
     }  # fmt: skip
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'objective':<10} {'steps':>6} {'final loss':>11} {'probe (pretrained)':>19} {'probe (random init)':>20}  MLflow run"
-    lines = [head, "-" * len(head)]
+    """Accuracy of the linear probe and kNN at the first and the last checkpoint, and of the
+    same architecture at random init."""
+    cols = [("objective", "<9"), ("steps", ">5"), ("final loss", ">10"),
+            ("probe first → last", ">18"), ("random init", ">11"),
+            ("kNN first → last", ">16"), ("random init", ">11"), ("MLflow run", "")]  # fmt: skip
+    lines = ["  ".join(f"{name:{fmt}}" for name, fmt in cols)]
+    lines.append("-" * len(lines[0]))
     for r in rows:
-        lines.append(
-            f"{r['objective']:<10} {r['steps']:>6} {r['final_loss']:>11.4f} "
-            f"{r['probe_pretrained']:>19.3f} {r['probe_random_init']:>20.3f}  {r['mlflow_run']}"
-        )
+        values = [r["objective"], str(r["steps"]), f"{r['final_loss']:.4f}",
+                  f"{r['probe'][0]:.3f} → {r['probe'][-1]:.3f}", f"{r['probe_random_init']:.3f}",
+                  f"{r['knn'][0]:.3f} → {r['knn'][-1]:.3f}", f"{r['knn_random_init']:.3f}",
+                  r["mlflow_run"]]  # fmt: skip
+        lines.append("  ".join(f"{v:{fmt}}" for v, (_, fmt) in zip(values, cols, strict=True)))
     return "\n".join(lines)
 
 
@@ -155,13 +176,13 @@ def main() -> int:
         "--vocab-size",
         str(VOCAB_SIZE),
     )
-    text_url = text_task()
+    text_task()  # the Parquet files configs/tasks/*.yaml name
     digit_folder, digits_url = WORK / "raw" / "digits", f"{BUCKET}/tasks/digits.parquet"
     digits(digit_folder, digits_url)
     darkmatter("prepare", str(digit_folder), "--output", f"{BUCKET}/digits", "--modality", "image")
     rows = [
-        train_and_probe("configs/quickstart_mlm.yaml", text_url, "fortunes_topics"),
-        train_and_probe("configs/quickstart_mae.yaml", digits_url, "digits"),
+        train_and_probe("configs/quickstart_mlm.yaml", "configs/tasks/fortunes.yaml"),
+        train_and_probe("configs/quickstart_mae.yaml", "configs/tasks/digits.yaml"),
     ]
     (WORK / "summary.json").write_text(json.dumps(rows, indent=1))
     # What a user watching the run would read: where the time went, its health, its evaluation.
