@@ -1,8 +1,10 @@
-"""Find a committed checkpoint and turn it into a transformers encoder.
+"""Find a committed checkpoint (or an export) and turn it into a transformers encoder.
 
 The harness never imports the trainer's engine: ZeRO shards are consolidated with DeepSpeed's own
 `zero_to_fp32` tool, the encoder is built from the `model_config.json` the trainer saved beside
-them with `AutoModel.from_config`, and the pretraining head is dropped.
+them with `AutoModel.from_config`, and the pretraining head is dropped. An export folder
+(`darkmatter export`, or any `save_pretrained` encoder with its tokenizer or image processor) is
+loaded with `AutoModel.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,63 @@ class CheckpointRef:
     def step(self) -> int:
         return int(self.meta["step"])
 
+    @property
+    def config_file(self) -> Path:
+        return self.path / "model_config.json"
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.meta.get("tokenizer"))
+
+
+@dataclass
+class ExportRef:
+    """A `save_pretrained` encoder folder. `darkmatter export` writes `darkmatter.json` beside
+    the weights (objective, step, run, checkpoint tag); without it the step is 0."""
+
+    path: Path
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        f = self.path / "darkmatter.json"
+        if f.is_file():
+            meta: dict[str, Any] = json.loads(f.read_text())
+            return meta
+        return {"objective": "unknown", "step": 0}
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    @property
+    def tag(self) -> str:
+        return str(self.meta.get("tag", "export"))
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def is_text(self) -> bool:
+        return (self.path / "tokenizer.json").is_file()
+
+
+EncoderRef = CheckpointRef | ExportRef
+
+
+def is_export(target: str) -> bool:
+    """A local folder with a transformers config and weights, and no commit record."""
+    p = Path(target)
+    return (
+        (p / "config.json").is_file()
+        and not (p / ckpt.COMMIT).exists()
+        and any((p / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))
+    )
+
 
 def resolve(target: str, cache_dir: str = "") -> CheckpointRef:
     """A run folder, a checkpoint root (local or s3://…) or one step folder -> the checkpoint to
@@ -82,8 +141,8 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def encoder_config(ref: CheckpointRef) -> Any:
-    cfg = AutoConfig.from_pretrained(str(ref.path / "model_config.json"))
+def encoder_config(ref: EncoderRef) -> Any:
+    cfg = AutoConfig.from_pretrained(str(ref.config_file))
     if hasattr(cfg, "mask_ratio"):
         cfg.mask_ratio = 0.0  # features come from every patch; masking is for pretraining only
     return cfg
@@ -101,13 +160,19 @@ def _init_vit_mae_embeddings(encoder: Any) -> None:
     emb.initialize_weights()
 
 
-def load_encoder(ref: CheckpointRef, pretrained: bool = True, seed: int = 0) -> PreTrainedModel:
+def load_encoder(ref: EncoderRef, pretrained: bool = True, seed: int = 0) -> PreTrainedModel:
     """The checkpoint's encoder (pretrained=True) or the same architecture freshly initialized."""
     torch.manual_seed(seed)
+    if pretrained and isinstance(ref, ExportRef):
+        export: PreTrainedModel = AutoModel.from_pretrained(str(ref.path))
+        if hasattr(export.config, "mask_ratio"):
+            export.config.mask_ratio = 0.0
+        return export.eval()
     model = AutoModel.from_config(encoder_config(ref))
-    if ref.meta["objective"] == "mae":
+    if model.config.model_type == "vit_mae":
         _init_vit_mae_embeddings(model)
     if pretrained:
+        assert isinstance(ref, CheckpointRef)
         prefix = ENCODER_PREFIX[ref.meta["objective"]]
         sd = {
             k[len(prefix) :]: v

@@ -4,7 +4,7 @@ One shot:  darkmatter evaluate CHECKPOINT_OR_RUN (--task PARQUET | --tasks TASKS
 Watching:  darkmatter evaluate --watch EXPERIMENT_OR_RUN_ID --tasks TASKS.yaml
 
 A one-shot evaluation takes the newest committed checkpoint of a run folder or checkpoint root
-(local or s3://…), or one step folder; given an MLflow run id, it evaluates every checkpoint of
+(local or s3://…), one step folder, or an export folder (`darkmatter export`); given an MLflow run id, it evaluates every checkpoint of
 that run that has no result yet (as --watch RUN_ID --once). Watching polls MLflow for committed checkpoints that have
 no result yet and evaluates them, oldest (or newest) first, until stopped (SIGTERM/SIGINT:
 the claim in hand is released). Harnesses side by side share the work through claims in the
@@ -22,8 +22,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from evaluation.checkpoints import resolve
-from evaluation.harness import Harness, Pending, evaluate_checkpoint
+from evaluation.checkpoints import EncoderRef, ExportRef, is_export, resolve
+from evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
 from evaluation.tasks import TaskSpec, load_tasks
 
 
@@ -65,14 +65,22 @@ def _specs(args: argparse.Namespace) -> list[TaskSpec]:
 
 def one_shot(args: argparse.Namespace) -> int:
     specs = _specs(args)
-    ref = resolve(args.target, cache_dir=args.cache_dir)
+    ref: EncoderRef
+    if is_export(args.target):
+        ref = ExportRef(Path(args.target))
+    else:
+        ref = resolve(args.target, cache_dir=args.cache_dir)
     outcome = evaluate_checkpoint(ref, specs, args.state)
     run_id = ref.meta.get("mlflow_run_id")
     client = None if args.no_mlflow or not run_id else _client(required=False)
     if client is not None and run_id:
-        harness = Harness(client, specs, args.state, args.cache_dir)
-        pending = Pending(run_id, ref.tag, ref.step, str(ref.path), str(ref.root))
-        harness.report(pending, outcome, 0.0)
+        if DONE_PREFIX + ref.tag in client.get_run(run_id).data.tags:
+            print(f"not logged: run {run_id} already has results for {ref.tag} (exactly once)")
+            client = None
+        else:
+            harness = Harness(client, specs, args.state, args.cache_dir)
+            pending = Pending(run_id, ref.tag, ref.step, str(ref.path), str(ref.root))
+            harness.report(pending, outcome, 0.0)
     first = specs[0]
     proto = next(iter(first.protocols))
     head = f"eval/{first.name}/{proto}/"
@@ -116,7 +124,8 @@ def watch(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="darkmatter evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("target", nargs="?", help="run folder, checkpoint root or step folder")
+    p.add_argument("target", nargs="?",
+                   help="run folder, checkpoint root, step folder, export folder or run id")  # fmt: skip
     p.add_argument("--task", help="one labeled Parquet file (URL or path)")
     p.add_argument("--name", default="", help="its name in metric keys (default: file stem)")
     p.add_argument("--label-column", default="label")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,8 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
     out = Path(output)
     encoder = load_encoder(ref, pretrained=True)
     encoder.save_pretrained(str(out))
+    # Where it came from: `darkmatter evaluate OUT_DIR` logs into the same run at the same step.
+    (out / "darkmatter.json").write_text(json.dumps({**ref.meta, "tag": ref.tag}, indent=1))
     tok_url = ref.meta.get("tokenizer")
     if tok_url:
         from tokenizers import Tokenizer

@@ -29,9 +29,22 @@ import numpy as np
 
 from data_pipeline import storage
 from evaluation import claims as cl
-from evaluation.checkpoints import CheckpointRef, load_encoder, resolve
+from evaluation.checkpoints import (
+    EncoderRef,
+    ExportRef,
+    encoder_config,
+    load_encoder,
+    resolve,
+)
 from evaluation.probe import embed, finetune, knn, linear_probe, split
-from evaluation.tasks import LabeledSet, TaskSpec, image_inputs, load_labeled, text_inputs
+from evaluation.tasks import (
+    LabeledSet,
+    TaskSpec,
+    export_text_inputs,
+    image_inputs,
+    load_labeled,
+    text_inputs,
+)
 from trainer.checkpoint import CheckpointError
 
 log = logging.getLogger("darkmatter.evaluation")
@@ -48,22 +61,23 @@ class Outcome:
     plots: dict[str, bytes]  # artifact path -> PNG
 
 
-def _inputs(ref: CheckpointRef, data: LabeledSet) -> dict[str, Any]:
-    meta = ref.meta
+def _inputs(ref: EncoderRef, data: LabeledSet) -> dict[str, Any]:
+    kind = "a text encoder" if ref.is_text else "an image encoder"
+    if (data.texts is not None) != ref.is_text:
+        raise ValueError(f"{ref.path}: task {data.name} has "
+                         f"{'texts' if data.texts is not None else 'images'} but this is {kind}")  # fmt: skip
     if data.texts is not None:
-        if not meta.get("tokenizer"):
-            raise ValueError(f"{ref.path}: task {data.name} has texts but the checkpoint is "
-                             f"not a text encoder (objective {meta['objective']})")  # fmt: skip
-        return text_inputs(data.texts, meta["tokenizer"], int(meta["data"]["seq_len"]))
+        if isinstance(ref, ExportRef):
+            return export_text_inputs(data.texts, ref.path)
+        return text_inputs(data.texts, ref.meta["tokenizer"], int(ref.meta["data"]["seq_len"]))
     assert data.images is not None
-    if meta.get("tokenizer"):
-        raise ValueError(f"{ref.path}: task {data.name} has images but the checkpoint is a "
-                         f"text encoder (objective {meta['objective']})")  # fmt: skip
-    return image_inputs(data.images, int(meta["data"]["image_size"]))
+    if isinstance(ref, ExportRef):
+        return image_inputs(data.images, int(encoder_config(ref).image_size))
+    return image_inputs(data.images, int(ref.meta["data"]["image_size"]))
 
 
 def _protocols(
-    spec: TaskSpec, ref: CheckpointRef, pretrained: bool, feats: np.ndarray,
+    spec: TaskSpec, ref: EncoderRef, pretrained: bool, feats: np.ndarray,
     inputs: dict[str, Any], data: LabeledSet, train: np.ndarray, test: np.ndarray,
 ) -> dict[str, Any]:  # fmt: skip
     out = {}
@@ -83,16 +97,16 @@ def _protocols(
     return out
 
 
-def _baseline_key(ref: CheckpointRef, spec: TaskSpec) -> str:
+def _baseline_key(ref: EncoderRef, spec: TaskSpec) -> str:
     """Same architecture, same task, same protocols and split: same random-init numbers."""
-    arch = (ref.path / "model_config.json").read_bytes()
+    arch = ref.config_file.read_bytes()
     desc = json.dumps([spec.name, spec.data, spec.protocols, spec.seed, spec.test_fraction,
                        spec.split_column, ref.meta.get("data")], sort_keys=True)  # fmt: skip
     return hashlib.sha256(arch + desc.encode()).hexdigest()[:20]
 
 
 def evaluate_checkpoint(
-    ref: CheckpointRef, specs: list[TaskSpec], state: str = "", should_stop: Any = None,
+    ref: EncoderRef, specs: list[TaskSpec], state: str = "", should_stop: Any = None,
 ) -> Outcome:  # fmt: skip
     """Every task's protocols on `ref`'s encoder, and on its random-init twin (cached under
     `state`/baselines when a state folder is given)."""
@@ -125,7 +139,7 @@ def evaluate_checkpoint(
 
 
 def _baseline(
-    ref: CheckpointRef, spec: TaskSpec, state: str, inputs: dict[str, Any], data: LabeledSet,
+    ref: EncoderRef, spec: TaskSpec, state: str, inputs: dict[str, Any], data: LabeledSet,
     train: np.ndarray, test: np.ndarray,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     url = storage.join(state, "baselines", f"{spec.name}-{_baseline_key(ref, spec)}.json")
@@ -340,6 +354,8 @@ class Harness:
     def watch(self, target: str, poll_s: float = 30.0, once: bool = False) -> dict[str, int]:
         """Evaluate what is pending, then look again every `poll_s` seconds until `stop` is set
         (or, with `once`, until nothing is pending). Returns counts of outcomes."""
+        log.info("harness %s watching %s: tasks %s, %s first, every %.0f s", self.owner, target,
+                 ", ".join(s.name for s in self.specs), self.order, poll_s)  # fmt: skip
         counts: dict[str, int] = {}
         waiting = False
         while not self.stop.is_set():

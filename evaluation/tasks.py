@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -146,8 +147,13 @@ def _encode(values: list[Any], where: str) -> tuple[np.ndarray, list[str]]:
 def load_parquet(
     url: str, name: str, label_column: str = "label", split_column: str = ""
 ) -> LabeledSet:
-    with open_url(url) as f:
-        table = pq.read_table(f)
+    try:
+        with open_url(url) as f:
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        raise TaskError(f"{url}: no such file (task {name})") from None
+    except pa.ArrowInvalid as e:
+        raise TaskError(f"{url}: not a readable Parquet file (task {name}): {e}") from None
     cols = set(table.column_names)
     for col in filter(None, (label_column, split_column)):
         if col not in cols:
@@ -235,6 +241,16 @@ def text_inputs(texts: list[str], tokenizer_url: str, seq_len: int) -> dict[str,
         "input_ids": torch.tensor([e.ids for e in enc]),
         "attention_mask": torch.tensor([e.attention_mask for e in enc]),
     }
+
+
+def export_text_inputs(texts: list[str], folder: Path) -> dict[str, torch.Tensor]:
+    """Tokenized with the export's own tokenizer, padded to its model_max_length."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    enc = tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+              return_tensors="pt")  # fmt: skip
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def image_inputs(images: list[bytes], size: int) -> dict[str, Any]:

@@ -47,6 +47,26 @@ def test_knn_is_the_weighted_cosine_vote() -> None:
     assert got.accuracy == pytest.approx(np.mean(np.array(want) == labels[test]))
 
 
+def test_finetune_trains_the_encoder_and_its_head() -> None:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from evaluation.probe import finetune
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64))  # fmt: skip
+    labels = np.arange(80) % 2
+    ids = torch.full((80, 6), 1)
+    ids[:, 2] = torch.as_tensor(5 + labels)  # the class is one token, in the middle
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    before = model.encoder.layer[0].attention.self.query.weight.clone()
+    got = finetune(model, inputs, labels, np.arange(60), np.arange(60, 80), epochs=3, lr=3e-3,
+                   batch_size=8)  # fmt: skip
+    assert got.accuracy == 1.0 and got.macro_f1 == 1.0 and (got.n_train, got.n_test) == (60, 20)
+    assert not torch.equal(before, model.encoder.layer[0].attention.self.query.weight)
+
+
 def _png(value: int) -> bytes:
     from PIL import Image
 
@@ -106,6 +126,11 @@ tasks:
             load_tasks(str(bad))
     with pytest.raises(TaskError, match="no such file or folder"):
         load_labeled(TaskSpec(name="gone", data=str(tmp_path / "nothing")))
+    with pytest.raises(TaskError, match=r"gone.parquet: no such file \(task gone\)"):
+        load_labeled(TaskSpec(name="gone", data=str(tmp_path / "gone.parquet")))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(TaskError, match="junk.parquet: not a readable Parquet file"):
+        load_labeled(TaskSpec(name="junk", data=str(tmp_path / "junk.parquet")))
 
 
 def test_claims_are_exclusive_expire_and_are_taken_over(bucket: str) -> None:
@@ -188,6 +213,8 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=30)
         a = _harness(exp, tasks, "a", logs["a"])
+        # It is watching (its SIGTERM handler in place) before anything else happens.
+        _wait("harness a to start again", lambda: logs["a"].read_text().count("watching") == 2)
 
         def done() -> list[str]:
             tags = client.get_run(run_id).data.tags

@@ -53,6 +53,15 @@ def test_mae_on_digits_beats_random_init(tmp_path: Path) -> None:
 
     from data_pipeline.transforms import images_to_tensor
 
+    # Evaluated as an export, the encoder scores exactly what it scored as a checkpoint.
+    ev_export = run_darkmatter("evaluate", str(tmp_path / "export"), "--task", str(task),
+                               "--no-mlflow")  # fmt: skip
+    assert ev_export.returncode == 0, ev_export.stderr[-3000:]
+    as_export = json.loads(ev_export.stdout.strip().splitlines()[-1])
+    assert as_export["step"] == STEPS
+    assert as_export["pretrained"] == result["pretrained"]
+    assert as_export["random_init"] == pytest.approx(result["random_init"])
+
     processor = AutoImageProcessor.from_pretrained(tmp_path / "export")
     image = (np.arange(8 * 8 * 3) % 251).astype(np.uint8).reshape(8, 8, 3)
     pixels = processor(images=[image], return_tensors="pt")["pixel_values"]

@@ -57,6 +57,12 @@ def test_single_process_train_resume_evaluate_export(text_ds: str, tmp_path: Pat
     exp = run_darkmatter("export", str(run_dir), str(tmp_path / "export"))
     assert exp.returncode == 0, exp.stderr[-3000:]
     assert (tmp_path / "export/model.safetensors").is_file()
+    # The export, evaluated with its own tokenizer, scores what the checkpoint scored.
+    ev_export = run_darkmatter("evaluate", str(tmp_path / "export"), "--task", str(task),
+                               "--no-mlflow")  # fmt: skip
+    assert ev_export.returncode == 0, ev_export.stderr[-3000:]
+    as_export = json.loads(ev_export.stdout.strip().splitlines()[-1])
+    assert as_export["step"] == 8 and as_export["pretrained"] == result["pretrained"]
     from transformers import AutoModel, AutoTokenizer
 
     from evaluation.checkpoints import load_encoder, resolve

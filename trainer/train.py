@@ -658,6 +658,13 @@ def run_worker(cfg: Config) -> int:
         if trainer.tracker:
             trainer.tracker.set_tags({"crashed": "true"})
             trainer.tracker.finish("FAILED")
+        trainer.stream.close()
+        # Release the process group here: left to interpreter exit, gloo's threads can be torn
+        # down mid-flight, and the C++ runtime aborts (exit -6) over the error line.
+        try:
+            eng.shutdown()
+        except Exception as e:  # the error being raised is the one to report
+            log.debug("process group shutdown after an error failed: %s", e)
         raise
     finally:
         trainer.stream.close()  # stop the data workers now, not at interpreter exit
