@@ -62,15 +62,18 @@ _TOPICAL = (
 _WORDS = f"{_COMMON} {_TOPICAL}".split()
 
 
-def write_text_corpus(path: Path, docs: int, seed: int = 0) -> Path:
-    """`docs` documents, one per line, of 20-150 words drawn from a Zipf-like vocabulary."""
+def write_text_corpus(
+    path: Path, docs: int, seed: int = 0, words: tuple[int, int] = (20, 150)
+) -> Path:
+    """`docs` documents, one per line, of words[0] to words[1] words drawn from a Zipf-like
+    vocabulary."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     vocab = _WORDS + [f"w{i:04d}" for i in range(2000)]  # a long tail of rarer words
     weights = 1.0 / np.arange(1, len(vocab) + 1)
     weights /= weights.sum()
-    lengths = rng.integers(20, 150, size=docs)
+    lengths = rng.integers(words[0], words[1], size=docs)
     words = rng.choice(len(vocab), size=int(lengths.sum()), p=weights)
     with open(path, "w") as f:
         pos = 0

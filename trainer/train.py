@@ -180,7 +180,11 @@ class Trainer:
         self.stream = make_stream(cfg, rank, world_size)
         self.pos = self._resume(found)
         self.nodes = sorted(set(eng.all_gather(platform.node())))
-        self.peak = perf.Peak(0.0, "rank 0 only")
+        # MFU's denominator: rank 0 logs (a CPU's peak is measured, which takes a moment).
+        if rank == 0:
+            self.peak = perf.peak_flops(cfg.tracking.peak_tflops, cfg.train.bf16)
+        else:
+            self.peak = perf.Peak(0.0, "rank 0 only")
         self.tracker = self._start_tracking() if rank == 0 else None
         self._data_seen = self.stream.summary()  # counters at the last log line
         self._quarantine_logged = 0
@@ -317,7 +321,6 @@ class Trainer:
         (self.run_dir / "mlflow_run.json").write_text(
             json.dumps({"run_id": tracker.run_id, "tracking_uri": uri, "url": tracker.run_url})
         )
-        self.peak = perf.peak_flops(t.peak_tflops, self.cfg.train.bf16)
         mfu = {f"mfu.{k}": v for k, v in self.objective.flops_inputs().items()}
         mfu.update({"mfu.peak_flops": self.peak.flops, "mfu.peak_source": self.peak.source,
                     "mfu.formula": "seq*(6*matmul_params + 12*layers*heads*head_dim*seq)"})  # fmt: skip
@@ -388,6 +391,7 @@ class Trainer:
             batch = self.objective.make_batch(samples, gen)
             tokens += self.objective.tokens(batch)
             flops += self.objective.flops(batch)
+            batch = self.objective.to_device(batch, self.engine.device, self.cfg.train.bf16)
             timer.mark("batch")
             out = self.engine(**batch)
             loss = out.loss

@@ -15,6 +15,9 @@ from trainer.config import Config
 class Objective(ABC):
     name: str
     modality: str  # "text" | "image": must match the dataset manifest
+    # Floating-point model inputs that take the model's dtype under bf16 (pixels do; MAE's
+    # masking noise stays fp32, since bf16 ties would change which patches are hidden).
+    float_inputs: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
         self.cfg = cfg
@@ -44,3 +47,14 @@ class Objective(ABC):
     @abstractmethod
     def flops_inputs(self) -> dict[str, Any]:
         """The formula's inputs (logged as `mfu.*` params, so the figure can be checked)."""
+
+    def to_device(self, batch: dict[str, Any], device: Any, bf16: bool) -> dict[str, Any]:
+        """The batch on the model's device (a no-op on a CPU), copied asynchronously."""
+        out = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(device, non_blocking=True)
+                if bf16 and k in self.float_inputs:
+                    v = v.to(torch.bfloat16)
+            out[k] = v
+        return out

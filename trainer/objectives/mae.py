@@ -16,6 +16,7 @@ from trainer.perf import encoder_layer_params, sequence_flops
 class MAEObjective(Objective):
     name = "mae"
     modality = "image"
+    float_inputs = ("pixel_values",)
 
     def model_config(self) -> ViTMAEConfig:
         m = self.cfg.model
