@@ -193,6 +193,10 @@ def install_step_gate(engine: Any, should_skip: Callable[[float], bool]) -> None
     """
     from deepspeed.runtime.utils import clip_grad_norm_
 
+    if getattr(engine, "_dm_should_skip", None) is not None:  # already gated: new judge only
+        engine._dm_should_skip = should_skip
+        return
+    engine._dm_should_skip = should_skip
     base, ds_opt = engine.basic_optimizer, engine.optimizer
     inner = base.step
     decided: dict[int, bool] = {}  # one decision per optimizer step, however many groups
@@ -223,7 +227,7 @@ def install_step_gate(engine: Any, should_skip: Callable[[float], bool]) -> None
         step = engine.global_steps
         if step not in decided:
             decided.clear()
-            decided[step] = should_skip(norm_now())
+            decided[step] = engine._dm_should_skip(norm_now())
         if decided[step]:
             ds_opt.overflow = True
             return None
