@@ -165,7 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("DARKMATTER_DEBUG"):
             raise
-        return _fail(command, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        code = _fail(command, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if command == "pretrain" and "torch.distributed" in sys.modules:
+            # A training process that failed still holds what the traceback keeps alive
+            # (engine, process groups, their C++ threads); left to interpreter teardown, one of
+            # them can abort the exit (SIGABRT, "terminate called without an active
+            # exception") over the error line. Everything worth keeping is written by now
+            # (tracker finished, data workers stopped), so leave without the teardown.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
 
 if __name__ == "__main__":
