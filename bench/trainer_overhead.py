@@ -7,8 +7,8 @@ the same model, batch, ZeRO stage and in-memory data, in the same process.
   `--log-every` steps (figures reduced, metrics.jsonl, the log). Its data stream is replaced by
   micro-batches read beforehand into memory, and saving is switched off (its cost is
   bench/checkpoint_stall.py's subject).
-- `bare`: `deepspeed.initialize` on the same model (same initial weights), AdamW and warmup +
-  cosine schedule, then `loss = engine(**batch).loss; engine.backward(loss); engine.step()` over
+- `bare`: `deepspeed.initialize` on the same model (same initial weights), the same AdamW
+  (weight decay on matrices only) and warmup + cosine schedule, then `loss = engine(**batch).loss; engine.backward(loss); engine.step()` over
   the same micro-batches, already masked.
 
 Blocks of BLOCK steps alternate in the order ABBA so that drift in the machine's speed falls on
@@ -105,8 +105,9 @@ def main() -> None:
 
         torch.manual_seed(cfg.train.seed)
         bare_model = objective.build_model()
-        opt = torch.optim.AdamW(bare_model.parameters(), lr=cfg.train.lr,
-                                weight_decay=cfg.train.weight_decay)  # fmt: skip
+        # The same optimizer: AdamW, weight decay on matrices only (two parameter groups).
+        opt = torch.optim.AdamW(eng.param_groups(bare_model, cfg.train.weight_decay),
+                                lr=cfg.train.lr)  # fmt: skip
         sched = torch.optim.lr_scheduler.LambdaLR(opt, eng.lr_lambda(cfg))
         bare, _, _, _ = deepspeed.initialize(model=bare_model, optimizer=opt, lr_scheduler=sched,
                                              config=deepspeed_config(cfg, 1))  # fmt: skip
