@@ -165,3 +165,15 @@ def test_runs_show_compare_list_and_plot(stack: Any, tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     with pytest.raises(ValueError, match="no run folder, run id or run name matches"):
         runs.show_run("no-such-run")
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone() -> None:
+    """Measured after a resume restored the RNG state: touching it would change every dropout
+    mask that follows, and the resume would no longer be bit-exact."""
+    import torch
+
+    from trainer import perf
+
+    state = torch.get_rng_state()
+    assert perf.measured_matmul_flops(torch.float32, n=64, seconds=0.01) > 0
+    assert torch.equal(state, torch.get_rng_state())

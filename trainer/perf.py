@@ -58,8 +58,9 @@ def peak_flops(configured_tflops: float, bf16: bool) -> Peak:
 
 def measured_matmul_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of repeated n×n matrix multiplies on this CPU with its configured threads."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # never the global RNG: a resume must be bit-exact
+    a = torch.randn(n, n, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, dtype=dtype, generator=gen)
     torch.mm(a, b)  # warm up
     done, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < seconds or done < 2:
