@@ -9,7 +9,7 @@ table, then the tag `eval.<tag>` that marks it done. A checkpoint whose files do
 tagged `eval.<tag> = corrupt: …` and skipped; nothing without a commit record is ever loaded.
 
 Exactly once: the metrics go in one request; a harness killed after it and before the tag finds
-them at the next look and only sets the tag.
+them at the next look and adds only the plots, the table and the tag.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from evaluation.tasks import (
     load_labeled,
     text_inputs,
 )
+from trainer import failpoints
 from trainer.checkpoint import CheckpointError
 
 log = logging.getLogger("darkmatter.evaluation")
@@ -269,8 +270,9 @@ class Harness:
 
     # -- one checkpoint
     def process(self, p: Pending) -> str:
-        """Claim, evaluate, report. Returns what happened: done, corrupt, skipped, claimed
-        elsewhere, already done, stopped."""
+        """Claim, evaluate, report. Returns what happened: done, completed (a predecessor's
+        metrics were there: plots, table and tag added), corrupt, skipped, claimed elsewhere,
+        already done, stopped."""
         state = self._state(p)
         claim = cl.try_claim(storage.join(state, "claims", p.run_id, p.tag + ".json"),
                              self.owner, self.ttl_s)  # fmt: skip
@@ -281,11 +283,11 @@ class Harness:
             tags = self.client.get_run(p.run_id).data.tags
             if DONE_PREFIX + p.tag in tags:
                 return "already done"
-            if any(
+            # A harness that died between its metrics and its tag left the metrics: they stand,
+            # and only the plots, the table and the tag are made here.
+            logged = any(
                 m.step == p.step for m in self.client.get_metric_history(p.run_id, self.first_key)
-            ):
-                self._tag(p, "done")  # a harness died between the metrics and the tag
-                return "already done"
+            )
             try:
                 ref = resolve(p.uri, cache_dir=self.cache_dir)
             except CheckpointError as e:
@@ -302,19 +304,21 @@ class Harness:
             if claim.lost or not claim.renew():
                 log.warning("lost the claim on %s: not reporting", p.uri)
                 return "claimed elsewhere"
-            self.report(p, outcome, time.perf_counter() - t0)
-            return "done"
+            self.report(p, outcome, time.perf_counter() - t0, metrics=not logged)
+            return "completed" if logged else "done"
         except InterruptedError:
             return "stopped"
         finally:
             claim.release()
 
-    def report(self, p: Pending, o: Outcome, seconds: float) -> None:
+    def report(self, p: Pending, o: Outcome, seconds: float, metrics: bool = True) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        self.client.log_batch(p.run_id, metrics=[Metric(k, v, ts, o.step)
-                                                 for k, v in o.metrics.items()])  # fmt: skip
+        if metrics:
+            ts = int(time.time() * 1000)
+            self.client.log_batch(p.run_id, metrics=[Metric(k, v, ts, o.step)
+                                                     for k, v in o.metrics.items()])  # fmt: skip
+        failpoints.kill_if("eval.after_metrics", o.step, 0)  # the metrics are in, the tag not
         for path, png in o.plots.items():
             folder, name = path.rsplit("/", 1)
             self._log_bytes(p.run_id, png, folder, name)
@@ -374,7 +378,7 @@ class Harness:
                         break
                     outcome = self.process(p)
                     counts[outcome] = counts.get(outcome, 0) + 1
-                    worked = worked or outcome in ("done", "corrupt", "skipped")
+                    worked = worked or outcome in ("done", "completed", "corrupt", "skipped")
             if once and not worked:
                 break
             if not worked:
