@@ -62,6 +62,13 @@ _TOPICAL = (
 _WORDS = f"{_COMMON} {_TOPICAL}".split()
 
 
+def bench_bert(quick: bool) -> dict[str, int]:
+    """The BERT the step-time benchmarks train: small for --quick, else a few hundred ms a step."""
+    if quick:
+        return {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}
+    return {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
+
+
 def write_text_corpus(
     path: Path, docs: int, seed: int = 0, words: tuple[int, int] = (20, 150)
 ) -> Path:

@@ -37,11 +37,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=12, help="steps per block")
     args = ap.parse_args()
     blocks, block = (4, 4) if args.quick else (args.blocks, args.block)
-    model = (
-        {"hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}
-        if args.quick
-        else {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024}
-    )
+    model = _common.bench_bert(args.quick)
     import yaml
 
     from data_pipeline.prepare import prepare

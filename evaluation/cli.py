@@ -33,15 +33,11 @@ def _client(required: bool) -> Any:
         if required:
             raise ValueError("--watch needs MLflow: MLFLOW_TRACKING_URI is not set")
         return None
-    import requests
     from mlflow.tracking import MlflowClient
 
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
-    except requests.RequestException as e:
-        raise RuntimeError(
-            f"MLflow tracking server at {uri} is unreachable ({type(e).__name__})"
-        ) from None
+    from trainer.tracking import check_reachable
+
+    check_reachable(uri)  # one error line naming the (redacted) URL, as for training
     return MlflowClient(tracking_uri=uri)
 
 
