@@ -138,6 +138,30 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def pretrain_summary(config: Path, run_dir: Path, timeout: float) -> dict[str, Any]:
+    """Run `darkmatter pretrain` and summarise its metrics.jsonl (intervals after the first)."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", str(config)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"{config.name}: darkmatter pretrain failed ({proc.returncode}):\n"
+                         + proc.stderr[-3000:])  # fmt: skip
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[1:] or rows
+
+    out: dict[str, Any] = {}
+    for name, key in (("tokens_per_s", "tokens_per_s"), ("samples_per_s", "samples_per_s"),
+                      ("mfu", "mfu"), ("model_tflops_per_s", "model_tflops_per_s"),
+                      ("step_s", "time/step_s"), ("data_wait_fraction", "data_wait_fraction")):  # fmt: skip
+        if key in steady[0]:  # tokens/s: text only
+            out[name] = round(median([float(r[key]) for r in steady]), 4)
+    out["peak_memory_gb"] = max(float(r["memory/max_gb"]) for r in rows)
+    out["final_loss"] = round(float(rows[-1]["loss"]), 4)
+    out["intervals"] = len(steady)
+    return out
+
+
 def emit(result: dict[str, Any]) -> None:
     """The benchmark's result: one JSON object, the last line of stdout."""
     print(json.dumps(result, sort_keys=False), flush=True)

@@ -9,6 +9,9 @@ allocations): tokens/s, samples/s, MFU (the trainer's own formula against the de
 bf16 peak), peak memory, step time and the share of it spent waiting for data; the settings
 used go into the JSON too. `mlm_mfu_vs_target` = BERT-large MFU / 0.50.
 
+Settings: bf16, ZeRO-1, SDPA attention (flash kernels on the GPU), fused AdamW; `--compile`
+adds torch.compile, `--activation-checkpointing` recomputation, `--attention` another kernel.
+
     python bench/gpu.py            # on a GPU machine, about 5 minutes on an H100/H200
     python bench/gpu.py --tiny     # tiny models, a few steps, on a CPU (a smoke test)
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 from _common import log  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 # (full, tiny) settings per model.
 MLM = {
@@ -54,16 +54,19 @@ MAE = {
 
 
 def _config(tmp: Path, name: str, objective: str, data: dict[str, Any], model: dict[str, Any],
-            micro_batch_size: int, steps: int, log_every: int, workers: int) -> Path:  # fmt: skip
+            micro_batch_size: int, steps: int, log_every: int, workers: int,
+            features: dict[str, Any]) -> Path:  # fmt: skip
     import yaml
 
     raw = {
         "objective": objective,
         "data": {**data, "num_workers": workers},
-        "model": model,
+        "model": {**model, "attention": features["attention"]},
         "train": {"steps": steps, "micro_batch_size": micro_batch_size, "zero_stage": 1,
                   "bf16": True, "log_every": log_every, "warmup_steps": 5,
-                  "run_dir": str(tmp / f"run-{name}")},
+                  "run_dir": str(tmp / f"run-{name}"), "adamw_impl": features["adamw_impl"],
+                  "compile": features["compile"],
+                  "activation_checkpointing": features["activation_checkpointing"]},
         "checkpoint": {"every": 10**9},
         "tracking": {"enabled": False},
     }  # fmt: skip
@@ -72,34 +75,15 @@ def _config(tmp: Path, name: str, objective: str, data: dict[str, Any], model: d
     return path
 
 
-def _train(config: Path, run_dir: Path, timeout: float) -> dict[str, Any]:
-    """Run `darkmatter pretrain` and summarise its metrics.jsonl (intervals after the first)."""
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", str(config)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"{config.name}: darkmatter pretrain failed ({proc.returncode}):\n"
-                         + proc.stderr[-3000:])  # fmt: skip
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = rows[1:] or rows
-
-    out: dict[str, Any] = {}
-    for name, key in (("tokens_per_s", "tokens_per_s"), ("samples_per_s", "samples_per_s"),
-                      ("mfu", "mfu"), ("model_tflops_per_s", "model_tflops_per_s"),
-                      ("step_s", "time/step_s"), ("data_wait_fraction", "data_wait_fraction")):  # fmt: skip
-        if key in steady[0]:  # tokens/s: text only
-            out[name] = round(_common.median([float(r[key]) for r in steady]), 4)
-    out["peak_memory_gb"] = max(float(r["memory/max_gb"]) for r in rows)
-    out["final_loss"] = round(float(rows[-1]["loss"]), 4)
-    out["intervals"] = len(steady)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="tiny models on a CPU (smoke test)")
     ap.add_argument("--steps", type=int, default=0, help="steps per model (default 60; tiny 6)")
     ap.add_argument("--only", choices=("mlm", "mae"), help="one model only")
     ap.add_argument("--workers", type=int, default=0, help="data workers (default: cores / 2)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the models")
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--attention", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     args = ap.parse_args()
     size = "tiny" if args.tiny else "full"
     steps = args.steps or (6 if args.tiny else 60)
@@ -111,6 +95,11 @@ def main() -> None:
         raise SystemExit("bench/gpu.py: no GPU here (use --tiny for the CPU smoke test)")
     from data_pipeline.prepare import prepare
 
+    features = {
+        "attention": args.attention, "compile": args.compile,
+        "activation_checkpointing": args.activation_checkpointing,
+        "adamw_impl": "fused" if torch.cuda.is_available() else "foreach",
+    }  # fmt: skip
     result: dict[str, Any] = {"benchmark": "gpu", "machine": _common.machine(), "size": size,
                               "steps": steps, "torch": torch.__version__}  # fmt: skip
     with _common.workdir("dm-bench-gpu-") as tmp:
@@ -122,12 +111,14 @@ def main() -> None:
                     vocab_size=int(s["vocab_size"]))  # fmt: skip
             vocab = json.loads((tmp / "text" / "tokenizer.json").read_text())["model"]["vocab"]
             cfg = _config(tmp, "mlm", "mlm", {"url": str(tmp / "text"), "seq_len": s["seq_len"]},
-                          s["model"], s["micro_batch_size"], steps, log_every, workers)  # fmt: skip
+                          s["model"], s["micro_batch_size"], steps, log_every, workers,
+                          features)  # fmt: skip
             log(f"MLM: {steps} steps of BERT ({size}), seq {s['seq_len']}")
-            result["mlm"] = _train(cfg, tmp / "run-mlm", timeout=1800)
+            result["mlm"] = _common.pretrain_summary(cfg, tmp / "run-mlm", timeout=1800)
             result["mlm"]["settings"] = {
                 **s["model"], "seq_len": s["seq_len"], "micro_batch_size": s["micro_batch_size"],
                 "vocab_size": len(vocab), "bf16": True, "zero_stage": 1, "data_workers": workers,
+                **features,
             }  # fmt: skip
             result["mlm_mfu_vs_target"] = round(result["mlm"]["mfu"] / 0.50, 4)
         if args.only in (None, "mae"):
@@ -137,12 +128,12 @@ def main() -> None:
             prepare([str(tmp / "jpg")], str(tmp / "images"), modality="image")
             data = {"url": str(tmp / "images"), "image_size": s["image_size"]}
             cfg = _config(tmp, "mae", "mae", data, s["model"], s["micro_batch_size"], steps,
-                          log_every, workers)  # fmt: skip
+                          log_every, workers, features)  # fmt: skip
             log(f"MAE: {steps} steps of ViT-MAE ({size}), {s['image_size']} px")
-            result["mae"] = _train(cfg, tmp / "run-mae", timeout=1800)
+            result["mae"] = _common.pretrain_summary(cfg, tmp / "run-mae", timeout=1800)
             result["mae"]["settings"] = {
                 **s["model"], "image_size": s["image_size"], "bf16": True, "zero_stage": 1,
-                "micro_batch_size": s["micro_batch_size"], "data_workers": workers,
+                "micro_batch_size": s["micro_batch_size"], "data_workers": workers, **features,
             }  # fmt: skip
     _common.emit(result)
 

@@ -102,8 +102,7 @@ def main() -> None:
         torch.manual_seed(cfg.train.seed)
         bare_model = objective.build_model()
         # The same optimizer: AdamW, weight decay on matrices only (two parameter groups).
-        opt = torch.optim.AdamW(eng.param_groups(bare_model, cfg.train.weight_decay),
-                                lr=cfg.train.lr)  # fmt: skip
+        opt = eng.build_optimizer(bare_model, cfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, eng.lr_lambda(cfg))
         bare, _, _, _ = deepspeed.initialize(model=bare_model, optimizer=opt, lr_scheduler=sched,
                                              config=deepspeed_config(cfg, 1))  # fmt: skip

@@ -1,5 +1,7 @@
-"""The GPU benchmark cannot fail on a device for a reason a CPU could have caught: its tiny
-variant runs here end to end (both models, bf16, the trainer's own figures)."""
+"""The benchmark suite's runner, and the two benchmarks whose smoke tests belong in every run:
+the GPU benchmark cannot fail on a device for a reason a CPU could have caught (its tiny variant
+runs here end to end: both models, bf16, the trainer's own figures), and ZeRO's memory stays at
+the paper's formula (2 ranks, stages 0-3)."""
 
 from __future__ import annotations
 
@@ -7,22 +9,44 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import REPO_ROOT
 
 
-@pytest.mark.timeout(300)
-def test_gpu_bench_tiny_runs_on_cpu() -> None:
-    out = subprocess.run([sys.executable, "bench/gpu.py", "--tiny"], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=280)  # fmt: skip
+@pytest.mark.timeout(400)
+def test_bench_runner_quick_gpu_tiny_and_zero_memory(tmp_path: Path) -> None:
+    table, raw = tmp_path / "table.md", tmp_path / "results.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--only", "zero_memory", "gpu",
+         "--out", str(table), "--json", str(raw)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=380,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    results = json.loads(raw.read_text())
+    rows = [ln for ln in table.read_text().splitlines() if ln.startswith("| ")]
+    assert rows[0].startswith("| Benchmark |") and len(rows) == 3, rows  # header + 2
+
+    zero = results["zero_memory"]
+    assert zero["ranks"] == 2 and set(zero["stages"]) == {"zero0", "zero1", "zero2", "zero3"}
+    per_param = {s: v["measured_per_param"] for s, v in zero["stages"].items()}
+    # Partitioning shows: each stage holds less per rank than the one before (2 ranks).
+    assert per_param["zero0"] > per_param["zero2"] > per_param["zero3"], per_param
+    assert (
+        zero["stages"]["zero3"]["measured_bytes"] < 0.55 * zero["stages"]["zero0"]["measured_bytes"]
+    )
+    assert zero["worst_ratio"] == max(v["ratio"] for v in zero["stages"].values()) <= 1.15
+    assert rows[1].startswith(f"| zero_memory | worst_ratio | {zero['worst_ratio']} | <= 1.15 |")
+    assert rows[2].startswith(f"| gpu | mlm_mfu_vs_target | {results['gpu']['mlm_mfu_vs_target']}")
+
+    result = results["gpu"]
     assert result["benchmark"] == "gpu" and result["size"] == "tiny" and result["steps"] == 6
     for name in ("mlm", "mae"):
         r = result[name]
         assert r["intervals"] == 2 and r["settings"]["bf16"] is True, r
+        assert r["settings"]["attention"] == "sdpa", r
         assert r["samples_per_s"] > 0 and r["step_s"] > 0 and r["peak_memory_gb"] > 0, r
         assert 0 < r["mfu"] < 1 and math.isfinite(r["final_loss"]), r
         assert 0 <= r["data_wait_fraction"] < 1, r

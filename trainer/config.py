@@ -51,6 +51,10 @@ class DataConfig:
     """Tokens per text sample, [CLS] and [SEP] included (text objectives)."""
     image_size: int = 32
     """Side of the square images fed to the model, in pixels (image objectives)."""
+    packing: bool = False
+    """Text objectives: concatenate the micro-batch's documents (separated by [SEP]) and cut
+    them into full rows of seq_len, RoBERTa's "full sentences", instead of one padded row per
+    document: no compute is spent on padding. Rows then attend across document boundaries."""
 
 
 @dataclass
@@ -73,6 +77,10 @@ class ModelConfig:
     """Fraction of tokens (MLM) or patches (MAE) hidden from the encoder."""
     dropout: float = 0.1
     """Dropout probability in the encoder."""
+    attention: str = "sdpa"
+    """Attention kernel: sdpa (torch's scaled_dot_product_attention, which picks flash or
+    memory-efficient kernels on GPUs), eager (the reference implementation), or
+    flash_attention_2 (needs the flash-attn package and a GPU)."""
 
 
 @dataclass
@@ -99,6 +107,20 @@ class TrainConfig:
     """DeepSpeed ZeRO stage, 0-3."""
     bf16: bool = False
     """Train in bfloat16 mixed precision."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input in forward and recompute the block in backward: activation
+    memory falls from one copy per layer to one per block boundary, for about a third more
+    compute. For batches or sequences that do not fit otherwise."""
+    compile: bool = False
+    """torch.compile the model (through DeepSpeed's engine.compile): fused kernels, fewer
+    launches; the first steps pay for compilation."""
+    adamw_impl: str = "auto"
+    """AdamW kernel: fused (one kernel for all parameters), foreach (batched ops), loop (one
+    parameter at a time), auto (fused on GPUs, torch's default elsewhere)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep the fp32 master weights and Adam states in CPU memory and step them
+    there with DeepSpeed's CPU Adam, for models whose optimizer states do not fit on the
+    devices (ZeRO stage 1-3)."""
     seed: int = 0
     """Seed of model init, data order and masking."""
     log_every: int = 10
@@ -149,6 +171,9 @@ class FaultConfig:
     """That many skipped steps within skip_window steps roll back to the last checkpoint."""
     skip_window: int = 100
     """Window, in steps, for max_skips."""
+    collective_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, gather, barrier) waits for the other ranks before the
+    rank fails: a lost node or a cut link ends the job after this long instead of hanging."""
 
 
 @dataclass
@@ -295,6 +320,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
+ATTENTION_IMPLS = ("sdpa", "eager", "flash_attention_2")
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
     from trainer.objectives import OBJECTIVES
@@ -328,8 +357,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"faults.signals: {name.strip()!r} is not a signal name (e.g. SIGTERM)"
             )
+    if f.collective_timeout_s <= 0:
+        raise ConfigError(
+            f"faults.collective_timeout_s: expected > 0, got {f.collective_timeout_s}"
+        )
     if t.lr <= 0:
         raise ConfigError(f"train.lr: expected > 0, got {t.lr}")
+    for name, impl, known in (
+        ("model.attention", cfg.model.attention, ATTENTION_IMPLS),
+        ("train.adamw_impl", t.adamw_impl, ADAMW_IMPLS),
+    ):
+        if impl not in known:
+            raise ConfigError(f"{name}: unknown {impl!r} (known: {', '.join(known)})")
+    if t.offload_optimizer and t.zero_stage == 0:
+        raise ConfigError("train.offload_optimizer: needs train.zero_stage 1-3, got 0")
     if not 0.0 < cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: expected in (0, 1), got {cfg.model.mask_ratio}")
     if cfg.model.hidden_size % cfg.model.num_heads:
@@ -419,6 +460,17 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             f"train.zero_stage={cfg.train.zero_stage}"
         )
     zero["stage"] = cfg.train.zero_stage
+    if cfg.train.zero_stage == 3:
+        # DeepSpeed's defaults are sized for models of billions of parameters: a 5e8-element
+        # bucket (1 GB in bf16) allocated on every rank whatever the model, and every tensor
+        # under 1e5 elements kept whole on every rank. Sized by the model's width instead, as
+        # transformers' "auto" values do; a user's own values win.
+        h = cfg.model.hidden_size
+        zero.setdefault("reduce_bucket_size", h * h)
+        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * h * h))
+        zero.setdefault("stage3_param_persistence_threshold", 10 * h)
+    if cfg.train.offload_optimizer:
+        zero.setdefault("offload_optimizer", {"device": "cpu", "pin_memory": True})
     ds["zero_optimization"] = zero
     ds.setdefault("gradient_clipping", cfg.train.grad_clip)
     if cfg.train.bf16:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import groups as ds_groups
 from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
@@ -31,9 +32,11 @@ from transformers.integrations import HfDeepSpeedConfig
 from trainer.config import Config
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     """Join the process group of a launcher (torchrun, deepspeed, srun), or make one of size 1.
 
+    `timeout_s` (faults.collective_timeout_s) bounds every collective of the training thread's
+    groups: a rank whose peer is gone (node lost, link cut) fails after it instead of hanging.
     Returns (rank, world_size, local_rank). This is the only place that reads RANK & co.
     """
     if "RANK" not in os.environ:
@@ -44,12 +47,17 @@ def init_distributed() -> tuple[int, int, int]:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         _die_with_parent()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    if ds_groups._WORLD_GROUP is None:
+        # ZeRO's collectives run on DeepSpeed's clone of the world group, which it would create
+        # with torch's default timeout (30 min), not the one above: create it here, with ours.
+        ds_groups._WORLD_GROUP = dist.new_group(ranks=range(dist.get_world_size()), timeout=timeout)
     global _CONTROL
     if backend != "gloo" and dist.get_world_size() > 1:
         # The loop's small collectives (figures to log, flags, states) travel as CPU tensors and
         # pickles, which NCCL cannot carry: they get a gloo group of their own.
-        _CONTROL = dist.new_group(backend="gloo")
+        _CONTROL = dist.new_group(backend="gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -106,6 +114,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def set_throughput_features(model: PreTrainedModel, cfg: Config) -> None:
+    """The model-side settings of cfg: attention kernel, activation checkpointing."""
+    if cfg.model.attention == "flash_attention_2" and not torch.cuda.is_available():
+        raise ValueError("model.attention: flash_attention_2 needs a GPU (use sdpa here)")
+    if model.config._attn_implementation != cfg.model.attention:
+        model.set_attn_implementation(cfg.model.attention)
+    if cfg.train.activation_checkpointing:
+        # Non-reentrant: works with inputs that need no grad and under ZeRO-3's hooks.
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over param_groups(); DeepSpeed's CPU Adam when the optimizer is offloaded."""
+    groups, t = param_groups(model, cfg.train.weight_decay), cfg.train
+    if t.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(0.9, 0.999), adamw_mode=True)
+    impl = t.adamw_impl
+    if impl == "auto":
+        impl = "fused" if torch.cuda.is_available() else "default"
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True},
+              "loop": {"foreach": False}}.get(impl, {})  # fmt: skip
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), **kwargs)
+
+
 def build_engine(
     cfg: Config, ds_config: dict[str, Any], build_model: Callable[[], PreTrainedModel]
 ) -> tuple[Any, HfDeepSpeedConfig]:
@@ -117,15 +153,16 @@ def build_engine(
     hf_ds = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every restart
     model = build_model()
+    set_throughput_features(model, cfg)
     # Dropout then differs across ranks but not across restarts of the same rank.
     torch.manual_seed(cfg.train.seed * 100_003 + int(os.environ.get("RANK", "0")))
-    opt = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.999)
-    )
+    opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
     )
+    if cfg.train.compile:
+        engine.compile()  # compiles the module in place: parameter names are unchanged
     if engine.zero_optimization_stage() == 3:  # the settings each sub-group must keep
         engine._dm_group_hparams = [
             {k: v for k, v in g.items() if k != "params"}

@@ -371,6 +371,7 @@ class Trainer:
             if self.pos.step % t.log_every == 0 or self.pos.step == t.steps or preempted:
                 self._log(window)
                 window = _Window()
+            failpoints.pause_if("train.pause", self.pos.step, self.rank)
             if preempted:
                 raise Preempted(self.signals.received or "a signal on another rank")
         if self.tracker:
@@ -644,7 +645,7 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM: what schedulers expect of a job that stop
 def run_worker(cfg: Config) -> int:
     """Entry point of one rank."""
     objective = preflight(cfg)
-    rank, world_size, _ = eng.init_distributed()
+    rank, world_size, _ = eng.init_distributed(cfg.faults.collective_timeout_s)
     trainer = Trainer(cfg, objective, rank, world_size)
     try:
         pos = trainer.train()

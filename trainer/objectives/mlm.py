@@ -39,7 +39,8 @@ class MLMObjective(Objective):
         return BertForMaskedLM(self.model_config())
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
-        ids = pad_and_truncate([s["input_ids"] for s in samples], self.cfg.data.seq_len)
+        docs, seq_len = [s["input_ids"] for s in samples], self.cfg.data.seq_len
+        ids = pack(docs, seq_len) if self.cfg.data.packing else pad_and_truncate(docs, seq_len)
         attention = (ids != PAD_ID).long()  # [B, T]
         input_ids, labels = mask_tokens(
             ids, self.cfg.model.mask_ratio, int(self.meta["vocab_size"]), gen
@@ -80,6 +81,17 @@ def pad_and_truncate(seqs: list[np.ndarray], seq_len: int) -> torch.Tensor:
             s = np.concatenate([s[: seq_len - 1], [SEP_ID]])
         out[i, : len(s)] = torch.from_numpy(s)
     return out
+
+
+def pack(seqs: list[np.ndarray], seq_len: int) -> torch.Tensor:
+    """The documents end to end (each keeps its [CLS] ... [SEP]), cut into rows of seq_len:
+    [ceil(total / seq_len), seq_len] int64, only the last row padded. A document longer than a
+    row continues on the next one instead of being truncated."""
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
+    rows = -(-len(flat) // seq_len)
+    out = torch.full((rows * seq_len,), PAD_ID, dtype=torch.long)
+    out[: len(flat)] = torch.from_numpy(flat)
+    return out.view(rows, seq_len)
 
 
 def mask_tokens(

@@ -1,0 +1,150 @@
+"""Throughput features: each one changes how the work is done, never what is computed.
+
+Activation checkpointing, the attention kernel and the AdamW kernel are checked against their
+reference on the same model and batch; packing is checked on its rows; bad settings fail with
+the key named. One short `darkmatter pretrain` run trains with all of them on. torch.compile is exercised by
+bench/features.py, not here: a cold inductor compile costs about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import metrics, run_darkmatter, write_config
+from trainer.config import ConfigError, load_config
+from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID, MLMObjective, pack
+
+
+def _cfg(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    path = write_config(tmp_path / "c.yaml", "unused", tmp_path / "run",
+                        model={"dropout": 0.0, "num_layers": 2})  # fmt: skip
+    return load_config(path, list(overrides))
+
+
+def _batch(obj: MLMObjective, n: int = 4) -> dict[str, torch.Tensor]:
+    rng = np.random.RandomState(0)
+    docs = [
+        np.concatenate([[CLS_ID], rng.randint(5, 200, rng.randint(5, 29)), [SEP_ID]])
+        for _ in range(n)
+    ]
+    return obj.make_batch([{"input_ids": d} for d in docs], torch.Generator().manual_seed(0))
+
+
+def _loss_and_grads(cfg, batch):  # type: ignore[no-untyped-def]
+    from trainer.engine import set_throughput_features
+
+    obj = MLMObjective(cfg, {"vocab_size": 200})
+    torch.manual_seed(0)
+    model = obj.build_model()
+    set_throughput_features(model, cfg)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_pack_fills_rows_end_to_end() -> None:
+    docs = [np.array([CLS_ID, 10, 11, SEP_ID]), np.array([CLS_ID, *range(20, 30), SEP_ID]),
+            np.array([CLS_ID, 40, SEP_ID])]  # fmt: skip
+    rows = pack(docs, seq_len=8)
+    flat = np.concatenate(docs)
+    assert rows.shape == (3, 8)  # 19 tokens -> ceil(19 / 8) rows
+    assert rows.flatten()[: len(flat)].tolist() == flat.tolist()  # nothing dropped or reordered
+    assert rows.flatten()[len(flat) :].tolist() == [PAD_ID] * (24 - len(flat))
+
+
+def test_packing_removes_padding(tmp_path: Path) -> None:
+    padded = MLMObjective(_cfg(tmp_path), {"vocab_size": 200})
+    packed = MLMObjective(_cfg(tmp_path, "data.packing=true"), {"vocab_size": 200})
+    a, b = _batch(padded, 8), _batch(packed, 8)
+    # The same real tokens (no document here is longer than a row), in fewer, fuller rows.
+    assert int(a["attention_mask"].sum()) == int(b["attention_mask"].sum())
+    assert b["input_ids"].shape[0] < a["input_ids"].shape[0]
+    assert float(b["attention_mask"][:-1].float().mean()) == 1.0  # only the last row has padding
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    batch = _batch(MLMObjective(cfg, {"vocab_size": 200}))
+    loss, grads = _loss_and_grads(cfg, batch)
+    loss_ckpt, grads_ckpt = _loss_and_grads(_cfg(tmp_path, "train.activation_checkpointing=true"),
+                                            batch)  # fmt: skip
+    assert torch.equal(loss, loss_ckpt)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_sdpa_matches_eager_attention(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "model.attention=eager")
+    batch = _batch(MLMObjective(cfg, {"vocab_size": 200}))
+    loss, grads = _loss_and_grads(cfg, batch)
+    loss_sdpa, grads_sdpa = _loss_and_grads(_cfg(tmp_path, "model.attention=sdpa"), batch)
+    torch.testing.assert_close(loss_sdpa, loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_sdpa[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_adamw_kernels_take_the_same_step(impl: str, tmp_path: Path) -> None:
+    from trainer.engine import build_optimizer
+
+    def one_step(cfg):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16))
+        opt = build_optimizer(model, cfg)
+        model(torch.ones(4, 16)).square().mean().backward()
+        opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    ref, ref_opt = one_step(_cfg(tmp_path, "train.adamw_impl=loop"))
+    got, opt = one_step(_cfg(tmp_path, f"train.adamw_impl={impl}"))
+    assert opt.defaults[impl] is True and ref_opt.defaults["foreach"] is False
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]  # norms/biases: none
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.attention=flash"], "model.attention: unknown 'flash'"),
+        (["train.adamw_impl=apex"], "train.adamw_impl: unknown 'apex'"),
+        (["train.offload_optimizer=true", "train.zero_stage=0"],
+         "train.offload_optimizer: needs train.zero_stage 1-3, got 0"),
+    ],
+)  # fmt: skip
+def test_bad_feature_settings_name_the_key(
+    overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _cfg(tmp_path, *overrides)
+
+
+def test_offload_sets_deepspeeds_offload_section(tmp_path: Path) -> None:
+    from trainer.config import deepspeed_config
+
+    ds = deepspeed_config(_cfg(tmp_path, "train.offload_optimizer=true"), 2)
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_pretrain_with_every_feature_on(text_ds: str, tmp_path: Path) -> None:
+    """Packing, activation checkpointing, sdpa and fused AdamW together under ZeRO-2: the loss
+    falls and throughput is reported."""
+    run_dir = tmp_path / "run"
+    cfg = write_config(
+        tmp_path / "all.yaml", text_ds, run_dir,
+        data={"packing": True},
+        train={"steps": 8, "log_every": 2, "activation_checkpointing": True,
+               "adamw_impl": "fused", "zero_stage": 2},
+        model={"attention": "sdpa", "dropout": 0.0},
+    )  # fmt: skip
+    out = run_darkmatter("pretrain", str(cfg), timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
