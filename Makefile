@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: corpora venv quickstart test test-fast lint typecheck stack-up stack-down clean
+.PHONY: corpora slurm venv quickstart test test-fast lint typecheck stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -26,11 +26,16 @@ $(STAMP): pyproject.toml
 corpora:
 	@bash launch/ensure_corpora.sh
 
+# A single-host SLURM (Debian's slurm-wlm + munge) for tests/test_slurm.py, where it can be
+# installed; otherwise that test is skipped with the reason.
+slurm:
+	@bash launch/ensure_slurm.sh
+
 quickstart: venv corpora
 	$(BIN)/darkmatter stack up
 	$(BIN)/python -m trainer.quickstart
 
-test: venv corpora
+test: venv corpora slurm
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=25 tests

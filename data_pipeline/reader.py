@@ -879,6 +879,12 @@ def _worker_main(
 ) -> None:
     """A worker process: one slot's pieces into a bounded queue until told to stop."""
     _die_with_parent()
+    # A scheduler may signal every process of the job (SLURM does, for --signal and scancel):
+    # preemption is the rank's business. The worker ends when told to, or with its rank.
+    import signal
+
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
     last: Any = None
     try:
         for piece in slot_pieces(spec, slot, epoch, step, states):
@@ -1010,7 +1016,7 @@ class _Workers:
         for proc in self.procs:
             proc.join(timeout=2.0)
             if proc.is_alive():
-                proc.terminate()
+                proc.kill()  # it ignores SIGTERM (see _worker_main) and holds nothing to save
                 proc.join()
         for q in self.queues:
             q.close()

@@ -690,7 +690,13 @@ def _slurm_requeue() -> None:
     if not re.fullmatch(r"\d+(_\d+)?", job):  # never pass an unchecked value to a command
         log.error("SLURM job id %r is malformed: not requeueing", job)
         return
-    out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:
+        out = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:  # no scontrol here, or it hangs
+        log.error("scontrol requeue %s failed: %s", job, e)
+        return
     if out.returncode:
         log.error("scontrol requeue %s failed: %s", job, out.stderr.strip())
     else:
