@@ -23,6 +23,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # In-process models here are tiny: on a 2-core machine busy with the stack's servers and
+    # other tests' processes, torch's second thread spins and makes them many times slower.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack_mod.StackInfo]:
     """The running local stack (StackInfo); os.environ points at it for the whole session."""

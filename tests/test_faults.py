@@ -151,7 +151,10 @@ def merged_data_state(ckpt_dir: Path) -> dict[str, Any]:
     return parts
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+# ZeRO-3 only, the harder of the two conversions (parameter partitions, and the loader faults
+# trainer/engine.py works around). ZeRO-2 passes the same test (`-k` it back in by adding 2);
+# both together cost 45 s more of the suite's 20-minute budget than it has.
+@pytest.mark.parametrize("stage", [3])
 def test_resume_on_another_number_of_ranks(stage: int, text_ds: str, tmp_path: Path) -> None:
     """2 ranks, killed after step 5 (checkpoint at 4); resumed on 1 rank with twice the
     accumulation (same global batch), through DeepSpeed's universal checkpoint conversion."""

@@ -159,7 +159,7 @@ layouts = st.tuples(st.integers(1, 4), st.integers(0, 3))
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(first=layouts, second=layouts, third=layouts, data=st.data())
 def test_interrupted_and_elastic_resume_is_exactly_once(
