@@ -4,7 +4,8 @@ The harness never imports the trainer's engine: ZeRO shards are consolidated wit
 `zero_to_fp32` tool, the encoder is built from the `model_config.json` the trainer saved beside
 them with `AutoModel.from_config`, and the pretraining head is dropped. An export folder
 (`darkmatter export`, or any `save_pretrained` encoder with its tokenizer or image processor) is
-loaded with `AutoModel.from_pretrained`.
+loaded with `AutoModel.from_pretrained`. T5 (the `span` objective) is the exception: AutoModel
+builds its whole encoder-decoder, so its encoder is a `T5EncoderModel` (`encoder_class`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel, T5EncoderModel
 
 from data_pipeline import storage
 from trainer import checkpoint as ckpt  # the checkpoint format only; never the engine
 
 # Where each objective's pretraining model keeps its encoder (the transformers attribute name).
-ENCODER_PREFIX = {"mlm": "bert.", "mae": "vit."}
+ENCODER_PREFIX = {
+    "mlm": "bert.",
+    "mae": "vit.",
+    "clm": "transformer.",  # GPT2LMHeadModel -> GPT2Model
+    "simclr": "vit.",  # SimCLRModel -> ViTModel (the projection head is dropped)
+    "span": "",  # T5ForConditionalGeneration -> T5EncoderModel keeps the names "shared.", "encoder."
+}
+# Weights of a pretraining model that are not its encoder's although they carry its prefix.
+NOT_ENCODER = {"span": ("decoder.", "lm_head.")}
 
 
 @dataclass
@@ -160,24 +169,42 @@ def _init_vit_mae_embeddings(encoder: Any) -> None:
     emb.initialize_weights()
 
 
+def encoder_class(config: Any) -> Any:
+    """The transformers class of the encoder for a (pretraining or encoder) config: AutoModel's,
+    but T5EncoderModel for T5, whose AutoModel (T5Model) is the encoder-decoder and needs decoder
+    inputs. An exported T5 encoder loads with `T5EncoderModel.from_pretrained`."""
+    return T5EncoderModel if config.model_type == "t5" else AutoModel
+
+
+def from_pretrained(path: str | Path) -> PreTrainedModel:
+    """An encoder folder written by `save_pretrained` (an export), with its encoder class."""
+    model: PreTrainedModel = encoder_class(AutoConfig.from_pretrained(str(path))).from_pretrained(
+        str(path)
+    )
+    return model
+
+
 def load_encoder(ref: EncoderRef, pretrained: bool = True, seed: int = 0) -> PreTrainedModel:
     """The checkpoint's encoder (pretrained=True) or the same architecture freshly initialized."""
     torch.manual_seed(seed)
     if pretrained and isinstance(ref, ExportRef):
-        export: PreTrainedModel = AutoModel.from_pretrained(str(ref.path))
+        export = from_pretrained(ref.path)
         if hasattr(export.config, "mask_ratio"):
             export.config.mask_ratio = 0.0
         return export.eval()
-    model = AutoModel.from_config(encoder_config(ref))
+    config = encoder_config(ref)
+    cls = encoder_class(config)
+    model = cls(config) if cls is not AutoModel else AutoModel.from_config(config)
     if model.config.model_type == "vit_mae":
         _init_vit_mae_embeddings(model)
     if pretrained:
         assert isinstance(ref, CheckpointRef)
         prefix = ENCODER_PREFIX[ref.meta["objective"]]
+        dropped = NOT_ENCODER.get(ref.meta["objective"], ())
         sd = {
             k[len(prefix) :]: v
             for k, v in consolidated_state_dict(ref).items()
-            if k.startswith(prefix)
+            if k.startswith(prefix) and not k[len(prefix) :].startswith(dropped)
         }
         missing, unexpected = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("pooler.")]  # the MLM model has no pooler

@@ -1,6 +1,8 @@
 """`darkmatter export CHECKPOINT_OR_RUN OUT_DIR`: the checkpoint's encoder as a `save_pretrained`
 folder (safetensors weights, config, and the tokenizer for text or the image processor for
-images), loadable by `AutoModel.from_pretrained` and `AutoTokenizer` / `AutoImageProcessor`.
+images), loadable by `AutoModel.from_pretrained` and `AutoTokenizer` / `AutoImageProcessor`
+(a T5 encoder, from the `span` objective, by `T5EncoderModel.from_pretrained`: AutoModel would
+build the whole encoder-decoder around it).
 ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32; the checkpoint may be local or in
 object storage, and its files are verified against its commit record first.
 
@@ -18,7 +20,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from evaluation.checkpoints import CheckpointRef, load_encoder, resolve
+from transformers import AutoConfig
+
+from evaluation.checkpoints import (
+    CheckpointRef,
+    encoder_class,
+    from_pretrained,
+    load_encoder,
+    resolve,
+)
 
 
 def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
@@ -41,7 +51,9 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
             mask_token="[MASK]", model_max_length=int(ref.meta["data"]["seq_len"]),
         )  # fmt: skip
         tok.save_pretrained(str(out))
-    if ref.meta["objective"] == "mae":
+    from trainer.objectives import OBJECTIVES
+
+    if OBJECTIVES[ref.meta["objective"]].modality == "image":
         from transformers import ViTImageProcessor
 
         from data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
@@ -59,7 +71,7 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
     import mlflow.transformers
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers import AutoImageProcessor, AutoTokenizer
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     run_id = ref.meta.get("mlflow_run_id")
@@ -68,7 +80,7 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
     if not run_id:
         raise ValueError(f"{ref.path}: --register needs a checkpoint from a run tracked in MLflow "
                          "(this one was trained with tracking off)")  # fmt: skip
-    components: dict[str, Any] = {"model": AutoModel.from_pretrained(str(out))}
+    components: dict[str, Any] = {"model": from_pretrained(out)}
     if ref.meta.get("tokenizer"):
         task, components["tokenizer"] = "feature-extraction", AutoTokenizer.from_pretrained(out)
     else:
@@ -111,7 +123,8 @@ def cli(argv: list[str]) -> int:
     if not output:
         p.error("the output folder is required (OUT_DIR or --output)")
     ref, out = export(args.target, output)
-    print(f"exported encoder to {out} (load with transformers.AutoModel.from_pretrained)")
+    loader = encoder_class(AutoConfig.from_pretrained(str(out))).__name__
+    print(f"exported encoder to {out} (load with transformers.{loader}.from_pretrained)")
     if args.register:
         v = register(ref, out, args.register)
         print(f"registered {args.register} version {v.version}: step {ref.step} of run "

@@ -115,6 +115,9 @@ def test_adamw_kernels_take_the_same_step(impl: str, tmp_path: Path) -> None:
         (["train.adamw_impl=apex"], "train.adamw_impl: unknown 'apex'"),
         (["train.offload_optimizer=true", "train.zero_stage=0"],
          "train.offload_optimizer: needs train.zero_stage 1-3, got 0"),
+        (["data.min_crop_scale=0"], r"data.min_crop_scale: expected in \(0, 1\], got 0"),
+        (["data.flip_prob=1.5"], r"data.flip_prob: expected in \[0, 1\], got 1.5"),
+        (["faults.collective_timeout_s=0"], "faults.collective_timeout_s: expected > 0, got 0"),
     ],
 )  # fmt: skip
 def test_bad_feature_settings_name_the_key(

@@ -51,6 +51,12 @@ class DataConfig:
     """Tokens per text sample, [CLS] and [SEP] included (text objectives)."""
     image_size: int = 32
     """Side of the square images fed to the model, in pixels (image objectives)."""
+    min_crop_scale: float = 0.2
+    """Two-view objectives (simclr): the smallest share of an image's area a random crop keeps
+    (SimCLR: 0.08 on ImageNet; small images such as digits want 0.5 or more)."""
+    flip_prob: float = 0.5
+    """Two-view objectives: probability of a horizontal flip (0 for images, such as digits,
+    that a mirror changes)."""
     packing: bool = False
     """Text objectives: concatenate the micro-batch's documents (separated by [SEP]) and cut
     them into full rows of seq_len, RoBERTa's "full sentences", instead of one padded row per
@@ -73,6 +79,11 @@ class ModelConfig:
     """MAE decoder width."""
     decoder_num_layers: int = 1
     """MAE decoder blocks."""
+    projection_dim: int = 128
+    """Output width of the projection head (contrastive objectives)."""
+    temperature: float = 0.2
+    """Softmax temperature of the contrastive loss (SimCLR used 0.1-0.5; smaller batches
+    prefer the higher end)."""
     mask_ratio: float = 0.15
     """Fraction of tokens (MLM) or patches (MAE) hidden from the encoder."""
     dropout: float = 0.1
@@ -389,6 +400,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{key}: expected >= 0, got {getattr(d, key)}")
     if d.partitions < 1:
         raise ConfigError(f"data.partitions: expected >= 1, got {d.partitions}")
+    if not 0.0 < d.min_crop_scale <= 1.0:
+        raise ConfigError(f"data.min_crop_scale: expected in (0, 1], got {d.min_crop_scale}")
+    if not 0.0 <= d.flip_prob <= 1.0:
+        raise ConfigError(f"data.flip_prob: expected in [0, 1], got {d.flip_prob}")
     for key in ("max_member_mb", "cache_gb"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"data.{key}: expected > 0, got {getattr(d, key)}")

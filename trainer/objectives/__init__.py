@@ -4,12 +4,18 @@ config preset in configs/ and one smoke test."""
 from __future__ import annotations
 
 from trainer.objectives.base import Objective
+from trainer.objectives.clm import CLMObjective
 from trainer.objectives.mae import MAEObjective
 from trainer.objectives.mlm import MLMObjective
+from trainer.objectives.simclr import SimCLRObjective
+from trainer.objectives.span import SpanObjective
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "mlm": MLMObjective,
     "mae": MAEObjective,
+    "clm": CLMObjective,
+    "span": SpanObjective,
+    "simclr": SimCLRObjective,
 }
 
 __all__ = ["OBJECTIVES", "Objective"]

@@ -48,6 +48,21 @@ class Objective(ABC):
     def flops_inputs(self) -> dict[str, Any]:
         """The formula's inputs (logged as `mfu.*` params, so the figure can be checked)."""
 
+    def vit_kwargs(self) -> dict[str, Any]:
+        """The ViT encoder's transformers config fields (image objectives), from model.* and
+        data.image_size; no dropout (the image objectives' augmentation or masking regularizes)."""
+        m = self.cfg.model
+        return {
+            "image_size": self.cfg.data.image_size, "patch_size": m.patch_size,
+            "num_channels": 3, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
+            "num_attention_heads": m.num_heads, "intermediate_size": m.intermediate_size,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        }  # fmt: skip
+
+    def num_patches(self) -> int:
+        """Patches per image (image objectives)."""
+        return (self.cfg.data.image_size // self.cfg.model.patch_size) ** 2
+
     def to_device(self, batch: dict[str, Any], device: Any, bf16: bool) -> dict[str, Any]:
         """The batch on the model's device (a no-op on a CPU), copied asynchronously."""
         out = {}

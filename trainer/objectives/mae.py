@@ -21,28 +21,17 @@ class MAEObjective(Objective):
     def model_config(self) -> ViTMAEConfig:
         m = self.cfg.model
         return ViTMAEConfig(
-            image_size=self.cfg.data.image_size,
-            patch_size=m.patch_size,
-            num_channels=3,
-            hidden_size=m.hidden_size,
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_heads,
-            intermediate_size=m.intermediate_size,
+            **self.vit_kwargs(),
             decoder_hidden_size=m.decoder_hidden_size,
             decoder_num_hidden_layers=m.decoder_num_layers,
             decoder_num_attention_heads=m.num_heads,
             decoder_intermediate_size=4 * m.decoder_hidden_size,
             mask_ratio=m.mask_ratio,
             norm_pix_loss=True,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
         )
 
     def build_model(self) -> PreTrainedModel:
         return init_sincos_position_embeddings(ViTMAEForPreTraining(self.model_config()))
-
-    def num_patches(self) -> int:
-        return (self.cfg.data.image_size // self.cfg.model.patch_size) ** 2
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         pixels = images_to_tensor([s["image"] for s in samples], self.cfg.data.image_size)

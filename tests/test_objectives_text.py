@@ -1,0 +1,306 @@
+"""The text objectives `clm` (GPT-2 causal LM) and `span` (T5 span corruption): their batches,
+losses and FLOP counts against references computed here, and one short pretraining run each,
+exported and loaded back."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.helpers import metrics, run_darkmatter, write_config
+from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+from trainer.objectives import OBJECTIVES
+from trainer.objectives.base import Objective
+from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID
+from trainer.objectives.span import NUM_SENTINELS, random_spans_noise_mask
+
+VOCAB = 60  # the tokenizer's; span adds 100 sentinels above it
+# One thread for these tiny models: on a busy 2-core machine, torch's second thread spins
+# waiting for the first and a 0.2 s test takes 30 s.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def objective(name: str, seq_len: int = 32, packing: bool = False, layers: int = 1) -> Objective:
+    cfg = Config(
+        objective=name, data=DataConfig(url="unused", seq_len=seq_len, packing=packing),
+        train=TrainConfig(steps=1),
+        model=ModelConfig(hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=48,
+                          dropout=0.0),
+    )  # fmt: skip
+    return OBJECTIVES[name](cfg, {"modality": "text", "vocab_size": VOCAB})
+
+
+def documents(n: int, seed: int, lo: int = 4, hi: int = 40) -> list[dict[str, Any]]:
+    """Samples as the reader gives them: [CLS] body [SEP], bodies of lo..hi-1 ordinary tokens."""
+    rng = np.random.default_rng(seed)
+    return [
+        {"input_ids": np.concatenate([[CLS_ID], rng.integers(5, VOCAB, rng.integers(lo, hi)),
+                                      [SEP_ID]]).astype(np.int64)}
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def model_for(obj: Objective) -> Any:
+    torch.manual_seed(0)
+    return obj.build_model()
+
+
+def overfit(obj: Objective, batch: dict[str, Any], steps: int = 40) -> tuple[float, float]:
+    """(first loss, last loss) of `steps` AdamW steps on one fixed batch."""
+    model = model_for(obj).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def measured_flops(obj: Objective, batch: dict[str, Any]) -> int:
+    """Multiply FLOPs of one forward and backward pass, counted by torch as they run."""
+    model = model_for(obj)
+    model.set_attn_implementation("eager")  # plain matmuls, counted on every backend
+    with FlopCounterMode(display=False) as counter:
+        model(**batch).loss.backward()
+    return int(counter.get_total_flops())
+
+
+# --- clm -----------------------------------------------------------------------------------------
+
+
+def test_clm_loss_is_next_token_cross_entropy_over_real_tokens() -> None:
+    obj = objective("clm")
+    batch = obj.make_batch(documents(4, seed=1), torch.Generator().manual_seed(0))
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape == (4, 32) and (ids == PAD_ID).any()  # padded rows
+    assert torch.equal(batch["labels"] == -100, attention == 0)
+    with torch.no_grad():
+        out = model_for(obj).eval()(**batch)
+    target = ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
+    by_hand = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), target.reshape(-1))
+    assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert obj.tokens(batch) == int(attention.sum())
+
+
+def test_clm_packing_fills_rows_with_whole_documents() -> None:
+    docs = documents(5, seed=2)
+    batch = objective("clm", packing=True).make_batch(docs, torch.Generator().manual_seed(0))
+    flat = np.concatenate([d["input_ids"] for d in docs])
+    rows = -(-len(flat) // 32)
+    assert batch["input_ids"].shape == (rows, 32)
+    assert int(batch["attention_mask"][:-1].sum()) == (rows - 1) * 32  # only the last row pads
+    assert batch["input_ids"].flatten()[: len(flat)].tolist() == flat.tolist()
+
+
+def test_clm_overfits_one_batch() -> None:
+    obj = objective("clm")
+    first, last = overfit(obj, obj.make_batch(documents(4, seed=3), torch.Generator()))
+    assert first == pytest.approx(math.log(VOCAB), rel=0.1)  # a fresh model is near uniform
+    assert last < 0.1 * first, (first, last)
+
+
+def test_clm_flops_match_the_counted_multiplies() -> None:
+    """PaLM's formula as the objective applies it equals torch's count of the model's matrix
+    multiplies, forward and backward, on a row without padding."""
+    obj = objective("clm", seq_len=24, layers=2)
+    docs = documents(1, seed=4, lo=22, hi=23)  # 24 tokens: one full row
+    batch = obj.make_batch(docs, torch.Generator())
+    assert int(batch["attention_mask"].sum()) == 24
+    assert obj.flops(batch) == measured_flops(obj, batch)
+
+
+# --- span ----------------------------------------------------------------------------------------
+
+
+def spans_of(mask: torch.Tensor) -> list[int]:
+    """Lengths of the runs of True."""
+    out, run = [], 0
+    for m in mask.tolist() + [False]:
+        if m:
+            run += 1
+        elif run:
+            out.append(run)
+            run = 0
+    return out
+
+
+def test_noise_mask_has_t5s_noise_and_span_counts() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for length in range(10, 400, 3):
+        for _ in range(3):
+            mask = random_spans_noise_mask(length, 0.15, gen)
+            noise = round(length * 0.15)
+            spans = spans_of(mask)
+            assert mask.shape == (length,) and int(mask.sum()) == noise, length
+            assert len(spans) == max(1, round(noise / 3)), length
+            assert not mask[0] and mask[-1]  # T5 starts with kept tokens and ends with noise
+    # Degenerate lengths, as T5 treats them: at least one noise and one kept token.
+    assert random_spans_noise_mask(1, 0.15, gen).tolist() == [False]
+    assert random_spans_noise_mask(2, 0.15, gen).tolist() == [False, True]
+    assert int(random_spans_noise_mask(6, 0.15, gen).sum()) == 1
+
+
+def test_noise_span_lengths_are_random_with_mean_three() -> None:
+    gen = torch.Generator().manual_seed(1)
+    lengths = [n for _ in range(500) for n in spans_of(random_spans_noise_mask(120, 0.15, gen))]
+    assert len(lengths) == 500 * 6 and sum(lengths) == 500 * 18  # 18 noise tokens in 6 spans
+    counts = np.bincount(lengths)
+    assert counts[1] > counts[2] > counts[3] > counts[4] > 0  # cut points uniform: 1 most likely
+
+
+def test_masks_are_a_pure_function_of_the_generator_seed() -> None:
+    # Long enough for several spans each (one span sits at the end whatever the seed).
+    obj, docs = objective("span", seq_len=128), documents(8, seed=5, lo=60, hi=120)
+    a = obj.make_batch(docs, torch.Generator().manual_seed(7))
+    torch.manual_seed(123)  # the global RNG plays no part
+    b = obj.make_batch(docs, torch.Generator().manual_seed(7))
+    c = obj.make_batch(docs, torch.Generator().manual_seed(8))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+
+
+def reconstruct(inputs: list[int], target: list[int]) -> list[int]:
+    """The sequence the pair was made from: each sentinel in the input replaced by what follows
+    it in the target. Also checks that the sentinels are <extra_id_0>, <extra_id_1>, ... in
+    order (V + 99, V + 98, ...), and that both end with [SEP]."""
+    top = VOCAB + NUM_SENTINELS - 1
+    assert inputs[-1] == SEP_ID and target[-1] == SEP_ID
+    in_sentinels = [t for t in inputs if t >= VOCAB]
+    assert in_sentinels == [top - i for i in range(len(in_sentinels))]
+    assert [t for t in target if t >= VOCAB] == in_sentinels
+    spans: dict[int, list[int]] = {}
+    for t in target[:-1]:
+        if t >= VOCAB:
+            current = spans.setdefault(t, [])
+        else:
+            current.append(t)
+    assert all(spans.values())  # no empty span
+    out: list[int] = []
+    for t in inputs[:-1]:
+        out.extend(spans[t] if t >= VOCAB else [t])
+    return out + [SEP_ID]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_span_inputs_and_targets_reconstruct_the_documents(packing: bool) -> None:
+    obj = objective("span", packing=packing)
+    for seed in range(5):
+        docs = documents(6, seed=seed, hi=50)  # some longer than seq_len: truncated
+        batch = obj.make_batch(docs, torch.Generator().manual_seed(seed))
+        rows = []
+        for ids, att, labels in zip(
+            *(batch[k] for k in ("input_ids", "attention_mask", "labels")), strict=True
+        ):
+            inputs, target = ids[att == 1].tolist(), labels[labels != -100].tolist()
+            assert len(inputs) <= 32 and PAD_ID not in inputs
+            rows.append(reconstruct(inputs, target))
+        if packing:  # pieces of 31 tokens, each closed by [SEP]
+            flat = np.concatenate([d["input_ids"] for d in docs]).tolist()
+            assert [t for r in rows for t in r[:-1]] == flat
+            assert all(len(r) == 32 for r in rows[:-1])
+        else:  # each document, truncated to 31 tokens and closed by [SEP]
+            want = [d["input_ids"][:-1][:31].tolist() + [SEP_ID] for d in docs]
+            assert rows == want
+        assert obj.tokens(batch) == int(batch["attention_mask"].sum()) + int(
+            (batch["labels"] != -100).sum()
+        )
+
+
+def test_span_loss_is_cross_entropy_of_the_targets() -> None:
+    obj = objective("span")
+    batch = obj.make_batch(documents(4, seed=6), torch.Generator().manual_seed(0))
+    assert (batch["labels"] == -100).any()  # targets of different lengths, padded
+    with torch.no_grad():
+        out = model_for(obj).eval()(**batch)
+    logits = out.logits  # [B, T_out, V + 100]: the decoder's inputs are the labels shifted right
+    assert logits.shape[-1] == VOCAB + NUM_SENTINELS
+    by_hand = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+    assert out.loss.item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_span_overfits_one_batch() -> None:
+    obj = objective("span")
+    first, last = overfit(obj, obj.make_batch(documents(4, seed=7), torch.Generator()))
+    assert first == pytest.approx(math.log(VOCAB + NUM_SENTINELS), rel=0.1)
+    assert last < 0.1 * first, (first, last)
+
+
+def test_span_flops_match_the_counted_multiplies() -> None:
+    """The docstring's formula (encoder, decoder, cross-attention, LM head) equals torch's count
+    of the model's matrix multiplies, forward and backward, for one sequence pair."""
+    obj = objective("span", seq_len=48, layers=2)
+    batch = obj.make_batch(documents(1, seed=8, lo=40, hi=41), torch.Generator().manual_seed(0))
+    assert obj.flops(batch) == measured_flops(obj, batch)
+
+
+def test_span_refuses_more_spans_than_sentinels() -> None:
+    with pytest.raises(ValueError, match="data.seq_len: 4096 tokens .* more than the 100"):
+        objective("span", seq_len=4096)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["clm", "span"])
+def test_pretrain_export_and_load(
+    name: str, text_ds: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`darkmatter pretrain` (1 process, ZeRO-2, 6 steps) and `darkmatter export` (its command
+    function, in this process: it needs DeepSpeed's zero_to_fp32 here anyway); the export loads
+    with the class the command names and computes the evaluation encoder's features."""
+    from transformers import AutoModel, AutoTokenizer, GPT2Model, T5EncoderModel
+
+    from evaluation import export
+    from evaluation.checkpoints import load_encoder, resolve
+    from evaluation.probe import embed
+    from evaluation.tasks import export_text_inputs
+
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir, objective=name,  # type: ignore[arg-type]
+                       data={"packing": True}, checkpoint={"every": 6})  # fmt: skip
+    out = run_darkmatter("pretrain", str(cfg), env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = [r["loss"] for r in metrics(run_dir)]
+    assert len(losses) == 3 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step00000006"
+
+    assert export.cli([str(run_dir), str(tmp_path / "export")]) == 0
+    # GPT-2's encoder is what AutoModel builds; T5's AutoModel is the encoder-decoder.
+    cls: Any = {"clm": GPT2Model, "span": T5EncoderModel}[name]
+    loader: Any = AutoModel if name == "clm" else T5EncoderModel
+    assert f"(load with transformers.{loader.__name__}.from_pretrained)" in capsys.readouterr().out
+    model = loader.from_pretrained(tmp_path / "export").eval()
+    assert type(model) is cls
+    assert json.loads((tmp_path / "export/config.json").read_text())["architectures"] == [
+        cls.__name__
+    ]
+    texts = ["the red fox jumps over the lazy dog", "a blue owl", "near the green river 7"]
+    inputs = export_text_inputs(texts, tmp_path / "export")
+    assert AutoTokenizer.from_pretrained(tmp_path / "export").model_max_length == 32
+    ref = load_encoder(resolve(str(run_dir)))
+    assert type(ref) is cls
+    exported, evaluated = embed(model, inputs), embed(ref, inputs)
+    assert exported.shape == (3, 32) and np.array_equal(exported, evaluated)
+    # Pretrained, not a fresh init: the features differ from the random-init twin's.
+    fresh = embed(load_encoder(resolve(str(run_dir)), pretrained=False), inputs)
+    assert not np.allclose(exported, fresh)

@@ -1,0 +1,159 @@
+"""SimCLR: the loss against a direct formula, the all-gathered loss on 2 ranks against the
+single-process loss of the concatenated batch (values and gradients), the views' determinism,
+and that the model fits a fixed batch."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+from trainer.objectives import OBJECTIVES
+from trainer.objectives.contrastive import N_PARAMS, augment, draw_view_params, nt_xent
+
+
+def nt_xent_by_the_formula(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """Chen et al. 2020, eq. 1, one anchor at a time: l(i, j) = -log exp(s_ij/t) /
+    sum_{k != i} exp(s_ik/t) over the 2N embeddings, averaged over all 2N anchors."""
+    z = [F.normalize(v, dim=0) for v in torch.cat([z1, z2]).double()]
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        j = (i + n) % (2 * n)
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[j]) / t) / denom)
+    return total / (2 * n)
+
+
+def test_nt_xent_equals_the_papers_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    for t in (0.1, 0.5):
+        expected = nt_xent_by_the_formula(z1, z2, t)
+        assert float(nt_xent(z1, z2, t)) == pytest.approx(expected, rel=1e-5)
+
+
+def _two_ranks(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)  # the global batch
+    mine = slice(4 * rank, 4 * rank + 4)
+    a, b = z1[mine].clone().requires_grad_(), z2[mine].clone().requires_grad_()
+    loss = nt_xent(a, b, 0.2)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "ga": a.grad, "gb": b.grad}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gathered_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_path: Path) -> None:
+    """Each rank holds half the batch; the mean of the ranks' losses is the single-process loss
+    on the whole batch, and each rank's gradient (averaged over ranks, as data parallelism does)
+    is the whole-batch gradient of its rows: gradients flow through the gather."""
+    from trainer.stack import free_port
+
+    mp.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(8, 5, generator=g).requires_grad_()
+    z2 = torch.randn(8, 5, generator=g).requires_grad_()
+    whole = nt_xent(z1, z2, 0.2)
+    whole.backward()
+    torch.testing.assert_close((got[0]["loss"] + got[1]["loss"]) / 2, whole.detach())
+    for r in (0, 1):
+        rows = slice(4 * r, 4 * r + 4)
+        torch.testing.assert_close(got[r]["ga"] / 2, z1.grad[rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[r]["gb"] / 2, z2.grad[rows], rtol=1e-5, atol=1e-7)
+
+
+def test_views_are_a_function_of_the_generator() -> None:
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    p = draw_view_params(4, 2, 16, torch.Generator().manual_seed(7))
+    assert p.shape == (4, 2, N_PARAMS)
+    again = draw_view_params(4, 2, 16, torch.Generator().manual_seed(7))
+    other = draw_view_params(4, 2, 16, torch.Generator().manual_seed(8))
+    assert torch.equal(p, again) and not torch.equal(p, other)
+    v1, v2 = augment(x, p[:, 0]), augment(x, p[:, 1])
+    assert torch.equal(v1, augment(x, again[:, 0]))  # same parameters, same pixels
+    assert not torch.equal(v1, v2) and v1.shape == x.shape
+    assert float(v1.min()) >= 0.0 and float(v1.max()) <= 1.0
+    # Crop boxes lie inside the image.
+    assert bool((p[..., 0] >= 0).all() and (p[..., 0] + p[..., 2] <= 16 + 1e-4).all())
+    # Parameters that do nothing give the image back.
+    ident = p[:, 0].clone()
+    ident[:, 0:2], ident[:, 2:4], ident[:, 4:6], ident[:, 10] = 0, 16, 0, 0
+    torch.testing.assert_close(augment(x, ident), x, atol=1e-5, rtol=0)
+
+
+def _objective() -> object:
+    cfg = Config(
+        objective="simclr", data=DataConfig(url="unused", image_size=16), train=TrainConfig(steps=1),
+        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                          patch_size=4, projection_dim=16),
+    )  # fmt: skip
+    return OBJECTIVES["simclr"](cfg, {"modality": "image"})
+
+
+def test_simclr_fits_a_fixed_batch() -> None:
+    """Eight images, their views fixed (one generator seed): 40 AdamW steps take the loss from
+    about log(15) (every embedding alike) to under half of it."""
+    from sklearn.datasets import load_digits
+
+    obj = _objective()
+    digits = load_digits().images[:8]
+    samples = [{"image": np.repeat((im * 255 / 16).astype(np.uint8)[..., None], 3, -1)}
+               for im in digits]  # fmt: skip
+    torch.manual_seed(0)
+    model = obj.build_model()  # type: ignore[attr-defined]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = obj.make_batch(samples, torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
+    losses = []
+    for _ in range(40):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert abs(losses[0] - math.log(15)) < 0.8, losses[0]
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+@pytest.mark.distributed
+def test_two_ranks_from_s3_resume_bit_exact(stack: object, bucket: str, tmp_path: Path) -> None:
+    """2 ranks under ZeRO-2 read digit shards from the S3 server, each with its own half of the
+    batch and the negatives of both; a second job resumed from the step-3 checkpoint takes
+    steps 4-6 exactly as the first did (views, masks of the gather, optimizer state)."""
+    from data_pipeline.prepare import prepare
+    from tests.helpers import metrics, run_darkmatter, write_config
+    from trainer.quickstart import digits
+
+    digits(tmp_path / "png", str(tmp_path / "digits.parquet"))
+    prepare([str(tmp_path / "png")], f"{bucket}/digits", modality="image")
+    model = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+             "patch_size": 4, "projection_dim": 16}  # fmt: skip
+    runs = {}
+    for name, extra in (("first", []), ("resumed", ["--resume-from", ""])):
+        run_dir = tmp_path / name
+        cfg = write_config(
+            tmp_path / f"{name}.yaml", f"{bucket}/digits", run_dir, objective="simclr",
+            data={"image_size": 16, "shuffle_buffer": 16}, model=model,
+            train={"steps": 6, "log_every": 1, "zero_stage": 2, "micro_batch_size": 8},
+            checkpoint={"every": 3, "async_save": False},
+        )  # fmt: skip
+        if extra:
+            extra[1] = str(tmp_path / "first" / "checkpoints" / "step00000003")
+        out = run_darkmatter("pretrain", str(cfg), "--nproc", "2", *extra)
+        assert out.returncode == 0, out.stderr[-4000:]
+        runs[name] = {r["step"]: r["loss"] for r in metrics(run_dir)}
+    assert sorted(runs["first"]) == [1, 2, 3, 4, 5, 6]
+    assert sorted(runs["resumed"]) == [4, 5, 6]
+    assert [runs["resumed"][s] for s in (4, 5, 6)] == [runs["first"][s] for s in (4, 5, 6)]
+    assert all(math.isfinite(v) for v in runs["first"].values())

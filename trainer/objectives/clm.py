@@ -1,0 +1,77 @@
+"""Causal language modelling (GPT-2, Radford et al. 2019): every token predicts the next one; the
+loss is cross-entropy over all real positions but the first. With `data.packing` the micro-batch's
+documents run end to end in full rows (each keeps its [CLS] ... [SEP], so the model also learns
+where a document ends and the next begins); otherwise each document is one row, padded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+from trainer.objectives.base import Objective
+from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID, pack, pad_and_truncate
+from trainer.perf import encoder_layer_params, sequence_flops
+
+
+class CLMObjective(Objective):
+    name = "clm"
+    modality = "text"
+
+    def model_config(self) -> GPT2Config:
+        m, seq_len = self.cfg.model, self.cfg.data.seq_len
+        return GPT2Config(
+            vocab_size=int(self.meta["vocab_size"]),
+            n_positions=seq_len,
+            n_embd=m.hidden_size,
+            n_layer=m.num_layers,
+            n_head=m.num_heads,
+            n_inner=m.intermediate_size,
+            resid_pdrop=m.dropout,
+            embd_pdrop=m.dropout,
+            attn_pdrop=m.dropout,
+            # Our tokenizer's ids: a document starts with [CLS] and ends with [SEP].
+            bos_token_id=CLS_ID,
+            eos_token_id=SEP_ID,
+            pad_token_id=PAD_ID,
+        )
+
+    def build_model(self) -> PreTrainedModel:
+        return GPT2LMHeadModel(self.model_config())
+
+    def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
+        """No randomness: `gen` is unused. The model shifts the labels itself (position t's
+        logits are scored against token t+1); padding is -100, never predicted. Padding is only
+        ever at the end of a row, where causal attention keeps it out of the real tokens."""
+        docs, seq_len = [s["input_ids"] for s in samples], self.cfg.data.seq_len
+        ids = pack(docs, seq_len) if self.cfg.data.packing else pad_and_truncate(docs, seq_len)
+        attention = (ids != PAD_ID).long()  # [B, T]
+        labels = ids.masked_fill(attention == 0, -100)
+        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def matmul_params(self) -> int:
+        """The decoder blocks (Q, K, V, output, MLP) and the LM head (h×V, tied to the token
+        embedding), which runs at every position."""
+        m = self.cfg.model
+        h, vocab = m.hidden_size, int(self.meta["vocab_size"])
+        return m.num_layers * encoder_layer_params(h, m.intermediate_size) + h * vocab
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        """PaLM's formula per row on its real tokens. The attention term counts the full T×T
+        score matrix, as PaLM does for its own causal model, though half of it is masked."""
+        m = self.cfg.model
+        n, q = self.matmul_params(), m.hidden_size // m.num_heads
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return sum(sequence_flops(n, m.num_layers, m.num_heads, q, int(t)) for t in lengths)
+
+    def flops_inputs(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {
+            "matmul_params": self.matmul_params(), "layers": m.num_layers,
+            "heads": m.num_heads, "head_dim": m.hidden_size // m.num_heads,
+            "seq_len": self.cfg.data.seq_len, "counted": "real tokens (padding excluded)",
+        }  # fmt: skip

@@ -1,0 +1,100 @@
+"""What the image objectives with two views share: the views' augmentation, run batched on the
+model's device from parameters drawn on the CPU, and the contrastive loss with its negatives
+gathered from every rank.
+
+Augmentation (SimCLR, Chen et al. 2020, appendix A, at the small sizes of CIFAR): a random
+resized crop (scale 0.2-1, aspect ratio 3/4-4/3), a horizontal flip (p 0.5), colour jitter
+(p 0.8: brightness, contrast, saturation 0.4, hue 0.1), grayscale (p 0.2). Every random number
+is drawn in `draw_view_params` from the batch's generator, so a resumed run draws the same views;
+`augment` is pure tensor work (kornia's functional ops) on whatever device the pixels are on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# Columns of a view's parameters.
+X0, Y0, W, H, FLIP, JITTER, BRIGHT, CONTRAST, SATUR, HUE, GRAY = range(11)
+N_PARAMS = 11
+
+
+def draw_view_params(batch: int, views: int, size: int, gen: torch.Generator,
+                     min_scale: float = 0.2, flip_p: float = 0.5) -> torch.Tensor:  # fmt: skip
+    """[batch, views, N_PARAMS] float32: one crop box and colour recipe per sample and view. A
+    crop covers min_scale to all of the image's area."""
+    u = torch.rand((batch, views, 9), generator=gen)
+    area = min_scale + (1.0 - min_scale) * u[..., 0]
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[..., 1]
+    w = (torch.sqrt(area * torch.exp(log_ratio)) * size).clamp(2, size)
+    h = (torch.sqrt(area / torch.exp(log_ratio)) * size).clamp(2, size)
+    x0, y0 = (size - w) * u[..., 2], (size - h) * u[..., 3]
+    flip = (u[..., 4] < flip_p).float()
+    jitter = (u[..., 5] < 0.8).float()
+    gray = (u[..., 6] < 0.2).float()
+    factors = 0.6 + 0.8 * torch.rand((batch, views, 3), generator=gen)  # 1 ± 0.4
+    hue = -0.1 + 0.2 * u[..., 7]
+    return torch.stack(
+        [x0, y0, w, h, flip, jitter, factors[..., 0], factors[..., 1], factors[..., 2], hue, gray],
+        dim=-1,
+    )
+
+
+def augment(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """One view of [B, 3, S, S] pixels in [0, 1] by parameters [B, N_PARAMS]; float32 in and out."""
+    from kornia.color import rgb_to_grayscale
+    from kornia.enhance import (
+        adjust_brightness,
+        adjust_contrast_with_mean_subtraction,
+        adjust_hue,
+        adjust_saturation,
+    )
+    from kornia.geometry.transform import crop_and_resize
+
+    size = x.shape[-1]
+    x0, y0 = p[:, X0], p[:, Y0]
+    x1, y1 = x0 + p[:, W] - 1, y0 + p[:, H] - 1
+    boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
+                         torch.stack([x1, y1], -1), torch.stack([x0, y1], -1)], dim=1)  # fmt: skip
+    v = crop_and_resize(x, boxes, (size, size))
+    v = torch.where(p[:, FLIP, None, None, None] > 0, v.flip(-1), v)
+    jittered = adjust_brightness(v, p[:, BRIGHT] - 1.0)
+    jittered = adjust_contrast_with_mean_subtraction(jittered, p[:, CONTRAST])
+    jittered = adjust_saturation(jittered, p[:, SATUR])
+    jittered = adjust_hue(jittered, p[:, HUE] * 2 * math.pi).clamp(0, 1)
+    v = torch.where(p[:, JITTER, None, None, None] > 0, jittered, v)
+    gray = rgb_to_grayscale(v).expand_as(v)
+    return torch.where(p[:, GRAY, None, None, None] > 0, gray, v)
+
+
+def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """[B, d] on each of N ranks -> [N·B, d] on every rank, rank-major. Gradients flow back to
+    each rank's own rows (summed over the ranks whose losses used them)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z), dim=0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent over the global batch: the two views of each sample are positives, the
+    other 2·N·B - 2 embeddings of every rank are negatives. Returns this rank's mean over its
+    own 2·B anchors, so that the mean over ranks (what data parallelism's gradient averaging
+    takes) is the loss of the whole batch."""
+    b = z1.shape[0]
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    z1, z2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    all1, all2 = gather_with_grad(z1), gather_with_grad(z2)
+    n = all1.shape[0]  # N·B
+    everything = torch.cat([all1, all2], dim=0)  # [2NB, d]: views 1 of all ranks, then views 2
+    anchors = torch.cat([z1, z2], dim=0)  # [2B, d]
+    own = torch.arange(b, device=z1.device) + rank * b  # this rank's rows in all1 / all2
+    self_idx = torch.cat([own, own + n])
+    positive = torch.cat([own + n, own])
+    logits = anchors @ everything.T / temperature  # [2B, 2NB]
+    logits[torch.arange(2 * b, device=z1.device), self_idx] = float("-inf")
+    return F.cross_entropy(logits, positive)

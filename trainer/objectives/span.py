@@ -1,0 +1,209 @@
+"""Span corruption (T5, Raffel et al. 2020, section 3.1.4) on an encoder-decoder T5.
+
+Of each sequence, `model.mask_ratio` of the tokens (0.15 by default, T5's noise density) are
+chosen in spans of 3 tokens on average, by T5's `random_spans_noise_mask`. The encoder sees the
+sequence with every noise span replaced by one sentinel; the decoder produces each sentinel
+followed by the tokens it replaced, then [SEP] as end of sequence:
+
+    [CLS] the quick brown fox jumps over the lazy dog
+    input:  [CLS] the <extra_id_0> fox jumps <extra_id_1> dog [SEP]
+    target: <extra_id_0> quick brown <extra_id_1> over the lazy [SEP]
+
+The sentinels are 100 ids appended after the tokenizer's vocabulary V, counted down from the top
+as T5 does: <extra_id_i> = V + 99 - i. A document's own closing [SEP] is removed before the
+corruption and appended to input and target afterwards (T5 appends EOS after corrupting), so
+evaluation sees the encoder's inputs as in training: [CLS] ... [SEP].
+
+With `data.packing` the micro-batch's documents run end to end and are cut into sequences of
+seq_len - 1 tokens (T5 also corrupts concatenated text); otherwise each document is one sequence,
+truncated to seq_len - 1 tokens. Encoder inputs are then never longer than seq_len.
+
+As in T5 (without its later `random_roll` option), a sequence short enough for a single noise
+span (under 31 tokens at density 0.15) always has that span at its end; packing keeps
+most sequences at seq_len - 1 tokens, with several spans placed at random.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, T5Config, T5ForConditionalGeneration
+
+from trainer.config import Config
+from trainer.objectives.base import Objective
+from trainer.objectives.mlm import PAD_ID, SEP_ID
+from trainer.perf import encoder_layer_params, sequence_flops
+
+NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
+MEAN_SPAN_LENGTH = 3.0  # T5's mean noise span length
+
+
+class SpanObjective(Objective):
+    name = "span"
+    modality = "text"
+
+    def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
+        super().__init__(cfg, dataset_meta)
+        longest = cfg.data.seq_len - 1
+        spans = noise_span_counts(longest, cfg.model.mask_ratio)[1]
+        if spans > NUM_SENTINELS:
+            raise ValueError(
+                f"data.seq_len: {cfg.data.seq_len} tokens at model.mask_ratio "
+                f"{cfg.model.mask_ratio} make {spans} noise spans, more than the "
+                f"{NUM_SENTINELS} sentinels"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary and the sentinels."""
+        return int(self.meta["vocab_size"]) + NUM_SENTINELS
+
+    def model_config(self) -> T5Config:
+        m = self.cfg.model
+        config = T5Config(
+            vocab_size=self.vocab_size,
+            d_model=m.hidden_size,
+            d_kv=m.hidden_size // m.num_heads,
+            d_ff=m.intermediate_size,
+            num_layers=m.num_layers,
+            num_decoder_layers=m.num_layers,
+            num_heads=m.num_heads,
+            dropout_rate=m.dropout,
+            # Relative attention (32 buckets, distance 128), ReLU feed-forward and tied
+            # embeddings: T5's defaults.
+            pad_token_id=PAD_ID,
+            eos_token_id=SEP_ID,
+        )
+        # The decoder starts from [PAD], as T5's does (not a declared field of T5Config in
+        # transformers 5, but the model reads it and the config saves it).
+        config.decoder_start_token_id = PAD_ID
+        return config
+
+    def build_model(self) -> PreTrainedModel:
+        return T5ForConditionalGeneration(self.model_config())
+
+    def sequences(self, samples: list[dict[str, Any]]) -> list[np.ndarray]:
+        """What gets corrupted: the documents without their closing [SEP], one per document
+        (truncated) or end to end in pieces of seq_len - 1 tokens (data.packing)."""
+        docs = [np.asarray(s["input_ids"], dtype=np.int64) for s in samples]
+        n = self.cfg.data.seq_len - 1
+        if self.cfg.data.packing:
+            flat = np.concatenate(docs)
+            return [flat[i : i + n] for i in range(0, len(flat), n)]
+        return [d[:-1][:n] if len(d) and d[-1] == SEP_ID else d[:n] for d in docs]
+
+    def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
+        """Encoder inputs padded with [PAD] (attention_mask 0), targets padded with -100; the
+        model makes the decoder's inputs from the labels (shifted right, [PAD] first)."""
+        top = self.vocab_size - 1  # <extra_id_0>
+        inputs, targets = [], []
+        for seq in self.sequences(samples):
+            ids = torch.from_numpy(seq)
+            mask = random_spans_noise_mask(len(ids), self.cfg.model.mask_ratio, gen)
+            eos = torch.tensor([SEP_ID])
+            inputs.append(torch.cat([spans_to_sentinels(ids, mask, top), eos]))
+            targets.append(torch.cat([spans_to_sentinels(ids, ~mask, top), eos]))
+        input_ids = _pad(inputs, PAD_ID)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (input_ids != PAD_ID).long(),
+            "labels": _pad(targets, -100),
+        }
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Encoder input tokens and decoder target tokens."""
+        return int(batch["attention_mask"].sum()) + int((batch["labels"] != -100).sum())
+
+    def flops_per_sequence(self, t_in: int, t_out: int) -> float:
+        """Training FLOPs of one sequence pair, PaLM's formula per stack (trainer.perf):
+
+            encoder: sequence_flops(L·(4h² + 2hI), L, H, Q, T_in)
+            decoder: sequence_flops(L·(6h² + 2hI) + hV, L, H, Q, T_out)
+                     (self-attention Q K V O, cross-attention Q O, MLP, LM head)
+            cross-attention: 6·L·2h²·T_in (its K and V of the encoder output, per layer)
+                     + 12·L·H·Q·T_in·T_out (its scores and weighted sum)
+
+        h = hidden_size, I = intermediate_size, V = vocabulary with sentinels, Q = h / H."""
+        m = self.cfg.model
+        h, n_layers, heads = m.hidden_size, m.num_layers, m.num_heads
+        q, ff = h // heads, m.intermediate_size
+        encoder = sequence_flops(n_layers * encoder_layer_params(h, ff), n_layers, heads, q, t_in)
+        decoder = sequence_flops(
+            n_layers * (encoder_layer_params(h, ff) + 2 * h * h) + h * self.vocab_size,
+            n_layers,
+            heads,
+            q,
+            t_out,
+        )
+        cross = 6.0 * n_layers * 2 * h * h * t_in + 12.0 * n_layers * heads * q * t_in * t_out
+        return encoder + decoder + cross
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        t_in = batch["attention_mask"].sum(dim=1).tolist()
+        t_out = (batch["labels"] != -100).sum(dim=1).tolist()
+        return sum(
+            self.flops_per_sequence(int(a), int(b)) for a, b in zip(t_in, t_out, strict=True)
+        )
+
+    def flops_inputs(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {
+            "layers": m.num_layers, "decoder_layers": m.num_layers, "heads": m.num_heads,
+            "head_dim": m.hidden_size // m.num_heads, "hidden": m.hidden_size,
+            "intermediate": m.intermediate_size, "vocab": self.vocab_size,
+            "seq_len": self.cfg.data.seq_len,
+            "counted": "real encoder and decoder tokens (padding excluded), cross-attention",
+        }  # fmt: skip
+
+
+def noise_span_counts(length: int, density: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a sequence, as T5 computes them: round(length × density)
+    and round(noise / 3), at least one of each, at least one non-noise token. Python's round()
+    rounds halves to even, as tf.round does. One guard of ours: no more spans than non-noise
+    tokens (T5 fails there; it happens only at densities far above 0.5)."""
+    length = max(length, 2)  # T5: "increase length to avoid degeneracy"
+    noise = min(max(round(length * density), 1), length - 1)
+    spans = max(round(noise / MEAN_SPAN_LENGTH), 1)
+    return noise, min(spans, length - noise)
+
+
+def random_spans_noise_mask(length: int, density: float, gen: torch.Generator) -> torch.Tensor:
+    """T5's `random_spans_noise_mask` ([length] bool, True = noise): the noise and the non-noise
+    tokens are each cut at random into as many non-empty spans as noise_span_counts says, and
+    interleaved, a non-noise span first. So the first token is never noise, the last always is."""
+    orig_length, length = length, max(length, 2)
+    noise, spans = noise_span_counts(length, density)
+    noise_lengths = _random_segmentation(noise, spans, gen)
+    nonnoise_lengths = _random_segmentation(length - noise, spans, gen)
+    interleaved = torch.stack([nonnoise_lengths, noise_lengths], dim=1).reshape(-1)
+    starts = interleaved.cumsum(0)[:-1]
+    indicator = torch.zeros(length, dtype=torch.long)
+    indicator[starts] = 1
+    return (indicator.cumsum(0) % 2 == 1)[:orig_length]
+
+
+def _random_segmentation(items: int, segments: int, gen: torch.Generator) -> torch.Tensor:
+    """Lengths of `segments` non-empty segments partitioning `items`, uniformly at random: the
+    segments - 1 cut points are a random subset of the items - 1 gaps (T5's shuffled indicator)."""
+    first_in_segment = torch.zeros(items, dtype=torch.long)
+    first_in_segment[1:] = (torch.randperm(items - 1, generator=gen) < segments - 1).long()
+    return torch.bincount(first_in_segment.cumsum(0), minlength=segments)
+
+
+def spans_to_sentinels(ids: torch.Tensor, mask: torch.Tensor, top: int) -> torch.Tensor:
+    """T5's `noise_span_to_unique_sentinel`: each run of True in `mask` becomes one sentinel,
+    the i-th (from 0) run becoming top - i. Called with ~mask it gives the targets."""
+    prev = torch.zeros_like(mask)
+    prev[1:] = mask[:-1]
+    first = mask & ~prev
+    sentinels = top + 1 - first.long().cumsum(0)
+    return torch.where(first, sentinels, ids)[~(mask & prev)]
+
+
+def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
