@@ -73,3 +73,30 @@ class Objective(ABC):
                     v = v.to(torch.bfloat16)
             out[k] = v
         return out
+
+
+class TokenFlops:
+    """flops() and flops_inputs() of a text model whose every real token goes through the same
+    multiplies (`matmul_params()`): PaLM's formula per row on its real tokens (the attention
+    term counts the full T×T score matrix, as PaLM does, also for causal models)."""
+
+    cfg: Config
+
+    def matmul_params(self) -> int:
+        raise NotImplementedError
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        from trainer.perf import sequence_flops
+
+        m = self.cfg.model
+        n, q = self.matmul_params(), m.hidden_size // m.num_heads
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        return sum(sequence_flops(n, m.num_layers, m.num_heads, q, int(t)) for t in lengths)
+
+    def flops_inputs(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {
+            "matmul_params": self.matmul_params(), "layers": m.num_layers,
+            "heads": m.num_heads, "head_dim": m.hidden_size // m.num_heads,
+            "seq_len": self.cfg.data.seq_len, "counted": "real tokens (padding excluded)",
+        }  # fmt: skip

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from trainer.objectives.base import Objective
+from trainer.objectives.base import Objective, TokenFlops
 from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID, pack, pad_and_truncate
-from trainer.perf import encoder_layer_params, sequence_flops
+from trainer.perf import encoder_layer_params
 
 
-class CLMObjective(Objective):
+class CLMObjective(TokenFlops, Objective):
     name = "clm"
     modality = "text"
 
@@ -59,19 +59,3 @@ class CLMObjective(Objective):
         m = self.cfg.model
         h, vocab = m.hidden_size, int(self.meta["vocab_size"])
         return m.num_layers * encoder_layer_params(h, m.intermediate_size) + h * vocab
-
-    def flops(self, batch: dict[str, Any]) -> float:
-        """PaLM's formula per row on its real tokens. The attention term counts the full T×T
-        score matrix, as PaLM does for its own causal model, though half of it is masked."""
-        m = self.cfg.model
-        n, q = self.matmul_params(), m.hidden_size // m.num_heads
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        return sum(sequence_flops(n, m.num_layers, m.num_heads, q, int(t)) for t in lengths)
-
-    def flops_inputs(self) -> dict[str, Any]:
-        m = self.cfg.model
-        return {
-            "matmul_params": self.matmul_params(), "layers": m.num_layers,
-            "heads": m.num_heads, "head_dim": m.hidden_size // m.num_heads,
-            "seq_len": self.cfg.data.seq_len, "counted": "real tokens (padding excluded)",
-        }  # fmt: skip

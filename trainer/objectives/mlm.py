@@ -9,14 +9,14 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
 
-from trainer.objectives.base import Objective
-from trainer.perf import encoder_layer_params, sequence_flops
+from trainer.objectives.base import Objective, TokenFlops
+from trainer.perf import encoder_layer_params
 
 # Fixed by `darkmatter prepare`'s tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
 PAD_ID, CLS_ID, SEP_ID, MASK_ID, NUM_SPECIAL = 0, 2, 3, 4, 5
 
 
-class MLMObjective(Objective):
+class MLMObjective(TokenFlops, Objective):
     name = "mlm"
     modality = "text"
 
@@ -56,20 +56,6 @@ class MLMObjective(Objective):
         m = self.cfg.model
         h, vocab = m.hidden_size, int(self.meta["vocab_size"])
         return m.num_layers * encoder_layer_params(h, m.intermediate_size) + h * h + h * vocab
-
-    def flops(self, batch: dict[str, Any]) -> float:
-        m = self.cfg.model
-        n, q = self.matmul_params(), m.hidden_size // m.num_heads
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        return sum(sequence_flops(n, m.num_layers, m.num_heads, q, int(t)) for t in lengths)
-
-    def flops_inputs(self) -> dict[str, Any]:
-        m = self.cfg.model
-        return {
-            "matmul_params": self.matmul_params(), "layers": m.num_layers,
-            "heads": m.num_heads, "head_dim": m.hidden_size // m.num_heads,
-            "seq_len": self.cfg.data.seq_len, "counted": "real tokens (padding excluded)",
-        }  # fmt: skip
 
 
 def pad_and_truncate(seqs: list[np.ndarray], seq_len: int) -> torch.Tensor:
