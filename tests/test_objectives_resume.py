@@ -1,4 +1,4 @@
-"""Every objective added after the vertical slice, on 2 ranks under ZeRO-2 from shards on the S3
+"""Objectives added after the vertical slice, on 2 ranks under ZeRO-2 from shards on the S3
 server: a job resumed from a checkpoint takes the following steps exactly as the uninterrupted
 job did — the same samples, masks or views (functions of seed, step, rank and micro-batch),
 dropout RNG, optimizer state and, for simclr, the negatives gathered from both ranks.
@@ -23,12 +23,15 @@ IMAGE = {
     "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
               "patch_size": 4, "projection_dim": 16},
 }  # fmt: skip
-SETTINGS: dict[str, dict[str, Any]] = {"clm": TEXT, "span": TEXT, "simclr": IMAGE}
+# One case, ~40 s of DeepSpeed start-up: simclr, whose gathered negatives couple the ranks.
+# span (sentinels, random spans; it passes the same test) and clm (mlm's packing without masks)
+# are left out only for the 20-minute budget of make test: add them back when it has room.
+SETTINGS: dict[str, dict[str, Any]] = {"simclr": IMAGE}
 
 
 @pytest.fixture(scope="module")
 def s3_shards(stack: object, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Text and image shards in one bucket of the session's S3 server."""
+    """The shards the objectives under test read, in one bucket of the session's S3 server."""
     import boto3
 
     from trainer.quickstart import digits
@@ -38,11 +41,16 @@ def s3_shards(stack: object, tmp_path_factory: pytest.TempPathFactory) -> dict[s
                  aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                  aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
                  region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket="objectives")  # fmt: skip
+    from trainer.objectives import OBJECTIVES
+
     tmp = tmp_path_factory.mktemp("objective-data")
-    corpus = synthetic_corpus(tmp / "corpus.txt")
-    prepare([str(corpus)], "s3://objectives/text", modality="text", vocab_size=200)
-    digits(tmp / "png", str(tmp / "digits.parquet"))
-    prepare([str(tmp / "png")], "s3://objectives/images", modality="image")
+    needed = {OBJECTIVES[name].modality for name in SETTINGS}
+    if "text" in needed:
+        corpus = synthetic_corpus(tmp / "corpus.txt")
+        prepare([str(corpus)], "s3://objectives/text", modality="text", vocab_size=200)
+    if "image" in needed:
+        digits(tmp / "png", str(tmp / "digits.parquet"))
+        prepare([str(tmp / "png")], "s3://objectives/images", modality="image")
     return {"text": "s3://objectives/text", "image": "s3://objectives/images"}
 
 
