@@ -75,15 +75,14 @@ class Objective(ABC):
         return out
 
 
-class TokenFlops:
-    """flops() and flops_inputs() of a text model whose every real token goes through the same
+class TokenFlops(Objective):
+    """An objective whose flops() and flops_inputs() are those of a text model whose every real token goes through the same
     multiplies (`matmul_params()`): PaLM's formula per row on its real tokens (the attention
     term counts the full T×T score matrix, as PaLM does, also for causal models)."""
 
-    cfg: Config
-
+    @abstractmethod
     def matmul_params(self) -> int:
-        raise NotImplementedError
+        """Weights of the multiplies every real token goes through."""
 
     def flops(self, batch: dict[str, Any]) -> float:
         from trainer.perf import sequence_flops

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from trainer.objectives.base import Objective, TokenFlops
+from trainer.objectives.base import TokenFlops
 from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID, pack, pad_and_truncate
 from trainer.perf import encoder_layer_params
 
 
-class CLMObjective(TokenFlops, Objective):
+class CLMObjective(TokenFlops):
     name = "clm"
     modality = "text"
 

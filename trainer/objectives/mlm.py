@@ -9,14 +9,14 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
 
-from trainer.objectives.base import Objective, TokenFlops
+from trainer.objectives.base import TokenFlops
 from trainer.perf import encoder_layer_params
 
 # Fixed by `darkmatter prepare`'s tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4.
 PAD_ID, CLS_ID, SEP_ID, MASK_ID, NUM_SPECIAL = 0, 2, 3, 4, 5
 
 
-class MLMObjective(TokenFlops, Objective):
+class MLMObjective(TokenFlops):
     name = "mlm"
     modality = "text"
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, T5Config, T5ForConditionalGeneration
 
 from trainer.config import Config
@@ -105,11 +106,11 @@ class SpanObjective(Objective):
             eos = torch.tensor([SEP_ID])
             inputs.append(torch.cat([spans_to_sentinels(ids, mask, top), eos]))
             targets.append(torch.cat([spans_to_sentinels(ids, ~mask, top), eos]))
-        input_ids = _pad(inputs, PAD_ID)
+        input_ids = pad_sequence(inputs, batch_first=True, padding_value=PAD_ID)
         return {
             "input_ids": input_ids,
             "attention_mask": (input_ids != PAD_ID).long(),
-            "labels": _pad(targets, -100),
+            "labels": pad_sequence(targets, batch_first=True, padding_value=-100),
         }
 
     def tokens(self, batch: dict[str, Any]) -> int:
@@ -200,10 +201,3 @@ def spans_to_sentinels(ids: torch.Tensor, mask: torch.Tensor, top: int) -> torch
     first = mask & ~prev
     sentinels = top + 1 - first.long().cumsum(0)
     return torch.where(first, sentinels, ids)[~(mask & prev)]
-
-
-def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
