@@ -32,6 +32,9 @@ ENCODER_PREFIX = {
     "simclr": "vit.",  # SimCLRModel -> ViTModel (the projection head is dropped)
     "span": "",  # T5ForConditionalGeneration -> T5EncoderModel keeps the names "shared.", "encoder."
 }
+# What an export without darkmatter.json reads, by its config's model_type (else: images).
+MODEL_TYPE_MODALITY = {"bert": "text", "gpt2": "text", "t5": "text", "roberta": "text",
+                       "wav2vec2": "audio", "videomae": "video"}  # fmt: skip
 # Weights of a pretraining model that are not its encoder's although they carry its prefix.
 NOT_ENCODER = {"span": ("decoder.", "lm_head.")}
 
@@ -59,8 +62,13 @@ class CheckpointRef:
         return self.path / "model_config.json"
 
     @property
-    def is_text(self) -> bool:
-        return bool(self.meta.get("tokenizer"))
+    def modality(self) -> str:
+        """text, image, audio or video: what the encoder reads."""
+        if "modality" in self.meta:
+            return str(self.meta["modality"])
+        from trainer.objectives import OBJECTIVES  # checkpoints from before the field
+
+        return OBJECTIVES[self.meta["objective"]].modality
 
 
 @dataclass
@@ -95,8 +103,14 @@ class ExportRef:
         return self.path / "config.json"
 
     @property
-    def is_text(self) -> bool:
-        return (self.path / "tokenizer.json").is_file()
+    def modality(self) -> str:
+        """From `darkmatter export`'s record, else from what the folder holds."""
+        if "modality" in self.meta:
+            return str(self.meta["modality"])
+        if (self.path / "tokenizer.json").is_file():
+            return "text"
+        model_type = json.loads(self.config_file.read_text()).get("model_type", "")
+        return MODEL_TYPE_MODALITY.get(model_type, "image")
 
 
 EncoderRef = CheckpointRef | ExportRef

@@ -51,9 +51,7 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
             mask_token="[MASK]", model_max_length=int(ref.meta["data"]["seq_len"]),
         )  # fmt: skip
         tok.save_pretrained(str(out))
-    from trainer.objectives import OBJECTIVES
-
-    if OBJECTIVES[ref.meta["objective"]].modality == "image":
+    if ref.modality == "image":
         from transformers import ViTImageProcessor
 
         from data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD

@@ -21,6 +21,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,19 +63,30 @@ class Outcome:
     plots: dict[str, bytes]  # artifact path -> PNG
 
 
-def _inputs(ref: EncoderRef, data: LabeledSet) -> dict[str, Any]:
-    kind = "a text encoder" if ref.is_text else "an image encoder"
-    if (data.texts is not None) != ref.is_text:
-        raise ValueError(f"{ref.path}: task {data.name} has "
-                         f"{'texts' if data.texts is not None else 'images'} but this is {kind}")  # fmt: skip
-    if data.texts is not None:
-        if isinstance(ref, ExportRef):
-            return export_text_inputs(data.texts, ref.path)
-        return text_inputs(data.texts, ref.meta["tokenizer"], int(ref.meta["data"]["seq_len"]))
-    assert data.images is not None
+def _text_inputs(ref: EncoderRef, texts: list[str]) -> dict[str, Any]:
     if isinstance(ref, ExportRef):
-        return image_inputs(data.images, int(encoder_config(ref).image_size))
-    return image_inputs(data.images, int(ref.meta["data"]["image_size"]))
+        return export_text_inputs(texts, ref.path)
+    return text_inputs(texts, ref.meta["tokenizer"], int(ref.meta["data"]["seq_len"]))
+
+
+def _image_inputs(ref: EncoderRef, images: list[bytes]) -> dict[str, Any]:
+    if isinstance(ref, ExportRef):
+        return image_inputs(images, int(encoder_config(ref).image_size))
+    return image_inputs(images, int(ref.meta["data"]["image_size"]))
+
+
+# How each kind of labeled input becomes an encoder's inputs (keys: evaluation.tasks.KINDS).
+INPUTS: dict[str, Callable[[EncoderRef, list[Any]], dict[str, Any]]] = {
+    "text": _text_inputs,
+    "image": _image_inputs,
+}
+
+
+def _inputs(ref: EncoderRef, data: LabeledSet) -> dict[str, Any]:
+    if data.kind != ref.modality:
+        raise ValueError(f"{ref.path}: task {data.name} has {data.kind} inputs but this is "
+                         f"{'an' if ref.modality[0] in 'aeiou' else 'a'} {ref.modality} encoder")  # fmt: skip
+    return INPUTS[data.kind](ref, data.items)
 
 
 def _protocols(

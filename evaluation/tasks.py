@@ -14,9 +14,9 @@ tasks:
     metrics: [accuracy, macro_f1]
 ```
 
-A labeled set holds texts or encoded images (PNG/JPEG bytes); the input kind is found from the
-data (Parquet columns `text` / `image`, WebDataset members `.txt` / `.png` `.jpg`, files in the
-class folders).
+A labeled set holds one kind of input (`KINDS`): texts, or encoded media files (PNG/JPEG images,
+…) kept as bytes until an encoder's inputs are made. The kind is found from the data: the Parquet
+column named after it (`text`, `image`, …), WebDataset members and class-folder files by suffix.
 """
 
 from __future__ import annotations
@@ -42,7 +42,17 @@ PROTOCOLS = {
     "finetune": {"epochs": 2, "lr": 1.0e-4, "batch_size": 32},
 }
 METRICS = ("accuracy", "macro_f1")
-_IMAGE_EXT = (".png", ".jpg", ".jpeg")
+# Input kinds (an encoder's modality) and the file suffixes / WebDataset members that hold them.
+KINDS: dict[str, tuple[str, ...]] = {
+    "text": (".txt",),
+    "image": (".png", ".jpg", ".jpeg"),
+}
+
+
+def kind_of(name: str) -> str | None:
+    """The input kind of a file name or WebDataset member extension (None: not an input)."""
+    suffix = "." + name.lower().rsplit(".", 1)[-1]
+    return next((k for k, suffixes in KINDS.items() if suffix in suffixes), None)
 
 
 class TaskError(ValueError):
@@ -68,8 +78,8 @@ class TaskSpec:
 class LabeledSet:
     name: str
     labels: np.ndarray  # [N] int
-    texts: list[str] | None = None
-    images: list[bytes] | None = None
+    kind: str  # a key of KINDS
+    items: list[Any]  # [N]: str for text, the encoded file's bytes otherwise
     test_mask: np.ndarray | None = None  # [N] bool, when the data says which rows are test
     classes: list[str] = field(default_factory=list)  # label names, index = label id
 
@@ -162,49 +172,49 @@ def load_parquet(
     test = None
     if split_column:
         test = np.asarray([str(s) == "test" for s in table.column(split_column).to_pylist()])
-    if "text" in cols:
-        texts = table.column("text").to_pylist()
-        return LabeledSet(name, labels, texts=texts, test_mask=test, classes=classes)
-    if "image" in cols:
-        images = table.column("image").to_pylist()
-        return LabeledSet(name, labels, images=images, test_mask=test, classes=classes)
-    raise TaskError(f"{url}: expected a 'text' or an 'image' column (columns: {sorted(cols)})")
+    for kind in KINDS:
+        if kind in cols:
+            items = table.column(kind).to_pylist()
+            return LabeledSet(name, labels, kind, items, test_mask=test, classes=classes)
+    wanted = " or ".join(repr(k) for k in KINDS)
+    raise TaskError(f"{url}: expected a column {wanted} (columns: {sorted(cols)})")
+
+
+def _one_kind(kinds: set[str], where: str) -> str:
+    if len(kinds) > 1:
+        raise TaskError(f"{where}: mixes {' and '.join(sorted(kinds))} inputs; a task has one kind")
+    return kinds.pop()
 
 
 def load_folder(url: str, files: list[str], name: str) -> LabeledSet:
-    """URL/CLASS/FILE: the folder name is the label; images or .txt files."""
-    values, texts, images = [], [], []
+    """URL/CLASS/FILE: the folder name is the label; files of one kind (.txt, images, …)."""
+    values, items, kinds = [], [], set()
     for f in files:
         rel = f[len(url) :].strip("/").split("/")
-        if len(rel) != 2:
-            continue  # not CLASS/FILE
-        ext = Path(rel[1]).suffix.lower()
-        if ext == ".txt":
-            texts.append(read_bytes(f).decode("utf-8", errors="replace"))
-        elif ext in _IMAGE_EXT:
-            images.append(read_bytes(f))
-        else:
-            continue
+        kind = kind_of(rel[-1])
+        if len(rel) != 2 or kind is None:
+            continue  # not CLASS/FILE of a known kind
+        data = read_bytes(f)
+        items.append(data.decode("utf-8", errors="replace") if kind == "text" else data)
         values.append(rel[0])
-    if texts and images:
-        raise TaskError(f"{url}: mixes .txt files and images; a task has one kind of input")
+        kinds.add(kind)
     if not values:
-        raise TaskError(f"{url}: no CLASS/FILE.txt or CLASS/FILE.png|jpg files")
+        suffixes = "|".join(s.lstrip(".") for k in KINDS.values() for s in k)
+        raise TaskError(f"{url}: no CLASS/FILE.{suffixes} files")
     labels, classes = _encode(values, url)
-    if texts:
-        return LabeledSet(name, labels, texts=texts, classes=classes)
-    return LabeledSet(name, labels, images=images, classes=classes)
+    return LabeledSet(name, labels, _one_kind(kinds, url), items, classes=classes)
 
 
 def load_webdataset(shards: list[str], name: str, label_key: str = "cls") -> LabeledSet:
     """Labeled WebDataset shards (local or in object storage), read with webdataset: each
-    sample has a label member (`.cls` unless `label:` says otherwise) and a `.txt` or an image."""
+    sample has a label member (`.cls` unless `label:` says otherwise) and one input member (`.txt`,
+    an image, … by KINDS)."""
     import tempfile
 
     import webdataset as wds
 
     label_key = "cls" if label_key == "label" else label_key
-    values, texts, images = [], [], []
+    values, items, kinds = [], [], set()
     with tempfile.TemporaryDirectory() as tmp:
         local = []
         for i, url in enumerate(shards):
@@ -216,18 +226,15 @@ def load_webdataset(shards: list[str], name: str, label_key: str = "cls") -> Lab
             if label_key not in sample:
                 raise TaskError(f"{shards[0]}: sample {key} has no .{label_key} member")
             values.append(sample[label_key].decode().strip())
-            if "txt" in sample:
-                texts.append(sample["txt"].decode("utf-8", errors="replace"))
-            elif img := next((sample[e] for e in ("png", "jpg", "jpeg") if e in sample), None):
-                images.append(img)
-            else:
-                raise TaskError(f"{shards[0]}: sample {key} has neither .txt nor an image")
-    if texts and images:
-        raise TaskError(f"{shards[0]}: mixes text and image samples")
+            found = [(m, k) for m in sorted(sample) if m != label_key and (k := kind_of(m))]
+            if not found:
+                raise TaskError(f"{shards[0]}: sample {key} has no input member (.txt, an image…)")
+            member, kind = found[0]
+            data = sample[member]
+            items.append(data.decode("utf-8", errors="replace") if kind == "text" else data)
+            kinds.add(kind)
     labels, classes = _encode(values, shards[0])
-    if texts:
-        return LabeledSet(name, labels, texts=texts, classes=classes)
-    return LabeledSet(name, labels, images=images, classes=classes)
+    return LabeledSet(name, labels, _one_kind(kinds, shards[0]), items, classes=classes)
 
 
 def text_inputs(texts: list[str], tokenizer_url: str, seq_len: int) -> dict[str, torch.Tensor]:

@@ -106,9 +106,10 @@ tasks:
     assert split.options("finetune") == {"epochs": 1, "lr": 1e-4, "batch_size": 32}
     a = load_labeled(pets)
     assert a.classes == ["cat", "dog"] and a.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert a.images is not None and len(a.images) == 6
+    assert a.kind == "image" and len(a.items) == 6 and a.items[0][:4] == b"\x89PNG"
     b = load_labeled(shards)
-    assert b.texts == [f"text {i}" for i in range(4)] and b.labels.tolist() == [0, 1, 0, 1]
+    assert b.kind == "text" and b.items == [f"text {i}" for i in range(4)]
+    assert b.labels.tolist() == [0, 1, 0, 1]
     c = load_labeled(split)
     assert c.test_mask is not None and c.test_mask.tolist() == [False, False, True, True]
 

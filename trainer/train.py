@@ -9,6 +9,7 @@ function of (seed, step, rank, micro-batch), so it does not depend on where a re
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -592,7 +593,9 @@ class Trainer:
             "zero_stage": self.cfg.train.zero_stage, "dataset": self.cfg.data.url,
             "tokenizer": self.objective.meta.get("tokenizer_url"),
             "mlflow_run_id": self.pos.mlflow_run_id,
-            "data": {"seq_len": self.cfg.data.seq_len, "image_size": self.cfg.data.image_size},
+            "modality": self.objective.modality,
+            # What the harness and export need to make inputs as training did (url aside).
+            "data": {k: v for k, v in dataclasses.asdict(self.cfg.data).items() if k != "url"},
         }  # fmt: skip
 
 
