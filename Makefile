@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: corpora slurm venv quickstart test test-fast lint typecheck stack-up stack-down clean
+.PHONY: corpora slurm venv quickstart test test-slow test-fast lint typecheck stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -38,7 +38,11 @@ quickstart: venv corpora
 test: venv corpora slurm
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not slow" tests
+
+# What make test leaves out for its time (each a multi-process DeepSpeed job); CI runs it after.
+test-slow: venv corpora
+	$(BIN)/python -m pytest -q --durations=10 -m slow tests
 
 lint: venv
 	$(BIN)/ruff check .
