@@ -30,6 +30,8 @@ ENCODER_PREFIX = {
     "mae": "vit.",
     "clm": "transformer.",  # GPT2LMHeadModel -> GPT2Model
     "simclr": "vit.",  # SimCLRModel -> ViTModel (the projection head is dropped)
+    "moco": "vit.",  # the online encoder; the heads and the momentum teacher are dropped
+    "byol": "vit.",
     "span": "",  # T5ForConditionalGeneration -> T5EncoderModel keeps the names "shared.", "encoder."
 }
 # What an export without darkmatter.json reads, by its config's model_type (else: images).

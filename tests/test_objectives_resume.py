@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from data_pipeline.prepare import prepare
 from tests.helpers import metrics, run_darkmatter, synthetic_corpus, write_config
@@ -26,8 +27,13 @@ IMAGE = {
 # Each case costs ~40 s, nearly all of it DeepSpeed start-up. `make test` runs FAST_SETTINGS:
 # moco, whose momentum teacher and keys gathered from both ranks are the two hard parts of a
 # resume. CI runs the rest after it (`make test-slow`, marker `slow`).
-FAST_SETTINGS: dict[str, dict[str, Any]] = {}
-SLOW_SETTINGS: dict[str, dict[str, Any]] = {"clm": TEXT, "span": TEXT, "simclr": IMAGE}
+# The momentum objectives in bf16: DeepSpeed casts their teacher, which must stay fp32.
+TEACHER = {**IMAGE, "model": {**IMAGE["model"], "head_hidden_size": 32, "momentum": 0.9},
+           "train": {"bf16": True}}  # fmt: skip
+FAST_SETTINGS: dict[str, dict[str, Any]] = {"moco": TEACHER}
+SLOW_SETTINGS: dict[str, dict[str, Any]] = {
+    "clm": TEXT, "span": TEXT, "simclr": IMAGE, "byol": TEACHER,
+}  # fmt: skip
 SETTINGS = {**FAST_SETTINGS, **SLOW_SETTINGS}
 CASES = [pytest.param(name, marks=[pytest.mark.slow] * (name in SLOW_SETTINGS))
          for name in sorted(SETTINGS)]  # fmt: skip
@@ -72,7 +78,8 @@ def test_two_ranks_from_s3_resume_bit_exact(
         cfg = write_config(
             tmp_path / f"{name}.yaml", url, run_dir, objective=objective,
             data={**settings["data"]}, **({"model": settings["model"]} if "model" in settings else {}),
-            train={"steps": 4, "log_every": 1, "zero_stage": 2, "micro_batch_size": 8},
+            train={"steps": 4, "log_every": 1, "zero_stage": 2, "micro_batch_size": 8,
+                   **settings.get("train", {})},
             checkpoint={"every": 2, "async_save": False},
         )  # fmt: skip
         resume = ["--resume-from", str(tmp_path / "first" / "checkpoints" / "step00000002")]
@@ -82,3 +89,19 @@ def test_two_ranks_from_s3_resume_bit_exact(
     assert sorted(runs["first"]) == [1, 2, 3, 4] and sorted(runs["resumed"]) == [3, 4]
     assert all(math.isfinite(v) for v in runs["first"].values())
     assert [runs["resumed"][s] for s in (3, 4)] == [runs["first"][s] for s in (3, 4)]
+    # The models at the end, bit for bit (every parameter and buffer, a teacher included).
+    final = [torch.load(tmp_path / name / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+             for name in ("first", "resumed")]  # fmt: skip
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0]), objective
+    teacher = {k: v for k, v in final[0].items() if k.startswith("teacher.")}
+    if getattr(OBJECTIVES[objective], "momentum_teacher", False):
+        assert teacher and all(
+            v.dtype == torch.float32 for v in teacher.values() if v.is_floating_point()
+        )
+        online = final[0]["vit.embeddings.patch_embeddings.projection.weight"]
+        assert online.dtype == torch.bfloat16  # the engine's bf16 module: the teacher moved
+        assert not torch.equal(
+            teacher["teacher.vit.embeddings.patch_embeddings.projection.weight"], online.float()
+        )

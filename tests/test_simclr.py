@@ -1,5 +1,5 @@
 """SimCLR: the loss against a direct formula, the all-gathered loss on 2 ranks against the
-single-process loss of the concatenated batch (values and gradients), the views' determinism,
+single-process loss of the concatenated batch (values and gradients; MoCo's InfoNCE too), the views' determinism,
 and that the model fits a fixed batch. Two ranks under DeepSpeed: tests/test_objectives_resume.py."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
 from trainer.objectives import OBJECTIVES
-from trainer.objectives.contrastive import N_PARAMS, augment, draw_view_params, nt_xent
+from trainer.objectives.contrastive import N_PARAMS, augment, draw_view_params, info_nce, nt_xent
 
 
 def nt_xent_by_the_formula(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -50,14 +50,20 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     a, b = z1[mine].clone().requires_grad_(), z2[mine].clone().requires_grad_()
     loss = nt_xent(a, b, 0.2)
     loss.backward()
-    torch.save({"loss": loss.detach(), "ga": a.grad, "gb": b.grad}, f"{out}/rank{rank}.pt")
+    # MoCo v3's InfoNCE in the same processes: queries a, keys of both ranks (no gradient).
+    q = z1[mine].clone().requires_grad_()
+    moco = info_nce(q, z2[mine], 0.2)
+    moco.backward()
+    torch.save({"loss": loss.detach(), "ga": a.grad, "gb": b.grad,
+                "moco": moco.detach(), "gq": q.grad}, f"{out}/rank{rank}.pt")  # fmt: skip
     dist.destroy_process_group()
 
 
 def test_gathered_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_path: Path) -> None:
     """Each rank holds half the batch; the mean of the ranks' losses is the single-process loss
     on the whole batch, and each rank's gradient (averaged over ranks, as data parallelism does)
-    is the whole-batch gradient of its rows: gradients flow through the gather."""
+    is the whole-batch gradient of its rows: gradients flow through the gather. The same for
+    MoCo v3's InfoNCE, whose keys (from the teacher) carry no gradient."""
     from trainer.stack import free_port
 
     mp.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -68,10 +74,15 @@ def test_gathered_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_path: Pat
     whole = nt_xent(z1, z2, 0.2)
     whole.backward()
     torch.testing.assert_close((got[0]["loss"] + got[1]["loss"]) / 2, whole.detach())
+    q = z1.detach().clone().requires_grad_()
+    moco = info_nce(q, z2.detach(), 0.2)
+    moco.backward()
+    torch.testing.assert_close((got[0]["moco"] + got[1]["moco"]) / 2, moco.detach())
     for r in (0, 1):
         rows = slice(4 * r, 4 * r + 4)
         torch.testing.assert_close(got[r]["ga"] / 2, z1.grad[rows], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(got[r]["gb"] / 2, z2.grad[rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[r]["gq"] / 2, q.grad[rows], rtol=1e-5, atol=1e-7)
 
 
 def test_views_are_a_function_of_the_generator() -> None:

@@ -84,6 +84,11 @@ class ModelConfig:
     temperature: float = 0.2
     """Softmax temperature of the contrastive loss (SimCLR used 0.1-0.5; smaller batches
     prefer the higher end)."""
+    head_hidden_size: int = 512
+    """Hidden width of the projection and prediction MLPs of byol and moco (the papers: 4096)."""
+    momentum: float = 0.996
+    """Momentum of the EMA teacher (byol, moco) at step 0; it rises to 1 over train.steps on a
+    cosine (BYOL: 0.996; MoCo v3: 0.99)."""
     mask_ratio: float = 0.15
     """Fraction of tokens (MLM) or patches (MAE) hidden from the encoder."""
     dropout: float = 0.1
@@ -382,6 +387,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: unknown {impl!r} (known: {', '.join(known)})")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer: needs train.zero_stage 1-3, got 0")
+    if getattr(OBJECTIVES[cfg.objective], "momentum_teacher", False):
+        if t.zero_stage == 3:
+            raise ConfigError(
+                f"train.zero_stage: objective {cfg.objective} keeps an EMA teacher, which ZeRO-3 "
+                "would partition (not supported): use zero_stage 1 or 2"
+            )
+        if not 0.0 <= cfg.model.momentum < 1.0:
+            raise ConfigError(f"model.momentum: expected in [0, 1), got {cfg.model.momentum}")
     if not 0.0 < cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: expected in (0, 1), got {cfg.model.mask_ratio}")
     if cfg.model.hidden_size % cfg.model.num_heads:

@@ -171,6 +171,7 @@ class Trainer:
                 "load_universal": True,
             }
         self.engine, self._hf_ds = eng.build_engine(cfg, self.ds_config, objective.build_model)
+        objective.prepare_engine(self.engine)
         self.ckpt_engine = eng.attach_checkpoint_engine(self.engine)
         self.writer = ckpt.Writer(
             self.ckpt_root, self.staging, rank, functools.partial(eng.gather_to_rank0, group=eng.side_group()),
@@ -361,6 +362,8 @@ class Trainer:
             t0 = time.perf_counter()
             loss, tokens, flops, phases, applied = self._step()
             self.pos.step += 1
+            if applied:
+                self.objective.after_step(self.engine, self.pos.step)
             window.add(loss, tokens, flops, time.perf_counter() - t0, phases, applied)
             failpoints.kill_if("train.step", self.pos.step, self.rank)
             if not applied and self._skipped(self.pos.step):  # rolled back: the window restarts

@@ -4,9 +4,11 @@ config preset in configs/ and one smoke test."""
 from __future__ import annotations
 
 from trainer.objectives.base import Objective
+from trainer.objectives.byol import BYOLObjective
 from trainer.objectives.clm import CLMObjective
 from trainer.objectives.mae import MAEObjective
 from trainer.objectives.mlm import MLMObjective
+from trainer.objectives.moco import MoCoObjective
 from trainer.objectives.simclr import SimCLRObjective
 from trainer.objectives.span import SpanObjective
 
@@ -16,6 +18,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "clm": CLMObjective,
     "span": SpanObjective,
     "simclr": SimCLRObjective,
+    "moco": MoCoObjective,
+    "byol": BYOLObjective,
 }
 
 __all__ = ["OBJECTIVES", "Objective"]

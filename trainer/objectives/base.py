@@ -48,6 +48,16 @@ class Objective(ABC):
     def flops_inputs(self) -> dict[str, Any]:
         """The formula's inputs (logged as `mfu.*` params, so the figure can be checked)."""
 
+    def prepare_engine(self, engine: Any) -> None:
+        """Called once the DeepSpeed engine wraps the model, before a checkpoint is loaded into
+        it (objectives with state DeepSpeed does not manage as it should adjust it here)."""
+        return None  # most objectives' models are DeepSpeed's entirely
+
+    def after_step(self, engine: Any, step: int) -> None:
+        """Called after every optimizer step that was applied; `step` counts the steps taken,
+        this one included (objectives with a momentum teacher update it here)."""
+        return None  # most objectives have nothing outside the optimizer to update
+
     def vit_kwargs(self) -> dict[str, Any]:
         """The ViT encoder's transformers config fields (image objectives), from model.* and
         data.image_size; no dropout (the image objectives' augmentation or masking regularizes)."""

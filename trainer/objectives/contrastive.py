@@ -1,6 +1,6 @@
-"""What the image objectives with two views share: the views' augmentation, run batched on the
-model's device from parameters drawn on the CPU, and the contrastive loss with its negatives
-gathered from every rank.
+"""What the image objectives with two views share (simclr, byol, moco): their batches, the views'
+augmentation, run batched on the model's device from parameters drawn on the CPU, and the
+contrastive losses with their negatives gathered from every rank.
 
 Augmentation (SimCLR, Chen et al. 2020, appendix A, at the small sizes of CIFAR): a random
 resized crop (scale 0.2-1, aspect ratio 3/4-4/3), a horizontal flip (p 0.5), colour jitter
@@ -12,10 +12,16 @@ is drawn in `draw_view_params` from the batch's generator, so a resumed run draw
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from data_pipeline.transforms import images_to_unit
+from trainer.objectives.base import Objective
+from trainer.perf import encoder_layer_params, sequence_flops
 
 # Columns of a view's parameters.
 X0, Y0, W, H, FLIP, JITTER, BRIGHT, CONTRAST, SATUR, HUE, GRAY = range(11)
@@ -98,3 +104,64 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     logits = anchors @ everything.T / temperature  # [2B, 2NB]
     logits[torch.arange(2 * b, device=z1.device), self_idx] = float("-inf")
     return F.cross_entropy(logits, positive)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo v3's contrastive loss (Chen, Xie & He 2021, algorithm 1): each query's positive is
+    the key of its own image, the keys of every other image of every rank are its negatives;
+    scaled by 2·temperature as the paper does. Keys come from the momentum teacher and carry no
+    gradient. Returns this rank's mean over its B queries (the mean over ranks is the loss of
+    the whole batch)."""
+    b = q.shape[0]
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    keys = gather_with_grad(k.detach())  # [N·B, d], rank-major
+    logits = q @ keys.T / temperature
+    labels = torch.arange(b, device=q.device) + rank * b
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+class TwoViewObjective(Objective):
+    """An image objective whose batch is the images once, in [0, 1], plus the parameters of two
+    views per image drawn from the batch's generator; the model makes the views itself."""
+
+    modality = "image"
+
+    def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
+        d = self.cfg.data
+        pixels = images_to_unit([s["image"] for s in samples], d.image_size)
+        views = draw_view_params(len(samples), 2, d.image_size, gen, d.min_crop_scale, d.flip_prob)
+        return {"pixel_values": pixels, "view_params": views}
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        """Patches the encoder sees: both views of every image, [CLS] included."""
+        return 2 * int(batch["pixel_values"].shape[0]) * (self.num_patches() + 1)
+
+    def prepare_engine(self, engine: Any) -> None:
+        """Batch norm in the heads: under bf16 DeepSpeed casts the parameters and leaves the
+        buffers in fp32, and torch's batch norm refuses running statistics of another dtype
+        than its weight (or, without affine terms, its input). The statistics follow the
+        parameters' dtype (they only serve inference; training normalizes by the batch)."""
+        dtype = next(p.dtype for p in engine.module.parameters() if p.requires_grad)
+        for module in engine.module.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                for name in ("running_mean", "running_var"):
+                    buf = getattr(module, name)
+                    if buf is not None:
+                        setattr(module, name, buf.to(dtype))
+
+    def encoder_flops(self) -> float:
+        """Forward and backward of one view through the patch projection and the encoder."""
+        m = self.cfg.model
+        h, pix, n = m.hidden_size, 3 * m.patch_size**2, self.num_patches()
+        blocks = m.num_layers * encoder_layer_params(h, m.intermediate_size)
+        return sequence_flops(blocks, m.num_layers, m.num_heads, h // m.num_heads, n + 1) + (
+            6.0 * pix * h * n
+        )
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        return int(batch["pixel_values"].shape[0]) * self.sample_flops()
+
+    @abstractmethod
+    def sample_flops(self) -> float:
+        """Training FLOPs of one image (both views): what its model computes."""

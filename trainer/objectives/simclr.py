@@ -18,10 +18,8 @@ from torch import nn
 from transformers import PreTrainedModel, ViTConfig, ViTModel
 from transformers.utils import ModelOutput
 
-from data_pipeline.transforms import images_to_unit, normalize
-from trainer.objectives.base import Objective
-from trainer.objectives.contrastive import augment, draw_view_params, nt_xent
-from trainer.perf import encoder_layer_params, sequence_flops
+from data_pipeline.transforms import normalize
+from trainer.objectives.contrastive import TwoViewObjective, augment, nt_xent
 
 
 @dataclass
@@ -60,9 +58,8 @@ class SimCLRModel(PreTrainedModel):  # type: ignore[misc]
         return ContrastiveOutput(loss=nt_xent(z1, z2, self.config.temperature), embeddings=z)
 
 
-class SimCLRObjective(Objective):
+class SimCLRObjective(TwoViewObjective):
     name = "simclr"
-    modality = "image"
 
     def model_config(self) -> ViTConfig:
         m = self.cfg.model
@@ -74,27 +71,11 @@ class SimCLRObjective(Objective):
     def build_model(self) -> PreTrainedModel:
         return SimCLRModel(self.model_config())
 
-    def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
-        d = self.cfg.data
-        pixels = images_to_unit([s["image"] for s in samples], d.image_size)
-        views = draw_view_params(len(samples), 2, d.image_size, gen, d.min_crop_scale, d.flip_prob)
-        return {"pixel_values": pixels, "view_params": views}
-
-    def tokens(self, batch: dict[str, Any]) -> int:
-        """Patches the encoder sees: both views of every image, [CLS] included."""
-        return 2 * int(batch["pixel_values"].shape[0]) * (self.num_patches() + 1)
-
     def sample_flops(self) -> float:
-        """Two views through the patch projection, the encoder and the projection MLP."""
+        """Two views through the encoder and the projection MLP, forward and backward."""
         m = self.cfg.model
-        h, pix, n = m.hidden_size, 3 * m.patch_size**2, self.num_patches()
-        encoder = sequence_flops(m.num_layers * encoder_layer_params(h, m.intermediate_size),
-                                 m.num_layers, m.num_heads, h // m.num_heads, n + 1)  # fmt: skip
-        linear = 6.0 * (pix * h * n + h * h + h * m.projection_dim)
-        return 2 * (encoder + linear)
-
-    def flops(self, batch: dict[str, Any]) -> float:
-        return int(batch["pixel_values"].shape[0]) * self.sample_flops()
+        h = m.hidden_size
+        return 2 * (self.encoder_flops() + 6.0 * (h * h + h * m.projection_dim))
 
     def flops_inputs(self) -> dict[str, Any]:
         m = self.cfg.model

@@ -1,0 +1,175 @@
+"""What the objectives with a momentum (EMA) teacher share (byol, moco): the model with its online
+network and its teacher, the EMA update and its momentum schedule.
+
+The teacher is a frozen copy of the online encoder and projector inside the same module, so
+DeepSpeed saves and loads it with the model and a resumed run continues the same teacher. Two
+things DeepSpeed would get wrong are handled here:
+
+- precision: under bf16 DeepSpeed casts the whole module, teacher included, to bf16, where an EMA
+  step of (1 - m)·(online - teacher) ≈ 1e-6 is below half a bf16 ulp of a typical weight and
+  rounds away: the teacher would stop moving. `prepare_engine` puts the teacher back in fp32;
+  it is updated and run in fp32 (its forward is a third of the online network's work).
+- partitioning: under ZeRO-3 each rank would hold a shard of the teacher and DeepSpeed would
+  gather it for every forward; updating shards in place needs DeepSpeed's partition layout and
+  an fp32 copy of it, which is not done here. The config check refuses ZeRO-3 with a line naming
+  the combination (trainer.config.validate).
+
+The update runs after every applied optimizer step, from the online weights the step produced
+(bf16 under bf16 training: DeepSpeed keeps the fp32 masters partitioned in its optimizer), on
+every rank alike, so the teacher stays identical across ranks without a collective.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, ViTConfig, ViTModel
+from transformers.utils import ModelOutput
+
+from data_pipeline.transforms import normalize
+from trainer.objectives.contrastive import TwoViewObjective, augment
+
+
+def mlp(sizes: list[int], last_bn: bool, last_affine: bool = True) -> nn.Sequential:
+    """Linear-BN-ReLU blocks, then a last Linear (and BN, without affine terms for MoCo v3)."""
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(sizes[:-2], sizes[1:-1], strict=True):
+        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU()]
+    layers.append(nn.Linear(sizes[-2], sizes[-1], bias=not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(sizes[-1], affine=last_affine))
+    return nn.Sequential(*layers)
+
+
+def momentum_at(step: int, total: int, base: float) -> float:
+    """BYOL's schedule (Grill et al. 2020, 3.2), which MoCo v3 also uses: the momentum rises
+    from `base` at step 0 to 1 at step `total` on a half cosine."""
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total) + 1.0) / 2.0
+
+
+@torch.no_grad()
+def ema_update(teacher: list[torch.Tensor], online: list[torch.Tensor], m: float) -> None:
+    """teacher ← m·teacher + (1 - m)·online, in the teacher's precision."""
+    src = [o.detach().to(t.dtype) for t, o in zip(teacher, online, strict=True)]
+    torch._foreach_mul_(teacher, m)
+    torch._foreach_add_(teacher, src, alpha=1.0 - m)
+
+
+@dataclass
+class TeacherOutput(ModelOutput):  # type: ignore[misc]
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None  # online predictions of both views, [2B, d]
+    targets: torch.Tensor | None = None  # teacher projections of both views, [2B, d]
+
+
+class MomentumModel(PreTrainedModel, metaclass=ABCMeta):  # type: ignore[misc]
+    """A ViT encoder with a projector and a predictor (online), and a teacher: an EMA copy of
+    the encoder and projector under `teacher.`. The encoder the harness takes is `vit.`."""
+
+    config_class = ViTConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: ViTConfig):
+        super().__init__(config)
+        self.vit = ViTModel(config, add_pooling_layer=False)
+        self.projector = self.make_projector(config)
+        self.predictor = self.make_predictor(config)
+        self.teacher = nn.ModuleDict(
+            {
+                "vit": ViTModel(config, add_pooling_layer=False),
+                "projector": self.make_projector(config),
+            }
+        )
+        self.post_init()
+        self.teacher["vit"].load_state_dict(self.vit.state_dict())
+        self.teacher["projector"].load_state_dict(self.projector.state_dict())
+        self.teacher.requires_grad_(False)
+
+    @staticmethod
+    @abstractmethod
+    def make_projector(config: ViTConfig) -> nn.Module:
+        """The projection MLP (online and teacher)."""
+
+    @staticmethod
+    @abstractmethod
+    def make_predictor(config: ViTConfig) -> nn.Module:
+        """The prediction MLP (online only)."""
+
+    @abstractmethod
+    def loss(
+        self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor
+    ) -> torch.Tensor:
+        """The symmetric loss of the online predictions q and the teacher's projections k (fp32)."""
+
+    def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher, online) parameters in matching order."""
+        online: list[torch.Tensor] = [*self.vit.parameters(), *self.projector.parameters()]
+        return list(self.teacher.parameters()), online
+
+    def forward(self, pixel_values: torch.Tensor, view_params: torch.Tensor) -> TeacherOutput:
+        x = pixel_values.float()
+        views = normalize(torch.cat([augment(x, view_params[:, 0].float()),
+                                     augment(x, view_params[:, 1].float())]))  # fmt: skip
+        dtype = self.vit.embeddings.patch_embeddings.projection.weight.dtype
+        h = self.vit(pixel_values=views.to(dtype)).last_hidden_state.mean(dim=1)
+        q = self.predictor(self.projector(h)).float()
+        with torch.no_grad():
+            teacher_dtype = next(self.teacher.parameters()).dtype
+            t = self.teacher["vit"](pixel_values=views.to(teacher_dtype)).last_hidden_state
+            k = self.teacher["projector"](t.mean(dim=1)).float()
+        q1, q2 = q.chunk(2)
+        k1, k2 = k.chunk(2)
+        return TeacherOutput(loss=self.loss(q1, q2, k1, k2), predictions=q, targets=k)
+
+
+class MomentumObjective(TwoViewObjective):
+    """Two views, an online network and its EMA teacher."""
+
+    momentum_teacher = True  # trainer.config.validate refuses ZeRO-3 for these
+
+    def model_config(self) -> ViTConfig:
+        m = self.cfg.model
+        cfg = ViTConfig(**self.vit_kwargs())
+        cfg.projection_dim, cfg.head_hidden_size = m.projection_dim, m.head_hidden_size
+        cfg.temperature, cfg.momentum = m.temperature, m.momentum
+        return cfg
+
+    def prepare_engine(self, engine: Any) -> None:
+        super().prepare_engine(engine)
+        engine.module.teacher.float()  # DeepSpeed cast it to bf16 with the rest; see above
+
+    def after_step(self, engine: Any, step: int) -> None:
+        m = momentum_at(step, self.cfg.train.steps, self.cfg.model.momentum)
+        teacher, online = engine.module.pairs()
+        ema_update(teacher, online, m)
+
+    @abstractmethod
+    def head_weights(self) -> tuple[int, int]:
+        """(projector, predictor) multiply weights, for the FLOP count."""
+
+    def sample_flops(self) -> float:
+        """Per view: the online encoder, projector and predictor forward and backward, and the
+        teacher's encoder and projector forward only (a third of forward + backward)."""
+        projector, predictor = self.head_weights()
+        online = self.encoder_flops() + 6.0 * (projector + predictor)
+        teacher = (self.encoder_flops() + 6.0 * projector) / 3.0
+        return 2 * (online + teacher)
+
+    def flops_inputs(self) -> dict[str, Any]:
+        m = self.cfg.model
+        projector, predictor = self.head_weights()
+        return {
+            "layers": m.num_layers, "heads": m.num_heads, "hidden": m.hidden_size,
+            "patches": self.num_patches(), "views": 2, "projector_weights": projector,
+            "predictor_weights": predictor, "teacher": "forward only",
+            "flops_per_sample": self.sample_flops(),
+        }  # fmt: skip
