@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: corpora slurm venv quickstart test test-slow test-fast lint typecheck stack-up stack-down clean
+.PHONY: corpora slurm espeak venv quickstart test test-slow lint typecheck stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -31,17 +31,21 @@ corpora:
 slurm:
 	@bash launch/ensure_slurm.sh
 
-quickstart: venv corpora
+# espeak-ng (Debian) speaks the spoken-digits corpus of the wav2vec2 preset and its test.
+espeak:
+	@bash launch/ensure_espeak.sh
+
+quickstart: venv corpora espeak
 	$(BIN)/darkmatter stack up
 	$(BIN)/python -m trainer.quickstart
 
-test: venv corpora slurm
+test: venv corpora slurm espeak
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=25 -m "not slow" tests
 
 # What make test leaves out for its time (each a multi-process DeepSpeed job); CI runs it after.
-test-slow: venv corpora
+test-slow: venv corpora espeak
 	$(BIN)/python -m pytest -q --durations=10 -m slow tests
 
 lint: venv

@@ -1,4 +1,5 @@
-"""`darkmatter prepare`: turn text, image or audio inputs into WebDataset shards plus a manifest.
+"""`darkmatter prepare`: turn text, image, audio or video inputs into WebDataset shards plus a
+manifest.
 
 Algorithm:
   1. Inputs. Expand the inputs (files, or folders walked recursively in sorted order; dotfiles
@@ -10,7 +11,9 @@ Algorithm:
               (string column `text_field`);
        image: .png/.jpg/.jpeg/.webp files, .parquet (binary column `image_field`, or a struct
               column with a binary `bytes` field, as Hugging Face datasets store images);
-       audio: .wav/.flac files, .parquet (binary column `audio_field`, or such a struct).
+       audio: .wav/.flac files, .parquet (binary column `audio_field`, or such a struct);
+       video: animated .gif/.webp files (Pillow), .mp4/.webm/.mkv/.mov/.avi (PyAV, the optional
+              `video` extra), .parquet (binary column `video_field` of such bytes, or a struct).
   2. Plan. The ordered input is cut into work *units*, a pure function of the inputs and the
      options, never of --workers. A piece of input is a whole media or fortune file, a byte range
      of `unit_bytes` of a line-based file (.txt lines, .jsonl; a line belongs to the range that
@@ -39,7 +42,9 @@ Algorithm:
      ("[CLS] doc [SEP]", never truncated, encoded in small batches). Images and audio keep their
      original bytes under the extension of their detected format (jpg, png, webp; wav, flac)
      after a full decode check; an undecodable item is skipped and counted, or an error with
-     `strict`. With `key_field`, JSONL/Parquet samples also get `json` = {"id": value}.
+     `strict`. A video clip is decoded whole and stored as a frame sequence: one member per
+     frame, `NNNN.png` (GIF/WebP sources, lossless) or `NNNN.jpg` (lossy codecs), and `json` =
+     {"frames": n, "fps": f} (fps when the source says it). With `key_field`, JSONL/Parquet samples also get `json` = {"id": value}.
   8. Manifest. Shards are listed in (unit, shard) order, with `stats` (units, skipped,
      duplicates). Shard files of prepare's naming (this version's or the older
      `shard-NNNNNN.tar`) and unit records that this run does not list are deleted, then
@@ -80,10 +85,12 @@ TOKENIZER = "tokenizer.json"
 PROGRESS = "_progress"
 PLAN = "plan.json"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-MODALITIES = ("text", "image", "audio")
+MODALITIES = ("text", "image", "audio", "video")
 TEXT_SUFFIXES = {".txt", ".jsonl", ".parquet", ""}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".parquet"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".parquet"}
+AV_SUFFIXES = {".mp4", ".webm", ".mkv", ".mov", ".avi"}  # decoded by PyAV (optional)
+VIDEO_SUFFIXES = {".gif", ".webp", ".parquet"} | AV_SUFFIXES
 DEFAULT_SHARD_BYTES = 64 * 2**20
 UNIT_SHARDS = 8  # default unit: the input bytes of about 8 shards, so few shards are partial
 _FORMAT = 2  # bump when the same inputs and options would give other shards
@@ -106,7 +113,7 @@ class PrepareError(ValueError):
 
 
 class _Undecodable(Exception):
-    """An image or audio item the decoders refuse; the message says why."""
+    """An image, audio or video item the decoders refuse; the message says why."""
 
 
 # -- manifest -------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ class _Options:
 
     modality: str
     text_field: str
-    media_field: str  # image_field or audio_field
+    media_field: str  # image_field, audio_field or video_field
     key_field: str | None
     shard_bytes: int
     shard_samples: int | None
@@ -312,7 +319,8 @@ def _parquet_pieces(f: InputFile, opts: _Options) -> list[tuple[Piece, int]]:
     import pyarrow.parquet as pq
 
     column = opts.text_field if opts.modality == "text" else opts.media_field
-    flag = {"text": "--text-field", "image": "--image-field", "audio": "--audio-field"}
+    flag = {"text": "--text-field", "image": "--image-field", "audio": "--audio-field",
+            "video": "--video-field"}  # fmt: skip
     with storage.open_url(f.url, "rb") as fh:
         try:
             meta = pq.ParquetFile(fh).metadata
@@ -553,6 +561,82 @@ def _audio_extension(data: bytes) -> str:
     return _AUDIO_EXTENSIONS[fmt]
 
 
+def read_clip(data: bytes) -> tuple[list[np.ndarray], float | None, str]:
+    """An encoded clip -> its RGB frames (uint8 [H, W, 3], all one size), its frame rate if the
+    file says it, and the member extension its frames keep in shards: png for animated GIF/WebP
+    (Pillow composes each frame over the previous ones), jpg for what PyAV decodes (lossy
+    codecs). Raises ValueError naming why it cannot."""
+    if data[:4] == b"GIF8" or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+        (frames, fps), ext = _pillow_clip(data), "png"
+    else:
+        (frames, fps), ext = _av_clip(data), "jpg"
+    if not frames:
+        raise ValueError("no frames")
+    if len({f.shape for f in frames}) > 1:
+        raise ValueError(f"frames of different sizes {sorted({f.shape for f in frames})[:2]}")
+    return frames, fps, ext
+
+
+def _pillow_clip(data: bytes) -> tuple[list[np.ndarray], float | None]:
+    from PIL import Image, ImageSequence
+
+    frames, durations = [], []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                for frame in ImageSequence.Iterator(im):
+                    frames.append(np.asarray(frame.convert("RGB"), dtype=np.uint8).copy())
+                    durations.append(float(frame.info.get("duration") or 0))  # ms
+    except Exception as e:  # OSError, SyntaxError, EOFError on truncated frames, bombs...
+        raise ValueError(_error_text(e)) from None
+    known = bool(durations) and min(durations) > 0
+    return frames, round(1000.0 * len(durations) / sum(durations), 3) if known else None
+
+
+def _av_clip(data: bytes) -> tuple[list[np.ndarray], float | None]:
+    try:
+        import av
+    except ImportError:
+        raise ValueError(
+            "not an animated GIF/WebP, and PyAV, which decodes other video files, is not "
+            "installed (pip install 'darkmatter[video]')"
+        ) from None
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                return [], None
+            rate = container.streams.video[0].average_rate
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    except Exception as e:  # av.error.FFmpegError and its subclasses, OSError
+        text = re.sub(r"^\[Errno -?\d+\] |: '<none>'$", "", _error_text(e))
+        raise ValueError(f"not a decodable video: {text}") from None
+    return frames, round(float(rate), 3) if rate else None
+
+
+def _video_members(data: bytes) -> dict[str, bytes]:
+    """A clip's shard members: each frame encoded on its own, and the json of its counts."""
+    from PIL import Image
+
+    try:
+        frames, fps, ext = read_clip(data)
+    except ValueError as e:
+        raise _Undecodable(str(e)) from None
+    members: dict[str, bytes] = {}
+    for i, frame in enumerate(frames):
+        buf = io.BytesIO()
+        if ext == "jpg":
+            Image.fromarray(frame).save(buf, format="JPEG", quality=95)
+        else:
+            Image.fromarray(frame).save(buf, format="PNG")
+        members[f"{i:04d}.{ext}"] = buf.getvalue()
+    info: dict[str, Any] = {"frames": len(frames)}
+    if fps is not None:
+        info["fps"] = fps
+    members["json"] = json.dumps(info, sort_keys=True).encode()
+    return members
+
+
 # -- tokenizer ------------------------------------------------------------------------------
 
 
@@ -733,8 +817,8 @@ def _npy_bytes(ids: list[int]) -> bytes:
     return buf.getvalue()
 
 
-def _json_member(ident: Any) -> bytes:
-    return json.dumps({"id": ident}, sort_keys=True, default=str).encode()
+def _json_member(ident: Any, info: dict[str, Any] | None = None) -> bytes:
+    return json.dumps({**(info or {}), "id": ident}, sort_keys=True, default=str).encode()
 
 
 def _write_text_batch(writer: ShardWriter, batch: list[tuple[str, Item]], tok: Any) -> None:
@@ -811,7 +895,8 @@ def _write_unit(job: _UnitJob, opts: _Options) -> _UnitRecord:
     text = opts.modality == "text"
     tok = _tokenizer_for(job.tokenizer_url, job.tokenizer_sha) if job.tokenizer_url else None
     writer = ShardWriter(job.output_url, opts.shard_bytes, f"shard-{u:06d}-", opts.shard_samples)
-    check = _image_extension if opts.modality == "image" else _audio_extension
+    # An image or audio file is kept as it is; a video clip becomes a sequence of frames.
+    check = {"image": _image_extension, "audio": _audio_extension}.get(opts.modality)
     items = skipped = duplicates = 0
     examples: list[str] = []
     batch: list[tuple[str, Item]] = []
@@ -832,7 +917,7 @@ def _write_unit(job: _UnitJob, opts: _Options) -> _UnitRecord:
                 continue
             assert isinstance(item.data, bytes)
             try:
-                ext = check(item.data)
+                members = {check(item.data): item.data} if check else _video_members(item.data)
             except _Undecodable as e:
                 if opts.strict:
                     raise PrepareError(
@@ -842,9 +927,9 @@ def _write_unit(job: _UnitJob, opts: _Options) -> _UnitRecord:
                 if len(examples) < _SKIPPED_EXAMPLES:
                     examples.append(f"{item.source}: {e}")
                 continue
-            sample: dict[str, Any] = {"__key__": _sample_key(u, i), ext: item.data}
+            sample: dict[str, Any] = {"__key__": _sample_key(u, i), **members}
             if item.ident is not None:
-                sample["json"] = _json_member(item.ident)
+                sample["json"] = _json_member(item.ident, json.loads(members.get("json", b"{}")))
             writer.write(sample)
             ticker.add(1, writer.bytes_written - before)
         before = writer.bytes_written
@@ -1110,6 +1195,7 @@ def prepare(
     shard_samples: int | None = None,
     image_field: str = "image",
     audio_field: str = "audio",
+    video_field: str = "video",
     key_field: str | None = None,
     workers: int | None = None,
     unit_bytes: int | None = None,
@@ -1130,17 +1216,28 @@ def prepare(
     _check_options(modality, text_format, shard_bytes, shard_samples, workers, unit_bytes)
     show = sys.stderr.isatty() if progress is None else progress
     text = modality == "text"
+    media_field = {"image": image_field, "audio": audio_field, "video": video_field}
     opts = _Options(
-        modality, text_field, image_field if modality == "image" else audio_field, key_field,
+        modality, text_field, media_field.get(modality, ""), key_field,
         shard_bytes, shard_samples, unit_bytes, strict,
     )  # fmt: skip
 
     where = ", ".join(inputs)
-    suffixes = {"text": TEXT_SUFFIXES, "image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES}
+    suffixes = {"text": TEXT_SUFFIXES, "image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES,
+                "video": VIDEO_SUFFIXES}  # fmt: skip
     files = _expand(inputs, suffixes[modality])
     if not text and not files:
-        what = "images" if modality == "image" else "audio files"
+        what = {"image": "images", "audio": "audio files", "video": "video clips"}[modality]
         raise PrepareError(f"no {what} found in {where}")
+    if modality == "video" and any(_suffix(f.url) in AV_SUFFIXES for f in files):
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            first = next(f.url for f in files if _suffix(f.url) in AV_SUFFIXES)
+            raise PrepareError(
+                f"{first}: decoding {_suffix(first)} files needs PyAV "
+                "(pip install 'darkmatter[video]')"
+            ) from None
     storage.check_bucket(output_url)  # before a long tokenizer training, not after
     units = _plan(files, opts, text_format)
     given = _load_tokenizer(tokenizer) if tokenizer and text else None
@@ -1212,7 +1309,7 @@ def _check_options(
     unit_bytes: int,
 ) -> None:
     if modality not in MODALITIES:
-        raise PrepareError(f"modality must be text, image or audio, got {modality!r}")
+        raise PrepareError(f"modality must be text, image, audio or video, got {modality!r}")
     if text_format not in ("auto", "lines", "fortune"):
         raise PrepareError(f"text_format must be auto, lines or fortune, got {text_format!r}")
     if shard_bytes <= 0:
@@ -1305,7 +1402,7 @@ def _human(n: float) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    """`darkmatter prepare INPUT [INPUT ...] --output URL --modality text|image|audio ...`"""
+    """`darkmatter prepare INPUT [INPUT ...] --output URL --modality text|image|audio|video ...`"""
     p = argparse.ArgumentParser(prog="darkmatter prepare", description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursed)")
     p.add_argument(
@@ -1320,6 +1417,9 @@ def cli(argv: list[str]) -> int:
     )
     p.add_argument(
         "--audio-field", default="audio", metavar="NAME", help="Parquet column of audio bytes"
+    )
+    p.add_argument(
+        "--video-field", default="video", metavar="NAME", help="Parquet column of video bytes"
     )
     p.add_argument(
         "--key-field",
@@ -1353,7 +1453,7 @@ def cli(argv: list[str]) -> int:
     )
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents/files")
     p.add_argument(
-        "--strict", action="store_true", help="an undecodable image/audio file is an error"
+        "--strict", action="store_true", help="an undecodable image/audio/video file is an error"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cased", action="store_true", help="do not lowercase (trained tokenizer only)")
@@ -1368,7 +1468,8 @@ def cli(argv: list[str]) -> int:
             text_format=args.text_format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
             shard_bytes=int(args.shard_size_mb * 2**20), lowercase=not args.cased,
             shard_samples=args.shard_samples, image_field=args.image_field,
-            audio_field=args.audio_field, key_field=args.key_field, workers=args.workers,
+            audio_field=args.audio_field, video_field=args.video_field,
+            key_field=args.key_field, workers=args.workers,
             unit_bytes=unit_bytes, dedup=args.dedup, strict=args.strict,
             progress=False if args.quiet else None,
         )  # fmt: skip

@@ -40,10 +40,12 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import json
 import mmap
 import multiprocessing as mp
 import os
 import queue
+import re
 import sys
 import tempfile
 import threading
@@ -65,6 +67,7 @@ STATE_VERSION = 2
 PICKLE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pth", "pt"})
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTENSIONS = ("flac", "wav")
+FRAME_MEMBER = re.compile(r"(\d+)\.(png|jpg|jpeg|webp)")  # a video sample's frames: 0000.png ...
 
 
 class DataError(ValueError):
@@ -726,7 +729,8 @@ class PartitionStream:
 
 def decode(raw: dict[str, Any], modality: str) -> Sample:
     """Raw tar members -> model inputs. Text: input_ids int32[n]; image: image uint8[H, W, 3];
-    audio: audio float32[n] (channels averaged) and sample_rate. Raises ValueError if it can't."""
+    audio: audio float32[n] (channels averaged) and sample_rate; video: frames uint8[T, H, W, 3]
+    (and fps when its json has it). Raises ValueError if it can't."""
     key = raw["__key__"]
     out: Sample = {"__key__": key}
     if modality == "text":
@@ -753,8 +757,36 @@ def decode(raw: dict[str, Any], modality: str) -> Sample:
 
         wave, rate = soundfile.read(io.BytesIO(raw[ext]), dtype="float32", always_2d=True)
         out["audio"], out["sample_rate"] = wave.mean(axis=1), int(rate)
+    elif modality == "video":
+        out.update(_decode_frames(raw))
     else:
         raise ValueError(f"unknown modality {modality!r}")
+    return out
+
+
+def _decode_frames(raw: dict[str, Any]) -> Sample:
+    """A frame-sequence sample (prepare's video layout) -> frames uint8[T, H, W, 3] in frame
+    order; its json's frame count, when given, must match what is there."""
+    from PIL import Image
+
+    numbered = sorted((int(m.group(1)), ext) for ext in raw
+                      if (m := FRAME_MEMBER.fullmatch(ext)))  # fmt: skip
+    if not numbered:
+        raise ValueError("no frame members (0000.png, 0001.png ... or .jpg)")
+    info = json.loads(raw["json"]) if "json" in raw else {}
+    if not isinstance(info, dict):
+        raise ValueError("json member is not an object")
+    if "frames" in info and info["frames"] != len(numbered):
+        raise ValueError(f"json says {info['frames']} frames, {len(numbered)} are present")
+    frames = []
+    for _, ext in numbered:
+        with Image.open(io.BytesIO(raw[ext])) as im:
+            frames.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    if len({f.shape for f in frames}) > 1:
+        raise ValueError(f"frames of different sizes {sorted({f.shape for f in frames})[:2]}")
+    out: Sample = {"frames": np.stack(frames)}
+    if isinstance(info.get("fps"), (int, float)):
+        out["fps"] = float(info["fps"])
     return out
 
 

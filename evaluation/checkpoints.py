@@ -32,6 +32,8 @@ ENCODER_PREFIX = {
     "simclr": "vit.",  # SimCLRModel -> ViTModel (the projection head is dropped)
     "moco": "vit.",  # the online encoder; the heads and the momentum teacher are dropped
     "byol": "vit.",
+    "wav2vec2": "wav2vec2.",  # Wav2Vec2ForPreTraining -> Wav2Vec2Model (quantizer dropped)
+    "video": "videomae.",  # VideoMAEForPreTraining -> VideoMAEModel (the decoder is dropped)
     "span": "",  # T5ForConditionalGeneration -> T5EncoderModel keeps the names "shared.", "encoder."
 }
 # What an export without darkmatter.json reads, by its config's model_type (else: images).
@@ -170,6 +172,10 @@ def encoder_config(ref: EncoderRef) -> Any:
     cfg = AutoConfig.from_pretrained(str(ref.config_file))
     if hasattr(cfg, "mask_ratio"):
         cfg.mask_ratio = 0.0  # features come from every patch; masking is for pretraining only
+    if getattr(cfg, "apply_spec_augment", False):
+        # wav2vec2 masks spans of frames in training mode, from numpy's global RNG: fine-tuning
+        # would neither see every frame nor give the same numbers twice.
+        cfg.apply_spec_augment = False
     return cfg
 
 
@@ -207,6 +213,8 @@ def load_encoder(ref: EncoderRef, pretrained: bool = True, seed: int = 0) -> Pre
         export = from_pretrained(ref.path)
         if hasattr(export.config, "mask_ratio"):
             export.config.mask_ratio = 0.0
+        if getattr(export.config, "apply_spec_augment", False):
+            export.config.apply_spec_augment = False
         return export.eval()
     config = encoder_config(ref)
     cls = encoder_class(config)

@@ -1,6 +1,7 @@
 """`darkmatter export CHECKPOINT_OR_RUN OUT_DIR`: the checkpoint's encoder as a `save_pretrained`
-folder (safetensors weights, config, and the tokenizer for text or the image processor for
-images), loadable by `AutoModel.from_pretrained` and `AutoTokenizer` / `AutoImageProcessor`
+folder (safetensors weights, config, and the tokenizer for text, the image processor for images
+or the feature extractor for audio), loadable by `AutoModel.from_pretrained` and
+`AutoTokenizer` / `AutoImageProcessor` / `AutoFeatureExtractor`
 (a T5 encoder, from the `span` objective, by `T5EncoderModel.from_pretrained`: AutoModel would
 build the whole encoder-decoder around it).
 ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32; the checkpoint may be local or in
@@ -61,6 +62,10 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
             size={"height": size, "width": size}, resample=2,  # bilinear, as in training
             image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
         ).save_pretrained(str(out))  # fmt: skip
+    if ref.modality == "audio":  # 16 kHz, normalized per clip, padding masked: as in training
+        from trainer.objectives.wav2vec2 import FEATURE_EXTRACTOR
+
+        FEATURE_EXTRACTOR.save_pretrained(str(out))
     return ref, out
 
 

@@ -41,10 +41,12 @@ from evaluation.probe import embed, finetune, knn, linear_probe, split
 from evaluation.tasks import (
     LabeledSet,
     TaskSpec,
+    audio_inputs,
     export_text_inputs,
     image_inputs,
     load_labeled,
     text_inputs,
+    video_inputs,
 )
 from trainer import failpoints
 from trainer.checkpoint import CheckpointError
@@ -75,10 +77,27 @@ def _image_inputs(ref: EncoderRef, images: list[bytes]) -> dict[str, Any]:
     return image_inputs(images, int(ref.meta["data"]["image_size"]))
 
 
+def _audio_inputs(ref: EncoderRef, clips: list[Any]) -> dict[str, Any]:
+    from trainer.config import DataConfig
+
+    seconds = ref.meta.get("data", {}).get("audio_seconds", DataConfig.audio_seconds)
+    return audio_inputs(clips, float(seconds), int(encoder_config(ref).mask_time_length))
+
+
+def _video_inputs(ref: EncoderRef, clips: list[Any]) -> dict[str, Any]:
+    from trainer.config import DataConfig
+
+    config, data = encoder_config(ref), ref.meta.get("data", {})
+    stride = int(data.get("frame_stride", DataConfig.frame_stride))
+    return video_inputs(clips, int(config.num_frames), stride, int(config.image_size))
+
+
 # How each kind of labeled input becomes an encoder's inputs (keys: evaluation.tasks.KINDS).
 INPUTS: dict[str, Callable[[EncoderRef, list[Any]], dict[str, Any]]] = {
     "text": _text_inputs,
     "image": _image_inputs,
+    "audio": _audio_inputs,
+    "video": _video_inputs,
 }
 
 

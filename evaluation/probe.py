@@ -6,8 +6,8 @@
 - fine-tuning: the whole encoder and a linear head trained briefly with AdamW.
 
 Features are mean-pooled last hidden states (over real tokens for text, over patches for
-images). The split is stratified and seeded, so a pretrained encoder and its random-init baseline
-are scored on exactly the same examples.
+images, over the frames of real samples for audio). The split is stratified and seeded, so a
+pretrained encoder and its random-init baseline are scored on exactly the same examples.
 """
 
 from __future__ import annotations
@@ -56,12 +56,29 @@ def split(
     return np.sort(train), np.sort(test)
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """[B, T, D] -> [B, D]: the mean over real tokens, or over patches (token 0 is [CLS])."""
+def pool(
+    hidden: torch.Tensor, attention_mask: torch.Tensor | None, cls: bool = True
+) -> torch.Tensor:
+    """[B, T, D] -> [B, D]: the mean over real tokens, or over patches (token 0 is [CLS] when
+    `cls`; VideoMAE's tubes have none)."""
     if attention_mask is not None:
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-    return hidden[:, 1:].mean(1)
+    return hidden[:, 1:].mean(1) if cls else hidden.mean(1)
+
+
+def has_cls(model: Any) -> bool:
+    """Whether the encoder's first output is a [CLS] token: the ViTs' is; VideoMAE's is a tube."""
+    return getattr(model.config, "model_type", "") != "videomae"
+
+
+def output_mask(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
+    """The attention mask over the encoder's outputs: the inputs' own, except for audio, whose
+    mask is over samples and whose outputs are frames (transformers' wav2vec2 maps one onto the
+    other)."""
+    if mask is None or mask.shape[1] == hidden.shape[1]:
+        return mask
+    return model._get_feature_vector_attention_mask(hidden.shape[1], mask)
 
 
 @torch.no_grad()
@@ -74,7 +91,8 @@ def embed(
     for i in range(0, n, batch_size):
         chunk = {k: v[i : i + batch_size] for k, v in inputs.items()}
         hidden = model(**chunk).last_hidden_state
-        out.append(pool(hidden, chunk.get("attention_mask")).float().numpy())
+        mask = output_mask(model, hidden, chunk.get("attention_mask"))
+        out.append(pool(hidden, mask, has_cls(model)).float().numpy())
     return np.concatenate(out)
 
 
@@ -122,7 +140,9 @@ def finetune(
 
     def logits(rows: np.ndarray) -> torch.Tensor:
         chunk = {k: v[rows] for k, v in inputs.items()}
-        return head(pool(model(**chunk).last_hidden_state, chunk.get("attention_mask")))
+        hidden = model(**chunk).last_hidden_state
+        mask = output_mask(model, hidden, chunk.get("attention_mask"))
+        return head(pool(hidden, mask, has_cls(model)))
 
     model.train()
     for _ in range(epochs):

@@ -46,6 +46,8 @@ METRICS = ("accuracy", "macro_f1")
 KINDS: dict[str, tuple[str, ...]] = {
     "text": (".txt",),
     "image": (".png", ".jpg", ".jpeg"),
+    "audio": (".wav", ".flac"),
+    "video": (".gif", ".webp", ".mp4", ".webm", ".mkv", ".mov", ".avi"),  # animated, or PyAV's
 }
 
 
@@ -266,3 +268,45 @@ def image_inputs(images: list[bytes], size: int) -> dict[str, Any]:
 
     arrs = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images]
     return {"pixel_values": images_to_tensor(arrs, size)}
+
+
+def video_inputs(clips: list[Any], num_frames: int, stride: int, size: int) -> dict[str, Any]:
+    """Clip bytes (animated GIF/WebP, or what PyAV decodes; or {"bytes": …} structs) decoded
+    and made into inputs as the video objective's training batches are, with the centred
+    window of frames where training draws its offset."""
+    from data_pipeline.prepare import read_clip
+    from trainer.objectives.video import clips_to_tensor
+
+    frames = []
+    for i, clip in enumerate(clips):
+        data = clip.get("bytes") if isinstance(clip, dict) else clip
+        if not isinstance(data, bytes):
+            raise TaskError(f"video item {i} of the task: {type(data).__name__}, not clip bytes")
+        try:
+            frames.append(np.stack(read_clip(data)[0]))
+        except (ValueError, TypeError) as e:
+            raise TaskError(f"video item {i} of the task: not a readable clip ({e})") from None
+    return {"pixel_values": clips_to_tensor(frames, num_frames, stride, size)}
+
+
+def audio_inputs(clips: list[Any], seconds: float, mask_length: int) -> dict[str, torch.Tensor]:
+    """WAV/FLAC bytes (or Hugging Face's {"bytes": …} audio structs) decoded, channels averaged,
+    and made into inputs as the wav2vec2 objective's training batches are (resampled to 16 kHz,
+    normalized, padded), from the start of each clip where training crops at random."""
+    import soundfile
+
+    from trainer.objectives.wav2vec2 import audio_inputs as clip_inputs
+
+    waves, rates = [], []
+    for i, clip in enumerate(clips):
+        data = clip.get("bytes") if isinstance(clip, dict) else clip
+        try:
+            wave, rate = soundfile.read(io.BytesIO(data or b""), dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, TypeError, RuntimeError) as e:
+            raise TaskError(
+                f"audio item {i} of the task: not a readable WAV/FLAC file ({e})"
+            ) from None
+        waves.append(wave.mean(axis=1))
+        rates.append(int(rate))
+    where = [f"audio item {i} of the task" for i in range(len(clips))]
+    return clip_inputs(waves, rates, seconds, mask_length, where)

@@ -30,9 +30,25 @@ IMAGE = {
 # The momentum objectives in bf16: DeepSpeed casts their teacher, which must stay fp32.
 TEACHER = {**IMAGE, "model": {**IMAGE["model"], "head_hidden_size": 32, "momentum": 0.9},
            "train": {"bf16": True}}  # fmt: skip
+# wav2vec2: masks and negatives (numpy seeded from the batch's generator), Gumbel noise (torch's
+# RNG, restored from the checkpoint) and the Gumbel temperature (a buffer set after each step).
+AUDIO = {
+    "data": {"audio_seconds": 0.5, "shuffle_buffer": 16},
+    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+              "conv_dim": 16, "mask_ratio": 0.5, "mask_length": 3, "num_negatives": 5,
+              "codevectors": 8, "projection_dim": 16},
+}  # fmt: skip
+# video: tube masks and frame offsets from the batch's generator, bf16 pixels.
+VIDEO = {
+    "data": {"image_size": 16, "num_frames": 4, "frame_stride": 2, "shuffle_buffer": 16},
+    "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+              "patch_size": 4, "decoder_hidden_size": 32, "mask_ratio": 0.9},
+    "train": {"bf16": True},
+}  # fmt: skip
 FAST_SETTINGS: dict[str, dict[str, Any]] = {"moco": TEACHER}
 SLOW_SETTINGS: dict[str, dict[str, Any]] = {
-    "clm": TEXT, "span": TEXT, "simclr": IMAGE, "byol": TEACHER,
+    "clm": TEXT, "span": TEXT, "simclr": IMAGE, "byol": TEACHER, "wav2vec2": AUDIO,
+    "video": VIDEO,
 }  # fmt: skip
 SETTINGS = {**FAST_SETTINGS, **SLOW_SETTINGS}
 CASES = [pytest.param(name, marks=[pytest.mark.slow] * (name in SLOW_SETTINGS))
@@ -61,7 +77,41 @@ def s3_shards(stack: object, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     if "image" in needed:
         digits(tmp / "png", str(tmp / "digits.parquet"))
         prepare([str(tmp / "png")], "s3://objectives/images", modality="image")
-    return {"text": "s3://objectives/text", "image": "s3://objectives/images"}
+    if "audio" in needed:
+        tones(tmp / "wav")
+        prepare([str(tmp / "wav")], "s3://objectives/audio", modality="audio")
+    if "video" in needed:
+        moving_clips(tmp / "gif")
+        prepare([str(tmp / "gif")], "s3://objectives/video", modality="video")
+    return {"text": "s3://objectives/text", "image": "s3://objectives/images",
+            "audio": "s3://objectives/audio", "video": "s3://objectives/video"}  # fmt: skip
+
+
+def moving_clips(folder: Path, n: int = 96) -> None:
+    """The first n moving-digit clips (16 frames of 32x32, GIF)."""
+    from itertools import islice
+
+    from trainer.video_data import moving_digits
+
+    folder.mkdir(parents=True)
+    for i, (gif, _, _) in enumerate(islice(moving_digits(), n)):
+        (folder / f"{i:03d}.gif").write_bytes(gif)
+
+
+def tones(folder: Path, n: int = 64) -> None:
+    """Short WAV clips of gliding tones in noise, 0.2-0.9 s at 16 or 8 kHz (some are cropped,
+    some padded, some resampled)."""
+    import numpy as np
+    import soundfile
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        rate = (16000, 8000)[i % 2]
+        t = np.arange(int(rng.uniform(0.2, 0.9) * rate)) / rate
+        f = rng.uniform(150, 1500)
+        wave = 0.3 * np.sin(2 * np.pi * (f + 200 * t) * t) + 0.02 * rng.standard_normal(len(t))
+        soundfile.write(folder / f"{i:03d}.wav", wave, rate, subtype="PCM_16")
 
 
 @pytest.mark.parametrize("objective", CASES)

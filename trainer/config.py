@@ -51,6 +51,11 @@ class DataConfig:
     """Tokens per text sample, [CLS] and [SEP] included (text objectives)."""
     image_size: int = 32
     """Side of the square images fed to the model, in pixels (image objectives)."""
+    num_frames: int = 16
+    """Frames of a clip fed to the model (video objectives); a multiple of model.tubelet_size."""
+    frame_stride: int = 2
+    """Video: every frame_stride-th frame of a clip, from an offset drawn per sample (the window
+    centred in evaluation); a clip shorter than that window gives evenly spaced frames."""
     min_crop_scale: float = 0.2
     """Two-view objectives (simclr): the smallest share of an image's area a random crop keeps
     (SimCLR: 0.08 on ImageNet; small images such as digits want 0.5 or more)."""
@@ -61,6 +66,9 @@ class DataConfig:
     """Text objectives: concatenate the micro-batch's documents (separated by [SEP]) and cut
     them into full rows of seq_len, RoBERTa's "full sentences", instead of one padded row per
     document: no compute is spent on padding. Rows then attend across document boundaries."""
+    audio_seconds: float = 1.0
+    """Audio objectives (wav2vec2): seconds of 16 kHz audio per clip. A longer clip is cropped at
+    a random offset, a shorter one padded (the padding is masked out of attention and loss)."""
 
 
 @dataclass
@@ -75,6 +83,8 @@ class ModelConfig:
     """Width of the feed-forward layer."""
     patch_size: int = 4
     """ViT patch side in pixels (image objectives)."""
+    tubelet_size: int = 2
+    """Video: frames one patch spans (VideoMAE's tubes, 2 frames x patch x patch)."""
     decoder_hidden_size: int = 128
     """MAE decoder width."""
     decoder_num_layers: int = 1
@@ -93,6 +103,16 @@ class ModelConfig:
     """Fraction of tokens (MLM) or patches (MAE) hidden from the encoder."""
     dropout: float = 0.1
     """Dropout probability in the encoder."""
+    conv_dim: int = 512
+    """Audio objectives: channels of each of the 7 convolutions of wav2vec 2.0's feature encoder
+    (kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2: a 25 ms frame every 20 ms at 16 kHz)."""
+    mask_length: int = 10
+    """wav2vec2: frames per masked span; spans start at a fraction mask_ratio of the frames
+    (the paper: 10 and 0.65, which hides about half of them)."""
+    num_negatives: int = 100
+    """wav2vec2: distractors per masked frame, drawn from the masked frames of the same clip."""
+    codevectors: int = 320
+    """wav2vec2: entries of each of the quantizer's 2 codebooks."""
     attention: str = "sdpa"
     """Attention kernel: sdpa (torch's scaled_dot_product_attention, which picks flash or
     memory-efficient kernels on GPUs), eager (the reference implementation), or
@@ -406,6 +426,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.image_size: {cfg.data.image_size} is not divisible by "
             f"model.patch_size={cfg.model.patch_size}"
+        )
+    for key, value in (("data.frame_stride", cfg.data.frame_stride),
+                       ("model.tubelet_size", cfg.model.tubelet_size)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{key}: expected >= 1, got {value}")
+    if cfg.data.num_frames < 1 or cfg.data.num_frames % cfg.model.tubelet_size:
+        raise ConfigError(
+            f"data.num_frames: {cfg.data.num_frames} is not a positive multiple of "
+            f"model.tubelet_size={cfg.model.tubelet_size}"
         )
     d = cfg.data
     for key in ("num_workers", "shuffle_buffer", "readahead", "retries"):

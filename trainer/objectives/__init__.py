@@ -11,6 +11,8 @@ from trainer.objectives.mlm import MLMObjective
 from trainer.objectives.moco import MoCoObjective
 from trainer.objectives.simclr import SimCLRObjective
 from trainer.objectives.span import SpanObjective
+from trainer.objectives.video import VideoObjective
+from trainer.objectives.wav2vec2 import Wav2Vec2Objective
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "mlm": MLMObjective,
@@ -20,6 +22,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "simclr": SimCLRObjective,
     "moco": MoCoObjective,
     "byol": BYOLObjective,
+    "video": VideoObjective,
+    "wav2vec2": Wav2Vec2Objective,
 }
 
 __all__ = ["OBJECTIVES", "Objective"]
