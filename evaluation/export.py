@@ -62,6 +62,16 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
             size={"height": size, "width": size}, resample=2,  # bilinear, as in training
             image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
         ).save_pretrained(str(out))  # fmt: skip
+    if ref.modality == "video":  # frames resized and normalized as the image objectives'
+        from transformers import VideoMAEImageProcessor
+
+        from data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
+
+        size = int(ref.meta["data"]["image_size"])
+        VideoMAEImageProcessor(
+            size={"height": size, "width": size}, do_center_crop=False, resample=2,
+            image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
+        ).save_pretrained(str(out))  # fmt: skip
     if ref.modality == "audio":  # 16 kHz, normalized per clip, padding masked: as in training
         from trainer.objectives.wav2vec2 import FEATURE_EXTRACTOR
 
@@ -83,6 +93,10 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
     if not run_id:
         raise ValueError(f"{ref.path}: --register needs a checkpoint from a run tracked in MLflow "
                          "(this one was trained with tracking off)")  # fmt: skip
+    if ref.modality not in ("text", "image"):
+        raise ValueError(f"--register: MLflow's transformers flavour has no feature-extraction "
+                         f"task for {ref.modality} encoders; {out} loads with "
+                         "AutoModel.from_pretrained (log it as an artifact instead)")  # fmt: skip
     components: dict[str, Any] = {"model": from_pretrained(out)}
     if ref.meta.get("tokenizer"):
         task, components["tokenizer"] = "feature-extraction", AutoTokenizer.from_pretrained(out)
