@@ -132,6 +132,6 @@ def test_simclr_fits_a_fixed_batch() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert abs(losses[0] - math.log(15)) < 0.8, losses[0]
     assert min(losses[-5:]) < 0.5 * losses[0], losses
