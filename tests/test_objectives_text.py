@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +26,6 @@ VOCAB = 60  # the tokenizer's; span adds 100 sentinels above it
 # One thread for these tiny models: on a busy 2-core machine, torch's second thread spins
 # waiting for the first and a 0.2 s test takes 30 s.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def objective(name: str, seq_len: int = 32, packing: bool = False, layers: int = 1) -> Objective:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,6 @@ from trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainCo
 from trainer.objectives import OBJECTIVES
 from trainer.objectives.video import VideoObjective, frame_indices
 from trainer.video_data import moving_digits
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only spins on a busy machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def objective(mask_ratio: float = 0.9, num_frames: int = 4, image_size: int = 16) -> Any:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import math
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,6 @@ from trainer.objectives.wav2vec2 import (
 )
 
 SECONDS = 0.25  # 4,000 samples, 12 frames
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models: on a busy 2-core machine torch's second thread only waits for the first.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def objective(seconds: float = SECONDS, **model: Any) -> Objective:

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from transformers import PreTrainedModel, ViTConfig, ViTModel
 
-from data_pipeline.transforms import images_to_unit
+from data_pipeline.transforms import images_to_unit, normalize
 from trainer.objectives.base import Objective
 from trainer.perf import encoder_layer_params, sequence_flops
 
@@ -165,3 +166,34 @@ class TwoViewObjective(Objective):
     @abstractmethod
     def sample_flops(self) -> float:
         """Training FLOPs of one image (both views): what its model computes."""
+
+
+class TwoViewModel(PreTrainedModel):  # type: ignore[misc]
+    """A ViT encoder under `vit.` (what the harness and export take) that makes the two views of
+    its images itself, on its own device; subclasses add their heads and loss."""
+
+    config_class = ViTConfig
+    base_model_prefix = "vit"
+    main_input_name = "pixel_values"
+    # The attention kernels are the inner ViTModel's, which supports them all.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: ViTConfig):
+        super().__init__(config)
+        self.vit = ViTModel(config, add_pooling_layer=False)
+
+    @staticmethod
+    def views(pixel_values: torch.Tensor, view_params: torch.Tensor) -> torch.Tensor:
+        """[2B, 3, S, S] normalized float32: the first view of every image, then the second."""
+        x = pixel_values.float()
+        return normalize(torch.cat([augment(x, view_params[:, 0].float()),
+                                    augment(x, view_params[:, 1].float())]))  # fmt: skip
+
+    @staticmethod
+    def pooled(vit: torch.nn.Module, views: torch.Tensor) -> torch.Tensor:
+        """The mean of every token's final state (as the harness pools its features), in the
+        encoder's dtype."""
+        dtype = next(vit.parameters()).dtype
+        return vit(pixel_values=views.to(dtype)).last_hidden_state.mean(dim=1)

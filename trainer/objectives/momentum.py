@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, ViTConfig, ViTModel
+from transformers import ViTConfig, ViTModel
 from transformers.utils import ModelOutput
 
-from data_pipeline.transforms import normalize
-from trainer.objectives.contrastive import TwoViewObjective, augment
+from trainer.objectives.contrastive import TwoViewModel, TwoViewObjective
 
 
 def mlp(sizes: list[int], last_bn: bool, last_affine: bool = True) -> nn.Sequential:
@@ -67,20 +66,12 @@ class TeacherOutput(ModelOutput):  # type: ignore[misc]
     targets: torch.Tensor | None = None  # teacher projections of both views, [2B, d]
 
 
-class MomentumModel(PreTrainedModel, metaclass=ABCMeta):  # type: ignore[misc]
+class MomentumModel(TwoViewModel, metaclass=ABCMeta):
     """A ViT encoder with a projector and a predictor (online), and a teacher: an EMA copy of
     the encoder and projector under `teacher.`. The encoder the harness takes is `vit.`."""
 
-    config_class = ViTConfig
-    base_model_prefix = "vit"
-    main_input_name = "pixel_values"
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
-
     def __init__(self, config: ViTConfig):
         super().__init__(config)
-        self.vit = ViTModel(config, add_pooling_layer=False)
         self.projector = self.make_projector(config)
         self.predictor = self.make_predictor(config)
         self.teacher = nn.ModuleDict(
@@ -116,16 +107,10 @@ class MomentumModel(PreTrainedModel, metaclass=ABCMeta):  # type: ignore[misc]
         return list(self.teacher.parameters()), online
 
     def forward(self, pixel_values: torch.Tensor, view_params: torch.Tensor) -> TeacherOutput:
-        x = pixel_values.float()
-        views = normalize(torch.cat([augment(x, view_params[:, 0].float()),
-                                     augment(x, view_params[:, 1].float())]))  # fmt: skip
-        dtype = self.vit.embeddings.patch_embeddings.projection.weight.dtype
-        h = self.vit(pixel_values=views.to(dtype)).last_hidden_state.mean(dim=1)
-        q = self.predictor(self.projector(h)).float()
-        with torch.no_grad():
-            teacher_dtype = next(self.teacher.parameters()).dtype
-            t = self.teacher["vit"](pixel_values=views.to(teacher_dtype)).last_hidden_state
-            k = self.teacher["projector"](t.mean(dim=1)).float()
+        views = self.views(pixel_values, view_params)
+        q = self.predictor(self.projector(self.pooled(self.vit, views))).float()
+        with torch.no_grad():  # the teacher runs in its own precision, fp32 (see above)
+            k = self.teacher["projector"](self.pooled(self.teacher["vit"], views)).float()
         q1, q2 = q.chunk(2)
         k1, k2 = k.chunk(2)
         return TeacherOutput(loss=self.loss(q1, q2, k1, k2), predictions=q, targets=k)

@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, ViTConfig, ViTModel
+from transformers import PreTrainedModel, ViTConfig
 from transformers.utils import ModelOutput
 
-from data_pipeline.transforms import normalize
-from trainer.objectives.contrastive import TwoViewObjective, augment, nt_xent
+from trainer.objectives.contrastive import TwoViewModel, TwoViewObjective, nt_xent
 
 
 @dataclass
@@ -28,18 +27,9 @@ class ContrastiveOutput(ModelOutput):  # type: ignore[misc]
     embeddings: torch.Tensor | None = None  # the projections of both views, [2B, d]
 
 
-class SimCLRModel(PreTrainedModel):  # type: ignore[misc]
-    config_class = ViTConfig
-    base_model_prefix = "vit"
-    main_input_name = "pixel_values"
-    # The attention kernels are the inner ViTModel's, which supports them all.
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
-
+class SimCLRModel(TwoViewModel):
     def __init__(self, config: ViTConfig):
         super().__init__(config)
-        self.vit = ViTModel(config, add_pooling_layer=False)
         h, p = config.hidden_size, config.projection_dim
         # SimCLR's head: Linear-BN-ReLU-Linear-BN (BatchNorm over this rank's batch).
         self.projector = nn.Sequential(nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU(),
@@ -47,12 +37,7 @@ class SimCLRModel(PreTrainedModel):  # type: ignore[misc]
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, view_params: torch.Tensor) -> ContrastiveOutput:
-        x = pixel_values.float()
-        views = torch.cat([augment(x, view_params[:, 0].float()),
-                           augment(x, view_params[:, 1].float())])  # fmt: skip
-        dtype: torch.dtype = self.vit.embeddings.patch_embeddings.projection.weight.dtype
-        # The mean of every token's final state, as the evaluation harness pools its features.
-        h = self.vit(pixel_values=normalize(views).to(dtype)).last_hidden_state.mean(dim=1)
+        h = self.pooled(self.vit, self.views(pixel_values, view_params))
         z = self.projector(h).float()
         z1, z2 = z.chunk(2)
         return ContrastiveOutput(loss=nt_xent(z1, z2, self.config.temperature), embeddings=z)
