@@ -155,3 +155,37 @@ def test_two_ranks_from_s3_resume_bit_exact(
         assert not torch.equal(
             teacher["teacher.vit.embeddings.patch_embeddings.projection.weight"], online.float()
         )
+
+
+@pytest.mark.slow
+def test_the_teacher_resumes_on_another_number_of_ranks(
+    s3_shards: dict[str, str], tmp_path: Path
+) -> None:
+    """2 ranks write step 2; 1 rank (twice the accumulation: the same global batch) resumes it
+    through DeepSpeed's universal checkpoint, whose loader restores only what its optimizer
+    holds. The last step's momentum is 1, so after step 3 the teacher's weights must be the
+    step-2 teacher's exactly — as they are only if the frozen teacher was restored too."""
+    settings = TEACHER
+    for name, nproc, steps, accum in (("first", 2, 2, 1), ("resized", 1, 3, 2)):
+        cfg = write_config(
+            tmp_path / f"{name}.yaml", s3_shards["image"], tmp_path / name, objective="moco",
+            data=settings["data"], model=settings["model"],
+            train={"steps": steps, "log_every": 1, "zero_stage": 2, "micro_batch_size": 8,
+                   "grad_accum": accum, **settings["train"]},
+            checkpoint={"every": 2, "async_save": False},
+        )  # fmt: skip
+        resume = ["--resume-from", str(tmp_path / "first" / "checkpoints" / "step00000002")]
+        out = run_darkmatter("pretrain", str(cfg), "--nproc", str(nproc), *(resume * (nproc == 1)))
+        assert out.returncode == 0, out.stderr[-4000:]
+    assert "converting it to a universal checkpoint" in out.stderr
+
+    def teacher(run: str, tag: str) -> dict[str, torch.Tensor]:
+        f = tmp_path / run / "checkpoints" / tag / "mp_rank_00_model_states.pt"
+        module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        # Parameters: the batch-norm statistics move with the teacher's forward of step 3.
+        return {k: v for k, v in module.items() if k.startswith("teacher.") and "running" not in k
+                and "num_batches" not in k}  # fmt: skip
+
+    before, after = teacher("first", "step00000002"), teacher("resized", "step00000003")
+    assert before.keys() == after.keys() and len(before) > 20
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -8,6 +8,7 @@ step and the same code runs under ZeRO stages 0-3.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,8 @@ from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
 from trainer.config import Config
+
+log = logging.getLogger("darkmatter.engine")
 
 
 def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
@@ -297,8 +300,40 @@ def load_checkpoint(engine: Any, root: str, tag: str) -> None:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
+    if engine.load_universal_checkpoint():
+        _restore_outside_optimizer(engine, Path(root) / tag)
     if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 3:
         _repair_zero3_universal_load(engine)
+
+
+def _restore_outside_optimizer(engine: Any, folder: Path) -> None:
+    """DeepSpeed's universal load restores the parameters its optimizer holds and nothing else:
+    frozen parameters (an EMA teacher) would silently keep their initial values, buffers (batch
+    norm statistics, wav2vec2's step count) their current ones. The converter wrote them all to
+    `zero/<name>/fp32.pt`; they are copied back here, in each tensor's own dtype. A frozen
+    parameter with no file is an error; buffers without one are listed in a warning."""
+    module = engine.module
+    missing: list[str] = []
+    with torch.no_grad():
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            is_param = isinstance(tensor, torch.nn.Parameter)
+            if (is_param and tensor.requires_grad) or hasattr(tensor, "ds_id"):
+                continue  # the optimizer's (or partitioned by ZeRO-3 and loaded with it)
+            f = folder / "zero" / name / "fp32.pt"
+            if not f.is_file():
+                missing.append(name)
+                if is_param:
+                    raise RuntimeError(f"{folder}: no {f.relative_to(folder)} for the frozen "
+                                       f"parameter {name}; it cannot be resumed on another "
+                                       "number of ranks")  # fmt: skip
+                continue
+            value = torch.load(f, map_location="cpu", weights_only=True)["param"]
+            tensor.copy_(value.view(tensor.shape).to(tensor.dtype))
+    if missing and dist.get_rank() == 0:
+        log.warning(
+            "%s has no saved value for buffers %s: they keep their current values",
+            folder, ", ".join(missing[:5]) + (" …" if len(missing) > 5 else ""),
+        )  # fmt: skip
 
 
 def _repair_zero3_universal_load(engine: Any) -> None:
