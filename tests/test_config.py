@@ -69,6 +69,23 @@ def test_errors_name_the_key(tmp_path: Path, text: str, override: str | None, me
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("objective", "expected"),
+    [("mlm", 0.15), ("span", 0.15), ("mae", 0.75), ("video", 0.9), ("wav2vec2", 0.65),
+     ("simclr", 0.0)],
+)  # fmt: skip
+def test_mask_ratio_defaults_to_the_objectives_own(
+    tmp_path: Path, objective: str, expected: float
+) -> None:
+    """Unset, model.mask_ratio is the objective's paper's share (MAE hiding 15% like BERT would
+    be a silent mistake); set, it is the user's; an objective that masks nothing keeps 0."""
+    text = BASE.replace("objective: mlm", f"objective: {objective}")
+    assert load_config(write(tmp_path, text)).model.mask_ratio == expected
+    if expected:
+        chosen = load_config(write(tmp_path, text), ["model.mask_ratio=0.5"])
+        assert chosen.model.mask_ratio == 0.5
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
     p = write(tmp_path, "objective: mlm\ndata: {url: [unclosed\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: line \d+ malformed YAML"):

@@ -99,8 +99,10 @@ class ModelConfig:
     momentum: float = 0.996
     """Momentum of the EMA teacher (byol, moco) at step 0; it rises to 1 over train.steps on a
     cosine (BYOL: 0.996; MoCo v3: 0.99)."""
-    mask_ratio: float = 0.15
-    """Fraction of tokens (MLM) or patches (MAE) hidden from the encoder."""
+    mask_ratio: float = 0.0
+    """Share of the input hidden by a masking objective; 0: the objective's own (its paper's)
+    share: mlm and span 0.15, mae 0.75, video 0.9, wav2vec2 0.65 (of the frames, as span
+    starts)."""
     dropout: float = 0.1
     """Dropout probability in the encoder."""
     conv_dim: int = 512
@@ -415,7 +417,8 @@ def validate(cfg: Config) -> None:
             )
         if not 0.0 <= cfg.model.momentum < 1.0:
             raise ConfigError(f"model.momentum: expected in [0, 1), got {cfg.model.momentum}")
-    if not 0.0 < cfg.model.mask_ratio < 1.0:
+    OBJECTIVES[cfg.objective].resolve_defaults(cfg)
+    if OBJECTIVES[cfg.objective].default_mask_ratio and not 0.0 < cfg.model.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio: expected in (0, 1), got {cfg.model.mask_ratio}")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(

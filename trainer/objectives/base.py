@@ -15,13 +15,23 @@ from trainer.config import Config
 class Objective(ABC):
     name: str
     modality: str  # "text" | "image": must match the dataset manifest
+    # Objectives that hide part of their input: the share they hide when model.mask_ratio is 0.
+    default_mask_ratio: float | None = None
     # Floating-point model inputs that take the model's dtype under bf16 (pixels do; MAE's
     # masking noise stays fp32, since bf16 ties would change which patches are hidden).
     float_inputs: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
+        self.resolve_defaults(cfg)
         self.cfg = cfg
         self.meta = dataset_meta
+
+    @classmethod
+    def resolve_defaults(cls, cfg: Config) -> None:
+        """Fill in what the config leaves to the objective (model.mask_ratio 0), so that every
+        later reader, the logged parameters included, sees the value used."""
+        if cls.default_mask_ratio is not None and cfg.model.mask_ratio == 0.0:
+            cfg.model.mask_ratio = cls.default_mask_ratio
 
     @abstractmethod
     def model_config(self) -> Any:

@@ -15,6 +15,7 @@ from trainer.perf import encoder_layer_params, sequence_flops
 
 class MAEObjective(Objective):
     name = "mae"
+    default_mask_ratio = 0.75
     modality = "image"
     float_inputs = ("pixel_values",)
 

@@ -18,6 +18,7 @@ PAD_ID, CLS_ID, SEP_ID, MASK_ID, NUM_SPECIAL = 0, 2, 3, 4, 5
 
 class MLMObjective(TokenFlops):
     name = "mlm"
+    default_mask_ratio = 0.15
     modality = "text"
 
     def model_config(self) -> BertConfig:

@@ -43,6 +43,7 @@ MEAN_SPAN_LENGTH = 3.0  # T5's mean noise span length
 
 class SpanObjective(Objective):
     name = "span"
+    default_mask_ratio = 0.15
     modality = "text"
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):

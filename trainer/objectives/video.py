@@ -3,7 +3,7 @@
 in every time slot, so a hidden patch cannot be copied from the same place a frame earlier — the
 encoder on the visible tubes only, a light decoder reconstructing the hidden tubes' pixels, each
 patch normalized per channel (norm_pix_loss). `model.mask_ratio` is the share hidden (VideoMAE:
-0.9; the presets set it, the config default 0.15 is MLM's).
+0.9, its default here).
 
 Frames: `data.num_frames` of a decoded clip, every `data.frame_stride`-th from an offset drawn
 from the batch's generator (evaluation takes the centred window: `frame_indices`), resized to
@@ -80,6 +80,7 @@ class VideoMAEPretrainer(VideoMAEForPreTraining):  # type: ignore[misc]
 
 class VideoObjective(Objective):
     name = "video"
+    default_mask_ratio = 0.9
     modality = "video"
     float_inputs = ("pixel_values",)
 

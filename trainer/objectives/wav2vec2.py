@@ -176,6 +176,7 @@ def numpy_seeded(seed: int) -> Iterator[None]:
 
 class Wav2Vec2Objective(Objective):
     name = "wav2vec2"
+    default_mask_ratio = 0.65
     modality = "audio"
     float_inputs = ("input_values",)
 
