@@ -1,7 +1,7 @@
 """Moving digits: short clips for the video objective, made from real handwritten digits.
 
 No package installs real video offline, so the clips are generated (in the spirit of Moving
-MNIST) from the 1,797 handwritten digits bundled with scikit-learn: each digit, upscaled 2×,
+MNIST) from the 1,797 handwritten digits bundled with scikit-learn: each digit, upscaled 3×,
 moves across a black canvas in one of eight directions at 1 or 2 pixels a frame, bouncing off
 the edges, and is written as an animated GIF (the format `darkmatter prepare --modality video`
 reads with Pillow). Two labels per clip: the digit (what a frame shows) and the initial
@@ -21,7 +21,7 @@ import numpy as np
 
 FRAMES = 16
 CANVAS = 32
-SCALE = 2  # 8×8 digits -> 16×16
+SCALE = 3  # 8×8 digits -> 24×24: most tubes show part of the digit (at 2×, most were black)
 # Image coordinates (y grows downwards): "N" moves up.
 DIRECTIONS = {
     "E": (1, 0), "NE": (1, -1), "N": (0, -1), "NW": (-1, -1),
