@@ -1,4 +1,5 @@
-"""The benchmark suite's runner, and the two benchmarks whose smoke tests belong in every run:
+"""The benchmark suite's runner, and the two benchmarks whose smoke tests belong in every CI run
+(the slow tier, `make test-slow`: ~40 s of 2-rank start-ups that make test's budget lacks):
 the GPU benchmark cannot fail on a device for a reason a CPU could have caught (its tiny variant
 runs here end to end: both models, bf16, the trainer's own figures), and ZeRO's memory stays at
 the paper's formula (2 ranks, stages 0-3)."""
@@ -16,6 +17,7 @@ import pytest
 from tests.helpers import REPO_ROOT
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_bench_runner_quick_gpu_tiny_and_zero_memory(tmp_path: Path) -> None:
     table, raw = tmp_path / "table.md", tmp_path / "results.json"

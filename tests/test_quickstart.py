@@ -1,6 +1,7 @@
 """The quickstart's claim, tested on its real data: MAE pretraining on scikit-learn's handwritten
 digits, with the quickstart's own config (2 processes, ZeRO-2, shortened), gives a linear probe that
-beats the same architecture at random init by a clear margin on the same split."""
+beats the same architecture at random init by a clear margin on the same split. In the slow tier
+(`make test-slow`, which CI runs after make test): ~85 s, the slowest test."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ STEPS = 800
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_mae_on_digits_beats_random_init(tmp_path: Path) -> None:
     task = tmp_path / "digits.parquet"
