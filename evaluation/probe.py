@@ -68,8 +68,9 @@ def pool(
 
 
 def has_cls(model: Any) -> bool:
-    """Whether the encoder's first output is a [CLS] token: the ViTs' is; VideoMAE's is a tube."""
-    return getattr(model.config, "model_type", "") != "videomae"
+    """Whether the encoder's first output is a [CLS] token: the ViTs' embeddings prepend one;
+    VideoMAE's first output is a tube and wav2vec2's a frame (they have no cls_token)."""
+    return hasattr(getattr(model, "embeddings", None), "cls_token")
 
 
 def output_mask(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
