@@ -95,6 +95,18 @@ class Objective(ABC):
         return out
 
 
+class SampleFlops(Objective):
+    """An objective whose every sample costs the same FLOPs (fixed-size images, clips): the
+    batch's count is its size times `sample_flops()`."""
+
+    @abstractmethod
+    def sample_flops(self) -> float:
+        """Training FLOPs of one sample: what its model computes."""
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        return int(batch["pixel_values"].shape[0]) * self.sample_flops()
+
+
 class TokenFlops(Objective):
     """An objective whose flops() and flops_inputs() are those of a text model whose every real token goes through the same
     multiplies (`matmul_params()`): PaLM's formula per row on its real tokens (the attention

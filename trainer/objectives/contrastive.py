@@ -12,7 +12,6 @@ is drawn in `draw_view_params` from the batch's generator, so a resumed run draw
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, ViTConfig, ViTModel
 
 from data_pipeline.transforms import images_to_unit, normalize
-from trainer.objectives.base import Objective
+from trainer.objectives.base import SampleFlops
 from trainer.perf import encoder_layer_params, sequence_flops
 
 # Columns of a view's parameters.
@@ -122,7 +121,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-class TwoViewObjective(Objective):
+class TwoViewObjective(SampleFlops):
     """An image objective whose batch is the images once, in [0, 1], plus the parameters of two
     views per image drawn from the batch's generator; the model makes the views itself."""
 
@@ -159,13 +158,6 @@ class TwoViewObjective(Objective):
         return sequence_flops(blocks, m.num_layers, m.num_heads, h // m.num_heads, n + 1) + (
             6.0 * pix * h * n
         )
-
-    def flops(self, batch: dict[str, Any]) -> float:
-        return int(batch["pixel_values"].shape[0]) * self.sample_flops()
-
-    @abstractmethod
-    def sample_flops(self) -> float:
-        """Training FLOPs of one image (both views): what its model computes."""
 
 
 class TwoViewModel(PreTrainedModel):  # type: ignore[misc]

@@ -9,11 +9,11 @@ import torch
 from transformers import PreTrainedModel, ViTMAEConfig, ViTMAEForPreTraining
 
 from data_pipeline.transforms import images_to_tensor
-from trainer.objectives.base import Objective
+from trainer.objectives.base import SampleFlops
 from trainer.perf import encoder_layer_params, sequence_flops
 
 
-class MAEObjective(Objective):
+class MAEObjective(SampleFlops):
     name = "mae"
     default_mask_ratio = 0.75
     modality = "image"
@@ -63,9 +63,6 @@ class MAEObjective(Objective):
         )
         linear = 6.0 * (pix * h * self.num_patches() + h * hd * n_vis + hd * pix * n_all)
         return encoder + decoder + linear
-
-    def flops(self, batch: dict[str, Any]) -> float:
-        return int(batch["pixel_values"].shape[0]) * self.sample_flops()
 
     def flops_inputs(self) -> dict[str, Any]:
         m = self.cfg.model

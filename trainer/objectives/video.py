@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, VideoMAEConfig, VideoMAEForPreTraining
 
 from data_pipeline.transforms import images_to_tensor
 from trainer.config import Config, ConfigError
-from trainer.objectives.base import Objective
+from trainer.objectives.base import SampleFlops
 from trainer.perf import encoder_layer_params, sequence_flops
 
 
@@ -78,7 +78,7 @@ class VideoMAEPretrainer(VideoMAEForPreTraining):  # type: ignore[misc]
         return out
 
 
-class VideoObjective(Objective):
+class VideoObjective(SampleFlops):
     name = "video"
     default_mask_ratio = 0.9
     modality = "video"
@@ -151,9 +151,6 @@ class VideoObjective(Objective):
                                  m.decoder_num_layers, m.num_heads, hd // m.num_heads, n_all)  # fmt: skip
         linear = 4.0 * pix * h * n_all + 6.0 * (h * hd * n_vis + hd * pix * (n_all - n_vis))
         return encoder + decoder + linear
-
-    def flops(self, batch: dict[str, Any]) -> float:
-        return int(batch["pixel_values"].shape[0]) * self.sample_flops()
 
     def flops_inputs(self) -> dict[str, Any]:
         m = self.cfg.model
