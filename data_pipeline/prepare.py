@@ -31,7 +31,8 @@ Algorithm:
      each hash and tells each unit which of its item numbers to drop.
   5. Tokenizer (text, without --tokenizer, unless resumed): WordPiece trained in the parent in
      one pass over the kept documents (BERT normalizer and pre-tokenizer; [PAD]=0 [UNK]=1
-     [CLS]=2 [SEP]=3 [MASK]=4).
+     [CLS]=2 [SEP]=3 [MASK]=4). A given tokenizer may number them otherwise (BERT's WordPiece
+     vocabulary has [CLS]=101) but must have all five; the manifest records their ids.
   6. Output. manifest.json is removed (from here on the dataset is incomplete); unless resumed,
      plan.json is removed, the tokenizer files are written, then the new plan.json.
   7. Units. A unit whose record `_progress/unit-UUUUUU.json` carries this run id and whose shards
@@ -46,8 +47,9 @@ Algorithm:
      frame, `NNNN.png` (GIF/WebP sources, lossless) or `NNNN.jpg` (lossy codecs), and `json` =
      {"frames": n, "fps": f} (fps when the source says it). With `key_field`, JSONL/Parquet samples also get `json` = {"id": value}.
   8. Manifest. Shards are listed in (unit, shard) order, with `stats` (units, skipped,
-     duplicates). Shard files of prepare's naming (this version's or the older
-     `shard-NNNNNN.tar`) and unit records that this run does not list are deleted, then
+     duplicates) and, for text, `special_tokens` ({"pad": id, "unk": id, "cls": id, "sep": id,
+     "mask": id}, of the tokenizer used). Shard files of prepare's naming (this version's or
+     the older `shard-NNNNNN.tar`) and unit records that this run does not list are deleted, then
      manifest.json is written last. `_progress/` stays, so a re-run only verifies.
 Tar headers use a fixed mtime and owner, and each unit depends only on its own input and the
 tokenizer, so the same inputs and tokenizer give byte-identical shards whatever the number of
@@ -84,7 +86,12 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 PROGRESS = "_progress"
 PLAN = "plan.json"
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# The tokens the text objectives need, under the names the manifest's `special_tokens` uses.
+SPECIAL_NAMES = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+SPECIAL_TOKENS = list(SPECIAL_NAMES.values())  # in the order a trained tokenizer numbers them
+# What a text manifest without `special_tokens` means: it predates the field, when prepare's
+# own trained tokenizer numbered SPECIAL_TOKENS from 0.
+DEFAULT_SPECIAL_IDS = {name: i for i, name in enumerate(SPECIAL_NAMES)}
 MODALITIES = ("text", "image", "audio", "video")
 TEXT_SUFFIXES = {".txt", ".jsonl", ".parquet", ""}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".parquet"}
@@ -149,11 +156,15 @@ class Manifest:
     digest: str = field(init=False)
     stats: dict[str, int] | None = None
     """Optional counts from prepare: units, skipped (undecodable inputs), duplicates."""
+    special_tokens: dict[str, int] | None = None
+    """Text: the tokenizer's id of each SPECIAL_NAMES token; DEFAULT_SPECIAL_IDS if not given."""
     run: PrepareRun | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.num_samples = sum(s.samples for s in self.shards)
         self.digest = hashlib.sha256("".join(s.sha256 for s in self.shards).encode()).hexdigest()
+        if self.tokenizer and self.special_tokens is None:
+            self.special_tokens = dict(DEFAULT_SPECIAL_IDS)
 
     def to_json(self) -> str:
         d: dict[str, Any] = {
@@ -166,6 +177,8 @@ class Manifest:
         }
         if self.stats is not None:
             d["stats"] = self.stats
+        if self.special_tokens is not None:
+            d["special_tokens"] = self.special_tokens
         return json.dumps(d, indent=1) + "\n"
 
     def save(self, url: str) -> None:
@@ -188,6 +201,18 @@ class Manifest:
             m = cls(d["modality"], [ShardInfo(**s) for s in d["shards"]], d.get("tokenizer"))
         except (KeyError, TypeError) as e:
             raise PrepareError(f"{where}: malformed manifest: {e!r}") from None
+        specials = d.get("special_tokens")
+        if specials is not None:
+            if not (
+                isinstance(specials, dict)
+                and specials.keys() == SPECIAL_NAMES.keys()
+                and all(type(v) is int and v >= 0 for v in specials.values())
+            ):
+                raise PrepareError(
+                    f"{where}: special_tokens must map {sorted(SPECIAL_NAMES)} to ids, "
+                    f"got {specials!r}"
+                )
+            m.special_tokens = specials
         # A manifest edited by hand (or a truncated copy) must not pass silently.
         if (m.num_samples, m.digest) != (d.get("num_samples"), d.get("digest")):
             raise PrepareError(f"{where}: num_samples/digest do not match its shard list")
@@ -656,9 +681,21 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, lowercase: bool =
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")],
     )
     return tok
+
+
+def special_token_ids(tok: Any, url: str) -> dict[str, int]:
+    """The tokenizer's id of each SPECIAL_NAMES token, or PrepareError naming the missing ones."""
+    ids = {name: tok.token_to_id(token) for name, token in SPECIAL_NAMES.items()}
+    missing = [SPECIAL_NAMES[name] for name, i in ids.items() if i is None]
+    if missing:
+        raise PrepareError(
+            f"{url}: tokenizer lacks special token(s) {' '.join(missing)}, "
+            "which the text objectives need"
+        )
+    return ids
 
 
 def _load_tokenizer(url: str) -> Any:
@@ -670,9 +707,7 @@ def _load_tokenizer(url: str) -> Any:
         raise PrepareError(f"tokenizer not found: {url}") from None
     except Exception as e:  # the Rust side raises plain Exception on a malformed file
         raise PrepareError(f"{url}: not a tokenizers tokenizer.json: {e}") from None
-    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-    if missing:
-        raise PrepareError(f"{url}: tokenizer lacks special tokens {missing}")
+    special_token_ids(tok, url)
     ids = tok.encode("x").ids
     if not ids or ids[0] != tok.token_to_id("[CLS]") or ids[-1] != tok.token_to_id("[SEP]"):
         raise PrepareError(f"{url}: tokenizer does not wrap text in [CLS] ... [SEP]")
@@ -1269,6 +1304,13 @@ def prepare(
             given.no_padding()
             tok_json = given.to_str(pretty=True).encode()
         tok_sha = hashlib.sha256(tok_json).hexdigest() if text and tok_json else ""
+        specials = None
+        if text and tok_json:  # of the tokenizer the shards are encoded with, resumed or not
+            from tokenizers import Tokenizer
+
+            specials = special_token_ids(
+                Tokenizer.from_str(tok_json.decode()), storage.join(output_url, TOKENIZER)
+            )
         run = hashlib.sha256(f"{fingerprint}:{tok_sha}".encode()).hexdigest()
 
         storage.makedirs(output_url)
@@ -1294,7 +1336,7 @@ def prepare(
                 records[record.unit] = record
 
     ordered = [records[u] for u in range(len(units))]
-    manifest = _finish(output_url, modality, ordered, where)
+    manifest = _finish(output_url, modality, ordered, where, specials)
     examples = [e for r in ordered for e in r.skipped_examples]
     manifest.run = PrepareRun(len(units), reused, len(units) - reused, examples[:_SKIPPED_EXAMPLES])
     return manifest
@@ -1332,7 +1374,13 @@ def _start_run(output_url: str, plan: dict[str, Any], tokenizer: bytes | None) -
     storage.write_bytes(plan_url, json.dumps(plan, indent=1).encode())
 
 
-def _finish(output_url: str, modality: str, records: list[_UnitRecord], where: str) -> Manifest:
+def _finish(
+    output_url: str,
+    modality: str,
+    records: list[_UnitRecord],
+    where: str,
+    specials: dict[str, int] | None,
+) -> Manifest:
     """The manifest of the units' shards, written last, once nothing stale is left."""
     shards = [s for r in records for s in r.shards]
     stats = {
@@ -1340,7 +1388,8 @@ def _finish(output_url: str, modality: str, records: list[_UnitRecord], where: s
         "skipped": sum(r.skipped for r in records),
         "duplicates": sum(r.duplicates for r in records),
     }
-    manifest = Manifest(modality, shards, TOKENIZER if modality == "text" else None, stats=stats)
+    tokenizer = TOKENIZER if modality == "text" else None
+    manifest = Manifest(modality, shards, tokenizer, stats=stats, special_tokens=specials)
     if manifest.num_samples == 0:
         raise PrepareError(
             f"no usable {modality} samples in {where} "

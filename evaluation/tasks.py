@@ -244,7 +244,7 @@ def text_inputs(texts: list[str], tokenizer_url: str, seq_len: int) -> dict[str,
 
     tok = Tokenizer.from_str(read_bytes(tokenizer_url).decode())
     tok.enable_truncation(seq_len)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=seq_len)
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=seq_len)
     enc = tok.encode_batch(texts)
     return {
         "input_ids": torch.tensor([e.ids for e in enc]),

@@ -5,20 +5,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
 from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
 from trainer.objectives import OBJECTIVES
-from trainer.objectives.mlm import MASK_ID, NUM_SPECIAL, mask_tokens, pad_and_truncate
+from trainer.objectives.mlm import SpecialIds, mask_tokens, pad_and_truncate
+
+IDS = SpecialIds(**DEFAULT_SPECIAL_IDS)  # prepare's trained tokenizer: [PAD]=0 ... [MASK]=4
 
 
 def test_mlm_masking_follows_80_10_10() -> None:
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(NUM_SPECIAL, 1000, (256, 128), generator=gen)
+    ids = torch.randint(5, 1000, (256, 128), generator=gen)
     ids[:, 0] = 2  # [CLS] is never chosen
-    inputs, labels = mask_tokens(ids, 0.15, 1000, gen)
+    inputs, labels = mask_tokens(ids, 0.15, IDS.mask, IDS.lookup(1000), gen)
     chosen = labels != -100
     assert not chosen[:, 0].any()
     assert abs(chosen.float().mean().item() - 0.15 * 127 / 128) < 0.005
-    as_mask = (inputs == MASK_ID) & chosen
+    as_mask = (inputs == IDS.mask) & chosen
     kept = (inputs == ids) & chosen
     n = chosen.sum().item()
     assert abs(as_mask.sum().item() / n - 0.8) < 0.02
@@ -28,7 +31,7 @@ def test_mlm_masking_follows_80_10_10() -> None:
 
 
 def test_truncation_keeps_the_closing_sep() -> None:
-    out = pad_and_truncate([np.array([2, 7, 8, 9, 10, 3]), np.array([2, 7, 3])], 4)
+    out = pad_and_truncate([np.array([2, 7, 8, 9, 10, 3]), np.array([2, 7, 3])], 4, 0, 3)
     assert out.tolist() == [[2, 7, 8, 3], [2, 7, 3, 0]]
 
 

@@ -15,14 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
 from tests.helpers import metrics, run_darkmatter, write_config
 from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
 from trainer.objectives import OBJECTIVES
 from trainer.objectives.base import Objective
-from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID
 from trainer.objectives.span import NUM_SENTINELS, random_spans_noise_mask
 
 VOCAB = 60  # the tokenizer's; span adds 100 sentinels above it
+# prepare's trained tokenizer's special ids ([PAD]=0 [CLS]=2 [SEP]=3)
+PAD_ID, CLS_ID, SEP_ID = (DEFAULT_SPECIAL_IDS[k] for k in ("pad", "cls", "sep"))
+META = {"modality": "text", "vocab_size": VOCAB, "special_tokens": DEFAULT_SPECIAL_IDS}
 # One thread for these tiny models: on a busy 2-core machine, torch's second thread spins
 # waiting for the first and a 0.2 s test takes 30 s.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -35,7 +38,7 @@ def objective(name: str, seq_len: int = 32, packing: bool = False, layers: int =
         model=ModelConfig(hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=48,
                           dropout=0.0),
     )  # fmt: skip
-    return OBJECTIVES[name](cfg, {"modality": "text", "vocab_size": VOCAB})
+    return OBJECTIVES[name](cfg, META)
 
 
 def documents(n: int, seed: int, lo: int = 4, hi: int = 40) -> list[dict[str, Any]]:

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
 from tests.helpers import metrics, run_darkmatter, write_config
 from trainer.config import ConfigError, load_config
-from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID, MLMObjective, pack
+from trainer.objectives.mlm import MLMObjective, pack
+
+PAD_ID, CLS_ID, SEP_ID = (DEFAULT_SPECIAL_IDS[k] for k in ("pad", "cls", "sep"))
+META = {"vocab_size": 200, "special_tokens": DEFAULT_SPECIAL_IDS}
 
 
 def _cfg(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
@@ -37,7 +41,7 @@ def _batch(obj: MLMObjective, n: int = 4) -> dict[str, torch.Tensor]:
 def _loss_and_grads(cfg, batch):  # type: ignore[no-untyped-def]
     from trainer.engine import set_throughput_features
 
-    obj = MLMObjective(cfg, {"vocab_size": 200})
+    obj = MLMObjective(cfg, META)
     torch.manual_seed(0)
     model = obj.build_model()
     set_throughput_features(model, cfg)
@@ -50,7 +54,7 @@ def _loss_and_grads(cfg, batch):  # type: ignore[no-untyped-def]
 def test_pack_fills_rows_end_to_end() -> None:
     docs = [np.array([CLS_ID, 10, 11, SEP_ID]), np.array([CLS_ID, *range(20, 30), SEP_ID]),
             np.array([CLS_ID, 40, SEP_ID])]  # fmt: skip
-    rows = pack(docs, seq_len=8)
+    rows = pack(docs, seq_len=8, pad_id=PAD_ID)
     flat = np.concatenate(docs)
     assert rows.shape == (3, 8)  # 19 tokens -> ceil(19 / 8) rows
     assert rows.flatten()[: len(flat)].tolist() == flat.tolist()  # nothing dropped or reordered
@@ -58,8 +62,8 @@ def test_pack_fills_rows_end_to_end() -> None:
 
 
 def test_packing_removes_padding(tmp_path: Path) -> None:
-    padded = MLMObjective(_cfg(tmp_path), {"vocab_size": 200})
-    packed = MLMObjective(_cfg(tmp_path, "data.packing=true"), {"vocab_size": 200})
+    padded = MLMObjective(_cfg(tmp_path), META)
+    packed = MLMObjective(_cfg(tmp_path, "data.packing=true"), META)
     a, b = _batch(padded, 8), _batch(packed, 8)
     # The same real tokens (no document here is longer than a row), in fewer, fuller rows.
     assert int(a["attention_mask"].sum()) == int(b["attention_mask"].sum())
@@ -69,7 +73,7 @@ def test_packing_removes_padding(tmp_path: Path) -> None:
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
-    batch = _batch(MLMObjective(cfg, {"vocab_size": 200}))
+    batch = _batch(MLMObjective(cfg, META))
     loss, grads = _loss_and_grads(cfg, batch)
     loss_ckpt, grads_ckpt = _loss_and_grads(_cfg(tmp_path, "train.activation_checkpointing=true"),
                                             batch)  # fmt: skip
@@ -80,7 +84,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path: Pa
 
 def test_sdpa_matches_eager_attention(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "model.attention=eager")
-    batch = _batch(MLMObjective(cfg, {"vocab_size": 200}))
+    batch = _batch(MLMObjective(cfg, META))
     loss, grads = _loss_and_grads(cfg, batch)
     loss_sdpa, grads_sdpa = _loss_and_grads(_cfg(tmp_path, "model.attention=sdpa"), batch)
     torch.testing.assert_close(loss_sdpa, loss, rtol=1e-5, atol=1e-6)

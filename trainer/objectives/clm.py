@@ -5,19 +5,24 @@ where a document ends and the next begins); otherwise each document is one row, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from trainer.objectives.base import TokenFlops
-from trainer.objectives.mlm import CLS_ID, PAD_ID, SEP_ID, pack, pad_and_truncate
+from trainer.objectives.mlm import SpecialIds, pack, pad_and_truncate
 from trainer.perf import encoder_layer_params
 
 
 class CLMObjective(TokenFlops):
     name = "clm"
     modality = "text"
+
+    @functools.cached_property  # lazy: see MLMObjective.ids
+    def ids(self) -> SpecialIds:
+        return SpecialIds.from_meta(self.meta)
 
     def model_config(self) -> GPT2Config:
         m, seq_len = self.cfg.model, self.cfg.data.seq_len
@@ -31,10 +36,10 @@ class CLMObjective(TokenFlops):
             resid_pdrop=m.dropout,
             embd_pdrop=m.dropout,
             attn_pdrop=m.dropout,
-            # Our tokenizer's ids: a document starts with [CLS] and ends with [SEP].
-            bos_token_id=CLS_ID,
-            eos_token_id=SEP_ID,
-            pad_token_id=PAD_ID,
+            # The tokenizer's ids: a document starts with [CLS] and ends with [SEP].
+            bos_token_id=self.ids.cls,
+            eos_token_id=self.ids.sep,
+            pad_token_id=self.ids.pad,
         )
 
     def build_model(self) -> PreTrainedModel:
@@ -44,9 +49,12 @@ class CLMObjective(TokenFlops):
         """No randomness: `gen` is unused. The model shifts the labels itself (position t's
         logits are scored against token t+1); padding is -100, never predicted. Padding is only
         ever at the end of a row, where causal attention keeps it out of the real tokens."""
-        docs, seq_len = [s["input_ids"] for s in samples], self.cfg.data.seq_len
-        ids = pack(docs, seq_len) if self.cfg.data.packing else pad_and_truncate(docs, seq_len)
-        attention = (ids != PAD_ID).long()  # [B, T]
+        docs, seq_len, sp = [s["input_ids"] for s in samples], self.cfg.data.seq_len, self.ids
+        if self.cfg.data.packing:
+            ids = pack(docs, seq_len, sp.pad)
+        else:
+            ids = pad_and_truncate(docs, seq_len, sp.pad, sp.sep)
+        attention = (ids != sp.pad).long()  # [B, T]
         labels = ids.masked_fill(attention == 0, -100)
         return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 

@@ -25,6 +25,7 @@ most sequences at seq_len - 1 tokens, with several spans placed at random.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from transformers import PreTrainedModel, T5Config, T5ForConditionalGeneration
 
 from trainer.config import Config
 from trainer.objectives.base import Objective
-from trainer.objectives.mlm import PAD_ID, SEP_ID
+from trainer.objectives.mlm import SpecialIds
 from trainer.perf import encoder_layer_params, sequence_flops
 
 NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
@@ -57,6 +58,10 @@ class SpanObjective(Objective):
                 f"{NUM_SENTINELS} sentinels"
             )
 
+    @functools.cached_property  # lazy: see MLMObjective.ids
+    def ids(self) -> SpecialIds:
+        return SpecialIds.from_meta(self.meta)
+
     @property
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary and the sentinels."""
@@ -75,12 +80,12 @@ class SpanObjective(Objective):
             dropout_rate=m.dropout,
             # Relative attention (32 buckets, distance 128), ReLU feed-forward and tied
             # embeddings: T5's defaults.
-            pad_token_id=PAD_ID,
-            eos_token_id=SEP_ID,
+            pad_token_id=self.ids.pad,
+            eos_token_id=self.ids.sep,
         )
         # The decoder starts from [PAD], as T5's does (not a declared field of T5Config in
         # transformers 5, but the model reads it and the config saves it).
-        config.decoder_start_token_id = PAD_ID
+        config.decoder_start_token_id = self.ids.pad
         return config
 
     def build_model(self) -> PreTrainedModel:
@@ -94,23 +99,24 @@ class SpanObjective(Objective):
         if self.cfg.data.packing:
             flat = np.concatenate(docs)
             return [flat[i : i + n] for i in range(0, len(flat), n)]
-        return [d[:-1][:n] if len(d) and d[-1] == SEP_ID else d[:n] for d in docs]
+        sep = self.ids.sep
+        return [d[:-1][:n] if len(d) and d[-1] == sep else d[:n] for d in docs]
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         """Encoder inputs padded with [PAD] (attention_mask 0), targets padded with -100; the
         model makes the decoder's inputs from the labels (shifted right, [PAD] first)."""
-        top = self.vocab_size - 1  # <extra_id_0>
+        top, pad = self.vocab_size - 1, self.ids.pad  # top: <extra_id_0>
         inputs, targets = [], []
         for seq in self.sequences(samples):
             ids = torch.from_numpy(seq)
             mask = random_spans_noise_mask(len(ids), self.cfg.model.mask_ratio, gen)
-            eos = torch.tensor([SEP_ID])
+            eos = torch.tensor([self.ids.sep])
             inputs.append(torch.cat([spans_to_sentinels(ids, mask, top), eos]))
             targets.append(torch.cat([spans_to_sentinels(ids, ~mask, top), eos]))
-        input_ids = pad_sequence(inputs, batch_first=True, padding_value=PAD_ID)
+        input_ids = pad_sequence(inputs, batch_first=True, padding_value=pad)
         return {
             "input_ids": input_ids,
-            "attention_mask": (input_ids != PAD_ID).long(),
+            "attention_mask": (input_ids != pad).long(),
             "labels": pad_sequence(targets, batch_first=True, padding_value=-100),
         }
 
