@@ -8,16 +8,75 @@ MinIO or the local moto server.
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
-from typing import Any
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
 
+log = logging.getLogger("darkmatter.storage")
+T = TypeVar("T")
+
 
 class StorageError(RuntimeError):
     """Object storage is missing or unreachable; the message names the URL or bucket."""
+
+
+# -- retries: one policy for every transfer that must survive a flaky object store ----------
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How hard to try one storage call: `retries` attempts after the first, waiting
+    `backoff_s`, then twice that, ... at most `max_delay_s` between attempts.
+
+    The same budget serves checkpoint uploads and checkpoint fetches (checkpoint.upload_retries),
+    so a resume survives exactly the faults a save survives. The data reader resumes a broken
+    shard body where it stopped and keeps its own loop (data.retries), on the same schedule."""
+
+    retries: int = 5
+    backoff_s: float = 0.5
+    max_delay_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (0-based)."""
+        return float(min(self.max_delay_s, self.backoff_s * 2**attempt))
+
+
+def is_permanent(e: BaseException) -> bool:
+    """Errors no retry can fix: the object does not exist, access is denied (403), the
+    bucket is missing. Everything else (503 SlowDown, resets, timeouts) is worth another try."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, StorageError)):
+        return True
+    for err in (e, e.__cause__):
+        code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
+        if code in ("AccessDenied", "Forbidden", "403", "NoSuchBucket", "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch"):  # fmt: skip
+            return True
+    return False
+
+
+def with_retries(call: Callable[[], T], what: str, policy: Retry = Retry()) -> T:
+    """`call()`, tried again after transient errors per `policy`; a permanent error (see
+    is_permanent) is raised at once. After the last attempt the error is raised as it is,
+    with `what` and the number of attempts added to its message when it is an OSError."""
+    for attempt in range(policy.retries + 1):
+        try:
+            return call()
+        except Exception as e:
+            if is_permanent(e):
+                raise
+            if attempt == policy.retries:
+                raise StorageError(f"{what} failed {attempt + 1} times: {e}") from e
+            delay = policy.delay(attempt)
+            log.warning("%s failed (%s); retrying in %.1f s", what, e, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _storage_options(url: str) -> dict[str, Any]:
@@ -47,18 +106,45 @@ def join(url: str, *parts: str) -> str:
 
 
 def check_bucket(url: str) -> None:
-    """Fail fast with one clear line when an s3:// bucket does not exist or cannot be reached."""
+    """Fail fast with one clear line when an s3:// bucket does not exist, denies access (403,
+    never retried) or cannot be reached."""
     if not url.startswith("s3://"):
         return
     bucket = url[len("s3://") :].split("/", 1)[0]
     fs, _ = filesystem(url)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
     try:
-        exists = fs.exists(bucket)
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise StorageError(f"bucket {bucket!r} does not exist (from {url})") from None
+    except PermissionError:
+        raise StorageError(
+            f"access to bucket {bucket!r} is denied (403, from {url}): check the credentials "
+            "and the bucket's policy"
+        ) from None
     except Exception as e:  # botocore raises many types; all mean "cannot reach it"
-        endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+        if is_permanent(e):
+            raise StorageError(f"access to bucket {bucket!r} is denied ({e})") from None
         raise StorageError(f"cannot reach bucket {bucket!r} at {endpoint}: {e}") from None
-    if not exists:
-        raise StorageError(f"bucket {bucket!r} does not exist (from {url})")
+
+
+def check_writable_root(url: str) -> None:
+    """A root that checkpoints will be written under: its bucket exists and answers, and its
+    prefix can be listed (a 403 there fails now, naming the bucket, not at the first save)."""
+    check_bucket(url)
+    if not is_remote(url):
+        return
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(path)
+    except FileNotFoundError:
+        pass  # an empty prefix: nothing written yet
+    except PermissionError:
+        raise StorageError(
+            f"access to {url} is denied (403, bucket {bucket!r}): check the credentials and "
+            "the bucket's policy"
+        ) from None
 
 
 def open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
@@ -146,6 +232,18 @@ def glob(pattern: str) -> list[str]:
     fs, path = filesystem(pattern)
     scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
     return [scheme + p for p in sorted(fs.glob(path))]
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy every file under src to the same relative path under dst (same filesystem)."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    for path in sorted(fs.find(src_path)):
+        rel = path[len(src_path.rstrip("/")) + 1 :]
+        target = posixpath.join(dst_path, rel) if is_remote(dst) else os.path.join(dst_path, rel)
+        if not is_remote(dst):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.copy(path, target)
 
 
 def remove_tree(url: str) -> None:
