@@ -22,8 +22,21 @@ model shows up here. Per rank, the larger of the two moments; per stage, the lar
 ranks. `ratio` = measured / formula; `worst_ratio` = the largest over the stages. bf16 and fp32
 bytes are also reported apart: bf16 holds weights and gradients, fp32 the optimizer states.
 
-    python bench/zero_memory.py            # ~1 minute on 2 cores
+The build itself (`build` in the result): the same 2 ranks build a BERT-large MLM model (hidden
+1024, 24 layers, 16 heads, intermediate 4096, vocabulary 30522: 335M parameters, fp32) the way
+the trainer does (trainer.engine.model_construction): partitioned under ZeRO-3 (deepspeed.zero.Init)
+and whole, as ZeRO-0/1/2 build it. Measured right after construction: the parameter bytes the
+rank holds (its partitions, or the whole tensors); `build.ratio` = partitioned / whole (2 ranks:
+0.5 is perfect). The process's peak RSS after each build is reported too, for what it is worth:
+the partitioned build runs first, and the peak counts the interpreter, torch and DeepSpeed
+(about 0.6 GB) and whatever the allocator keeps: with glibc's default, adaptive mmap threshold
+the full-size tensors a partitioned build frees, module after module, stay in the heap, and its
+peak can pass the whole build's (MALLOC_MMAP_THRESHOLD_=131072 in the environment shows the
+difference).
+
+    python bench/zero_memory.py            # ~2 minutes on 2 cores
     python bench/zero_memory.py --quick    # a smaller model (smoke test)
+    python bench/zero_memory.py --no-build # the training stages only
 """
 
 from __future__ import annotations
@@ -46,6 +59,9 @@ from _common import log  # noqa: E402
 DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
                       "stage3_param_persistence_threshold": 100_000}  # fmt: skip
 K_ADAM = 12  # bytes of optimizer state per parameter: fp32 master, momentum, variance
+# The build figure's model: BERT-large (Devlin et al. 2019), 335M parameters with its MLM head.
+BERT_LARGE = {"hidden_size": 1024, "num_layers": 24, "num_heads": 16, "intermediate_size": 4096}
+BERT_LARGE_VOCAB = 30522
 
 
 def formula(stage: int, psi: int, n: int) -> dict[str, float]:
@@ -91,18 +107,79 @@ def summarize(storages: dict[int, tuple[int, Any]]) -> dict[str, int]:
     return out
 
 
+def held_bytes(model: Any) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole parameters), each tensor once: a
+    ZeRO-3 parameter holds its partition (`ds_tensor`) and a 0-element placeholder."""
+    held = whole = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        held += p.data.numel() * p.element_size()
+        if hasattr(p, "ds_tensor"):
+            held += p.ds_tensor.numel() * p.ds_tensor.element_size()
+        whole += int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+    return held, whole
+
+
+def measure_build(args: argparse.Namespace, world: int) -> dict[str, Any]:
+    """This rank's parameter bytes right after building the MLM model partitioned (ZeRO-3) and
+    whole (ZeRO-2), fp32, through the trainer's own build context; partitioned first, since a
+    process's peak RSS only rises."""
+    import resource
+    import time
+
+    import torch
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+    from trainer import engine as eng
+    from trainer.config import deepspeed_config, load_config
+    from trainer.objectives import OBJECTIVES
+
+    model = _common.bench_bert(True) if args.quick else BERT_LARGE
+    vocab = args.vocab if args.quick else BERT_LARGE_VOCAB
+    out: dict[str, Any] = {}
+    for stage, name in ((3, "partitioned"), (2, "whole")):
+        raw = {"objective": "mlm", "data": {"url": "unused", "seq_len": 512},
+               "model": model, "train": {"steps": 1, "micro_batch_size": 1, "zero_stage": stage},
+               "tracking": {"enabled": False}}  # fmt: skip
+        path = Path(args.out) / f"build{stage}-rank{eng.local_rank()}.yaml"
+        path.write_text(json.dumps(raw))  # YAML reads JSON
+        cfg = load_config(path)
+        meta = {"vocab_size": vocab, "special_tokens": DEFAULT_SPECIAL_IDS}
+        objective = OBJECTIVES["mlm"](cfg, meta)
+        ds = deepspeed_config(cfg, world)
+        hf_ds = HfDeepSpeedConfig(ds)  # alive while building, as in build_engine
+        torch.manual_seed(0)
+        eng.barrier()
+        t0 = time.perf_counter()
+        with eng.model_construction(ds):
+            built = objective.build_model()
+        seconds = time.perf_counter() - t0
+        held, whole = held_bytes(built)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        out[name] = {"held_bytes": held, "whole_bytes": whole, "seconds": round(seconds, 2),
+                     "peak_rss_bytes": rss}  # fmt: skip
+        del built, hf_ds
+        gc.collect()
+        eng.barrier()
+    return out
+
+
 def worker(args: argparse.Namespace) -> None:
     """One rank: every stage in turn, in one process group; results to OUT/rank<r>.json."""
     import numpy as np
     import torch
     import yaml
 
+    from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
     from trainer import engine as eng
     from trainer.config import deepspeed_config, load_config
     from trainer.objectives import OBJECTIVES
 
     rank, world, _ = eng.init_distributed()
     out_dir = Path(args.out)
+    if args.build:
+        build = measure_build(args, world)
+        (out_dir / f"build-rank{rank}.json").write_text(json.dumps(build))
     results = []
     for stage in args.stages:
         raw = {
@@ -118,7 +195,8 @@ def worker(args: argparse.Namespace) -> None:
         path = out_dir / f"stage{stage}-rank{rank}.yaml"  # ranks write at once
         path.write_text(yaml.safe_dump(raw))
         cfg = load_config(path)
-        objective = OBJECTIVES["mlm"](cfg, {"vocab_size": args.vocab})
+        meta = {"vocab_size": args.vocab, "special_tokens": DEFAULT_SPECIAL_IDS}  # ids 0..4
+        objective = OBJECTIVES["mlm"](cfg, meta)
         ds = deepspeed_config(cfg, world)
         engine, hf_ds = eng.build_engine(cfg, ds, objective.build_model)
         psi = sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
@@ -152,6 +230,12 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument(
+        "--no-build",
+        dest="build",
+        action="store_false",
+        help="leave out the build figure (BERT-large built partitioned and whole)",
+    )
     ap.add_argument("--deepspeed-defaults", action="store_true",
                     help="ZeRO-3 with DeepSpeed's default bucket sizes (for comparison)")  # fmt: skip
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -170,12 +254,15 @@ def main() -> None:
                "--worker", "--out", str(tmp), "--vocab", str(args.vocab),
                "--seq-len", str(args.seq_len), "--stages", *map(str, args.stages)]  # fmt: skip
         cmd += ["--quick"] * args.quick + ["--deepspeed-defaults"] * args.deepspeed_defaults
+        cmd += ["--no-build"] * (not args.build)
         env = {**os.environ, "PYTHONPATH": str(_common.REPO_ROOT)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
         if proc.returncode != 0:
             raise SystemExit(f"zero_memory: the ranks failed ({proc.returncode}):\n"
                              + proc.stderr[-3000:])  # fmt: skip
         ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(n)]
+        builds = [json.loads((tmp / f"build-rank{r}.json").read_text()) for r in range(n)
+                  if args.build]  # fmt: skip
     stages: dict[str, Any] = {}
     for i, stage in enumerate(args.stages):
         per_rank = [ranks[r][i] for r in range(n)]
@@ -197,8 +284,26 @@ def main() -> None:
         "parameters": ranks[0][0]["psi"], "precision": "bf16 weights and gradients, fp32 Adam",
         "model": _common.bench_bert(args.quick), "deepspeed_default_buckets": args.deepspeed_defaults,
         "stages": stages,
+        **({"build": build_summary(builds, args)} if builds else {}),
         "worst_ratio": max(s["ratio"] for s in stages.values()),
     })  # fmt: skip
+
+
+def build_summary(builds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """The build figure from every rank's: per build, the larger rank's bytes."""
+    part = max(b["partitioned"]["held_bytes"] for b in builds)
+    whole = max(b["whole"]["held_bytes"] for b in builds)
+    return {
+        "model": _common.bench_bert(True) if args.quick else BERT_LARGE,
+        "vocab": args.vocab if args.quick else BERT_LARGE_VOCAB,
+        "parameters": builds[0]["whole"]["whole_bytes"] // 4, "precision": "fp32 parameters",
+        "partitioned_bytes_per_rank": part, "whole_bytes_per_rank": whole,
+        "ratio": round(part / whole, 4),
+        "per_rank_partitioned_bytes": [b["partitioned"]["held_bytes"] for b in builds],
+        "seconds": {k: max(b[k]["seconds"] for b in builds) for k in ("partitioned", "whole")},
+        "peak_rss_bytes_after": {k: max(b[k]["peak_rss_bytes"] for b in builds)
+                                 for k in ("partitioned", "whole")},
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

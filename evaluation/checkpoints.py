@@ -206,8 +206,12 @@ def from_pretrained(path: str | Path) -> PreTrainedModel:
     return model
 
 
-def load_encoder(ref: EncoderRef, pretrained: bool = True, seed: int = 0) -> PreTrainedModel:
-    """The checkpoint's encoder (pretrained=True) or the same architecture freshly initialized."""
+def load_encoder(
+    ref: EncoderRef, pretrained: bool = True, seed: int = 0,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> PreTrainedModel:  # fmt: skip
+    """The checkpoint's encoder (pretrained=True) or the same architecture freshly initialized;
+    `state_dict`: the checkpoint's consolidated weights, when the caller has them already."""
     torch.manual_seed(seed)
     if pretrained and isinstance(ref, ExportRef):
         export = from_pretrained(ref.path)
@@ -227,7 +231,7 @@ def load_encoder(ref: EncoderRef, pretrained: bool = True, seed: int = 0) -> Pre
         dropped = NOT_ENCODER.get(ref.meta["objective"], ())
         sd = {
             k[len(prefix) :]: v
-            for k, v in consolidated_state_dict(ref).items()
+            for k, v in (state_dict or consolidated_state_dict(ref)).items()
             if k.startswith(prefix) and not k[len(prefix) :].startswith(dropped)
         }
         missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -5,7 +5,10 @@ or the feature extractor for audio), loadable by `AutoModel.from_pretrained` and
 (a T5 encoder, from the `span` objective, by `T5EncoderModel.from_pretrained`: AutoModel would
 build the whole encoder-decoder around it).
 ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32; the checkpoint may be local or in
-object storage, and its files are verified against its commit record first.
+object storage, and its files are verified against its commit record first. Beside the encoder,
+`pretraining_heads.safetensors` holds the rest of the pretraining model (its heads, decoder,
+momentum teacher, quantizer), which `model.init_from` loads to continue pretraining from the
+export exactly where the checkpoint stopped; AutoModel ignores it.
 
 `--register NAME` also logs the export into the checkpoint's training run with MLflow's
 transformers flavor (artifact `models/stepNNNNNNNN`) and registers it as a new version of model
@@ -24,7 +27,9 @@ from typing import Any
 from transformers import AutoConfig
 
 from evaluation.checkpoints import (
+    ENCODER_PREFIX,
     CheckpointRef,
+    consolidated_state_dict,
     encoder_class,
     from_pretrained,
     load_encoder,
@@ -35,8 +40,10 @@ from evaluation.checkpoints import (
 def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
     ref = resolve(target)
     out = Path(output)
-    encoder = load_encoder(ref, pretrained=True)
+    weights = consolidated_state_dict(ref)
+    encoder = load_encoder(ref, pretrained=True, state_dict=weights)
     encoder.save_pretrained(str(out))
+    save_heads(ref, encoder, weights, out)
     # Where it came from: `darkmatter evaluate OUT_DIR` logs into the same run at the same step.
     (out / "darkmatter.json").write_text(json.dumps({**ref.meta, "tag": ref.tag}, indent=1))
     tok_url = ref.meta.get("tokenizer")
@@ -79,12 +86,38 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
     return ref, out
 
 
+def save_heads(
+    ref: CheckpointRef, encoder: Any, weights: dict[str, Any], out: Path
+) -> None:  # fmt: skip
+    """The rest of the pretraining model (its heads, decoder, momentum teacher, quantizer), under
+    its own names, in HEADS_FILE: what `model.init_from` needs, beside the encoder, to continue
+    pretraining exactly where the checkpoint stopped. A tensor tied to one already saved (an
+    output layer tied to the embeddings) is left out; loading it loads its twin."""
+    from safetensors.torch import save_file
+
+    from trainer.init_from import HEADS_FILE
+
+    prefix = ENCODER_PREFIX[ref.meta["objective"]]
+    in_encoder = {prefix + k for k in encoder.state_dict()}
+    seen = {weights[k].data_ptr() for k in in_encoder if k in weights}
+    heads = {}
+    for k, v in weights.items():
+        if k not in in_encoder and v.data_ptr() not in seen:
+            heads[k] = v.contiguous()
+            seen.add(v.data_ptr())
+    save_file(heads, str(out / HEADS_FILE), metadata={"format": "pt"})
+
+
 def register(ref: CheckpointRef, out: Path, name: str) -> Any:
     """Log the export `out` into ref's training run and register it as a version of `name`."""
+    import shutil
+
     import mlflow.transformers
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from transformers import AutoImageProcessor, AutoTokenizer
+
+    from trainer.init_from import HEADS_FILE
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     run_id = ref.meta.get("mlflow_run_id")
@@ -113,6 +146,11 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
             metadata={"darkmatter_step": ref.step, "darkmatter_checkpoint": str(ref.path),
                       "objective": ref.meta["objective"]},
         )  # fmt: skip
+        # Beside the flavour's weights (model/model/): what `model.init_from: models:/NAME/V`
+        # needs to continue pretraining, the heads and the export's record.
+        for extra in (HEADS_FILE, "darkmatter.json"):
+            if (out / extra).is_file():
+                shutil.copy(out / extra, f"{tmp}/model/model/{extra}")
         client.log_artifacts(run_id, f"{tmp}/model", artifact_path)
     try:
         client.create_registered_model(name)

@@ -40,6 +40,8 @@ def test_bench_runner_quick_gpu_tiny_and_zero_memory(tmp_path: Path) -> None:
         zero["stages"]["zero3"]["measured_bytes"] < 0.55 * zero["stages"]["zero0"]["measured_bytes"]
     )
     assert zero["worst_ratio"] == max(v["ratio"] for v in zero["stages"].values()) <= 1.15
+    # Built under ZeRO-3, a rank holds half the parameters a whole build holds (2 ranks).
+    assert zero["build"]["ratio"] <= 0.55 and zero["build"]["whole_bytes_per_rank"] > 0
     assert rows[1].startswith(f"| zero_memory | worst_ratio | {zero['worst_ratio']} | <= 1.15 |")
     assert rows[2].startswith(f"| gpu | mlm_mfu_vs_target | {results['gpu']['mlm_mfu_vs_target']}")
 

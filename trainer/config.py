@@ -119,6 +119,10 @@ class ModelConfig:
     """Attention kernel: sdpa (torch's scaled_dot_product_attention, which picks flash or
     memory-efficient kernels on GPUs), eager (the reference implementation), or
     flash_attention_2 (needs the flash-attn package and a GPU)."""
+    init_from: str = ""
+    """Continued pretraining: start from these weights instead of a random init, a
+    `darkmatter export` folder (local or s3://…) or a registered model (models:/NAME/VERSION);
+    empty: random init. A resumed run takes its weights from its checkpoint instead."""
 
 
 @dataclass
@@ -186,7 +190,10 @@ class CheckpointConfig:
     """Local folder where ranks write before uploading to a remote root, and where a resume
     downloads to. Empty: RUN_DIR/staging."""
     upload_retries: int = 5
-    """Attempts per file after the first when an upload fails."""
+    """Attempts per file after the first when an upload or a resume's download fails (0.5 s,
+    then doubling up to 30 s between attempts); 403s and missing objects are not retried."""
+    max_failed_saves: int = 3
+    """Consecutive saves not committed (on any rank) after which the job stops with an error."""
     resume: bool = True
     """Continue from the newest committed checkpoint under root, if there is one."""
     resume_from: str = ""
@@ -374,6 +381,7 @@ def validate(cfg: Config) -> None:
     for section, key in (
         ("train", "steps"), ("train", "micro_batch_size"), ("train", "grad_accum"),
         ("train", "log_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
+        ("checkpoint", "max_failed_saves"),
         ("faults", "max_skips"), ("faults", "skip_window"), ("tracking", "max_buffer"),
     ):  # fmt: skip
         if getattr(getattr(cfg, section), key) < 1:

@@ -7,6 +7,7 @@ step and the same code runs under ZeRO stages 0-3.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -15,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,13 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; biases and norm weights (1-D) are not decayed."""
+    """Decay matrices only; biases and norm weights (1-D) are not decayed. A parameter built
+    under ZeRO-3 is a 1-D placeholder: its real shape is `ds_shape`."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -145,17 +147,94 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), **kwargs)
 
 
+def model_construction(ds_config: dict[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """Where models are built: under ZeRO-3 (`ds_config`'s stage), partitioned_construction;
+    otherwise whole, as plain torch builds them."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        return partitioned_construction(ds_config)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Build models inside this under ZeRO-3: deepspeed.zero.Init partitions every parameter
+    across the ranks as soon as the module that owns it is constructed, so a rank never holds
+    more than one module whole (each keeps 1/N of the model, in the dtype of `ds_config`).
+
+    transformers initializes weights in `post_init()` (`initialize_weights`), which would find
+    the built modules' parameters already partitioned and initialize nothing; its own ZeRO-3
+    path (`_from_config`) skips torch's default init and re-initializes afterwards on rank 0,
+    which draws other random numbers than a whole build. Here `initialize_weights` runs where
+    `post_init` calls it, module by module on gathered parameters, on every rank alike: the
+    same random numbers in the same order as a whole build, so every ZeRO stage starts from
+    the same weights for a seed and every rank's generator stays in step."""
+    from transformers import PreTrainedModel
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    original = PreTrainedModel.initialize_weights
+    setattr(PreTrainedModel, "initialize_weights", _initialize_gathered)  # noqa: B010
+    try:
+        # zero.Init casts every floating tensor made inside it to the model's dtype, arange's
+        # too: sin-cos tables built from a float64 arange would differ by an ulp.
+        with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            yield
+    finally:
+        setattr(PreTrainedModel, "initialize_weights", original)  # noqa: B010
+
+
+def _initialize_gathered(model: PreTrainedModel) -> None:
+    """transformers' `initialize_weights` (its `smart_apply`: children first, each sub-model
+    with its own `_initialize_weights`), with each module's partitioned parameters gathered
+    while it is initialized: its own, its children's (`_init_weights` may set those) and
+    their parametrizations' (wav2vec2's weight-normed convolution). Rank 0's values are kept."""
+    from transformers.initialization import guard_torch_init_functions
+
+    custom = model.is_custom_code()
+
+    def touched(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+        params: list[torch.nn.Parameter] = []
+        for m in (module, *module.children()):
+            params += m.parameters(recurse=False)
+            weights = getattr(m, "parametrizations", None)  # a parametrized weight's originals
+            if isinstance(weights, torch.nn.Module):
+                params += weights.parameters()
+        return params
+
+    def visit(module: torch.nn.Module, fn: Callable[[torch.nn.Module, bool], None]) -> None:
+        for child in module.children():
+            visit(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        if getattr(module, "_is_hf_initialized", False):
+            return  # initialized by an inner post_init already: fn would do nothing
+        with gathered(touched(module)):
+            fn(module, custom)
+
+    with torch.no_grad(), guard_torch_init_functions():
+        visit(model, model._initialize_weights)
+
+
+def gathered(params: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContextManager[Any]:
+    """The full values of ZeRO-3-partitioned `params` for the block; what rank 0 writes into
+    them is kept (and copied to every rank) on exit. A no-op for parameters not partitioned."""
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+
 def build_engine(
     cfg: Config, ds_config: dict[str, Any], build_model: Callable[[], PreTrainedModel]
 ) -> tuple[Any, HfDeepSpeedConfig]:
-    """Build the model under DeepSpeed's config and wrap it in an engine.
+    """Build the model under DeepSpeed's config (partitioned as it is built under ZeRO-3; then
+    the weights of `model.init_from`, if set) and wrap it in an engine.
 
-    HfDeepSpeedConfig must exist before the model is built, so that under ZeRO-3 transformers
-    creates the parameters already partitioned; the caller keeps the returned object alive.
+    HfDeepSpeedConfig must exist before the model is built: transformers reads it for what it
+    does differently under ZeRO-3; the caller keeps the returned object alive.
     """
     hf_ds = HfDeepSpeedConfig(ds_config)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank and every restart
-    model = build_model()
+    with model_construction(ds_config):
+        model = build_model()
+    if cfg.model.init_from:
+        from trainer import init_from
+
+        init_from.load(model, cfg, gathered)
     set_throughput_features(model, cfg)
     # Dropout then differs across ranks but not across restarts of the same rank.
     torch.manual_seed(cfg.train.seed * 100_003 + int(os.environ.get("RANK", "0")))
@@ -405,13 +484,32 @@ def gather_to_rank0(obj: Any, group: Any = None) -> list[Any] | None:
     return out
 
 
-def all_gather(obj: Any) -> list[Any]:
-    """Every rank's `obj` on every rank, in rank order."""
+def all_gather(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj` on every rank, in rank order (on `group`, default the training
+    thread's control group)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=_CONTROL)
+    dist.all_gather_object(out, obj, group=group or _CONTROL)
     return out
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (what the others pass is ignored)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_CONTROL)
+    return box[0]
+
+
+def node_id() -> str:
+    """This machine within the job: its host name, and the launcher's node rank where there is
+    one (two "nodes" of a test may share a host name, never a node rank)."""
+    import platform
+
+    group = os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID") or ""
+    return f"{platform.node()}/{group}" if group else platform.node()
 
 
 def any_rank(flag: bool) -> bool:

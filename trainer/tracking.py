@@ -277,3 +277,25 @@ class _Pending:
 
 def resolve_uri(configured: str) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+
+
+def download_model(uri: str, dst: str, tracking_uri: str) -> str:
+    """A registered model version (`models:/NAME/VERSION`, or `models:/NAME@ALIAS`) downloaded
+    into the folder `dst`; returns the folder its artifacts are in. Raises TrackingError naming
+    the URI when the registry cannot give it."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    if not tracking_uri:
+        raise TrackingError(f"{uri}: no MLflow server to resolve it (set MLFLOW_TRACKING_URI "
+                            "or tracking.tracking_uri)")  # fmt: skip
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri, registry_uri=tracking_uri
+        )
+        return str(path)
+    except (MlflowException, OSError, requests.RequestException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingError(
+            f"{uri}: cannot download it from {redact(tracking_uri)}: {first}"
+        ) from None

@@ -80,11 +80,15 @@ def init_sincos_position_embeddings(model: Any) -> Any:
     transformers 5.x leaves them at zero when the model is built from a config: the embeddings'
     `initialize_weights()` is skipped (the patch projection is already flagged as initialized)
     and `_init_weights()` zeroes the decoder's. They are frozen, so training never repairs them
-    and the model would have no notion of where a patch is. The model is built whole before
-    DeepSpeed partitions it, so this holds under every ZeRO stage.
+    and the model would have no notion of where a patch is. Under ZeRO-3 the model is built
+    partitioned: the tensors written here are gathered for the write (trainer.engine.gathered).
     """
+    from trainer.engine import gathered
+
     emb = model.vit.embeddings
     emb.patch_embeddings.projection.__dict__.pop("_is_hf_initialized", None)
-    emb.initialize_weights()
-    model.decoder.initialize_weights(emb.patch_embeddings.num_patches)
+    with gathered(emb.parameters()):  # the position embeddings, [CLS] and the patch projection
+        emb.initialize_weights()
+    with gathered(model.decoder.parameters(recurse=False)):  # its position embeddings, mask token
+        model.decoder.initialize_weights(emb.patch_embeddings.num_patches)
     return model

@@ -123,7 +123,10 @@ class VideoObjective(SampleFlops):
         # zero-init of transformers 5 that ViT-MAE needs repaired (mae.py) does not reach them.
         model = VideoMAEPretrainer(self.model_config())
         # transformers leaves the mask token at zero; VideoMAE draws it (truncated normal, 0.02).
-        with torch.no_grad():
+        # Under ZeRO-3 it is partitioned as built: gathered for the write.
+        from trainer.engine import gathered
+
+        with torch.no_grad(), gathered([model.mask_token]):
             torch.nn.init.trunc_normal_(model.mask_token, std=0.02)
         return model
 
