@@ -25,6 +25,11 @@ deterministic, counted over candidates in arrival order (1-based):
   (None: clean) and every candidate after the plan is clean;
 * ``max_faults`` caps the number of faults injected in all.
 
+``deny(method, path)``, when given, answers every request it returns true for with a 403 and
+S3's ``AccessDenied`` body, without forwarding it (counted as ``forbidden``): a bucket or prefix
+the credentials may not touch. ``counts`` also has one ``METHOD`` counter per HTTP method, and
+``LIST`` for bucket listings (GETs without a key), so a test can count requests by kind.
+
 ``set_schedule(...)`` replaces the schedule (and restarts candidate numbering) while the proxy
 runs, e.g. to write data cleanly and then read it back with faults.
 
@@ -57,6 +62,10 @@ from types import TracebackType
 
 FAULT_KINDS = ("slowdown", "reset", "truncate")
 
+ACCESS_DENIED_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+    b"<Message>Access Denied</Message><RequestId>FAULTPROXY</RequestId></Error>"
+)
 SLOWDOWN_BODY = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -112,6 +121,7 @@ class FaultProxy:
         upstream_timeout: float = 60.0,
         idle_timeout: float = 60.0,
         methods: Sequence[str] = ("GET",),
+        deny: Callable[[str, str], bool] | None = None,
     ) -> None:
         parts = urllib.parse.urlsplit(upstream)
         if parts.scheme != "http" or not parts.hostname:
@@ -125,9 +135,11 @@ class FaultProxy:
         self.upstream_timeout = upstream_timeout
         self.idle_timeout = idle_timeout
         self.methods = tuple(methods)
+        self.deny = deny
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self.injected: list[tuple[str, str]] = []
+        self.log: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -173,6 +185,11 @@ class FaultProxy:
         """Count the request; the fault it gets, if any (called once per request)."""
         with self._lock:
             self._counts["requests"] += 1
+            self.log.append((method, path))
+            kind_of = "LIST" if method == "GET" and not is_object_get(method, path) else method
+            self._counts[kind_of] = self._counts.get(kind_of, 0) + 1
+            if self.deny is not None and self.deny(method, path):
+                return "forbidden"
             if not is_object_get(method, path, self.methods) or (
                 self.match and not self.match(path)
             ):
@@ -216,9 +233,11 @@ class FaultProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self._counts = dict.fromkeys(
-                ("requests", "candidates", "forwarded", "upstream_errors", *FAULT_KINDS), 0
-            )
+                ("requests", "candidates", "forwarded", "upstream_errors", "forbidden",
+                 *FAULT_KINDS), 0,
+            )  # fmt: skip
             self.injected = []
+            self.log = []
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -350,6 +369,16 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         proxy = self.proxy
         body = self._read_body()
         fault = proxy._fault_for(self.command, self.path)
+        if fault == "forbidden":
+            proxy._bump("forbidden", self.path)
+            self.send_response_only(403, "Forbidden")
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(ACCESS_DENIED_BODY)))
+            self.send_header("x-amz-request-id", "FAULTPROXY")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(ACCESS_DENIED_BODY)
+            return
         if fault == "slowdown":
             proxy._bump("slowdown", self.path)
             self.send_response_only(503, "Slow Down")

@@ -102,8 +102,14 @@ def test_flipped_byte_is_named_and_the_previous_checkpoint_used(
     rc, err = pretrain(cfg)
     assert rc == 0, err[-3000:]
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: sha256 mismatch" in err
-    assert "falling back" in err and "(step 3)" in err
+    assert "(step 3)" in err
     assert losses(run_dir) == reference
+    # The corrupt checkpoint is moved aside, whole, never deleted.
+    root = run_dir / "checkpoints"
+    assert f"moved checkpoint step00000006 to {root}/quarantine/step00000006" in err
+    kept = root / "quarantine/step00000006"
+    assert (kept / ckpt.COMMIT).is_file() and (kept / victim.name).read_bytes() == bytes(data)
+    assert "step00000006" in ckpt.committed_tags(str(root))  # written again by this run
 
 
 @pytest.mark.parametrize("damage", ["lost", "garbled"])
@@ -167,8 +173,8 @@ def test_checkpoints_in_s3_survive_a_torn_upload_and_a_lost_staging_folder(
 
     assert AutoModel.from_pretrained(tmp_path / "export").config.hidden_size == 32
     # Staging copies are deleted once uploaded; the resume downloaded step 3 and verified it.
-    assert not (run_dir / "staging/step00000009").exists()
-    restored = run_dir / "staging/restore/step00000003"
+    assert not (run_dir / "staging/rank0/step00000009").exists()
+    [restored] = (run_dir / "staging").glob("restore-*/step00000003")
     assert sorted(p.name for p in restored.iterdir()) == sorted(
         ckpt.read_commit(root, "step00000003")["files"]
     )
@@ -184,8 +190,23 @@ def test_each_rank_fetches_only_its_own_partitions() -> None:
     assert [n for n in names if ckpt.needed_by(n, 1)] == [
         "mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt",
         "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank1.pt",
-        "trainer_state_rank0.json", "trainer_state_rank1.json", "zero_to_fp32.py", "darkmatter.json",
+        "trainer_state_rank1.json", "zero_to_fp32.py", "darkmatter.json",
     ]  # fmt: skip
+    record = {"world_size": 2, "files": dict.fromkeys(names)}
+    shared = ["darkmatter.json", "mp_rank_00_model_states.pt", "zero_to_fp32.py"]
+    # The first rank of a machine fetches the shared files; rank 0 every rank's trainer state.
+    assert ckpt.files_to_fetch(record, 0, 2, leader=True) == sorted([
+        *shared, "zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng_rank0.pt",
+        "trainer_state_rank0.json", "trainer_state_rank1.json",
+    ])  # fmt: skip
+    assert ckpt.files_to_fetch(record, 1, 2, leader=False) == sorted([
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "rng_rank1.pt", "trainer_state_rank1.json",
+    ])  # fmt: skip
+    # Another world size: the machine's first rank fetches every file the converter reads (the
+    # RNG states are not restored then); a rank the writer did not have reads rank 0's state.
+    assert ckpt.files_to_fetch(record, 0, 1, leader=True) == sorted(set(names) - {"rng_rank1.pt"})
+    assert ckpt.files_to_fetch(record, 2, 4, leader=False) == ["trainer_state_rank0.json"]
 
 
 def test_snapshot_is_a_frozen_copy_that_keeps_types_and_sharing() -> None:
@@ -280,3 +301,17 @@ def test_failed_uploads_are_retried_then_reported(
     record = ckpt.read_commit(root, "step00000006")
     for name, want in record["files"].items():
         assert len(storage.read_bytes(f"{root}/step00000006/{name}")) == want["size"]
+
+
+def test_resume_into_another_architecture_names_the_keys(crashed: Path, tmp_path: Path) -> None:
+    cfg, run_dir = copy_of(crashed, tmp_path)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    rc, err = pretrain(cfg, "model.hidden_size=64", "model.intermediate_size=96")
+    assert rc == 2
+    last = err.strip().splitlines()[-1]
+    assert last == (
+        f"darkmatter pretrain: error: {run_dir}/checkpoints/step00000006 was written for another "
+        "model: hidden_size 32 in the checkpoint, 64 here; intermediate_size 64 in the "
+        "checkpoint, 96 here"
+    ), last
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # untouched

@@ -146,7 +146,8 @@ def test_sigusr1_to_a_single_process_job(text_ds: str, tmp_path: Path) -> None:
 def merged_data_state(ckpt_dir: Path) -> dict[str, Any]:
     """Every partition's stream position, merged over the ranks that wrote the checkpoint."""
     parts: dict[str, Any] = {}
-    for state in ckpt.read_data_states(ckpt_dir):
+    world_size = ckpt.read_commit(str(ckpt_dir.parent), ckpt_dir.name)["world_size"]
+    for state in ckpt.read_data_states(ckpt_dir, world_size):
         parts.update(state["parts"])
     return parts
 

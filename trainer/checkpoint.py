@@ -10,13 +10,26 @@
             COMMIT.json                  written last: every file above with its size and sha256
         latest                         the tag of the newest commit, moved after COMMIT.json
 
+        quarantine/stepNNNNNNNN        committed checkpoints found corrupt at a resume: moved
+                                       here, never deleted
+
 A checkpoint exists when its COMMIT.json does; a folder without one is a torn save and is never
 loaded. Saving goes in three phases. (1) On the training thread, every rank takes a snapshot of
 its state in memory (DeepSpeed hands each state dict to our checkpoint engine instead of writing
-it). (2) A background thread per rank writes the snapshot to local staging, hashing as it writes,
-and uploads it when ROOT is remote, with retries. (3) The writers meet in a collective on a
-group of their own; rank 0 writes COMMIT.json, moves `latest` and purges old checkpoints. A save
-waits for the previous one to finish, so at most one is in flight.
+it). (2) A background thread per rank writes the snapshot to a staging folder of its own
+(STAGING/rank{r}/stepN: ranks of one machine never touch each other's files), hashing as it
+writes, and uploads it when ROOT is remote, with retries. (3) The writers meet in a collective on
+a group of their own, where every rank learns every rank's outcome; only when all have written
+(and uploaded) does rank 0 write COMMIT.json, move `latest` and purge old checkpoints, and its
+result is shared again, so that every rank counts a failed save alike. A save waits for the
+previous one to finish, so at most one is in flight.
+
+A resume costs O(world size) object-storage requests: rank 0 lists the root and reads the commit
+record and every rank's trainer state once, and hands them to the others; the first rank of
+each machine fetches the files that all ranks share; every rank fetches only its own partitions,
+RNG and trainer state. Only uncommitted debris is ever deleted: a committed checkpoint whose
+files do not match its record is moved under quarantine/, and a transient storage error fails
+the resume instead of falling back to an older checkpoint.
 
 DeepSpeed writes its own `latest` before every rank has finished; we never let it (save_latest
 is off), and a resume does not trust `latest` either: it takes the newest folder with a commit
@@ -52,11 +65,16 @@ COMMIT = "COMMIT.json"
 COMMIT_VERSION = 1
 _TAG = re.compile(r"^step(\d{8,})$")
 # Files that belong to one data-parallel rank: DeepSpeed's zero_pp_rank_{r}_..., our *_rank{r}.*
-_RANK_FILE = re.compile(r"(?:pp_rank_|rng_rank)(\d+)[_.]")
+_RANK_FILE = re.compile(r"(?:pp_rank_|rng_rank|trainer_state_rank)(\d+)[_.]")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file or folder."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A committed checkpoint whose files do not match its commit record (or whose record is
+    garbled): no retry will make it load. Storage faults are never reported as this."""
 
 
 def tag_for(step: int) -> str:
@@ -73,10 +91,11 @@ def step_of(tag: str) -> int:
 # -- discovery ------------------------------------------------------------------------------
 
 
-def committed_tags(root: str) -> list[str]:
+def committed_tags(root: str, policy: storage.Retry = storage.Retry()) -> list[str]:
     """Tags under root that have a commit record, oldest first (by step)."""
     tags = []
-    for url in storage.glob(storage.join(root, "step*", COMMIT)):
+    pattern = storage.join(root, "step*", COMMIT)
+    for url in storage.with_retries(lambda: storage.glob(pattern), f"listing {pattern}", policy):
         tag = url.rstrip("/").split("/")[-2]
         if _TAG.match(tag):
             tags.append(tag)
@@ -92,10 +111,13 @@ def all_tags(root: str) -> list[str]:
     return sorted((t for t in tags if _TAG.match(t)), key=step_of)
 
 
-def read_commit(root: str, tag: str) -> dict[str, Any]:
+def read_commit(root: str, tag: str, policy: storage.Retry = storage.Retry()) -> dict[str, Any]:
+    """The commit record of root/tag. CheckpointError when it does not exist, CorruptCheckpoint
+    when it is garbled; storage faults are retried per `policy`, then raised as StorageError."""
     url = storage.join(root, tag, COMMIT)
     try:
-        record: dict[str, Any] = json.loads(storage.read_bytes(url))
+        data = storage.with_retries(lambda: storage.read_bytes(url), f"reading {url}", policy)
+        record: dict[str, Any] = json.loads(data)
         files = record["files"]
         if record.get("version") != COMMIT_VERSION or record.get("tag") != tag:
             raise ValueError(f"version {record.get('version')}, tag {record.get('tag')!r}")
@@ -105,7 +127,7 @@ def read_commit(root: str, tag: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{url}: missing (the checkpoint is not committed)") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{url}: garbled commit record ({e})") from None
+        raise CorruptCheckpoint(f"{url}: garbled commit record ({e})") from None
     return record
 
 
@@ -140,12 +162,41 @@ def read_latest(root: str) -> str | None:
 
 
 def needed_by(name: str, rank: int) -> bool:
-    """Whether rank loads this file of a checkpoint at the same world size: shared files, its
-    own partitions, and every rank's trainer state (the data stream merges them all)."""
-    if name.startswith("trainer_state_rank"):
-        return True
+    """Whether rank loads this file of a checkpoint at the same world size: shared files and its
+    own partitions, RNG and trainer state (as `files_to_fetch` with one rank per machine)."""
     m = _RANK_FILE.search(name)
     return m is None or int(m.group(1)) == rank
+
+
+def files_to_fetch(record: dict[str, Any], rank: int, world_size: int, leader: bool) -> list[str]:
+    """The files of a checkpoint that `rank` fetches to resume on `world_size` ranks; O(1) per
+    rank, so a resume costs O(world size) requests in all, never O(W²).
+
+    - `leader` (the first rank of each machine): the files all ranks share (model states under
+      ZeRO 0-2, configs, DeepSpeed's scripts), into the machine's folder; on a new world size,
+      every file, since DeepSpeed's universal converter reads them all.
+    - every rank: its own partitions, RNG and trainer state (rank 0's when the writer had fewer
+      ranks);
+    - rank 0: also every rank's trainer state, whose data stream positions it merges and hands
+      to the others.
+    """
+    writer_ws = int(record["world_size"])
+    own_state = f"trainer_state_rank{rank if rank < writer_ws else 0}.json"
+    names = []
+    for name in record["files"]:
+        m = _RANK_FILE.search(name)
+        if m is None:
+            need = leader
+        elif name.startswith("trainer_state_rank"):
+            need = name == own_state or rank == 0
+        elif name.startswith("rng_rank"):
+            need = int(m.group(1)) == rank
+        else:  # a ZeRO partition
+            resized = writer_ws != world_size
+            need = (leader and resized) or (not resized and int(m.group(1)) == rank)
+        if need:
+            names.append(name)
+    return sorted(names)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -156,45 +207,88 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def fetch(root: str, tag: str, dest: Path, rank: int, everything: bool = False) -> Path:
-    """Make the files `rank` needs of checkpoint `tag` present and verified; returns the folder
-    to load from (the checkpoint's own folder for a local root, else `dest`/tag).
-
-    Every file is checked against the commit record (size and sha256); a mismatch raises
-    CheckpointError naming the file.
-    """
-    record = read_commit(root, tag)
-    names = sorted(n for n in record["files"] if everything or needed_by(n, rank))
+def local_folder(root: str, tag: str, dest: Path) -> Path:
+    """Where the files of root/tag are read from: the checkpoint's own folder for a local root,
+    else `dest`/tag (what `fetch` downloads to)."""
     if storage.is_remote(root):
-        folder = dest / tag
+        return dest / tag
+    return Path(root.removeprefix("file://")) / tag
+
+
+def fetch(
+    root: str, tag: str, dest: Path, rank: int = 0, everything: bool = False, *,
+    record: dict[str, Any] | None = None, names: list[str] | None = None,
+    policy: storage.Retry = storage.Retry(),
+) -> Path:  # fmt: skip
+    """Make files of checkpoint `tag` present and verified; returns the folder to load from
+    (the checkpoint root for a local root, else `dest`). `names` (default: every file with
+    `everything`, else those `needed_by` rank) are checked against the commit record (size and
+    sha256): a mismatch or a missing file raises CorruptCheckpoint naming the file; downloads
+    are retried per `policy`, then raise StorageError.
+    """
+    record = record if record is not None else read_commit(root, tag, policy)
+    if names is None:
+        names = sorted(n for n in record["files"] if everything or needed_by(n, rank))
+    folder = local_folder(root, tag, dest)
+    remote = storage.is_remote(root)
+    if remote:
         folder.mkdir(parents=True, exist_ok=True)
-    else:
-        folder = Path(root.removeprefix("file://")) / tag
     for name in names:
         want = record["files"][name]
         url = storage.join(root, tag, name)
         path = folder / name
         # A file downloaded by a previous attempt is kept when it matches.
-        if storage.is_remote(root) and not (path.is_file() and _matches(path, want)):
-            part = path.with_name(path.name + ".part")
+        if remote and not (path.is_file() and _matches(path, want)):
+            part = path.with_name(f"{path.name}.part{os.getpid()}")
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                storage.get_file(url, str(part))
+                storage.with_retries(
+                    lambda url=url, part=part: storage.get_file(url, str(part)),  # type: ignore[misc]
+                    f"download of {url}", policy,
+                )  # fmt: skip
             except FileNotFoundError:
-                raise CheckpointError(f"{url}: missing (listed in {COMMIT})") from None
+                raise CorruptCheckpoint(f"{url}: missing (listed in {COMMIT})") from None
             os.replace(part, path)
         if not path.is_file():
-            raise CheckpointError(f"{url}: missing (listed in {COMMIT})")
+            raise CorruptCheckpoint(f"{url}: missing (listed in {COMMIT})")
         size = path.stat().st_size
         if size != want["size"]:
-            raise CheckpointError(f"{url}: {size} bytes, the commit record says {want['size']}")
+            raise CorruptCheckpoint(f"{url}: {size} bytes, the commit record says {want['size']}")
         if sha256_file(path) != want["sha256"]:
-            raise CheckpointError(f"{url}: sha256 mismatch (the file is corrupt)")
+            raise CorruptCheckpoint(f"{url}: sha256 mismatch (the file is corrupt)")
     return folder.parent
 
 
 def _matches(path: Path, want: dict[str, Any]) -> bool:
     return path.stat().st_size == want["size"] and sha256_file(path) == want["sha256"]
+
+
+def quarantine(root: str, tag: str) -> str:
+    """Move a committed checkpoint that will not load out of the way, under ROOT/quarantine/
+    (never deleted: a person decides). Its commit record leaves the step folder first after the
+    copy, so a move killed halfway leaves at worst a torn folder and a complete copy."""
+    dest = storage.join(root, "quarantine", tag)
+    n = 1
+    while storage.exists(dest):  # quarantined before (the same step written again, corrupt again)
+        n += 1
+        dest = storage.join(root, "quarantine", f"{tag}.{n}")
+    storage.copy_tree(storage.join(root, tag), dest)
+    storage.delete(storage.join(root, tag, COMMIT))
+    storage.remove_tree(storage.join(root, tag))
+    return dest
+
+
+def same_model(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The model config keys whose values differ between a checkpoint's model_config.json and
+    this run's model (keys transformers adds on its own aside), as "key: saved vs current"."""
+    ignore = {"transformers_version", "_attn_implementation_autoset", "torch_dtype", "dtype",
+              "_name_or_path", "architectures", "attn_implementation", "_attn_implementation"}  # fmt: skip
+    out = []
+    for key in sorted((saved.keys() | current.keys()) - ignore):
+        if saved.get(key, "(absent)") != current.get(key, "(absent)"):
+            out.append(f"{key} {saved.get(key, '(absent)')} in the checkpoint, "
+                       f"{current.get(key, '(absent)')} here")  # fmt: skip
+    return out
 
 
 # -- retention ------------------------------------------------------------------------------
@@ -220,14 +314,21 @@ def purge(root: str, newest: str, keep_last: int, keep_every: int, rank: int = 0
 
 
 def remove_newer(root: str, step: int) -> list[str]:
-    """At a resume from `step`: folders of later steps are torn or corrupt saves of a previous
-    life, which this run will write again. Remove them so no stale file survives into a new
-    commit."""
-    gone = [t for t in all_tags(root) if step_of(t) > step]
-    for tag in gone:
-        storage.delete(storage.join(root, tag, COMMIT))
+    """At a resume from `step`: folders of later steps without a commit record are torn saves
+    of a previous life, which this run will write again; remove them so no stale file survives
+    into a new commit. A committed later checkpoint is never removed (a corrupt one was
+    quarantined before we got here); one that is still there is an error."""
+    later = [t for t in all_tags(root) if step_of(t) > step]
+    committed = set(committed_tags(root))
+    kept = [t for t in later if t in committed]
+    if kept:
+        raise CheckpointError(
+            f"{root} holds committed checkpoints after step {step} ({', '.join(kept)}): "
+            "resuming would overwrite them; use a new checkpoint.root"
+        )
+    for tag in later:
         storage.remove_tree(storage.join(root, tag))
-    return gone
+    return later
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -342,21 +443,28 @@ class SaveReport:
 class Writer:
     """Writes, uploads and commits this rank's part of each checkpoint, one at a time.
 
-    `gather(obj)` is a collective over all ranks that returns every rank's obj on rank 0 (None
-    elsewhere); it runs on the writer thread, so it must use a process group of its own.
+    `all_gather(obj)` is a collective over all ranks that returns every rank's obj on every rank
+    (in rank order); it runs on the writer thread, so it must use a process group of its own.
+    Every rank sees the same outcome of every save, so `failed_in_a_row` is the same number on
+    every rank once `wait()` has returned: the trainer may act on it without another collective.
     """
 
     def __init__(
-        self, root: str, staging: Path, rank: int, gather: Callable[[Any], list[Any] | None],
-        async_save: bool, retries: int, keep_last: int, keep_every: int,
+        self, root: str, staging: Path, rank: int, all_gather: Callable[[Any], list[Any]],
+        async_save: bool, policy: storage.Retry, keep_last: int, keep_every: int,
     ):  # fmt: skip
-        self.root, self.rank, self.gather = root, rank, gather
+        self.root, self.rank, self.all_gather = root, rank, all_gather
         self.remote = storage.is_remote(root)
-        # Where ranks write: the root itself when it is a local folder.
-        self.local_root = staging if self.remote else Path(root.removeprefix("file://"))
-        self.async_save, self.retries = async_save, retries
+        # Where this rank writes: a staging folder of its own when the root is remote (ranks of
+        # one machine share STAGING), the root itself when it is a local folder.
+        self.local_root = (
+            staging / f"rank{rank}" if self.remote else Path(root.removeprefix("file://"))
+        )
+        self.async_save, self.policy = async_save, policy
         self.keep_last, self.keep_every = keep_last, keep_every
         self.reports: list[SaveReport] = []  # finished saves, drained by the trainer's logger
+        self.failed_in_a_row = 0  # consecutive saves not committed (the same on every rank)
+        self.last_error = ""
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pools: dict[str, list[torch.Tensor]] = {}  # snapshot buffers, reused every save
@@ -399,27 +507,35 @@ class Writer:
             report.bytes = sum(f["size"] for f in files.values())
             report.write_s = time.perf_counter() - t0
             failpoints.kill_if("ckpt.after_write", job.step, self.rank)
+            if failpoints.hit("ckpt.fail_upload", job.step, self.rank):
+                raise CheckpointError(f"upload of {tag_for(job.step)} failed (failpoint)")
             if self.remote:
                 t0 = time.perf_counter()
                 self._upload(job.tag, files)
                 report.upload_s = time.perf_counter() - t0
-        except Exception as e:  # reported below; the checkpoint is simply not committed
+        except Exception as e:  # shared below: the checkpoint is not committed on any rank
             error = f"rank {self.rank}: {e}"
-        parts = self.gather({"files": files, "error": error})  # every rank reaches this
-        if parts is not None:  # rank 0
-            errors = [p["error"] for p in parts if p["error"]]
-            if errors:
-                report.error = "; ".join(errors)
-            else:
-                try:
-                    report.index = self._commit(job, parts)
-                    report.committed = True
-                except Exception as e:
-                    report.error = f"commit: {e}"
-        elif error:
-            report.error = error
-        if report.error:
-            log.error("checkpoint %s not committed: %s", job.tag, report.error)
+        # Every rank reaches this, with or without an error: rank 0 commits only when every
+        # rank has its files in place, and every rank learns the outcome.
+        parts = self.all_gather({"files": files, "error": error})
+        errors = [p["error"] for p in parts if p["error"]]
+        commit_error = ""
+        if not errors and self.rank == 0:
+            try:
+                report.index = self._commit(job, parts)
+            except Exception as e:
+                commit_error = f"commit: {e}"
+        if not errors:
+            commit_error = self.all_gather(commit_error)[0]  # rank 0's outcome, on every rank
+            errors = [commit_error] if commit_error else []
+        report.committed = not errors
+        report.error = "; ".join(errors)
+        if report.committed:
+            self.failed_in_a_row, self.last_error = 0, ""
+        else:
+            self.failed_in_a_row += 1
+            self.last_error = f"checkpoint {job.tag} not committed: {report.error}"
+            log.error("%s (%d failed saves in a row)", self.last_error, self.failed_in_a_row)
         with self._lock:
             self.reports.append(report)
 
@@ -448,22 +564,15 @@ class Writer:
     def _upload(self, tag: str, files: dict[str, dict[str, Any]]) -> None:
         folder = self.local_root / tag
         for i, name in enumerate(sorted(files)):
-            url = storage.join(self.root, tag, name)
-            for attempt in range(self.retries + 1):
-                try:
-                    storage.put_file(str(folder / name), url)
-                    break
-                except Exception as e:
-                    if attempt == self.retries:
-                        raise CheckpointError(
-                            f"upload of {url} failed {attempt + 1} times: {e}"
-                        ) from None
-                    delay = min(30.0, 0.5 * 2**attempt)
-                    log.warning("upload of %s failed (%s); retrying in %.1f s", url, e, delay)
-                    time.sleep(delay)
+            url, path = storage.join(self.root, tag, name), str(folder / name)
+            storage.with_retries(
+                lambda url=url, path=path: storage.put_file(path, url),  # type: ignore[misc]
+                f"upload of {url}", self.policy,
+            )  # fmt: skip
             if i == 0:
                 failpoints.kill_if("ckpt.upload", step_of(tag), self.rank)
-        # The staging copy has served its purpose; a resume downloads what it needs.
+        # This rank's staging copy has served its purpose (the folder is this rank's alone); a
+        # resume downloads what it needs.
         shutil.rmtree(folder, ignore_errors=True)
 
     def _commit(self, job: Job, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -547,11 +656,14 @@ def read_rank_state(folder: Path, rank: int, restore_rng: bool = True) -> dict[s
     return state
 
 
-def read_data_states(folder: Path) -> list[dict[str, Any]]:
-    """The data stream state of every rank that wrote the checkpoint (for any-world-size resume)."""
+def read_data_states(folder: Path, world_size: int) -> list[dict[str, Any]]:
+    """The data stream state of every rank that wrote the checkpoint (for any-world-size
+    resume): `world_size` is the writer's, and every rank's file must be there."""
     states = []
-    paths = sorted(folder.glob("trainer_state_rank*.json"), key=lambda p: _rank_of(p.name))
+    paths = [folder / f"trainer_state_rank{r}.json" for r in range(world_size)]
     for path in paths:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the data stream state of that rank)")
         data = json.loads(path.read_text()).get("data")
         if data is None:
             raise CheckpointError(
@@ -559,7 +671,3 @@ def read_data_states(folder: Path) -> list[dict[str, Any]]:
             )
         states.append(data)
     return states
-
-
-def _rank_of(name: str) -> int:
-    return int(re.sub(r"\D", "", name.split("rank", 1)[1]))

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,21 +56,35 @@ class Position:
 
 
 def dataset_meta(cfg: Config) -> dict[str, Any]:
-    """What the model needs to know of the dataset: modality, vocabulary size, tokenizer URL."""
+    """What the model needs to know of the dataset: modality, vocabulary size, tokenizer URL and
+    the tokenizer's special-token ids (`special_tokens`: {"pad": id, ..., "mask": id})."""
     check_bucket(cfg.data.url)
     manifest = Manifest.load(cfg.data.url)
     meta: dict[str, Any] = {"modality": manifest.modality, "num_samples": manifest.num_samples}
     if manifest.tokenizer:
         from tokenizers import Tokenizer
 
+        from data_pipeline.prepare import MANIFEST, SPECIAL_NAMES
+
         tok_url = join(cfg.data.url, manifest.tokenizer)
         tok = Tokenizer.from_str(read_bytes(tok_url).decode())
-        meta.update(vocab_size=tok.get_vocab_size(), tokenizer_url=tok_url)
+        specials = dict(manifest.special_tokens or {})
+        # An old manifest (no ids recorded: the defaults) of a dataset prepared with another
+        # tokenizer would otherwise train with the wrong ids without a word.
+        actual = {name: tok.token_to_id(token) for name, token in SPECIAL_NAMES.items()}
+        if specials != actual:
+            raise ValueError(
+                f"{join(cfg.data.url, MANIFEST)}: special_tokens {specials} disagree "
+                f"with {tok_url} {actual}: prepare the dataset again"
+            )
+        meta.update(vocab_size=tok.get_vocab_size(), tokenizer_url=tok_url, special_tokens=specials)
     return meta
 
 
 def preflight(cfg: Config) -> Objective:
     """Checks that fail fast with one clear line, before any process group exists."""
+    if cfg.checkpoint.root:
+        storage.check_writable_root(cfg.checkpoint.root)
     meta = dataset_meta(cfg)
     objective = OBJECTIVES[cfg.objective](cfg, meta)
     if meta["modality"] != objective.modality:
@@ -77,6 +92,10 @@ def preflight(cfg: Config) -> Objective:
             f"objective {cfg.objective!r} trains on {objective.modality} but {cfg.data.url} "
             f"holds {meta['modality']} shards"
         )
+    if cfg.model.init_from:  # fetched here (once per process) and checked against the model
+        from trainer import init_from
+
+        init_from.check(cfg, objective.model_config(), meta.get("tokenizer_url"))
     uri = resolve_uri(cfg.tracking.tracking_uri)
     if cfg.tracking.enabled and uri:
         try:
@@ -154,6 +173,7 @@ class _Found:
     folder: Path  # local folder holding the fetched files (root/tag's parent when local)
     load_dir: Path  # what DeepSpeed loads from: `folder`, or its universal conversion
     universal: bool  # written by another number of ranks
+    record: dict[str, Any]  # its commit record
 
 
 class Trainer:
@@ -163,7 +183,9 @@ class Trainer:
         c = cfg.checkpoint
         self.ckpt_root = c.root or str(self.run_dir / "checkpoints")
         self.staging = Path(c.staging_dir or self.run_dir / "staging")
+        self.policy = storage.Retry(retries=c.upload_retries)  # every checkpoint transfer's
         self.ds_config = deepspeed_config(cfg, world_size)
+        self._check_shared_root()
         found = self._find_checkpoint()  # before the engine: a new world size changes its config
         if found and found.universal:
             self.ds_config["checkpoint"] = {
@@ -174,8 +196,8 @@ class Trainer:
         objective.prepare_engine(self.engine)
         self.ckpt_engine = eng.attach_checkpoint_engine(self.engine)
         self.writer = ckpt.Writer(
-            self.ckpt_root, self.staging, rank, functools.partial(eng.gather_to_rank0, group=eng.side_group()),
-            async_save=c.async_save, retries=c.upload_retries, keep_last=c.keep_last,
+            self.ckpt_root, self.staging, rank, functools.partial(eng.all_gather, group=eng.side_group()),
+            async_save=c.async_save, policy=self.policy, keep_last=c.keep_last,
             keep_every=c.keep_every,
         )  # fmt: skip
         self.signals = _Signals(cfg.faults.signals, cfg.faults.grace_s)
@@ -200,7 +222,9 @@ class Trainer:
     def _candidates(self) -> tuple[str, list[str]]:
         """(root, committed tags oldest first) to resume from, as rank 0 sees them."""
         c = self.cfg.checkpoint
-        own = ckpt.committed_tags(self.ckpt_root) if (c.resume or c.resume_from) else []
+        own = (
+            ckpt.committed_tags(self.ckpt_root, self.policy) if (c.resume or c.resume_from) else []
+        )
         if not c.resume_from:
             if not own and c.resume and ckpt.read_latest(self.ckpt_root) is not None:
                 raise ckpt.CheckpointError(
@@ -211,47 +235,20 @@ class Trainer:
         marker = storage.join(self.ckpt_root, "resumed_from")
         if own and storage.exists(marker) and read_bytes(marker).decode() == c.resume_from:
             return self.ckpt_root, own  # a restart of the job that started from resume_from
+        if own:
+            raise ckpt.CheckpointError(
+                f"checkpoint.root {self.ckpt_root} already holds committed checkpoints "
+                f"({own[0]} … {own[-1]}) that did not start from {c.resume_from}: use a new "
+                "checkpoint.root with checkpoint.resume_from"
+            )
         src = c.resume_from.rstrip("/")
         last = src.split("/")[-1]
         if storage.exists(storage.join(src, ckpt.COMMIT)):
             return src[: -len(last) - 1], [last]
-        tags = ckpt.committed_tags(src)
+        tags = ckpt.committed_tags(src, self.policy)
         if not tags:
             raise ckpt.CheckpointError(f"{src}: no committed checkpoint (checkpoint.resume_from)")
         return src, tags
-
-    def _find_checkpoint(self) -> _Found | None:
-        """The checkpoint to resume from, fetched and verified on every rank (None: start
-        afresh). A checkpoint written by another number of ranks is converted to DeepSpeed's
-        universal format here, by the first rank of each machine."""
-        found: Any = None
-        if self.rank == 0:
-            try:
-                found = self._candidates()
-            except ckpt.CheckpointError as e:
-                found = str(e)
-        found = eng.all_gather(found)[0]  # every rank walks rank 0's list, in step
-        if isinstance(found, str):
-            raise ckpt.CheckpointError(found)
-        root, tags = found
-        if not tags:
-            if self.rank == 0 and ckpt.all_tags(self.ckpt_root):
-                log.warning("no committed checkpoint in %s: starting afresh", self.ckpt_root)
-                ckpt.remove_newer(self.ckpt_root, -1)
-            eng.barrier()
-            return None
-        folder, tag, record = self._fetch_newest_usable(root, tags)
-        universal = record["world_size"] != self.world_size and self.cfg.train.zero_stage > 0
-        load_dir = folder
-        if universal:
-            load_dir = self.staging / f"universal-{platform.node()}"
-            if eng.local_rank() == 0:
-                log.info("%s was written by %d ranks, this job has %d: converting it to a "
-                         "universal checkpoint", storage.join(root, tag), record["world_size"],
-                         self.world_size)  # fmt: skip
-                eng.to_universal(folder / tag, load_dir / tag)
-            eng.barrier()
-        return _Found(root, tag, folder, load_dir, universal)
 
     def _resume(self, found: _Found | None) -> Position:
         run_file = self.run_dir / "mlflow_run.json"
@@ -262,50 +259,164 @@ class Trainer:
         state = ckpt.read_rank_state(
             found.folder / found.tag, self.rank, restore_rng=not found.universal
         )
-        self.stream.load_state_dict(ckpt.read_data_states(found.folder / found.tag))
+        # Rank 0 reads every rank's data stream position (W small files) and hands them out,
+        # and clears the debris of later, uncommitted saves; any error stops every rank.
+        shared: Any = None
         if self.rank == 0:
-            log.info(
-                "resuming from %s (step %d)", storage.join(found.root, found.tag), state["step"]
-            )
-            gone = ckpt.remove_newer(self.ckpt_root, state["step"])
-            if gone:
-                log.warning("removed uncommitted or abandoned checkpoints %s", ", ".join(gone))
-            if found.root != self.ckpt_root:
-                storage.makedirs(self.ckpt_root)
-                storage.write_bytes(
-                    storage.join(self.ckpt_root, "resumed_from"),
-                    self.cfg.checkpoint.resume_from.encode(),
-                )
-            _truncate_metrics(self.run_dir / "metrics.jsonl", state["step"])
-        eng.barrier()
+            try:
+                shared = ckpt.read_data_states(found.folder / found.tag, found.record["world_size"])
+                self._after_resume(found, state["step"])
+            except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
+                shared = str(e)
+        shared = eng.broadcast(shared)
+        if isinstance(shared, str):
+            raise ckpt.CheckpointError(shared)
+        self.stream.load_state_dict(shared)
         return Position(
             step=state["step"], epoch=self.stream.epoch,
             mlflow_run_id=state.get("mlflow_run_id") or run_id, restarts=state["restarts"] + 1,
             skipped_steps=state.get("skipped_steps", 0), rollbacks=state.get("rollbacks", 0),
         )  # fmt: skip
 
-    def _fetch_newest_usable(self, root: str, tags: list[str]) -> tuple[Path, str, dict[str, Any]]:
-        """The newest checkpoint whose files verify on every rank; a corrupt one is reported by
-        file name and the one before it is tried."""
-        problems = []
-        for tag in reversed(tags):
-            error, folder, record = "", Path(), {}
+    def _after_resume(self, found: _Found, step: int) -> None:
+        """Rank 0, once the checkpoint has loaded: say so, clear later torn saves, remember
+        where a run started from, and drop metrics lines that will be redone."""
+        log.info("resuming from %s (step %d)", storage.join(found.root, found.tag), step)
+        gone = ckpt.remove_newer(self.ckpt_root, step)
+        if gone:
+            log.warning("removed uncommitted checkpoint folders %s", ", ".join(gone))
+        if found.root != self.ckpt_root:
+            storage.makedirs(self.ckpt_root)
+            storage.write_bytes(
+                storage.join(self.ckpt_root, "resumed_from"),
+                self.cfg.checkpoint.resume_from.encode(),
+            )
+        _truncate_metrics(self.run_dir / "metrics.jsonl", step)
+
+    def _check_shared_root(self) -> None:
+        """With more than one machine, a local checkpoint root must be one folder that all of
+        them see (a shared file system): otherwise each machine would commit a different half
+        of every checkpoint. Rank 0 writes a marker; the first rank of every machine must see
+        it."""
+        if storage.is_remote(self.ckpt_root):
+            return
+        nodes = eng.all_gather(eng.node_id())
+        if len(set(nodes)) == 1:
+            return
+        root = Path(self.ckpt_root.removeprefix("file://"))
+        marker = root / eng.broadcast(f".shared-check-{uuid.uuid4().hex}" if self.rank == 0 else "")
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            marker.write_text(nodes[0])
+        eng.barrier()
+        seen = marker.is_file() if eng.local_rank() == 0 else True
+        blind = sorted({nodes[r] for r, ok in enumerate(eng.all_gather(seen)) if not ok})
+        eng.barrier()
+        if self.rank == 0:
+            marker.unlink(missing_ok=True)
+        if blind:
+            raise ckpt.CheckpointError(
+                f"checkpoint.root {self.ckpt_root} is a local folder that machine(s) "
+                f"{', '.join(blind)} do not share with rank 0 ({nodes[0]}): a job on "
+                f"{len(set(nodes))} machines needs a shared folder or an s3:// root"
+            )
+
+    def _find_checkpoint(self) -> _Found | None:
+        """The checkpoint to resume from, fetched and verified on every rank (None: start
+        afresh). A checkpoint written by another number of ranks is converted to DeepSpeed's
+        universal format here, by the first rank of each machine."""
+        found: Any = None
+        if self.rank == 0:
             try:
-                record = ckpt.read_commit(root, tag)
-                # A new world size: the converter reads every rank's files.
-                everything = record["world_size"] != self.world_size and eng.local_rank() == 0
-                folder = ckpt.fetch(root, tag, self.staging / "restore", self.rank, everything)
-            except (ckpt.CheckpointError, OSError) as e:
-                error = str(e)
-            errors = [msg for msg in eng.all_gather(error) if msg]
-            if not errors:
+                found = self._candidates()
+            except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
+                found = str(e)
+        found = eng.broadcast(found)  # every rank walks rank 0's list, in step
+        if isinstance(found, str):
+            raise ckpt.CheckpointError(found)
+        root, tags = found
+        if not tags:
+            if self.rank == 0 and ckpt.all_tags(self.ckpt_root):
+                log.warning("no committed checkpoint in %s: starting afresh", self.ckpt_root)
+                ckpt.remove_newer(self.ckpt_root, -1)
+            eng.barrier()
+            return None
+        folder, tag, record = self._fetch_newest_usable(root, tags)
+        self._check_architecture(root, tag, folder)
+        universal = record["world_size"] != self.world_size and self.cfg.train.zero_stage > 0
+        load_dir = folder
+        if universal:
+            load_dir = self.staging / f"universal-{eng.node_id().replace('/', '-')}"
+            if eng.local_rank() == 0:
+                log.info("%s was written by %d ranks, this job has %d: converting it to a "
+                         "universal checkpoint", storage.join(root, tag), record["world_size"],
+                         self.world_size)  # fmt: skip
+                eng.to_universal(folder / tag, load_dir / tag)
+            eng.barrier()
+        return _Found(root, tag, folder, load_dir, universal, record)
+
+    def _check_architecture(self, root: str, tag: str, folder: Path) -> None:
+        """A checkpoint of another model would fail deep inside DeepSpeed's loader (or worse,
+        load where shapes happen to fit): compare its model config with ours first."""
+        error = ""
+        path = folder / tag / "model_config.json"
+        if self.rank == 0 and path.is_file():
+            saved = json.loads(path.read_text())
+            current = json.loads(self.objective.model_config().to_json_string())  # as saved
+            diff = ckpt.same_model(saved, current)
+            if diff:
+                error = (f"{storage.join(root, tag)} was written for another model: "
+                         + "; ".join(diff))  # fmt: skip
+        error = eng.broadcast(error)
+        if error:
+            raise ckpt.CheckpointError(error)
+
+    def _fetch_newest_usable(self, root: str, tags: list[str]) -> tuple[Path, str, dict[str, Any]]:
+        """The newest checkpoint whose files verify on every rank. A committed one that is
+        corrupt is reported by file name, moved under quarantine/ and the one before it is
+        tried; a storage fault (after the retry budget) fails the resume instead: falling back
+        would silently throw away trained steps."""
+        dest = self.staging / f"restore-{eng.node_id().replace('/', '-')}"
+        leader = eng.local_rank() == 0
+        for tag in reversed(tags):
+            record: Any = None
+            if self.rank == 0:  # one GET of the commit record, not one per rank
+                try:
+                    record = ckpt.read_commit(root, tag, self.policy)
+                except ckpt.CorruptCheckpoint as e:
+                    record = ("corrupt", str(e))
+                except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
+                    record = ("fault", str(e))
+            record = eng.broadcast(record)
+            outcome: tuple[str, str] = ("", "")
+            if isinstance(record, tuple):
+                outcome = record
+            else:
+                names = ckpt.files_to_fetch(record, self.rank, self.world_size, leader)
+                try:
+                    ckpt.fetch(root, tag, dest, record=record, names=names, policy=self.policy)
+                except ckpt.CorruptCheckpoint as e:
+                    outcome = ("corrupt", f"rank {self.rank}: {e}")
+                except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
+                    outcome = ("fault", f"rank {self.rank}: {e}")
+            outcomes = [o for o in eng.all_gather(outcome) if o[0]]
+            faults = [msg for kind, msg in outcomes if kind == "fault"]
+            if faults:
+                raise ckpt.CheckpointError(
+                    f"cannot fetch checkpoint {storage.join(root, tag)}: {faults[0]} (not "
+                    "falling back to an older checkpoint; start the job again once storage "
+                    "answers)"
+                )
+            if not outcomes:
+                folder = ckpt.local_folder(root, tag, dest).parent
                 return folder, tag, record
-            problems.extend(errors)
             if self.rank == 0:
-                for msg in errors:
-                    log.error("checkpoint %s is unusable: %s", tag, msg)
-                log.warning("falling back to the checkpoint before %s", tag)
-        raise ckpt.CheckpointError(f"{root}: no usable checkpoint ({problems[0]})")
+                for _, msg in outcomes:
+                    log.error("checkpoint %s is corrupt: %s", tag, msg)
+                moved = ckpt.quarantine(root, tag)
+                log.warning("moved checkpoint %s to %s; trying the one before it", tag, moved)
+            eng.barrier()
+        raise ckpt.CheckpointError(f"{root}: no usable checkpoint (all were corrupt)")
 
     def _start_tracking(self) -> Tracker | None:
         t = self.cfg.tracking
@@ -515,7 +626,10 @@ class Trainer:
                 "checkpoint/step": report.step, "checkpoint/write_s": report.write_s,
                 "checkpoint/upload_s": report.upload_s, "checkpoint/mb": report.bytes / 2**20,
                 "checkpoint/committed": float(report.committed),
+                "checkpoint/failed_in_a_row": float(self.writer.failed_in_a_row),
             })  # fmt: skip
+            if self.tracker and report.error:
+                self.tracker.set_tags({"checkpoint.last_error": report.error[:4000]})
             if self.tracker and report.index is not None:
                 self._publish_index(report.index)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -543,7 +657,9 @@ class Trainer:
         checkpoint.async_save is off."""
         t0 = time.perf_counter()
         tag = ckpt.tag_for(self.pos.step)
-        job = self.writer.begin(tag)  # waits for the previous save's upload and commit
+        self.writer.wait()  # the previous save's upload and commit: its outcome, on every rank
+        self._check_saves()
+        job = self.writer.begin(tag)
         folder = self.writer.local_root / tag
         self.ckpt_engine.sink = lambda path, sd: job.add_torch(
             str(Path(path).relative_to(folder)), sd
@@ -560,7 +676,20 @@ class Trainer:
         self.writer.submit(job)
         if wait:
             self.writer.wait()
+            if self.writer.failed_in_a_row:  # the last save of the job (or of a preemption)
+                raise ckpt.CheckpointError(f"{self.writer.last_error}: stopping with no "
+                                           "checkpoint of this step")  # fmt: skip
         self._stall_s += time.perf_counter() - t0
+
+    def _check_saves(self) -> None:
+        """Stop, on every rank alike, after checkpoint.max_failed_saves saves in a row were not
+        committed: training on for hours with no checkpoint only loses more work."""
+        limit, failed = self.cfg.checkpoint.max_failed_saves, self.writer.failed_in_a_row
+        if failed and failed >= limit:
+            raise ckpt.CheckpointError(
+                f"{failed} checkpoint saves in a row failed (checkpoint.max_failed_saves="
+                f"{limit}); last: {self.writer.last_error}"
+            )
 
     def _rank_state(self) -> dict[str, Any]:
         p = self.pos
@@ -665,9 +794,9 @@ def run_worker(cfg: Config) -> int:
         trainer.stream.close()
         eng.shutdown()
         return PREEMPTED_EXIT
-    except BaseException:
+    except BaseException as e:
         if trainer.tracker:
-            trainer.tracker.set_tags({"crashed": "true"})
+            trainer.tracker.set_tags({"crashed": "true", "error": str(e)[:4000]})
             trainer.tracker.finish("FAILED")
         trainer.stream.close()
         # Release the process group here: left to interpreter exit, gloo's threads can be torn
