@@ -37,7 +37,7 @@ espeak:
 
 quickstart: venv corpora espeak
 	$(BIN)/darkmatter stack up
-	$(BIN)/python -m trainer.quickstart
+	$(BIN)/python -m darkmatter.quickstart.run
 
 test: venv corpora slurm espeak
 	$(BIN)/ruff check .

@@ -43,7 +43,7 @@ def workdir(prefix: str) -> Iterator[Path]:
 def local_stack(root: Path) -> Iterator[Any]:
     """Our own moto S3 + MLflow stack on free ports, state under `root`; os.environ points at it
     for the duration and is restored afterwards. The stack is always stopped."""
-    from trainer import stack
+    from darkmatter.quickstart import stack
 
     log("starting the local stack (moto S3 + MLflow)")
     with stack.private(root / "stack") as info:
@@ -142,7 +142,7 @@ def pretrain_summary(config: Path, run_dir: Path, timeout: float) -> dict[str, A
     """Run `darkmatter pretrain` and summarise its metrics.jsonl (intervals after the first)."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "pretrain", str(config)],
+    proc = subprocess.run([sys.executable, "-m", "darkmatter.cli", "pretrain", str(config)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"{config.name}: darkmatter pretrain failed ({proc.returncode}):\n"

@@ -52,7 +52,7 @@ def run(
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
     out = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "pretrain", str(path),
+        [sys.executable, "-m", "darkmatter.cli", "pretrain", str(path),
          *(["--nproc", str(nproc)] if nproc else [])],
         cwd=_common.REPO_ROOT, capture_output=True, text=True,
     )  # fmt: skip
@@ -78,8 +78,8 @@ def main() -> None:
         if args.quick
         else {"hidden_size": 512, "num_layers": 4, "intermediate_size": 2048}
     )
-    from data_pipeline.prepare import prepare
-    from data_pipeline.storage import make_bucket
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.storage import make_bucket
 
     with _common.workdir("dm-bench-ckpt-") as tmp, _common.local_stack(tmp) as stack:
         corpus = _common.write_text_corpus(tmp / "corpus.txt", docs=2000)

@@ -57,7 +57,7 @@ WORKERS = 2
 
 def _gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> Any:
     """webdataset's opener for s3:// URLs: the object through fsspec/s3fs, streamed."""
-    from data_pipeline import storage
+    from darkmatter import storage
 
     return storage.open_url(url, mode)
 
@@ -142,7 +142,7 @@ def run_webdataset(urls: list[str], modality: str, samples: int, buffer: int, se
 
 
 def make_stream(url: str, shuffle_buffer: int, seed: int, cache: Path, workers: int = WORKERS):  # type: ignore[no-untyped-def]
-    from data_pipeline.reader import DataStream, ReaderOptions
+    from darkmatter.data_pipeline.reader import DataStream, ReaderOptions
 
     return DataStream(
         url, rank=0, world_size=1, micro_batch_size=MICRO_BATCH, num_workers=workers,
@@ -183,8 +183,8 @@ def run_ours(url: str, modality: str, samples: int, shuffle_buffer: int, seed: i
 def prepare_datasets(root: Path, modalities: list[str], text_docs: int, images: int,
                      shard_bytes: int) -> dict[str, Any]:  # fmt: skip
     """Datasets on S3; per modality its url, shard urls, sample count and size."""
-    from data_pipeline.prepare import prepare
-    from data_pipeline.reader import Manifest
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.data_pipeline.reader import Manifest
 
     out: dict[str, Any] = {}
     for modality in modalities:
@@ -269,8 +269,8 @@ def profile(ds: dict[str, Any], modality: str, shuffle_buffer: int, cache: Path,
     our shard pipeline (download, sha256, write, tar index) shard by shard; to stderr."""
     import hashlib
 
-    from data_pipeline import storage
-    from data_pipeline.reader import LocalShard
+    from darkmatter import storage
+    from darkmatter.data_pipeline.reader import LocalShard
 
     buffer = PARTITIONS * shuffle_buffer  # one process holds the whole buffer in both
     for name, fn in (

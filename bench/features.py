@@ -69,7 +69,7 @@ def main() -> None:
     model = _common.bench_bert(args.quick)
     names = ["baseline", *(args.only or FEATURES)]
     order = names + names[::-1]
-    from data_pipeline.prepare import prepare
+    from darkmatter.data_pipeline.prepare import prepare
 
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
     with _common.workdir("dm-bench-features-") as tmp:

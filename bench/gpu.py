@@ -93,7 +93,7 @@ def main() -> None:
 
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py: no GPU here (use --tiny for the CPU smoke test)")
-    from data_pipeline.prepare import prepare
+    from darkmatter.data_pipeline.prepare import prepare
 
     features = {
         "attention": args.attention, "compile": args.compile,

@@ -36,7 +36,7 @@ WORKERS = 2
 
 
 def make_stream(url: str, shuffle_buffer: int, cache: Path):  # type: ignore[no-untyped-def]
-    from data_pipeline.reader import DataStream, ReaderOptions
+    from darkmatter.data_pipeline.reader import DataStream, ReaderOptions
 
     return DataStream(
         url, rank=0, world_size=1, micro_batch_size=MICRO_BATCH, num_workers=WORKERS, seed=7,
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     docs, reps = args.docs or docs, args.reps or reps
     shard_bytes = int((args.shard_mib or shard_mib) * 2**20)
     started = time.perf_counter()
-    from data_pipeline.prepare import prepare
-    from data_pipeline.reader import Manifest
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.data_pipeline.reader import Manifest
 
     with _common.workdir("darkmatter-bench-resume-") as root, _common.local_stack(root):
         log(f"writing {docs} synthetic documents")

@@ -40,10 +40,10 @@ def main() -> None:
     model = _common.bench_bert(args.quick)
     import yaml
 
-    from data_pipeline.prepare import prepare
-    from trainer import engine as eng
-    from trainer.config import load_config
-    from trainer.train import Trainer, _Window, preflight
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.trainer import engine as eng
+    from darkmatter.trainer.config import load_config
+    from darkmatter.trainer.train import Trainer, _Window, preflight
 
     with _common.workdir("dm-bench-track-") as tmp, _common.local_stack(tmp) as stack:
         corpus = _common.write_text_corpus(tmp / "corpus.txt", docs=3000)

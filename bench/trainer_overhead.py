@@ -63,10 +63,10 @@ def main() -> None:
     import torch
     import yaml
 
-    from data_pipeline.prepare import prepare
-    from trainer import engine as eng
-    from trainer.config import deepspeed_config, load_config
-    from trainer.train import Trainer, micro_batch_generator, preflight
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.trainer import engine as eng
+    from darkmatter.trainer.config import deepspeed_config, load_config
+    from darkmatter.trainer.train import Trainer, micro_batch_generator, preflight
 
     with _common.workdir("dm-bench-overhead-") as tmp:
         corpus = _common.write_text_corpus(tmp / "corpus.txt", docs=3000)

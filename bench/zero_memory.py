@@ -129,10 +129,10 @@ def measure_build(args: argparse.Namespace, world: int) -> dict[str, Any]:
     import torch
     from transformers.integrations import HfDeepSpeedConfig
 
-    from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
-    from trainer import engine as eng
-    from trainer.config import deepspeed_config, load_config
-    from trainer.objectives import OBJECTIVES
+    from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+    from darkmatter.trainer import engine as eng
+    from darkmatter.trainer.config import deepspeed_config, load_config
+    from darkmatter.trainer.objectives import OBJECTIVES
 
     model = _common.bench_bert(True) if args.quick else BERT_LARGE
     vocab = args.vocab if args.quick else BERT_LARGE_VOCAB
@@ -170,10 +170,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import yaml
 
-    from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
-    from trainer import engine as eng
-    from trainer.config import deepspeed_config, load_config
-    from trainer.objectives import OBJECTIVES
+    from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+    from darkmatter.trainer import engine as eng
+    from darkmatter.trainer.config import deepspeed_config, load_config
+    from darkmatter.trainer.objectives import OBJECTIVES
 
     rank, world, _ = eng.init_distributed()
     out_dir = Path(args.out)
@@ -244,7 +244,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from trainer.stack import free_port
+    from darkmatter.quickstart.stack import free_port
 
     n = 2
     with _common.workdir("dm-bench-zero-") as tmp:

@@ -80,7 +80,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import storage
+from darkmatter import storage
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"

@@ -59,8 +59,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from data_pipeline import storage
-from data_pipeline.prepare import Manifest
+from darkmatter import storage
+from darkmatter.data_pipeline.prepare import Manifest
 
 Sample = dict[str, Any]
 STATE_VERSION = 2

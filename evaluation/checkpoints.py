@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedModel, T5EncoderModel
 
-from data_pipeline import storage
-from trainer import checkpoint as ckpt  # the checkpoint format only; never the engine
+from darkmatter import storage
+from darkmatter.trainer import checkpoint as ckpt  # the checkpoint format only; never the engine
 
 # Where each objective's pretraining model keeps its encoder (the transformers attribute name).
 ENCODER_PREFIX = {
@@ -70,7 +70,7 @@ class CheckpointRef:
         """text, image, audio or video: what the encoder reads."""
         if "modality" in self.meta:
             return str(self.meta["modality"])
-        from trainer.objectives import OBJECTIVES  # checkpoints from before the field
+        from darkmatter.trainer.objectives import OBJECTIVES  # checkpoints from before the field
 
         return OBJECTIVES[self.meta["objective"]].modality
 

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import Any
 
-from data_pipeline import storage
+from darkmatter import storage
 
 log = logging.getLogger("darkmatter.evaluation")
 

@@ -22,9 +22,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from evaluation.checkpoints import EncoderRef, ExportRef, is_export, resolve
-from evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
-from evaluation.tasks import TaskSpec, load_tasks
+from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, is_export, resolve
+from darkmatter.evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
+from darkmatter.evaluation.tasks import TaskSpec, load_tasks
 
 
 def _client(required: bool) -> Any:
@@ -35,7 +35,7 @@ def _client(required: bool) -> Any:
         return None
     from mlflow.tracking import MlflowClient
 
-    from trainer.tracking import check_reachable
+    from darkmatter.trainer.tracking import check_reachable
 
     check_reachable(uri)  # one error line naming the (redacted) URL, as for training
     return MlflowClient(tracking_uri=uri)
@@ -52,7 +52,7 @@ def _specs(args: argparse.Namespace) -> list[TaskSpec]:
     }
     spec = TaskSpec(name=name, data=args.task, label=args.label_column, seed=args.seed,
                     protocols=protocols)  # fmt: skip
-    from evaluation.tasks import PROTOCOLS
+    from darkmatter.evaluation.tasks import PROTOCOLS
 
     if bad := [p for p in protocols if p not in PROTOCOLS]:
         raise ValueError(f"--protocols: unknown {bad[0]!r} (known: {', '.join(PROTOCOLS)})")

@@ -26,7 +26,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from evaluation.checkpoints import (
+from darkmatter.evaluation.checkpoints import (
     ENCODER_PREFIX,
     CheckpointRef,
     consolidated_state_dict,
@@ -51,7 +51,7 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
-        from data_pipeline.storage import read_bytes
+        from darkmatter.storage import read_bytes
 
         tok = PreTrainedTokenizerFast(
             tokenizer_object=Tokenizer.from_str(read_bytes(tok_url).decode()),
@@ -62,7 +62,7 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
     if ref.modality == "image":
         from transformers import ViTImageProcessor
 
-        from data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
+        from darkmatter.data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
 
         size = int(ref.meta["data"]["image_size"])
         ViTImageProcessor(
@@ -72,7 +72,7 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
     if ref.modality == "video":  # frames resized and normalized as the image objectives'
         from transformers import VideoMAEImageProcessor
 
-        from data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
+        from darkmatter.data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
 
         size = int(ref.meta["data"]["image_size"])
         VideoMAEImageProcessor(
@@ -80,7 +80,7 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
             image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
         ).save_pretrained(str(out))  # fmt: skip
     if ref.modality == "audio":  # 16 kHz, normalized per clip, padding masked: as in training
-        from trainer.objectives.wav2vec2 import FEATURE_EXTRACTOR
+        from darkmatter.trainer.objectives.wav2vec2 import FEATURE_EXTRACTOR
 
         FEATURE_EXTRACTOR.save_pretrained(str(out))
     return ref, out
@@ -95,7 +95,7 @@ def save_heads(
     output layer tied to the embeddings) is left out; loading it loads its twin."""
     from safetensors.torch import save_file
 
-    from trainer.init_from import HEADS_FILE
+    from darkmatter.trainer.init_from import HEADS_FILE
 
     prefix = ENCODER_PREFIX[ref.meta["objective"]]
     in_encoder = {prefix + k for k in encoder.state_dict()}
@@ -117,7 +117,7 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
     from mlflow.tracking import MlflowClient
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from trainer.init_from import HEADS_FILE
+    from darkmatter.trainer.init_from import HEADS_FILE
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     run_id = ref.meta.get("mlflow_run_id")

@@ -28,17 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline import storage
-from evaluation import claims as cl
-from evaluation.checkpoints import (
+from darkmatter import storage
+from darkmatter.evaluation import claims as cl
+from darkmatter.evaluation.checkpoints import (
     EncoderRef,
     ExportRef,
     encoder_config,
     load_encoder,
     resolve,
 )
-from evaluation.probe import embed, finetune, knn, linear_probe, split
-from evaluation.tasks import (
+from darkmatter.evaluation.probe import embed, finetune, knn, linear_probe, split
+from darkmatter.evaluation.tasks import (
     LabeledSet,
     TaskSpec,
     audio_inputs,
@@ -48,8 +48,8 @@ from evaluation.tasks import (
     text_inputs,
     video_inputs,
 )
-from trainer import failpoints
-from trainer.checkpoint import CheckpointError
+from darkmatter.trainer import failpoints
+from darkmatter.trainer.checkpoint import CheckpointError
 
 log = logging.getLogger("darkmatter.evaluation")
 DONE_PREFIX = "eval."  # tag eval.<tag>: "done", "corrupt: …" or "skipped: …"
@@ -78,14 +78,14 @@ def _image_inputs(ref: EncoderRef, images: list[bytes]) -> dict[str, Any]:
 
 
 def _audio_inputs(ref: EncoderRef, clips: list[Any]) -> dict[str, Any]:
-    from trainer.config import DataConfig
+    from darkmatter.trainer.config import DataConfig
 
     seconds = ref.meta.get("data", {}).get("audio_seconds", DataConfig.audio_seconds)
     return audio_inputs(clips, float(seconds), int(encoder_config(ref).mask_time_length))
 
 
 def _video_inputs(ref: EncoderRef, clips: list[Any]) -> dict[str, Any]:
-    from trainer.config import DataConfig
+    from darkmatter.trainer.config import DataConfig
 
     config, data = encoder_config(ref), ref.meta.get("data", {})
     stride = int(data.get("frame_stride", DataConfig.frame_stride))

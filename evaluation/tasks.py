@@ -32,9 +32,9 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from data_pipeline import storage
-from data_pipeline.storage import open_url, read_bytes
-from data_pipeline.transforms import images_to_tensor
+from darkmatter import storage
+from darkmatter.data_pipeline.transforms import images_to_tensor
+from darkmatter.storage import open_url, read_bytes
 
 PROTOCOLS = {
     "linear_probe": {"C": 1.0},
@@ -274,8 +274,8 @@ def video_inputs(clips: list[Any], num_frames: int, stride: int, size: int) -> d
     """Clip bytes (animated GIF/WebP, or what PyAV decodes; or {"bytes": …} structs) decoded
     and made into inputs as the video objective's training batches are, with the centred
     window of frames where training draws its offset."""
-    from data_pipeline.prepare import read_clip
-    from trainer.objectives.video import clips_to_tensor
+    from darkmatter.data_pipeline.prepare import read_clip
+    from darkmatter.trainer.objectives.video import clips_to_tensor
 
     frames = []
     for i, clip in enumerate(clips):
@@ -295,7 +295,7 @@ def audio_inputs(clips: list[Any], seconds: float, mask_length: int) -> dict[str
     normalized, padded), from the start of each clip where training crops at random."""
     import soundfile
 
-    from trainer.objectives.wav2vec2 import audio_inputs as clip_inputs
+    from darkmatter.trainer.objectives.wav2vec2 import audio_inputs as clip_inputs
 
     waves, rates = [], []
     for i, clip in enumerate(clips):

@@ -79,7 +79,7 @@ fi
 [[ -z "$SSH_PORT" ]] || cmd+=(--ssh_port="$SSH_PORT")
 # --no_local_rank: ranks read LOCAL_RANK from the environment; an inserted --local_rank=N
 # would stand before `pretrain` and be taken for the subcommand.
-cmd+=(--no_local_rank --module trainer.cli pretrain "$@")
+cmd+=(--no_local_rank --module darkmatter.cli pretrain "$@")
 
 # torchrun gives each of several ranks on a host one OpenMP thread unless told otherwise;
 # DeepSpeed's launcher does not, and N ranks x all cores oversubscribe the CPUs.

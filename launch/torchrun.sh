@@ -71,7 +71,7 @@ if [[ "$RDZV_BACKEND" == static ]]; then
   [[ -n "$NODE_RANK" ]] || die "set NODE_RANK (this node's rank) for the static rendezvous"
   cmd+=(--node-rank="$NODE_RANK")
 fi
-cmd+=(-m trainer.cli pretrain "$@")
+cmd+=(-m darkmatter.cli pretrain "$@")
 
 # Each round (a restart) gets a fresh store: with the agent's store shared across rounds, a
 # restarted gloo group can pick up its dead predecessor's keys and hang.

@@ -17,7 +17,7 @@ import pytest
 # `from tests.helpers import ...` works however pytest was started.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer import stack as stack_mod  # noqa: E402
+from darkmatter.quickstart import stack as stack_mod  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
@@ -60,7 +60,7 @@ def bucket(stack: stack_mod.StackInfo) -> str:
 @pytest.fixture(scope="session")
 def text_ds(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small local text dataset (synthetic sentences, 200-token vocabulary, several shards)."""
-    from data_pipeline.prepare import prepare
+    from darkmatter.data_pipeline.prepare import prepare
     from tests.helpers import synthetic_corpus
 
     root = tmp_path_factory.mktemp("text")

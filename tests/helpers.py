@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from trainer.stack import free_port  # noqa: F401  (tests import it from here)
+from darkmatter.quickstart.stack import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The virtualenv's bin dir: run its console scripts (darkmatter, torchrun, ...) from tests.
@@ -19,7 +19,7 @@ def run_darkmatter(*args: str, env: dict[str, str] | None = None, timeout: float
 
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "trainer.cli", *args],
+        [sys.executable, "-m", "darkmatter.cli", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=full_env,
     )  # fmt: skip
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from webdataset import TarWriter
 
-from data_pipeline.prepare import Manifest, ShardInfo
-from data_pipeline.reader import DataError, DataStream, ReaderOptions
+from darkmatter.data_pipeline.prepare import Manifest, ShardInfo
+from darkmatter.data_pipeline.reader import DataError, DataStream, ReaderOptions
 
 SHARDS, PER_SHARD = 4, 10
 SENTINEL = Path("/tmp/darkmatter-test-unpickled")  # a pickle payload would create this file
@@ -199,7 +199,7 @@ def test_undecodable_image_and_hostile_member_names(tmp_path: Path) -> None:
 def test_tar_index_agrees_with_tarfile(tmp_path: Path, fmt: int) -> None:
     """The reader's own header parser finds what Python's tarfile finds: long names (GNU and
     pax), ustar prefixes, non-ASCII names, empty members, directories skipped."""
-    from data_pipeline.reader import tar_members
+    from darkmatter.data_pipeline.reader import tar_members
 
     path = tmp_path / "t.tar"
     names = ["a.txt", "d/" * 60 + "long.input_ids.npy", "dir/" + "x" * 90 + ".png", "é.txt"]

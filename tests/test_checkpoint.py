@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from data_pipeline import storage
+from darkmatter import storage
+from darkmatter.trainer import checkpoint as ckpt
 from tests.helpers import metrics, run_darkmatter, write_config
-from trainer import checkpoint as ckpt
 
 STEPS = 9
 TRAIN = {"zero_stage": 2, "steps": STEPS, "log_every": 1}

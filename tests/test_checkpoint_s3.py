@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from data_pipeline import storage
+from darkmatter import storage
+from darkmatter.trainer import checkpoint as ckpt
 from tests.faultproxy import FaultProxy
 from tests.helpers import REPO_ROOT, descendants, metrics, run_darkmatter, write_config
-from trainer import checkpoint as ckpt
 
 STEPS = 9
 TRAIN = {"steps": STEPS, "log_every": 1}
@@ -42,7 +42,7 @@ def start(cfg: Path, *args: str, env: dict[str, str] | None = None) -> subproces
     would fill up and block the job)."""
     with open(cfg.with_suffix(".log"), "w") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), *args],
+            [sys.executable, "-m", "darkmatter.cli", "pretrain", str(cfg), *args],
             cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})},
         )  # fmt: skip
@@ -244,7 +244,7 @@ def test_two_machines_refuse_a_local_root_they_do_not_share(text_ds: str, tmp_pa
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "trainer.cli", "pretrain", str(cfg)]  # fmt: skip
+               "-m", "darkmatter.cli", "pretrain", str(cfg)]  # fmt: skip
         if node == 1:
             inner = " ".join(cmd)
             cmd = ["unshare", "-m", "sh", "-c", f"mount -t tmpfs none {root} && exec {inner}"]

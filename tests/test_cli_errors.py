@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import prepare
+from darkmatter.data_pipeline.prepare import prepare
 from tests.helpers import free_port, run_darkmatter, synthetic_corpus, write_config
 
 

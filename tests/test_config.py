@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, batch_plan, deepspeed_config, flatten, load_config, to_dict
+from darkmatter.trainer.config import (
+    ConfigError,
+    batch_plan,
+    deepspeed_config,
+    flatten,
+    load_config,
+    to_dict,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = """
@@ -28,7 +35,7 @@ def test_presets_load() -> None:
     for preset in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(preset)
         assert cfg.train.steps > 0, preset
-    from evaluation.tasks import load_tasks
+    from darkmatter.evaluation.tasks import load_tasks
 
     for tasks in sorted((REPO / "configs" / "tasks").glob("*.yaml")):
         (spec,) = load_tasks(str(tasks))
@@ -112,7 +119,7 @@ def test_batch_arithmetic(tmp_path: Path) -> None:
 def test_dry_run_prints_everything_and_starts_nothing(tmp_path: Path) -> None:
     p = write(tmp_path, BASE)
     out = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "pretrain", str(p), "--nproc", "2", "--dry-run", "train.lr=0.002"],
+        [sys.executable, "-m", "darkmatter.cli", "pretrain", str(p), "--nproc", "2", "--dry-run", "train.lr=0.002"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -124,7 +131,7 @@ def test_dry_run_prints_everything_and_starts_nothing(tmp_path: Path) -> None:
 def test_cli_config_error_is_one_line(tmp_path: Path) -> None:
     p = write(tmp_path, BASE + "train_typo: 1\n")
     out = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "pretrain", str(p)],
+        [sys.executable, "-m", "darkmatter.cli", "pretrain", str(p)],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert out.returncode == 2

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_pipeline.storage import write_bytes
+from darkmatter.storage import write_bytes
 from tests.helpers import REPO_ROOT, descendants, run_darkmatter, synthetic_corpus, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
@@ -59,7 +59,7 @@ def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
         tracking={"enabled": True, "experiment": "e2e", "run_name": "killed-and-resumed"},
         deepspeed={"comet": {"enabled": False, "api_key": SECRET}},  # a secret in the config
     )  # fmt: skip
-    cmd = [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), "--nproc", "2"]
+    cmd = [sys.executable, "-m", "darkmatter.cli", "pretrain", str(cfg), "--nproc", "2"]
     proc = subprocess.Popen(
         cmd,
         cwd=REPO_ROOT,
@@ -122,7 +122,7 @@ def test_sigkill_restart_continues_checkpoint_and_mlflow_run(
     assert [m.step for m in acc] == [steps] and 0.0 <= acc[0].value <= 1.0
     assert client.get_metric_history(run_id, "eval/toy/linear_probe/accuracy_random_init")
 
-    from evaluation.runs import show_run
+    from darkmatter.evaluation.runs import show_run
 
     shown = "\n".join(show_run(str(run_dir)))
     assert "where the time went" in shown and "restarted 1 time(s)" in shown, shown

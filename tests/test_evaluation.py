@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline import storage
-from evaluation import claims
-from evaluation.probe import knn
-from evaluation.tasks import TaskError, TaskSpec, load_labeled, load_tasks
+from darkmatter import storage
+from darkmatter.evaluation import claims
+from darkmatter.evaluation.probe import knn
+from darkmatter.evaluation.tasks import TaskError, TaskSpec, load_labeled, load_tasks
 from tests.helpers import REPO_ROOT, write_config
 
 
@@ -51,7 +51,7 @@ def test_finetune_trains_the_encoder_and_its_head() -> None:
     import torch
     from transformers import BertConfig, BertModel
 
-    from evaluation.probe import finetune
+    from darkmatter.evaluation.probe import finetune
 
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1,
@@ -153,7 +153,7 @@ def test_claims_are_exclusive_expire_and_are_taken_over(bucket: str) -> None:
 
 
 def _harness(exp: str, tasks: Path, name: str, log: Path, failpoints: str = "") -> subprocess.Popen:  # type: ignore[type-arg]
-    cmd = [sys.executable, "-m", "trainer.cli", "evaluate", "--watch", exp, "--tasks",
+    cmd = [sys.executable, "-m", "darkmatter.cli", "evaluate", "--watch", exp, "--tasks",
            str(tasks), "--poll-s", "0.5", "--claim-ttl-s", "4", "--id", name]  # fmt: skip
     env = {**os.environ, "DARKMATTER_FAILPOINTS": failpoints}
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=open(log, "a"), stderr=subprocess.STDOUT,
@@ -200,7 +200,7 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
             tracking={"enabled": True, "experiment": exp, "run_name": "watched"},
         )  # fmt: skip
         train_log = tmp_path / "train.log"
-        train = subprocess.Popen([sys.executable, "-m", "trainer.cli", "pretrain", str(cfg)],
+        train = subprocess.Popen([sys.executable, "-m", "darkmatter.cli", "pretrain", str(cfg)],
                                  cwd=REPO_ROOT, stdout=train_log.open("w"),  # noqa: SIM115
                                  stderr=subprocess.STDOUT)  # fmt: skip
         assert a.wait(timeout=300) == -signal.SIGKILL
@@ -259,7 +259,7 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
     assert rcs == [0, 0], [p.read_text()[-3000:] for p in logs.values()]
 
     # A later one-shot on the run id finds nothing left to do.
-    again = subprocess.run([sys.executable, "-m", "trainer.cli", "evaluate", run_id, "--tasks",
+    again = subprocess.run([sys.executable, "-m", "darkmatter.cli", "evaluate", run_id, "--tasks",
                             str(tasks)], cwd=REPO_ROOT, capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["event"] == "stopped"
@@ -293,7 +293,7 @@ def test_deployments_speak_the_cli(tmp_path: Path) -> None:
     with flags the CLI knows (the job script is run for real, with `echo` as the command)."""
     import yaml
 
-    from evaluation.cli import parser
+    from darkmatter.evaluation.cli import parser
 
     docs = list(yaml.safe_load_all((REPO_ROOT / "launch/k8s/evaluator.yaml").read_text()))
     deploy = next(d for d in docs if d["kind"] == "Deployment")

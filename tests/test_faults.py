@@ -16,15 +16,15 @@ from typing import Any
 import pytest
 import torch
 
+from darkmatter.trainer import checkpoint as ckpt
 from tests.helpers import REPO_ROOT, descendants, metrics, rank_pid, run_darkmatter, write_config
-from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
 
 
 def start(cfg: Path, *args: str) -> subprocess.Popen:  # type: ignore[type-arg]
     return subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", "pretrain", str(cfg), *args],
+        [sys.executable, "-m", "darkmatter.cli", "pretrain", str(cfg), *args],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -196,8 +196,8 @@ def test_nan_or_spike_on_one_rank_skips_everywhere_and_repeats_roll_back(
     """Without ZeRO, DeepSpeed would apply a NaN gradient; the gate vetoes it on both ranks.
     Steps 11 (a gradient-norm spike) and 12 (NaN) make two skips in the window: roll back to
     the checkpoint of step 8, with the data stream moving on past the bad window."""
-    from trainer.config import load_config
-    from trainer.engine import lr_lambda
+    from darkmatter.trainer.config import load_config
+    from darkmatter.trainer.engine import lr_lambda
 
     run_dir = tmp_path / "run"
     cfg = write_config(

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from darkmatter.trainer.config import ConfigError, load_config
 from tests.helpers import metrics, run_darkmatter, synthetic_corpus, write_config
-from trainer.config import ConfigError, load_config
 
 REGISTERED = "init-from-encoder"
 
@@ -51,7 +51,7 @@ def _batch(objective: Any) -> dict[str, Any]:
     """8 lines of the corpus, tokenized as `prepare` did, masked by a fixed generator."""
     from tokenizers import Tokenizer
 
-    from data_pipeline.storage import read_bytes
+    from darkmatter.storage import read_bytes
 
     tok = Tokenizer.from_str(read_bytes(objective.meta["tokenizer_url"]).decode())
     lines = synthetic_corpus(Path(objective.cfg.train.run_dir).parent / "corpus.txt", 8)
@@ -68,9 +68,9 @@ def _loss(model: torch.nn.Module, batch: dict[str, Any]) -> float:
 def _started_from(cfg: Any) -> tuple[Any, torch.nn.Module]:
     """The objective (through preflight, as a run makes it) and its model with init_from
     loaded, as build_engine loads it."""
-    from trainer import engine as eng
-    from trainer import init_from
-    from trainer.train import preflight
+    from darkmatter.trainer import engine as eng
+    from darkmatter.trainer import init_from
+    from darkmatter.trainer.train import preflight
 
     objective = preflight(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -84,7 +84,7 @@ def _started_from(cfg: Any) -> tuple[Any, torch.nn.Module]:
 def test_init_from_continues_the_exported_model(
     exported: Path, text_ds: str, tmp_path: Path, source: str
 ) -> None:
-    from evaluation.checkpoints import consolidated_state_dict, resolve
+    from darkmatter.evaluation.checkpoints import consolidated_state_dict, resolve
 
     uri = str(exported / "export") if source == "folder" else f"models:/{REGISTERED}/1"
     objective, model = _started_from(_config(tmp_path, text_ds, uri))
@@ -140,7 +140,7 @@ def test_an_encoder_without_heads_starts_the_encoder_only(
 def test_a_model_that_does_not_fit_is_refused_naming_both_sides(
     exported: Path, text_ds: str, tmp_path: Path, overrides: list[str], message: str
 ) -> None:
-    from trainer.train import preflight
+    from darkmatter.trainer.train import preflight
 
     src = exported / "export"
     with pytest.raises(ConfigError) as e:
@@ -154,8 +154,8 @@ def test_another_vocabulary_is_refused(exported: Path, text_ds: str, tmp_path: P
     export's tokenizer with two tokens swapped): both refused in preflight."""
     import json
 
-    from data_pipeline.prepare import prepare
-    from trainer.train import preflight
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.trainer.train import preflight
 
     corpus = tmp_path / "other.txt"
     corpus.write_text("".join(f"zebra {i} quartz {i * 7} umbrella violet\n" for i in range(300)))
@@ -190,7 +190,7 @@ def test_init_from_s3_starts_the_run_where_the_export_stopped(
     """`darkmatter pretrain` with init_from on S3: the same seed and data as the exported run, so
     its first step sees the exported run's first batch, at a loss near the exported run's last
     rather than the random init's first."""
-    from data_pipeline.storage import put_file
+    from darkmatter.storage import put_file
 
     for f in (exported / "export").iterdir():
         put_file(str(f), f"{bucket}/encoders/mlm/{f.name}")

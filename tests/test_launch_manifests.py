@@ -309,7 +309,7 @@ def test_the_pytorchjob_container_starts_torchrun_and_a_valid_config(
     worker command by darkmatter's, on the ConfigMap's config at the job's world size."""
     from torch.distributed.run import get_args_parser
 
-    from trainer.cli import pretrain_main
+    from darkmatter.cli import pretrain_main
 
     job = pytorchjob()
     pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
@@ -328,7 +328,7 @@ def test_the_pytorchjob_container_starts_torchrun_and_a_valid_config(
     assert (ns.rdzv_id, ns.max_restarts) == (ep["rdzvId"], ep["maxRestarts"])
     assert ns.shutdown_timeout == 120 + 10
     assert set(ns.signals_to_handle.split(",")) >= {"SIGTERM", "SIGUSR1"}
-    assert ns.module and ns.training_script == "trainer.cli"
+    assert ns.module and ns.training_script == "darkmatter.cli"
     worker = ns.training_script_args
     assert worker[0] == "pretrain"
     world = int(ns.nnodes) * int(ns.nproc_per_node)
@@ -370,7 +370,7 @@ def names_in_code() -> set[str]:
     constant in trainer/, data_pipeline/ and evaluation/ (os.environ keys, the variables the
     local stack sets for the S3 and MLflow clients, ...)."""
     names = set()
-    for pkg in ("trainer", "data_pipeline", "evaluation"):
+    for pkg in ("darkmatter.trainer", "darkmatter.data_pipeline", "darkmatter.evaluation"):
         for path in (REPO_ROOT / pkg).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if (
@@ -411,7 +411,7 @@ def _darkmatter_containers() -> Iterator[tuple[str, dict[str, str], list[str], s
         c = pod["containers"][0]
         yield where, env_of(c), c.get("command", []) + c.get("args", []), reads
     services = compose()["services"]
-    for name in ("trainer", "evaluator"):
+    for name in ("darkmatter.trainer", "evaluator"):
         s = services[name]
         yield f"compose.yaml {name}", dict(s["environment"]), s["command"], code
 
@@ -467,10 +467,10 @@ def test_compose_matches_the_compose_spec_schema() -> None:
     data = compose()
     assert list(validator.iter_errors(data)) == []
     broken = copy.deepcopy(data)
-    broken["services"]["trainer"]["stop_grace_periods"] = "150s"
+    broken["services"]["darkmatter.trainer"]["stop_grace_periods"] = "150s"
     assert list(validator.iter_errors(broken)), "a misspelled service key passed the schema"
     assert set(data["services"]) == {
-        "minio", "minio-bucket", "postgres", "mlflow", "trainer", "evaluator"}  # fmt: skip
+        "minio", "minio-bucket", "postgres", "mlflow", "darkmatter.trainer", "evaluator"}  # fmt: skip
 
 
 def test_compose_commands_parse_with_the_real_cli(
@@ -478,14 +478,14 @@ def test_compose_commands_parse_with_the_real_cli(
 ) -> None:
     """The trainer's and evaluator's commands, with compose's defaults substituted, parsed by
     darkmatter's parsers; paths are the image's, relative to /opt/darkmatter (the repository)."""
-    from evaluation.cli import parser
-    from evaluation.tasks import load_tasks
-    from trainer.cli import pretrain_main
-    from trainer.config import Config
+    from darkmatter.cli import pretrain_main
+    from darkmatter.evaluation.cli import parser
+    from darkmatter.evaluation.tasks import load_tasks
+    from darkmatter.trainer.config import Config
 
     services = interpolate(compose()["services"])
     monkeypatch.chdir(REPO_ROOT)
-    trainer = services["trainer"]["command"]
+    trainer = services["darkmatter.trainer"]["command"]
     assert trainer[0] == "pretrain"
     overrides = [a for a in trainer if "=" in a and not a.startswith("-")]
     for o in overrides:  # every override names a field of the config dataclasses
@@ -506,7 +506,7 @@ def test_compose_commands_parse_with_the_real_cli(
     (created,) = re.findall(r"mc mb --ignore-existing darkmatter/([a-z0-9.-]+)",
                             str(services["minio-bucket"]["command"]))  # fmt: skip
     assert set(re.findall(r"s3://([^/\s\"']+)", COMPOSE.read_text())) == {created}
-    assert services["trainer"]["stop_grace_period"] == "150s"
+    assert services["darkmatter.trainer"]["stop_grace_period"] == "150s"
 
 
 # ----------------------------------------------------------------------------------- Docker
@@ -614,7 +614,7 @@ def test_deepspeed_sh_command_parses_with_deepspeeds_runner(tmp_path: Path) -> N
     assert (ns.hostfile, ns.master_addr, ns.master_port) == (str(one), "127.0.0.1", 29511)
     assert ns.no_ssh_check and ns.module and ns.no_local_rank and ns.launcher == "pdsh"
     assert (ns.user_script, ns.user_args) == (
-        "trainer.cli",
+        "darkmatter.cli",
         ["pretrain", "c.yaml", "train.steps=9"],
     )
 

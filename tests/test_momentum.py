@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, validate
-from trainer.objectives import OBJECTIVES
-from trainer.objectives.byol import regression_loss
-from trainer.objectives.contrastive import info_nce
-from trainer.objectives.momentum import ema_update, momentum_at
+from darkmatter.trainer.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    validate,
+)
+from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.objectives.byol import regression_loss
+from darkmatter.trainer.objectives.contrastive import info_nce
+from darkmatter.trainer.objectives.momentum import ema_update, momentum_at
 
 
 def _unit(v: torch.Tensor) -> list[float]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
-from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
-from trainer.objectives import OBJECTIVES
-from trainer.objectives.mlm import SpecialIds, mask_tokens, pad_and_truncate
+from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+from darkmatter.trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.objectives.mlm import SpecialIds, mask_tokens, pad_and_truncate
 
 IDS = SpecialIds(**DEFAULT_SPECIAL_IDS)  # prepare's trained tokenizer: [PAD]=0 ... [MASK]=4
 

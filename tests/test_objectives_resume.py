@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from data_pipeline.prepare import prepare
+from darkmatter.data_pipeline.prepare import prepare
 from tests.helpers import metrics, run_darkmatter, synthetic_corpus, write_config
 
 pytestmark = pytest.mark.distributed
@@ -60,14 +60,14 @@ def s3_shards(stack: object, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """The shards the objectives under test read, in one bucket of the session's S3 server."""
     import boto3
 
-    from trainer.quickstart import digits
+    from darkmatter.quickstart.run import digits
 
     env = stack.env  # type: ignore[attr-defined]
     boto3.client("s3", endpoint_url=stack.s3_endpoint,  # type: ignore[attr-defined]
                  aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                  aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
                  region_name=env["AWS_DEFAULT_REGION"]).create_bucket(Bucket="objectives")  # fmt: skip
-    from trainer.objectives import OBJECTIVES
+    from darkmatter.trainer.objectives import OBJECTIVES
 
     tmp = tmp_path_factory.mktemp("objective-data")
     needed = {OBJECTIVES[name].modality for name in SETTINGS}
@@ -91,7 +91,7 @@ def moving_clips(folder: Path, n: int = 96) -> None:
     """The first n moving-digit clips (16 frames of 32x32, GIF)."""
     from itertools import islice
 
-    from trainer.video_data import moving_digits
+    from darkmatter.quickstart.video_data import moving_digits
 
     folder.mkdir(parents=True)
     for i, (gif, _, _) in enumerate(islice(moving_digits(), n)):
@@ -118,7 +118,7 @@ def tones(folder: Path, n: int = 64) -> None:
 def test_two_ranks_from_s3_resume_bit_exact(
     objective: str, s3_shards: dict[str, str], tmp_path: Path
 ) -> None:
-    from trainer.objectives import OBJECTIVES
+    from darkmatter.trainer.objectives import OBJECTIVES
 
     url = s3_shards[OBJECTIVES[objective].modality]
     settings = SETTINGS[objective]

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+from darkmatter.trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.objectives.base import Objective
+from darkmatter.trainer.objectives.span import NUM_SENTINELS, random_spans_noise_mask
 from tests.helpers import metrics, run_darkmatter, write_config
-from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
-from trainer.objectives import OBJECTIVES
-from trainer.objectives.base import Objective
-from trainer.objectives.span import NUM_SENTINELS, random_spans_noise_mask
 
 VOCAB = 60  # the tokenizer's; span adds 100 sentinels above it
 # prepare's trained tokenizer's special ids ([PAD]=0 [CLS]=2 [SEP]=3)
@@ -264,10 +264,10 @@ def test_pretrain_export_and_load(
     with the class the command names and computes the evaluation encoder's features."""
     from transformers import AutoModel, AutoTokenizer, GPT2Model, T5EncoderModel
 
-    from evaluation import export
-    from evaluation.checkpoints import load_encoder, resolve
-    from evaluation.probe import embed
-    from evaluation.tasks import export_text_inputs
+    from darkmatter.evaluation import export
+    from darkmatter.evaluation.checkpoints import load_encoder, resolve
+    from darkmatter.evaluation.probe import embed
+    from darkmatter.evaluation.tasks import export_text_inputs
 
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir, objective=name,  # type: ignore[arg-type]

@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-from data_pipeline import storage
-from data_pipeline.prepare import Manifest, PrepareError, cli, prepare
-from data_pipeline.reader import DataStream, iter_dataset
+from darkmatter import storage
+from darkmatter.data_pipeline.prepare import Manifest, PrepareError, cli, prepare
+from darkmatter.data_pipeline.reader import DataStream, iter_dataset
 
 
 def read_tar(path: Path) -> list[dict[str, bytes | str]]:

@@ -20,9 +20,9 @@ import pytest
 import soundfile
 from PIL import Image
 
-from data_pipeline import storage
-from data_pipeline.prepare import Manifest, PrepareError, cli, prepare
-from data_pipeline.reader import iter_dataset
+from darkmatter import storage
+from darkmatter.data_pipeline.prepare import Manifest, PrepareError, cli, prepare
+from darkmatter.data_pipeline.reader import iter_dataset
 from tests.helpers import REPO_ROOT
 from tests.test_prepare import check_dataset, read_tar
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.prepare import prepare
+from darkmatter.data_pipeline.prepare import prepare
+from darkmatter.quickstart.run import digits
 from tests.helpers import REPO_ROOT, run_darkmatter
-from trainer.quickstart import digits
 
 MARGIN = 0.05  # README: at least 5 points (the full quickstart measures about 13)
 STEPS = 800
@@ -53,7 +53,7 @@ def test_mae_on_digits_beats_random_init(tmp_path: Path) -> None:
     import torch
     from transformers import AutoImageProcessor, AutoModel
 
-    from data_pipeline.transforms import images_to_tensor
+    from darkmatter.data_pipeline.transforms import images_to_tensor
 
     # Evaluated as an export, the encoder scores exactly what it scored as a checkpoint.
     ev_export = run_darkmatter("evaluate", str(tmp_path / "export"), "--task", str(task),

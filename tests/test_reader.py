@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_pipeline.prepare import prepare
-from data_pipeline.reader import (
+from darkmatter.data_pipeline.prepare import prepare
+from darkmatter.data_pipeline.reader import (
     DataStream,
     EpochPlan,
     LocalShard,

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from data_pipeline import storage
-from data_pipeline.prepare import Manifest, prepare
-from data_pipeline.reader import DataError, DataStream, ReaderOptions
+from darkmatter import storage
+from darkmatter.data_pipeline.prepare import Manifest, prepare
+from darkmatter.data_pipeline.reader import DataError, DataStream, ReaderOptions
 from tests.faultproxy import FaultProxy
 
 

@@ -15,9 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
-from trainer.objectives import OBJECTIVES
-from trainer.objectives.contrastive import N_PARAMS, augment, draw_view_params, info_nce, nt_xent
+from darkmatter.trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.objectives.contrastive import (
+    N_PARAMS,
+    augment,
+    draw_view_params,
+    info_nce,
+    nt_xent,
+)
 
 
 def nt_xent_by_the_formula(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -64,7 +70,7 @@ def test_gathered_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_path: Pat
     on the whole batch, and each rank's gradient (averaged over ranks, as data parallelism does)
     is the whole-batch gradient of its rows: gradients flow through the gather. The same for
     MoCo v3's InfoNCE, whose keys (from the teacher) carry no gradient."""
-    from trainer.stack import free_port
+    from darkmatter.quickstart.stack import free_port
 
     mp.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]

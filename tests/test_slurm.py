@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from darkmatter.trainer import checkpoint as ckpt
 from tests import slurm_cluster
 from tests.helpers import REPO_ROOT, free_port, metrics, write_config
-from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
 
@@ -81,7 +81,7 @@ def test_usr1_checkpoints_requeues_and_the_job_resumes_to_completion(
     output = tmp_path / "job.out"
     job = slurm.sbatch(
         "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", f"--output={output}", str(SCRIPT), str(cfg),
-        env={"DARKMATTER": f"{sys.executable} -m trainer.cli", "MASTER_PORT": str(free_port())},
+        env={"DARKMATTER": f"{sys.executable} -m darkmatter.cli", "MASTER_PORT": str(free_port())},
         cwd=work,
     )  # fmt: skip
     run_dir = work / "runs" / f"slurm-{job}"

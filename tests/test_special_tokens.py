@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.prepare import Manifest, PrepareError, cli, prepare
+from darkmatter.data_pipeline.prepare import Manifest, PrepareError, cli, prepare
+from darkmatter.trainer.config import Config, DataConfig, ModelConfig, TrainConfig
+from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.train import dataset_meta
 from tests.helpers import synthetic_corpus
-from trainer.config import Config, DataConfig, ModelConfig, TrainConfig
-from trainer.objectives import OBJECTIVES
-from trainer.train import dataset_meta
 
 BERT_IDS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 # The synthetic corpus's words but "river", which becomes [UNK] in every document.

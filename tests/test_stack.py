@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import storage
+from darkmatter import storage
+from darkmatter.quickstart import stack as stack_mod
 from tests.helpers import free_port
-from trainer import stack as stack_mod
 
 
 def test_s3_round_trip_through_storage(stack: stack_mod.StackInfo, bucket: str) -> None:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+from darkmatter.trainer.config import ConfigError, load_config
+from darkmatter.trainer.objectives.mlm import MLMObjective, pack
 from tests.helpers import metrics, run_darkmatter, write_config
-from trainer.config import ConfigError, load_config
-from trainer.objectives.mlm import MLMObjective, pack
 
 PAD_ID, CLS_ID, SEP_ID = (DEFAULT_SPECIAL_IDS[k] for k in ("pad", "cls", "sep"))
 META = {"vocab_size": 200, "special_tokens": DEFAULT_SPECIAL_IDS}
@@ -39,7 +39,7 @@ def _batch(obj: MLMObjective, n: int = 4) -> dict[str, torch.Tensor]:
 
 
 def _loss_and_grads(cfg, batch):  # type: ignore[no-untyped-def]
-    from trainer.engine import set_throughput_features
+    from darkmatter.trainer.engine import set_throughput_features
 
     obj = MLMObjective(cfg, META)
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def test_sdpa_matches_eager_attention(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_adamw_kernels_take_the_same_step(impl: str, tmp_path: Path) -> None:
-    from trainer.engine import build_optimizer
+    from darkmatter.trainer.engine import build_optimizer
 
     def one_step(cfg):  # type: ignore[no-untyped-def]
         torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_bad_feature_settings_name_the_key(
 
 
 def test_offload_sets_deepspeeds_offload_section(tmp_path: Path) -> None:
-    from trainer.config import deepspeed_config
+    from darkmatter.trainer.config import deepspeed_config
 
     ds = deepspeed_config(_cfg(tmp_path, "train.offload_optimizer=true"), 2)
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
-from evaluation import runs
+from darkmatter.evaluation import runs
+from darkmatter.quickstart import stack
+from darkmatter.trainer.tracking import Tracker, redact
 from tests.helpers import free_port
-from trainer import stack
-from trainer.tracking import Tracker, redact
 
 
 def test_redact_secret_looking_keys_nested_and_urls() -> None:
@@ -100,12 +100,12 @@ def test_buffer_bound_drops_the_oldest_with_a_warning(caplog: pytest.LogCaptureF
     tracker._queue = queue.Queue()
     tracker._thread = threading.Thread(target=tracker._send_loop, daemon=True)
     tracker._thread.start()
-    with caplog.at_level(logging.WARNING, logger="trainer.tracking"):
+    with caplog.at_level(logging.WARNING, logger="darkmatter.trainer.tracking"):
         for step in range(1, 7):
             tracker.log_metrics(step, {"loss": float(step)})
         tracker.flush()
         tracker.client.up.set()
-        tracker._queue.put(__import__("trainer.tracking", fromlist=["_STOP"])._STOP)
+        tracker._queue.put(__import__("darkmatter.trainer.tracking", fromlist=["_STOP"])._STOP)
         tracker._thread.join(timeout=10)
     assert [m.step for m in tracker.client.metrics] == [3, 4, 5, 6]
     assert tracker.dropped == 2
@@ -172,7 +172,7 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone() -> None:
     mask that follows, and the resume would no longer be bit-exact."""
     import torch
 
-    from trainer import perf
+    from darkmatter.trainer import perf
 
     state = torch.get_rng_state()
     assert perf.measured_matmul_flops(torch.float32, n=64, seconds=0.01) > 0

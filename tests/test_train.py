@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from darkmatter.trainer.config import load_config
+from darkmatter.trainer.engine import lr_lambda
 from tests.helpers import metrics, run_darkmatter, write_config
-from trainer.config import load_config
-from trainer.engine import lr_lambda
 
 
 def test_single_process_train_resume_evaluate_export(text_ds: str, tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_single_process_train_resume_evaluate_export(text_ds: str, tmp_path: Pat
     assert as_export["step"] == 8 and as_export["pretrained"] == result["pretrained"]
     from transformers import AutoModel, AutoTokenizer
 
-    from evaluation.checkpoints import load_encoder, resolve
+    from darkmatter.evaluation.checkpoints import load_encoder, resolve
 
     # The seed article's snippet, as written, against the export.
     model = AutoModel.from_pretrained(tmp_path / "export")
@@ -104,7 +104,7 @@ def test_two_ranks_zero1_and_zero3_agree(text_ds: str, tmp_path: Path) -> None:
     np.testing.assert_allclose(losses[3], losses[1], rtol=2e-4)
 
     # The ZeRO-3 shards consolidate into the full encoder (DeepSpeed's zero_to_fp32).
-    from evaluation.checkpoints import load_encoder, resolve
+    from darkmatter.evaluation.checkpoints import load_encoder, resolve
 
     ref = resolve(str(tmp_path / "z3"))
     trained = load_encoder(ref, pretrained=True)
@@ -142,7 +142,7 @@ def test_resume_with_other_worker_count_continues_the_same_data(
 def test_bad_shard_is_skipped_reported_or_stops_a_strict_run(text_ds: str, tmp_path: Path) -> None:
     import shutil
 
-    from data_pipeline.prepare import Manifest
+    from darkmatter.data_pipeline.prepare import Manifest
 
     ds = tmp_path / "ds"
     shutil.copytree(text_ds, ds)

@@ -23,9 +23,9 @@ from typing import IO, Any
 
 import pytest
 
+from darkmatter.trainer import checkpoint as ckpt
 from tests import netns
 from tests.helpers import REPO_ROOT, metrics, write_config
-from trainer import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
 

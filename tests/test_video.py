@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_pipeline.prepare import PrepareError, prepare, read_clip
-from data_pipeline.reader import decode, iter_dataset
-from data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
-from trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
-from trainer.objectives import OBJECTIVES
-from trainer.objectives.video import VideoObjective, frame_indices
-from trainer.video_data import moving_digits
+from darkmatter.data_pipeline.prepare import PrepareError, prepare, read_clip
+from darkmatter.data_pipeline.reader import decode, iter_dataset
+from darkmatter.data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
+from darkmatter.quickstart.video_data import moving_digits
+from darkmatter.trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.objectives.video import VideoObjective, frame_indices
 
 
 def objective(mask_ratio: float = 0.9, num_frames: int = 4, image_size: int = 16) -> Any:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
-from trainer.objectives import OBJECTIVES
-from trainer.objectives.base import Objective
-from trainer.objectives.wav2vec2 import (
+from darkmatter.trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
+from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.objectives.base import Objective
+from darkmatter.trainer.objectives.wav2vec2 import (
     CODEBOOKS,
     GUMBEL_DECAY,
     SAMPLE_RATE,
@@ -245,9 +245,9 @@ def test_spoken_digits_through_prepare_and_decode(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
     import soundfile
 
-    from data_pipeline.prepare import prepare
-    from data_pipeline.reader import decode
-    from trainer.speech import spoken_digits
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.data_pipeline.reader import decode
+    from darkmatter.quickstart.speech import spoken_digits
 
     counts = spoken_digits(tmp_path / "wav", str(tmp_path / "task.parquet"), per_digit=2)
     assert counts["clips"] == 20
@@ -291,8 +291,8 @@ def test_labeled_audio_in_every_form_and_features_over_real_frames(tmp_path: Pat
     import pyarrow.parquet as pq
     import webdataset as wds
 
-    from evaluation.probe import embed
-    from evaluation.tasks import TaskError, TaskSpec, audio_inputs, load_labeled
+    from darkmatter.evaluation.probe import embed
+    from darkmatter.evaluation.tasks import TaskError, TaskSpec, audio_inputs, load_labeled
 
     clips = words([3000, 6000, 2000, 5000], seed=4) + words([4000, 3000], seed=5, rate=8000)
     blobs = [

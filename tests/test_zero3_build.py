@@ -25,7 +25,7 @@ MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size"
 def _config(name: str, stage: int, run_dir: Path) -> Any:
     import yaml
 
-    from trainer.config import load_config
+    from darkmatter.trainer.config import load_config
 
     raw = {"objective": name,
            "data": {"url": "unused", "seq_len": 32, "image_size": 16, "num_frames": 4,
@@ -57,9 +57,9 @@ def _worker(rank: int, port: int, out: str, text_meta: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    from trainer import engine as eng
-    from trainer.config import deepspeed_config
-    from trainer.objectives import OBJECTIVES as REGISTRY
+    from darkmatter.trainer import engine as eng
+    from darkmatter.trainer.config import deepspeed_config
+    from darkmatter.trainer.objectives import OBJECTIVES as REGISTRY
 
     eng.init_distributed()
     results: dict[str, Any] = {}
@@ -117,10 +117,10 @@ def _init_from_partitioned(out: Path, rank: int, meta: dict[str, Any]) -> list[s
     import deepspeed
     from safetensors.torch import save_file
 
-    from trainer import engine as eng
-    from trainer.config import deepspeed_config
-    from trainer.init_from import HEADS_FILE
-    from trainer.objectives import OBJECTIVES as REGISTRY
+    from darkmatter.trainer import engine as eng
+    from darkmatter.trainer.config import deepspeed_config
+    from darkmatter.trainer.init_from import HEADS_FILE
+    from darkmatter.trainer.objectives import OBJECTIVES as REGISTRY
 
     cfg = _config("mlm", 3, out)
     torch.manual_seed(7)
@@ -154,9 +154,9 @@ def _init_from_partitioned(out: Path, rank: int, meta: dict[str, Any]) -> list[s
 def test_zero3_builds_every_objective_partitioned_with_the_whole_builds_weights(
     text_ds: str, tmp_path: Path
 ) -> None:
+    from darkmatter.trainer.config import Config, DataConfig, TrainConfig
+    from darkmatter.trainer.train import dataset_meta
     from tests.helpers import free_port
-    from trainer.config import Config, DataConfig, TrainConfig
-    from trainer.train import dataset_meta
 
     meta = dataset_meta(Config(objective="mlm", data=DataConfig(url=text_ds),
                                train=TrainConfig(steps=1)))  # fmt: skip

@@ -55,8 +55,8 @@ from typing import Any
 
 import torch
 
-from data_pipeline import storage
-from trainer import failpoints
+from darkmatter import storage
+from darkmatter.trainer import failpoints
 
 log = logging.getLogger("darkmatter.checkpoint")
 

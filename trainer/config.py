@@ -371,7 +371,7 @@ ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
-    from trainer.objectives import OBJECTIVES
+    from darkmatter.trainer.objectives import OBJECTIVES
 
     t = cfg.train
     if cfg.objective not in OBJECTIVES:

@@ -31,7 +31,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
-from trainer.config import Config
+from darkmatter.trainer.config import Config
 
 log = logging.getLogger("darkmatter.engine")
 
@@ -232,7 +232,7 @@ def build_engine(
     with model_construction(ds_config):
         model = build_model()
     if cfg.model.init_from:
-        from trainer import init_from
+        from darkmatter.trainer import init_from
 
         init_from.load(model, cfg, gathered)
     set_throughput_features(model, cfg)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from trainer.perf import cpu_count
-from trainer.tracking import redact
+from darkmatter.trainer.perf import cpu_count
+from darkmatter.trainer.tracking import redact
 
 _SOURCE = Path(__file__).resolve().parent.parent
 # Variables that say how the job was launched and placed; anything else stays private.

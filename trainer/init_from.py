@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from data_pipeline import storage
-from trainer.config import Config, ConfigError
+from darkmatter import storage
+from darkmatter.trainer.config import Config, ConfigError
 
 log = logging.getLogger("darkmatter.init_from")
 
@@ -65,7 +65,7 @@ HEAD_FIELDS = (
 def fetch(uri: str, tracking_uri: str = "") -> Path:
     """The local folder of `uri` (downloaded once per process when it is remote)."""
     if uri.startswith("models:/"):
-        from trainer.tracking import TrackingError, download_model
+        from darkmatter.trainer.tracking import TrackingError, download_model
 
         try:
             root = Path(download_model(uri, _scratch(), tracking_uri))
@@ -143,7 +143,7 @@ def _where(uri: str) -> str:
 
 
 def _tracking_uri(cfg: Config) -> str:
-    from trainer.tracking import resolve_uri
+    from darkmatter.trainer.tracking import resolve_uri
 
     return resolve_uri(cfg.tracking.tracking_uri)
 

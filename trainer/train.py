@@ -29,16 +29,16 @@ from typing import Any
 import torch
 import yaml
 
-from data_pipeline import storage
-from data_pipeline.prepare import Manifest
-from data_pipeline.reader import DataStream, ReaderOptions
-from data_pipeline.storage import check_bucket, join, read_bytes
-from trainer import checkpoint as ckpt
-from trainer import engine as eng
-from trainer import environment, failpoints, perf
-from trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
-from trainer.objectives import OBJECTIVES, Objective
-from trainer.tracking import Tracker, TrackingError, check_reachable, redact, resolve_uri
+from darkmatter import storage
+from darkmatter.data_pipeline.prepare import Manifest
+from darkmatter.data_pipeline.reader import DataStream, ReaderOptions
+from darkmatter.storage import check_bucket, join, read_bytes
+from darkmatter.trainer import checkpoint as ckpt
+from darkmatter.trainer import engine as eng
+from darkmatter.trainer import environment, failpoints, perf
+from darkmatter.trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
+from darkmatter.trainer.objectives import OBJECTIVES, Objective
+from darkmatter.trainer.tracking import Tracker, TrackingError, check_reachable, redact, resolve_uri
 
 log = logging.getLogger("darkmatter.train")
 
@@ -64,7 +64,7 @@ def dataset_meta(cfg: Config) -> dict[str, Any]:
     if manifest.tokenizer:
         from tokenizers import Tokenizer
 
-        from data_pipeline.prepare import MANIFEST, SPECIAL_NAMES
+        from darkmatter.data_pipeline.prepare import MANIFEST, SPECIAL_NAMES
 
         tok_url = join(cfg.data.url, manifest.tokenizer)
         tok = Tokenizer.from_str(read_bytes(tok_url).decode())
@@ -93,7 +93,7 @@ def preflight(cfg: Config) -> Objective:
             f"holds {meta['modality']} shards"
         )
     if cfg.model.init_from:  # fetched here (once per process) and checked against the model
-        from trainer import init_from
+        from darkmatter.trainer import init_from
 
         init_from.check(cfg, objective.model_config(), meta.get("tokenizer_url"))
     uri = resolve_uri(cfg.tracking.tracking_uri)

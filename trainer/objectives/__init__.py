@@ -3,16 +3,16 @@ config preset in configs/ and one smoke test."""
 
 from __future__ import annotations
 
-from trainer.objectives.base import Objective
-from trainer.objectives.byol import BYOLObjective
-from trainer.objectives.clm import CLMObjective
-from trainer.objectives.mae import MAEObjective
-from trainer.objectives.mlm import MLMObjective
-from trainer.objectives.moco import MoCoObjective
-from trainer.objectives.simclr import SimCLRObjective
-from trainer.objectives.span import SpanObjective
-from trainer.objectives.video import VideoObjective
-from trainer.objectives.wav2vec2 import Wav2Vec2Objective
+from darkmatter.trainer.objectives.base import Objective
+from darkmatter.trainer.objectives.byol import BYOLObjective
+from darkmatter.trainer.objectives.clm import CLMObjective
+from darkmatter.trainer.objectives.mae import MAEObjective
+from darkmatter.trainer.objectives.mlm import MLMObjective
+from darkmatter.trainer.objectives.moco import MoCoObjective
+from darkmatter.trainer.objectives.simclr import SimCLRObjective
+from darkmatter.trainer.objectives.span import SpanObjective
+from darkmatter.trainer.objectives.video import VideoObjective
+from darkmatter.trainer.objectives.wav2vec2 import Wav2Vec2Objective
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "mlm": MLMObjective,

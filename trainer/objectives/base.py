@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from trainer.config import Config
+from darkmatter.trainer.config import Config
 
 
 class Objective(ABC):
@@ -117,7 +117,7 @@ class TokenFlops(Objective):
         """Weights of the multiplies every real token goes through."""
 
     def flops(self, batch: dict[str, Any]) -> float:
-        from trainer.perf import sequence_flops
+        from darkmatter.trainer.perf import sequence_flops
 
         m = self.cfg.model
         n, q = self.matmul_params(), m.hidden_size // m.num_heads

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, ViTConfig
 
-from trainer.objectives.momentum import MomentumModel, MomentumObjective, mlp
+from darkmatter.trainer.objectives.momentum import MomentumModel, MomentumObjective, mlp
 
 
 def regression_loss(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from trainer.objectives.base import TokenFlops
-from trainer.objectives.mlm import SpecialIds, pack, pad_and_truncate
-from trainer.perf import encoder_layer_params
+from darkmatter.trainer.objectives.base import TokenFlops
+from darkmatter.trainer.objectives.mlm import SpecialIds, pack, pad_and_truncate
+from darkmatter.trainer.perf import encoder_layer_params
 
 
 class CLMObjective(TokenFlops):

@@ -19,9 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import PreTrainedModel, ViTConfig, ViTModel
 
-from data_pipeline.transforms import images_to_unit, normalize
-from trainer.objectives.base import SampleFlops
-from trainer.perf import encoder_layer_params, sequence_flops
+from darkmatter.data_pipeline.transforms import images_to_unit, normalize
+from darkmatter.trainer.objectives.base import SampleFlops
+from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 # Columns of a view's parameters.
 X0, Y0, W, H, FLIP, JITTER, BRIGHT, CONTRAST, SATUR, HUE, GRAY = range(11)

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, ViTMAEConfig, ViTMAEForPreTraining
 
-from data_pipeline.transforms import images_to_tensor
-from trainer.objectives.base import SampleFlops
-from trainer.perf import encoder_layer_params, sequence_flops
+from darkmatter.data_pipeline.transforms import images_to_tensor
+from darkmatter.trainer.objectives.base import SampleFlops
+from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 
 class MAEObjective(SampleFlops):
@@ -83,7 +83,7 @@ def init_sincos_position_embeddings(model: Any) -> Any:
     and the model would have no notion of where a patch is. Under ZeRO-3 the model is built
     partitioned: the tensors written here are gathered for the write (trainer.engine.gathered).
     """
-    from trainer.engine import gathered
+    from darkmatter.trainer.engine import gathered
 
     emb = model.vit.embeddings
     emb.patch_embeddings.projection.__dict__.pop("_is_hf_initialized", None)

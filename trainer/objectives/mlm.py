@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
 
-from trainer.objectives.base import TokenFlops
-from trainer.perf import encoder_layer_params
+from darkmatter.trainer.objectives.base import TokenFlops
+from darkmatter.trainer.perf import encoder_layer_params
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, ViTConfig
 
-from trainer.objectives.contrastive import info_nce
-from trainer.objectives.momentum import MomentumModel, MomentumObjective, mlp
+from darkmatter.trainer.objectives.contrastive import info_nce
+from darkmatter.trainer.objectives.momentum import MomentumModel, MomentumObjective, mlp
 
 
 class MoCoModel(MomentumModel):

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import ViTConfig, ViTModel
 from transformers.utils import ModelOutput
 
-from trainer.objectives.contrastive import TwoViewModel, TwoViewObjective
+from darkmatter.trainer.objectives.contrastive import TwoViewModel, TwoViewObjective
 
 
 def mlp(sizes: list[int], last_bn: bool, last_affine: bool = True) -> nn.Sequential:

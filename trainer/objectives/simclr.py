@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, ViTConfig
 from transformers.utils import ModelOutput
 
-from trainer.objectives.contrastive import TwoViewModel, TwoViewObjective, nt_xent
+from darkmatter.trainer.objectives.contrastive import TwoViewModel, TwoViewObjective, nt_xent
 
 
 @dataclass

@@ -33,10 +33,10 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, T5Config, T5ForConditionalGeneration
 
-from trainer.config import Config
-from trainer.objectives.base import Objective
-from trainer.objectives.mlm import SpecialIds
-from trainer.perf import encoder_layer_params, sequence_flops
+from darkmatter.trainer.config import Config
+from darkmatter.trainer.objectives.base import Objective
+from darkmatter.trainer.objectives.mlm import SpecialIds
+from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 MEAN_SPAN_LENGTH = 3.0  # T5's mean noise span length

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, VideoMAEConfig, VideoMAEForPreTraining
 
-from data_pipeline.transforms import images_to_tensor
-from trainer.config import Config, ConfigError
-from trainer.objectives.base import SampleFlops
-from trainer.perf import encoder_layer_params, sequence_flops
+from darkmatter.data_pipeline.transforms import images_to_tensor
+from darkmatter.trainer.config import Config, ConfigError
+from darkmatter.trainer.objectives.base import SampleFlops
+from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 
 def frame_indices(
@@ -124,7 +124,7 @@ class VideoObjective(SampleFlops):
         model = VideoMAEPretrainer(self.model_config())
         # transformers leaves the mask token at zero; VideoMAE draws it (truncated normal, 0.02).
         # Under ZeRO-3 it is partitioned as built: gathered for the write.
-        from trainer.engine import gathered
+        from darkmatter.trainer.engine import gathered
 
         with torch.no_grad(), gathered([model.mask_token]):
             torch.nn.init.trunc_normal_(model.mask_token, std=0.02)

@@ -27,9 +27,9 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
     _sample_negative_indices,
 )
 
-from trainer.config import ConfigError
-from trainer.objectives.base import Objective
-from trainer.perf import encoder_layer_params, sequence_flops
+from darkmatter.trainer.config import ConfigError
+from darkmatter.trainer.objectives.base import Objective
+from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 SAMPLE_RATE = 16_000
 # The paper's feature encoder: 7 convolutions, receptive field 400 samples (25 ms), stride 320

@@ -57,7 +57,7 @@ def write_parquet(rows: dict[str, list], url: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from data_pipeline.storage import write_bytes
+    from darkmatter.storage import write_bytes
 
     buf = io.BytesIO()
     pq.write_table(pa.table(rows), buf)
@@ -98,7 +98,7 @@ def darkmatter(*args: str) -> str:
     """Run one `darkmatter` command, echoing it; return its stdout."""
     print("+ darkmatter " + " ".join(args), flush=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", *args], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "darkmatter.cli", *args], stdout=subprocess.PIPE, text=True
     )
     sys.stdout.write(proc.stdout)
     if proc.returncode != 0:
@@ -111,8 +111,8 @@ def train_and_probe(config: str, tasks: str) -> dict:
     (`--once`: until none is left; in production it runs beside the training job, as its own)."""
     from mlflow.tracking import MlflowClient
 
-    from evaluation.tasks import load_tasks
-    from trainer.config import load_config
+    from darkmatter.evaluation.tasks import load_tasks
+    from darkmatter.trainer.config import load_config
 
     cfg = load_config(config)
     run_dir = Path(cfg.train.run_dir)
@@ -159,8 +159,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> int:
-    from trainer.config import load_config
-    from trainer.stack import load_env_defaults
+    from darkmatter.quickstart.stack import load_env_defaults
+    from darkmatter.trainer.config import load_config
 
     if not load_env_defaults() and not os.environ.get("AWS_ENDPOINT_URL"):
         raise SystemExit("the local stack is not running: darkmatter stack up")

@@ -41,7 +41,7 @@ def pretrain_main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and stop")
     args = p.parse_intermixed_args(argv)
 
-    from trainer.config import batch_plan, deepspeed_config, load_config, to_dict
+    from darkmatter.trainer.config import batch_plan, deepspeed_config, load_config, to_dict
 
     overrides = list(args.overrides)
     if args.resume_from:
@@ -51,7 +51,7 @@ def pretrain_main(argv: list[str]) -> int:
     if args.dry_run:  # secrets are shown as *** (as everywhere the config is written)
         import yaml
 
-        from trainer.tracking import redact
+        from darkmatter.trainer.tracking import redact
 
         print("# resolved config")
         print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False), end="")
@@ -60,12 +60,12 @@ def pretrain_main(argv: list[str]) -> int:
         print(f"# batch: {batch_plan(cfg, world).describe()}")
         return 0
     if args.nproc and "RANK" not in os.environ:
-        from trainer.train import preflight
+        from darkmatter.trainer.train import preflight
 
         deepspeed_config(cfg, world)  # batch contradictions fail here, once
         preflight(cfg)
         return _torchrun(args.nproc, args.max_restarts, cfg.faults, argv)
-    from trainer.train import run_worker
+    from darkmatter.trainer.train import run_worker
 
     return run_worker(cfg)
 
@@ -76,7 +76,7 @@ def _torchrun(nproc: int, max_restarts: int, faults: Any, argv: list[str]) -> in
     to the ranks and gives them faults.grace_s to checkpoint before it kills them."""
     import signal
 
-    from trainer.engine import _free_port
+    from darkmatter.trainer.engine import _free_port
 
     worker_args = [a for i, a in enumerate(argv) if not _is_launcher_flag(argv, i)]
     signals = ",".join(sorted({"SIGTERM", "SIGINT", *filter(None, faults.signals.split(","))}))
@@ -87,7 +87,7 @@ def _torchrun(nproc: int, max_restarts: int, faults: Any, argv: list[str]) -> in
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
         f"--max-restarts={max_restarts}", f"--signals-to-handle={signals}",
         f"--shutdown-timeout={int(faults.grace_s) + 10}",
-        "-m", "trainer.cli", "pretrain", *worker_args,
+        "-m", "darkmatter.cli", "pretrain", *worker_args,
     ]  # fmt: skip
     # Each round (a restart) gets a fresh store on a new port: with the agent's store shared
     # across rounds, a restarted gloo group can pick up its dead predecessor's keys and hang.
@@ -130,12 +130,12 @@ def _subcommands() -> dict[str, Callable[[list[str]], int]]:
         return run
 
     return {
-        "prepare": lazy("data_pipeline.prepare"),
+        "prepare": lazy("darkmatter.data_pipeline.prepare"),
         "pretrain": pretrain_main,
-        "evaluate": lazy("evaluation.cli"),
-        "export": lazy("evaluation.export"),
-        "runs": lazy("evaluation.runs"),
-        "stack": lazy("trainer.stack"),
+        "evaluate": lazy("darkmatter.evaluation.cli"),
+        "export": lazy("darkmatter.evaluation.export"),
+        "runs": lazy("darkmatter.evaluation.runs"),
+        "stack": lazy("darkmatter.quickstart.stack"),
     }
 
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     command, rest = argv[0], argv[1:]
     if command != "stack":
-        from trainer.stack import load_env_defaults
+        from darkmatter.quickstart.stack import load_env_defaults
 
         load_env_defaults()  # `darkmatter stack up` then any command: endpoints just work
     try:

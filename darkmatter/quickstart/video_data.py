@@ -7,7 +7,7 @@ the edges, and is written as an animated GIF (the format `darkmatter prepare --m
 reads with Pillow). Two labels per clip: the digit (what a frame shows) and the initial
 direction (what only the motion across frames shows).
 
-    python -m trainer.video_data OUT_FOLDER TASK.parquet
+    python -m darkmatter.quickstart.video_data OUT_FOLDER TASK.parquet
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def moving_digits(
 def write_moving_digits(folder: Path, task_url: str, seed: int = 0) -> int:
     """GIF files in `folder` for pretraining (no labels) and a labeled Parquet at `task_url`
     (columns video, label = the digit, direction) for the probe; returns the clip count."""
-    from trainer.quickstart import write_parquet
+    from darkmatter.quickstart.run import write_parquet
 
     folder.mkdir(parents=True, exist_ok=True)
     videos, labels, directions = [], [], []
@@ -100,6 +100,8 @@ def write_moving_digits(folder: Path, task_url: str, seed: int = 0) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m trainer.video_data OUT_FOLDER TASK.parquet")
+        raise SystemExit(
+            "usage: python -m darkmatter.quickstart.video_data OUT_FOLDER TASK.parquet"
+        )
     n = write_moving_digits(Path(sys.argv[1]), sys.argv[2])
     print(f"{n} clips in {sys.argv[1]}, labels in {sys.argv[2]}")

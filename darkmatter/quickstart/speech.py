@@ -8,7 +8,7 @@ draws its own speed and pitch. Clips are resampled to 16 kHz and written as 16-b
 `audio` = WAV bytes, `label` = the digit, `speaker`, `split`) holds the same clips, with the
 speakers of `split == "test"` never in the training rows: the probe is scored on unheard voices.
 
-    python -m trainer.speech OUT_DIR TASK.parquet      (cached: a second run is a no-op)
+    python -m darkmatter.quickstart.speech OUT_DIR TASK.parquet      (cached: a second run is a no-op)
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def speak(binary: str, word: str, speaker: str, speed: int, pitch: int) -> np.nd
     """One word as float32 samples at 16 kHz (espeak-ng speaks at 22,050 Hz)."""
     import soundfile
 
-    from trainer.objectives.wav2vec2 import to_16k
+    from darkmatter.trainer.objectives.wav2vec2 import to_16k
 
     cmd = [binary, "-v", speaker, "-s", str(speed), "-p", str(pitch), "--stdout", word]
     out = subprocess.run(cmd, capture_output=True, check=False, timeout=60)
@@ -69,8 +69,8 @@ def spoken_digits(out_dir: Path, task_url: str, per_digit: int = 150, seed: int 
     returns at once while the Parquet file is there. Returns the counts (clips, speakers, test clips)."""
     import soundfile
 
-    from data_pipeline import storage
-    from trainer.quickstart import write_parquet
+    from darkmatter import storage
+    from darkmatter.quickstart.run import write_parquet
 
     out_dir = Path(out_dir)
     binary = espeak_binary()
@@ -115,7 +115,7 @@ def spoken_digits(out_dir: Path, task_url: str, per_digit: int = 150, seed: int 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m trainer.speech", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m darkmatter.quickstart.speech", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("out_dir", type=Path, help="folder for the WAV files")
     p.add_argument("task", help="labeled Parquet file to write (path or URL)")
