@@ -48,7 +48,7 @@ from darkmatter.evaluation.tasks import (
     text_inputs,
     video_inputs,
 )
-from darkmatter.trainer import failpoints
+from darkmatter.storage import failpoints
 from darkmatter.trainer.checkpoint import CheckpointError
 
 log = logging.getLogger("darkmatter.evaluation")

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from darkmatter import storage
-from darkmatter.trainer import failpoints
+from darkmatter.storage import failpoints
 
 log = logging.getLogger("darkmatter.checkpoint")
 
@@ -558,7 +558,7 @@ class Writer:
                 os.fsync(raw.fileno())
             os.replace(tmp, path)
             files[name] = {"size": f.n, "sha256": f.h.hexdigest()}
-        _fsync_dir(folder)
+        storage.fsync_dir(folder)
         return files
 
     def _upload(self, tag: str, files: dict[str, dict[str, Any]]) -> None:
@@ -586,9 +586,9 @@ class Writer:
             "files": dict(sorted(files.items())),
         }  # fmt: skip
         failpoints.kill_if("ckpt.before_commit", job.step, self.rank)
-        _put(self.root, job.tag + "/" + COMMIT, json.dumps(record, indent=1).encode())
+        storage.put_atomic(self.root, job.tag + "/" + COMMIT, json.dumps(record, indent=1).encode())
         failpoints.kill_if("ckpt.before_latest", job.step, self.rank)
-        _put(self.root, "latest", job.tag.encode())
+        storage.put_atomic(self.root, "latest", job.tag.encode())
         if self._index is None:  # first commit of this process: what earlier runs left
             self._index = {e["tag"]: e for e in build_index(self.root)}
         self._index[job.tag] = index_entry(self.root, record)
@@ -598,29 +598,6 @@ class Writer:
         for tag in doomed:
             self._index.pop(tag, None)
         return sorted(self._index.values(), key=lambda e: int(e["step"]))
-
-
-def _put(root: str, name: str, data: bytes) -> None:
-    """Write one small object atomically: a local temp file moved into place, or one PUT."""
-    if storage.is_remote(root):
-        storage.write_bytes(storage.join(root, name), data)
-        return
-    path = Path(root.removeprefix("file://")) / name
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- per-rank state -------------------------------------------------------------------------

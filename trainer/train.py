@@ -35,7 +35,8 @@ from darkmatter.data_pipeline.reader import DataStream, ReaderOptions
 from darkmatter.storage import check_bucket, join, read_bytes
 from darkmatter.trainer import checkpoint as ckpt
 from darkmatter.trainer import engine as eng
-from darkmatter.trainer import environment, failpoints, perf
+from darkmatter.storage import failpoints
+from darkmatter.trainer import environment, perf
 from darkmatter.trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
 from darkmatter.trainer.objectives import OBJECTIVES, Objective
 from darkmatter.trainer.tracking import Tracker, TrackingError, check_reachable, redact, resolve_uri

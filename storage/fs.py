@@ -1,0 +1,220 @@
+"""Object and file access through fsspec: s3://, gs://, file:// and local paths.
+
+Endpoints and credentials come from the standard variables (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so the same code talks to AWS S3,
+MinIO or the local server.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from darkmatter.storage.errors import StorageError
+from darkmatter.storage.retry import is_permanent
+
+
+def _storage_options(url: str) -> dict[str, Any]:
+    if url.startswith("s3://"):
+        opts: dict[str, Any] = {}
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["client_kwargs"] = {"endpoint_url": endpoint}
+        # Listings are re-read on every open: shards may be written by another process.
+        opts["use_listings_cache"] = False
+        return opts
+    return {}
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any URL fsspec knows, or a local path."""
+    fs, path = url_to_fs(url, **_storage_options(url))
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL, keeping its scheme (s3://b/p + x -> s3://b/p/x)."""
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest, *parts)
+    return os.path.join(url, *parts)
+
+
+def check_bucket(url: str) -> None:
+    """Fail fast with one clear line when an s3:// bucket does not exist, denies access (403,
+    never retried) or cannot be reached."""
+    if not url.startswith("s3://"):
+        return
+    bucket = url[len("s3://") :].split("/", 1)[0]
+    fs, _ = filesystem(url)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise StorageError(f"bucket {bucket!r} does not exist (from {url})") from None
+    except PermissionError:
+        raise StorageError(
+            f"access to bucket {bucket!r} is denied (403, from {url}): check the credentials "
+            "and the bucket's policy"
+        ) from None
+    except Exception as e:  # botocore raises many types; all mean "cannot reach it"
+        if is_permanent(e):
+            raise StorageError(f"access to bucket {bucket!r} is denied ({e})") from None
+        raise StorageError(f"cannot reach bucket {bucket!r} at {endpoint}: {e}") from None
+
+
+def check_writable_root(url: str) -> None:
+    """A root that checkpoints will be written under: its bucket exists and answers, and its
+    prefix can be listed (a 403 there fails now, naming the bucket, not at the first save)."""
+    check_bucket(url)
+    if not is_remote(url):
+        return
+    fs, path = filesystem(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.ls(path)
+    except FileNotFoundError:
+        pass  # an empty prefix: nothing written yet
+    except PermissionError:
+        raise StorageError(
+            f"access to {url} is denied (403, bucket {bucket!r}): check the credentials and "
+            "the bucket's policy"
+        ) from None
+
+
+def open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
+    """Open one object for reading or writing."""
+    fs, path = filesystem(url)
+    return fs.open(path, mode, **kwargs)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    data: bytes = fs.cat_file(path)
+    return data
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = filesystem(url)
+    if "://" not in url or url.startswith("file://"):
+        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def make_bucket(url: str) -> None:
+    """Create the bucket of an s3:// URL if it does not exist (the local stack's default bucket)."""
+    if not url.startswith("s3://"):
+        return
+    fs, _ = filesystem(url)
+    bucket = url[len("s3://") :].split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+
+
+def list_files(url: str) -> list[str]:
+    """Every file under url, recursively and sorted, as URLs of url's scheme; [url] for a file.
+
+    Empty for a folder without files or a path that does not exist (check `exists` first).
+    """
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return []
+    if not fs.isdir(path):
+        return [url]
+    scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
+    return [scheme + p for p in sorted(fs.find(path))]
+
+
+def makedirs(url: str) -> None:
+    """Create a local folder (and its parents); object stores have no folders to create."""
+    if "://" in url and not url.startswith("file://"):
+        return
+    fs, path = filesystem(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def delete(url: str) -> None:
+    """Remove one object or file if it exists."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+def is_remote(url: str) -> bool:
+    """True for object storage (s3://, gs://, ...), False for a local path or file:// URL."""
+    return "://" in url and not url.startswith("file://")
+
+
+def put_file(local_path: str, url: str) -> None:
+    """Upload one local file to url (one object; a failed upload leaves no partial object)."""
+    fs, path = filesystem(url)
+    fs.put_file(local_path, path)
+
+
+def get_file(url: str, local_path: str) -> None:
+    """Download one object to a local file."""
+    fs, path = filesystem(url)
+    fs.get_file(path, local_path)
+
+
+def glob(pattern: str) -> list[str]:
+    """URLs (of the pattern's scheme) matching a glob pattern, sorted."""
+    fs, path = filesystem(pattern)
+    scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
+    return [scheme + p for p in sorted(fs.glob(path))]
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy every file under src to the same relative path under dst (same filesystem)."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    for path in sorted(fs.find(src_path)):
+        rel = path[len(src_path.rstrip("/")) + 1 :]
+        target = posixpath.join(dst_path, rel) if is_remote(dst) else os.path.join(dst_path, rel)
+        if not is_remote(dst):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.copy(path, target)
+
+
+def remove_tree(url: str) -> None:
+    """Remove a folder (or prefix) and everything under it; nothing if it does not exist."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def put_atomic(root: str, name: str, data: bytes) -> None:
+    """Write one small object under root atomically: readers see the old content or the new,
+    never a part. One PUT on an object store; a local temp file fsynced and renamed into place
+    (and the folder fsynced) otherwise."""
+    if is_remote(root):
+        write_bytes(join(root, name), data)
+        return
+    path = Path(root.removeprefix("file://")) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
