@@ -13,6 +13,7 @@ import pytest
 
 from darkmatter import storage
 from darkmatter.trainer import checkpoint as ckpt
+from darkmatter.trainer import checkpoint_writer as ckpt_writer
 from tests.helpers import metrics, run_darkmatter, write_config
 
 STEPS = 9
@@ -215,7 +216,7 @@ def test_snapshot_is_a_frozen_copy_that_keeps_types_and_sharing() -> None:
     weight = torch.arange(6.0).reshape(2, 3)
     state = {"module": {"emb": weight, "decoder": weight, "row": weight[1]},
              "shapes": [torch.Size([2, 3])], "pair": (1, "a")}  # fmt: skip
-    snap = ckpt.snapshot(state)
+    snap = ckpt_writer.snapshot(state)
     weight.add_(100)  # training goes on
     assert torch.equal(snap["module"]["emb"], torch.arange(6.0).reshape(2, 3))
     assert snap["module"]["emb"] is snap["module"]["decoder"]  # tied weights stay one tensor
@@ -223,10 +224,10 @@ def test_snapshot_is_a_frozen_copy_that_keeps_types_and_sharing() -> None:
     assert type(snap["shapes"][0]) is torch.Size and snap["pair"] == (1, "a")
     # The next save copies into the same buffers (no new allocation) once the last one is done.
     pool: list = []  # type: ignore[type-arg]
-    first = ckpt.snapshot(state, pool)
+    first = ckpt_writer.snapshot(state, pool)
     buffer = first["module"]["emb"]
     weight.add_(1)
-    second = ckpt.snapshot(state, pool)
+    second = ckpt_writer.snapshot(state, pool)
     assert second["module"]["emb"] is buffer and torch.equal(buffer, weight)
 
 

@@ -21,7 +21,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,28 +31,17 @@ import yaml
 from darkmatter import storage
 from darkmatter.data_pipeline.prepare import Manifest
 from darkmatter.data_pipeline.reader import DataStream, ReaderOptions
-from darkmatter.storage import check_bucket, join, read_bytes
+from darkmatter.storage import check_bucket, failpoints, join, read_bytes
 from darkmatter.trainer import checkpoint as ckpt
+from darkmatter.trainer import checkpoint_writer as ckpt_writer
 from darkmatter.trainer import engine as eng
-from darkmatter.storage import failpoints
 from darkmatter.trainer import environment, perf
 from darkmatter.trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
 from darkmatter.trainer.objectives import OBJECTIVES, Objective
+from darkmatter.trainer.resume import Position, Resumer, truncate_metrics
 from darkmatter.trainer.tracking import Tracker, TrackingError, check_reachable, redact, resolve_uri
 
 log = logging.getLogger("darkmatter.train")
-
-
-@dataclass
-class Position:
-    """Where training stands: what a checkpoint must restore besides the engine."""
-
-    step: int = 0
-    epoch: int = 0
-    mlflow_run_id: str | None = None
-    restarts: int = 0
-    skipped_steps: int = 0  # steps whose update was vetoed (NaN/Inf or a gradient-norm spike)
-    rollbacks: int = 0  # returns to the last checkpoint after too many skipped steps
 
 
 def dataset_meta(cfg: Config) -> dict[str, Any]:
@@ -165,18 +153,6 @@ class _Signals:
         os._exit(PREEMPTED_EXIT)
 
 
-@dataclass
-class _Found:
-    """A verified checkpoint to resume from."""
-
-    root: str  # its checkpoint root (local or remote)
-    tag: str
-    folder: Path  # local folder holding the fetched files (root/tag's parent when local)
-    load_dir: Path  # what DeepSpeed loads from: `folder`, or its universal conversion
-    universal: bool  # written by another number of ranks
-    record: dict[str, Any]  # its commit record
-
-
 class Trainer:
     def __init__(self, cfg: Config, objective: Objective, rank: int, world_size: int):
         self.cfg, self.objective, self.rank, self.world_size = cfg, objective, rank, world_size
@@ -186,8 +162,10 @@ class Trainer:
         self.staging = Path(c.staging_dir or self.run_dir / "staging")
         self.policy = storage.Retry(retries=c.upload_retries)  # every checkpoint transfer's
         self.ds_config = deepspeed_config(cfg, world_size)
-        self._check_shared_root()
-        found = self._find_checkpoint()  # before the engine: a new world size changes its config
+        self.resumer = Resumer(cfg, objective, rank, world_size, self.ckpt_root, self.staging,
+                               self.policy)  # fmt: skip
+        self.resumer.check_shared_root()
+        found = self.resumer.find()  # before the engine: a new world size changes its config
         if found and found.universal:
             self.ds_config["checkpoint"] = {
                 **self.ds_config.get("checkpoint", {}),
@@ -196,14 +174,14 @@ class Trainer:
         self.engine, self._hf_ds = eng.build_engine(cfg, self.ds_config, objective.build_model)
         objective.prepare_engine(self.engine)
         self.ckpt_engine = eng.attach_checkpoint_engine(self.engine)
-        self.writer = ckpt.Writer(
+        self.writer = ckpt_writer.Writer(
             self.ckpt_root, self.staging, rank, functools.partial(eng.all_gather, group=eng.side_group()),
             async_save=c.async_save, policy=self.policy, keep_last=c.keep_last,
             keep_every=c.keep_every,
         )  # fmt: skip
         self.signals = _Signals(cfg.faults.signals, cfg.faults.grace_s)
         self.stream = make_stream(cfg, rank, world_size)
-        self.pos = self._resume(found)
+        self.pos = self.resumer.load(found, self.engine, self.stream)
         self.nodes = sorted(set(eng.all_gather(platform.node())))
         # MFU's denominator: rank 0 logs (a CPU's peak is measured, which takes a moment).
         if rank == 0:
@@ -218,206 +196,6 @@ class Trainer:
         self._skips: list[int] = []  # recently skipped steps
         self._rolled_back_to = -1
         self._last_norm = float("nan")
-
-    # -- resume ---------------------------------------------------------------------------
-    def _candidates(self) -> tuple[str, list[str]]:
-        """(root, committed tags oldest first) to resume from, as rank 0 sees them."""
-        c = self.cfg.checkpoint
-        own = (
-            ckpt.committed_tags(self.ckpt_root, self.policy) if (c.resume or c.resume_from) else []
-        )
-        if not c.resume_from:
-            if not own and c.resume and ckpt.read_latest(self.ckpt_root) is not None:
-                raise ckpt.CheckpointError(
-                    f"{storage.join(self.ckpt_root, 'latest')} exists but no checkpoint under "
-                    f"{self.ckpt_root} has a commit record: nothing to resume from"
-                )
-            return self.ckpt_root, own
-        marker = storage.join(self.ckpt_root, "resumed_from")
-        if own and storage.exists(marker) and read_bytes(marker).decode() == c.resume_from:
-            return self.ckpt_root, own  # a restart of the job that started from resume_from
-        if own:
-            raise ckpt.CheckpointError(
-                f"checkpoint.root {self.ckpt_root} already holds committed checkpoints "
-                f"({own[0]} … {own[-1]}) that did not start from {c.resume_from}: use a new "
-                "checkpoint.root with checkpoint.resume_from"
-            )
-        src = c.resume_from.rstrip("/")
-        last = src.split("/")[-1]
-        if storage.exists(storage.join(src, ckpt.COMMIT)):
-            return src[: -len(last) - 1], [last]
-        tags = ckpt.committed_tags(src, self.policy)
-        if not tags:
-            raise ckpt.CheckpointError(f"{src}: no committed checkpoint (checkpoint.resume_from)")
-        return src, tags
-
-    def _resume(self, found: _Found | None) -> Position:
-        run_file = self.run_dir / "mlflow_run.json"
-        run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
-        if found is None:
-            return Position(mlflow_run_id=run_id)
-        eng.load_checkpoint(self.engine, str(found.load_dir), found.tag)
-        state = ckpt.read_rank_state(
-            found.folder / found.tag, self.rank, restore_rng=not found.universal
-        )
-        # Rank 0 reads every rank's data stream position (W small files) and hands them out,
-        # and clears the debris of later, uncommitted saves; any error stops every rank.
-        shared: Any = None
-        if self.rank == 0:
-            try:
-                shared = ckpt.read_data_states(found.folder / found.tag, found.record["world_size"])
-                self._after_resume(found, state["step"])
-            except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
-                shared = str(e)
-        shared = eng.broadcast(shared)
-        if isinstance(shared, str):
-            raise ckpt.CheckpointError(shared)
-        self.stream.load_state_dict(shared)
-        return Position(
-            step=state["step"], epoch=self.stream.epoch,
-            mlflow_run_id=state.get("mlflow_run_id") or run_id, restarts=state["restarts"] + 1,
-            skipped_steps=state.get("skipped_steps", 0), rollbacks=state.get("rollbacks", 0),
-        )  # fmt: skip
-
-    def _after_resume(self, found: _Found, step: int) -> None:
-        """Rank 0, once the checkpoint has loaded: say so, clear later torn saves, remember
-        where a run started from, and drop metrics lines that will be redone."""
-        log.info("resuming from %s (step %d)", storage.join(found.root, found.tag), step)
-        gone = ckpt.remove_newer(self.ckpt_root, step)
-        if gone:
-            log.warning("removed uncommitted checkpoint folders %s", ", ".join(gone))
-        if found.root != self.ckpt_root:
-            storage.makedirs(self.ckpt_root)
-            storage.write_bytes(
-                storage.join(self.ckpt_root, "resumed_from"),
-                self.cfg.checkpoint.resume_from.encode(),
-            )
-        _truncate_metrics(self.run_dir / "metrics.jsonl", step)
-
-    def _check_shared_root(self) -> None:
-        """With more than one machine, a local checkpoint root must be one folder that all of
-        them see (a shared file system): otherwise each machine would commit a different half
-        of every checkpoint. Rank 0 writes a marker; the first rank of every machine must see
-        it."""
-        if storage.is_remote(self.ckpt_root):
-            return
-        nodes = eng.all_gather(eng.node_id())
-        if len(set(nodes)) == 1:
-            return
-        root = Path(self.ckpt_root.removeprefix("file://"))
-        marker = root / eng.broadcast(f".shared-check-{uuid.uuid4().hex}" if self.rank == 0 else "")
-        if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            marker.write_text(nodes[0])
-        eng.barrier()
-        seen = marker.is_file() if eng.local_rank() == 0 else True
-        blind = sorted({nodes[r] for r, ok in enumerate(eng.all_gather(seen)) if not ok})
-        eng.barrier()
-        if self.rank == 0:
-            marker.unlink(missing_ok=True)
-        if blind:
-            raise ckpt.CheckpointError(
-                f"checkpoint.root {self.ckpt_root} is a local folder that machine(s) "
-                f"{', '.join(blind)} do not share with rank 0 ({nodes[0]}): a job on "
-                f"{len(set(nodes))} machines needs a shared folder or an s3:// root"
-            )
-
-    def _find_checkpoint(self) -> _Found | None:
-        """The checkpoint to resume from, fetched and verified on every rank (None: start
-        afresh). A checkpoint written by another number of ranks is converted to DeepSpeed's
-        universal format here, by the first rank of each machine."""
-        found: Any = None
-        if self.rank == 0:
-            try:
-                found = self._candidates()
-            except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
-                found = str(e)
-        found = eng.broadcast(found)  # every rank walks rank 0's list, in step
-        if isinstance(found, str):
-            raise ckpt.CheckpointError(found)
-        root, tags = found
-        if not tags:
-            if self.rank == 0 and ckpt.all_tags(self.ckpt_root):
-                log.warning("no committed checkpoint in %s: starting afresh", self.ckpt_root)
-                ckpt.remove_newer(self.ckpt_root, -1)
-            eng.barrier()
-            return None
-        folder, tag, record = self._fetch_newest_usable(root, tags)
-        self._check_architecture(root, tag, folder)
-        universal = record["world_size"] != self.world_size and self.cfg.train.zero_stage > 0
-        load_dir = folder
-        if universal:
-            load_dir = self.staging / f"universal-{eng.node_id().replace('/', '-')}"
-            if eng.local_rank() == 0:
-                log.info("%s was written by %d ranks, this job has %d: converting it to a "
-                         "universal checkpoint", storage.join(root, tag), record["world_size"],
-                         self.world_size)  # fmt: skip
-                eng.to_universal(folder / tag, load_dir / tag)
-            eng.barrier()
-        return _Found(root, tag, folder, load_dir, universal, record)
-
-    def _check_architecture(self, root: str, tag: str, folder: Path) -> None:
-        """A checkpoint of another model would fail deep inside DeepSpeed's loader (or worse,
-        load where shapes happen to fit): compare its model config with ours first."""
-        error = ""
-        path = folder / tag / "model_config.json"
-        if self.rank == 0 and path.is_file():
-            saved = json.loads(path.read_text())
-            current = json.loads(self.objective.model_config().to_json_string())  # as saved
-            diff = ckpt.same_model(saved, current)
-            if diff:
-                error = (f"{storage.join(root, tag)} was written for another model: "
-                         + "; ".join(diff))  # fmt: skip
-        error = eng.broadcast(error)
-        if error:
-            raise ckpt.CheckpointError(error)
-
-    def _fetch_newest_usable(self, root: str, tags: list[str]) -> tuple[Path, str, dict[str, Any]]:
-        """The newest checkpoint whose files verify on every rank. A committed one that is
-        corrupt is reported by file name, moved under quarantine/ and the one before it is
-        tried; a storage fault (after the retry budget) fails the resume instead: falling back
-        would silently throw away trained steps."""
-        dest = self.staging / f"restore-{eng.node_id().replace('/', '-')}"
-        leader = eng.local_rank() == 0
-        for tag in reversed(tags):
-            record: Any = None
-            if self.rank == 0:  # one GET of the commit record, not one per rank
-                try:
-                    record = ckpt.read_commit(root, tag, self.policy)
-                except ckpt.CorruptCheckpoint as e:
-                    record = ("corrupt", str(e))
-                except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
-                    record = ("fault", str(e))
-            record = eng.broadcast(record)
-            outcome: tuple[str, str] = ("", "")
-            if isinstance(record, tuple):
-                outcome = record
-            else:
-                names = ckpt.files_to_fetch(record, self.rank, self.world_size, leader)
-                try:
-                    ckpt.fetch(root, tag, dest, record=record, names=names, policy=self.policy)
-                except ckpt.CorruptCheckpoint as e:
-                    outcome = ("corrupt", f"rank {self.rank}: {e}")
-                except (ckpt.CheckpointError, storage.StorageError, OSError) as e:
-                    outcome = ("fault", f"rank {self.rank}: {e}")
-            outcomes = [o for o in eng.all_gather(outcome) if o[0]]
-            faults = [msg for kind, msg in outcomes if kind == "fault"]
-            if faults:
-                raise ckpt.CheckpointError(
-                    f"cannot fetch checkpoint {storage.join(root, tag)}: {faults[0]} (not "
-                    "falling back to an older checkpoint; start the job again once storage "
-                    "answers)"
-                )
-            if not outcomes:
-                folder = ckpt.local_folder(root, tag, dest).parent
-                return folder, tag, record
-            if self.rank == 0:
-                for _, msg in outcomes:
-                    log.error("checkpoint %s is corrupt: %s", tag, msg)
-                moved = ckpt.quarantine(root, tag)
-                log.warning("moved checkpoint %s to %s; trying the one before it", tag, moved)
-            eng.barrier()
-        raise ckpt.CheckpointError(f"{root}: no usable checkpoint (all were corrupt)")
 
     def _start_tracking(self) -> Tracker | None:
         t = self.cfg.tracking
@@ -561,7 +339,7 @@ class Trainer:
                 f"{len(self._skips)} skipped steps in {self.cfg.faults.skip_window} and no "
                 f"checkpoint in {self.ckpt_root} to roll back to: training diverges"
             )
-        folder, tag, _ = self._fetch_newest_usable(self.ckpt_root, tags)
+        folder, tag, _ = self.resumer.fetch_newest_usable(self.ckpt_root, tags)
         to_step = ckpt.step_of(tag)
         if to_step == self._rolled_back_to:
             raise RuntimeError(
@@ -573,7 +351,7 @@ class Trainer:
         if self.rank == 0:
             log.warning("rolling back from step %d to step %d; the data stream moves on",
                         self.pos.step, to_step)  # fmt: skip
-            _truncate_metrics(self.run_dir / "metrics.jsonl", to_step)
+            truncate_metrics(self.run_dir / "metrics.jsonl", to_step)
             if self.tracker:
                 self.tracker.set_tags({"nan_rollback": str(self.pos.rollbacks + 1)})
         self.pos.step, self._rolled_back_to = to_step, to_step
@@ -666,7 +444,7 @@ class Trainer:
             str(Path(path).relative_to(folder)), sd
         )
         eng.save_checkpoint(self.engine, str(self.writer.local_root), tag, {"step": self.pos.step})
-        ckpt.rank_state(job, self.rank, self._rank_state())
+        ckpt_writer.rank_state(job, self.rank, self._rank_state())
         if self.rank == 0:
             job.add_bytes(
                 "model_config.json", self.objective.model_config().to_json_string().encode()
@@ -765,14 +543,6 @@ class _Window:
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / self.applied if self.applied else float("nan")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines a killed run logged after the checkpoint we resume from: they will be redone."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
 
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what schedulers expect of a job that stopped on request
