@@ -1,0 +1,453 @@
+"""`darkmatter prepare`: turn text, image, audio or video inputs into WebDataset shards plus a
+manifest.
+
+Algorithm:
+  1. Inputs. Expand the inputs (files, or folders walked recursively in sorted order; dotfiles
+     and foreign suffixes in folders are skipped) into the ordered list of supported files with
+     their sizes and versions (mtime or ETag):
+       text:  .txt and extension-less files (a document per non-empty line, or fortune-cookie
+              format where a line holding only `%` separates documents; `auto` means fortune
+              when such a line occurs in the first MiB), .jsonl (field `text_field`), .parquet
+              (string column `text_field`);
+       image: .png/.jpg/.jpeg/.webp files, .parquet (binary column `image_field`, or a struct
+              column with a binary `bytes` field, as Hugging Face datasets store images);
+       audio: .wav/.flac files, .parquet (binary column `audio_field`, or such a struct);
+       video: animated .gif/.webp files (Pillow), .mp4/.webm/.mkv/.mov/.avi (PyAV, the optional
+              `video` extra), .parquet (binary column `video_field` of such bytes, or a struct).
+  2. Plan. The ordered input is cut into work *units*, a pure function of the inputs and the
+     options, never of --workers. A piece of input is a whole media or fortune file, a byte range
+     of `unit_bytes` of a line-based file (.txt lines, .jsonl; a line belongs to the range that
+     holds its first byte) or one Parquet row group; consecutive pieces join a unit until it
+     holds `unit_bytes` of input. Items (documents, images, audio files) are numbered within
+     their unit; sample keys are `UUUUUU-IIIIIIII` (unit, item): unique and free of dots.
+  3. Resume. The fingerprint is the input list (URL, size, version) plus every option that
+     shapes the output. If `_progress/plan.json` holds the same fingerprint and the output's
+     tokenizer.json still has the sha256 recorded there, that tokenizer is reused: training is
+     not reproducible, and resumed units must share one tokenizer. The run id hashes the
+     fingerprint with the tokenizer's sha256.
+  4. Dedup (optional). A parallel pass hashes every item (sha256 of the document's UTF-8, or of
+     the file bytes, before any decode check: a copy of an undecodable file counts as a
+     duplicate); walking the units in input order, the parent keeps the first occurrence of
+     each hash and tells each unit which of its item numbers to drop.
+  5. Tokenizer (text, without --tokenizer, unless resumed): WordPiece trained in the parent in
+     one pass over the kept documents (BERT normalizer and pre-tokenizer; [PAD]=0 [UNK]=1
+     [CLS]=2 [SEP]=3 [MASK]=4). A given tokenizer may number them otherwise (BERT's WordPiece
+     vocabulary has [CLS]=101) but must have all five; the manifest records their ids.
+  6. Output. manifest.json is removed (from here on the dataset is incomplete); unless resumed,
+     plan.json is removed, the tokenizer files are written, then the new plan.json.
+  7. Units. A unit whose record `_progress/unit-UUUUUU.json` carries this run id and whose shards
+     all read back with the recorded size and sha256 is reused. The others run in a process pool
+     (spawn context: s3fs is not fork-safe), each writing `shard-UUUUUU-KKKKKK.tar` through a
+     hashing wrapper (bytes and sha256 for free), rolling over at `shard_bytes` of tar or
+     `shard_samples` samples, and then its record. Text samples are `{input_ids.npy, txt}`
+     ("[CLS] doc [SEP]", never truncated, encoded in small batches). Images and audio keep their
+     original bytes under the extension of their detected format (jpg, png, webp; wav, flac)
+     after a full decode check; an undecodable item is skipped and counted, or an error with
+     `strict`. A video clip is decoded whole and stored as a frame sequence: one member per
+     frame, `NNNN.png` (GIF/WebP sources, lossless) or `NNNN.jpg` (lossy codecs), and `json` =
+     {"frames": n, "fps": f} (fps when the source says it). With `key_field`, JSONL/Parquet samples also get `json` = {"id": value}.
+  8. Manifest. Shards are listed in (unit, shard) order, with `stats` (units, skipped,
+     duplicates) and, for text, `special_tokens` ({"pad": id, "unk": id, "cls": id, "sep": id,
+     "mask": id}, of the tokenizer used). Shard files of prepare's naming (this version's or
+     the older `shard-NNNNNN.tar`) and unit records that this run does not list are deleted, then
+     manifest.json is written last. `_progress/` stays, so a re-run only verifies.
+Tar headers use a fixed mtime and owner, and each unit depends only on its own input and the
+tokenizer, so the same inputs and tokenizer give byte-identical shards whatever the number of
+workers. Memory stays bounded: inputs are streamed; the parent holds the plan, the shard list and
+(with dedup) one 32-byte hash per distinct item plus the numbers of the dropped ones.
+
+Modules: this one orchestrates the steps and holds the CLI; sources (inputs, units, items),
+media (decode checks), tokenizer, dedup, shard_writer (tar shards), units (writing a unit in a
+worker), resume (fingerprint, plan and unit records), runner (the process pool) and manifest
+(the output's index) do the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any
+
+from darkmatter import storage
+from darkmatter.data_pipeline.manifest import (
+    DEFAULT_SPECIAL_IDS,
+    MANIFEST,
+    PLAN,
+    PROGRESS,
+    SPECIAL_NAMES,
+    SPECIAL_TOKENS,
+    TOKENIZER,
+    Manifest,
+    PrepareError,
+    PrepareRun,
+    ShardInfo,
+)
+from darkmatter.data_pipeline.prepare.dedup import find_duplicates
+from darkmatter.data_pipeline.prepare.media import read_clip
+from darkmatter.data_pipeline.prepare.resume import (
+    UnitRecord,
+    remove_stale,
+    resumable_tokenizer,
+    reuse_units,
+    run_fingerprint,
+    start_run,
+)
+from darkmatter.data_pipeline.prepare.runner import Runner, progress_bar
+from darkmatter.data_pipeline.prepare.shard_writer import ShardWriter
+from darkmatter.data_pipeline.prepare.sources import (
+    AUDIO_SUFFIXES,
+    AV_SUFFIXES,
+    IMAGE_SUFFIXES,
+    MODALITIES,
+    TEXT_SUFFIXES,
+    VIDEO_SUFFIXES,
+    Options,
+    Unit,
+    expand_inputs,
+    file_suffix,
+    plan_units,
+    unit_items,
+)
+from darkmatter.data_pipeline.prepare.tokenizer import (
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_configs,
+    train_tokenizer,
+)
+from darkmatter.data_pipeline.prepare.units import SKIPPED_EXAMPLES, UnitJob, write_unit
+
+# What other packages import from here (most of it defined in the modules above).
+__all__ = [
+    "DEFAULT_SHARD_BYTES",
+    "DEFAULT_SPECIAL_IDS",
+    "MANIFEST",
+    "MODALITIES",
+    "PLAN",
+    "PROGRESS",
+    "SPECIAL_NAMES",
+    "SPECIAL_TOKENS",
+    "TOKENIZER",
+    "Manifest",
+    "PrepareError",
+    "PrepareRun",
+    "ShardInfo",
+    "ShardWriter",
+    "cli",
+    "prepare",
+    "read_clip",
+    "special_token_ids",
+    "train_tokenizer",
+]
+
+DEFAULT_SHARD_BYTES = 64 * 2**20
+UNIT_SHARDS = 8  # default unit: the input bytes of about 8 shards, so few shards are partial
+
+
+def _default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def prepare(
+    inputs: list[str],
+    output_url: str,
+    *,
+    modality: str,
+    text_field: str = "text",
+    text_format: str = "auto",
+    tokenizer: str | None = None,
+    vocab_size: int = 8000,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    lowercase: bool = True,
+    shard_samples: int | None = None,
+    image_field: str = "image",
+    audio_field: str = "audio",
+    video_field: str = "video",
+    key_field: str | None = None,
+    workers: int | None = None,
+    unit_bytes: int | None = None,
+    dedup: bool = False,
+    strict: bool = False,
+    progress: bool | None = None,
+) -> Manifest:
+    """Write the shards, tokenizer (text) and manifest of a dataset to `output_url`.
+
+    `workers` processes write units in parallel (default min(4, CPUs)); the output does not
+    depend on it. `unit_bytes` is the input size of a work unit (default 8 shards' worth).
+    `progress`: a bar on stderr (default: when stderr is a terminal). A re-run with the same
+    inputs and options resumes: finished, verified units are kept. The returned manifest's
+    `run` says how many units were reused and names some skipped inputs.
+    """
+    workers = _default_workers() if workers is None else workers
+    unit_bytes = UNIT_SHARDS * shard_bytes if unit_bytes is None else unit_bytes
+    _check_options(modality, text_format, shard_bytes, shard_samples, workers, unit_bytes)
+    show = sys.stderr.isatty() if progress is None else progress
+    text = modality == "text"
+    media_field = {"image": image_field, "audio": audio_field, "video": video_field}
+    opts = Options(
+        modality, text_field, media_field.get(modality, ""), key_field,
+        shard_bytes, shard_samples, unit_bytes, strict,
+    )  # fmt: skip
+
+    where = ", ".join(inputs)
+    suffixes = {"text": TEXT_SUFFIXES, "image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES,
+                "video": VIDEO_SUFFIXES}  # fmt: skip
+    files = expand_inputs(inputs, suffixes[modality])
+    if not text and not files:
+        what = {"image": "images", "audio": "audio files", "video": "video clips"}[modality]
+        raise PrepareError(f"no {what} found in {where}")
+    if modality == "video" and any(file_suffix(f.url) in AV_SUFFIXES for f in files):
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            first = next(f.url for f in files if file_suffix(f.url) in AV_SUFFIXES)
+            raise PrepareError(
+                f"{first}: decoding {file_suffix(first)} files needs PyAV "
+                "(pip install 'darkmatter[video]')"
+            ) from None
+    storage.check_bucket(output_url)  # before a long tokenizer training, not after
+    units = plan_units(files, opts, text_format)
+    given = load_tokenizer(tokenizer) if tokenizer and text else None
+    settings = {
+        "options": {k: v for k, v in asdict(opts).items() if k != "strict"},  # same output
+        "text_format": text_format,
+        "dedup": dedup,
+        "vocab_size": vocab_size,
+        "lowercase": lowercase,
+        "tokenizer": given.to_str() if given is not None else None,
+    }
+    fingerprint = run_fingerprint(files, settings)
+
+    with Runner(workers, show) as runner:
+        dropped: dict[int, frozenset[int]] = {}
+        items: int | None = None
+        if dedup:
+            dropped, items = find_duplicates(units, opts, runner, show)
+        if text and (items == 0 or (items is None and not _has_items(units, opts))):
+            raise PrepareError(f"no text documents found in {where}")
+
+        tok_json = resumable_tokenizer(output_url, fingerprint, text)
+        resumed = tok_json is not None
+        if text and tok_json is None:
+            if given is None:
+                given = _train(units, opts, dropped, vocab_size, lowercase, show)
+            # Whole documents, whatever the tokenizer file says: the trainer crops to seq_len.
+            given.no_truncation()
+            given.no_padding()
+            tok_json = given.to_str(pretty=True).encode()
+        tok_sha = hashlib.sha256(tok_json).hexdigest() if text and tok_json else ""
+        specials = None
+        if text and tok_json:  # of the tokenizer the shards are encoded with, resumed or not
+            from tokenizers import Tokenizer
+
+            specials = special_token_ids(
+                Tokenizer.from_str(tok_json.decode()), storage.join(output_url, TOKENIZER)
+            )
+        run = hashlib.sha256(f"{fingerprint}:{tok_sha}".encode()).hexdigest()
+
+        storage.makedirs(output_url)
+        storage.delete(storage.join(output_url, MANIFEST))  # from here on the dataset is incomplete
+        if not resumed:
+            plan = {"fingerprint": fingerprint, "tokenizer_sha256": tok_sha or None, "run": run,
+                    "units": len(units), "files": len(files)}  # fmt: skip
+            start_run(output_url, plan, tok_json if text else None)
+        if text:
+            for name, data in tokenizer_configs(lowercase).items():
+                storage.write_bytes(storage.join(output_url, name), data)
+
+        records = reuse_units(output_url, len(units), run, runner, show)
+        reused = len(records)
+        tok_url = storage.join(output_url, TOKENIZER) if text else None
+        jobs = [
+            (UnitJob(unit, output_url, run, tok_url, tok_sha, dropped.get(u, frozenset())), opts)
+            for u, unit in enumerate(units)
+            if u not in records
+        ]
+        with progress_bar(show, "writing", "sample") as bar:
+            for _, record in runner.run(write_unit, jobs, bar):
+                records[record.unit] = record
+
+    ordered = [records[u] for u in range(len(units))]
+    manifest = _finish(output_url, modality, ordered, where, specials)
+    examples = [e for r in ordered for e in r.skipped_examples]
+    manifest.run = PrepareRun(len(units), reused, len(units) - reused, examples[:SKIPPED_EXAMPLES])
+    return manifest
+
+
+def _check_options(
+    modality: str,
+    text_format: str,
+    shard_bytes: int,
+    shard_samples: int | None,
+    workers: int,
+    unit_bytes: int,
+) -> None:
+    if modality not in MODALITIES:
+        raise PrepareError(f"modality must be text, image, audio or video, got {modality!r}")
+    if text_format not in ("auto", "lines", "fortune"):
+        raise PrepareError(f"text_format must be auto, lines or fortune, got {text_format!r}")
+    if shard_bytes <= 0:
+        raise PrepareError(f"shard size must be positive, got {shard_bytes} bytes")
+    if shard_samples is not None and shard_samples < 1:
+        raise PrepareError(f"shard_samples must be at least 1, got {shard_samples}")
+    if workers < 1:
+        raise PrepareError(f"workers must be at least 1, got {workers}")
+    if unit_bytes <= 0:
+        raise PrepareError(f"unit size must be positive, got {unit_bytes} bytes")
+
+
+def _finish(
+    output_url: str,
+    modality: str,
+    records: list[UnitRecord],
+    where: str,
+    specials: dict[str, int] | None,
+) -> Manifest:
+    """The manifest of the units' shards, written last, once nothing stale is left."""
+    shards = [s for r in records for s in r.shards]
+    stats = {
+        "units": len(records),
+        "skipped": sum(r.skipped for r in records),
+        "duplicates": sum(r.duplicates for r in records),
+    }
+    tokenizer = TOKENIZER if modality == "text" else None
+    manifest = Manifest(modality, shards, tokenizer, stats=stats, special_tokens=specials)
+    if manifest.num_samples == 0:
+        raise PrepareError(
+            f"no usable {modality} samples in {where} "
+            f"({stats['skipped']} undecodable, {stats['duplicates']} duplicates)"
+        )
+    remove_stale(output_url, shards, len(records))
+    manifest.save(output_url)
+    return manifest
+
+
+def _has_items(units: list[Unit], opts: Options) -> bool:
+    return any(next(unit_items(unit, opts), None) is not None for unit in units)
+
+
+def _train(
+    units: list[Unit],
+    opts: Options,
+    dropped: dict[int, frozenset[int]],
+    vocab_size: int,
+    lowercase: bool,
+    show: bool,
+) -> Any:
+    """The single training pass, in the parent, over the documents that will be written."""
+
+    def documents() -> Iterator[str]:
+        with progress_bar(show, "tokenizer", "doc") as bar:
+            for unit in units:
+                drop = dropped.get(unit.index, frozenset())
+                for i, item in enumerate(unit_items(unit, opts)):
+                    if i not in drop:
+                        bar.update(1)
+                        yield str(item.data)
+
+    return train_tokenizer(documents(), vocab_size, lowercase)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def cli(argv: list[str]) -> int:
+    """`darkmatter prepare INPUT [INPUT ...] --output URL --modality text|image|audio|video ...`"""
+    p = argparse.ArgumentParser(prog="darkmatter prepare", description=__doc__.split("\n")[0])
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursed)")
+    p.add_argument(
+        "--output", required=True, metavar="URL", help="s3://bucket/prefix, file://… or a folder"
+    )
+    p.add_argument("--modality", required=True, choices=list(MODALITIES))
+    p.add_argument(
+        "--text-field", default="text", metavar="NAME", help="JSONL field / Parquet column"
+    )
+    p.add_argument(
+        "--image-field", default="image", metavar="NAME", help="Parquet column of image bytes"
+    )
+    p.add_argument(
+        "--audio-field", default="audio", metavar="NAME", help="Parquet column of audio bytes"
+    )
+    p.add_argument(
+        "--video-field", default="video", metavar="NAME", help="Parquet column of video bytes"
+    )
+    p.add_argument(
+        "--key-field",
+        metavar="NAME",
+        help="JSONL field / Parquet column kept as {'id': value} in a json member",
+    )
+    p.add_argument(
+        "--text-format",
+        default="auto",
+        choices=["auto", "lines", "fortune"],
+        help=".txt layout: a document per line, or fortune files split by '%%' lines",
+    )
+    p.add_argument(
+        "--tokenizer", metavar="PATH", help="an existing tokenizer.json instead of training one"
+    )
+    p.add_argument("--vocab-size", type=int, default=8000, metavar="N")
+    p.add_argument("--shard-size-mb", type=float, default=64.0, metavar="F")
+    p.add_argument("--shard-samples", type=int, metavar="N", help="at most N samples per shard")
+    p.add_argument(
+        "--unit-size-mb",
+        type=float,
+        metavar="F",
+        help="input per work unit, the grain of parallelism and resume (default 8 shards)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=_default_workers(),
+        metavar="N",
+        help="processes writing shards (default %(default)s); the output does not depend on it",
+    )
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents/files")
+    p.add_argument(
+        "--strict", action="store_true", help="an undecodable image/audio/video file is an error"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--cased", action="store_true", help="do not lowercase (trained tokenizer only)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error argparse already printed
+        return int(e.code or 0)
+    unit_bytes = int(args.unit_size_mb * 2**20) if args.unit_size_mb is not None else None
+    try:
+        m = prepare(
+            args.inputs, args.output, modality=args.modality, text_field=args.text_field,
+            text_format=args.text_format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+            shard_bytes=int(args.shard_size_mb * 2**20), lowercase=not args.cased,
+            shard_samples=args.shard_samples, image_field=args.image_field,
+            audio_field=args.audio_field, video_field=args.video_field,
+            key_field=args.key_field, workers=args.workers,
+            unit_bytes=unit_bytes, dedup=args.dedup, strict=args.strict,
+            progress=False if args.quiet else None,
+        )  # fmt: skip
+    # OSError covers FileNotFoundError and object-store refusals (PermissionError).
+    except (PrepareError, storage.StorageError, OSError) as e:
+        print(f"darkmatter prepare: error: {e}", file=sys.stderr)
+        return 2
+    size = _human(sum(s.bytes for s in m.shards))
+    print(
+        f"prepared {m.num_samples} {m.modality} samples in {len(m.shards)} shards ({size}) at {args.output}"
+    )
+    if m.tokenizer:
+        print(f"tokenizer: {storage.join(args.output, m.tokenizer)}")
+    stats, run = m.stats or {}, m.run
+    if run is not None:
+        print(
+            f"{run.units} work units ({run.written} written, {run.reused} reused); "
+            f"skipped {stats.get('skipped', 0)} undecodable inputs; "
+            f"removed {stats.get('duplicates', 0)} duplicates"
+        )
+        for example in run.skipped_examples:
+            print(f"darkmatter prepare: skipped {example}", file=sys.stderr)
+    return 0

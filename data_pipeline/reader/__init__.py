@@ -1,0 +1,259 @@
+"""The trainer's streaming reader: one rank's steps of an epoch order that no world size can change.
+
+The order (order.py) is a pure function of manifest, seed, epoch, `partitions` P and the global
+batch B: global sample g of an epoch is output number g // P of partition g % P, each partition
+its own seeded shuffle stream, and step t of the epoch trains on global samples [t·B, (t+1)·B).
+Who reads what (any world size W, any number of data workers per rank):
+  * A rank runs S = max(1, num_workers) *slots* (worker processes; one in-process slot without
+    workers); slot q = rank·S + worker of W·S owns the partitions p ≡ q (mod W·S) and so the
+    global samples g ≡ q (mod W·S): B / (W·S) per step for every slot, equal by construction
+    (W·S must divide both P and B). A slot yields one *piece* per step: its samples of the step
+    in increasing g, decoded, plus the state of its partitions after them.
+  * The rank takes one piece from each worker in turn, which is its share of the step; it
+    merges them by g and cuts the result into grad_accum micro-batches by position.
+Resume: a checkpoint keeps every partition's state; a resume, with the same or another world
+size or worker count, rebuilds each partition from it by reading only the samples its buffer
+held: the cost depends on the buffer, never on how far the epoch had got.
+Bad data (a missing, empty, truncated or corrupt shard, an undecodable or oversized member)
+becomes a *hole* at that sample's place in the order, so no other sample moves; holes are
+counted by reason and listed (shard, key, reason) in a quarantine list, or raise in strict mode.
+
+The layers, lowest first: options.py (ReaderOptions, DataError); shards.py (a shard's tar index
+and its holes); cache.py (fetch, verify, the machine's shared shard cache); order.py (the order
+and the partition streams); decode.py (raw members -> arrays); slots.py (a slot's pieces);
+workers.py (slots in worker processes); and this module, which owns DataStream (a rank's steps
+and its versioned state) and iter_dataset. The names other code imports from here are
+re-exported from those modules.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from darkmatter.data_pipeline.cache import IOStats, ShardCache
+from darkmatter.data_pipeline.decode import Sample, decode
+from darkmatter.data_pipeline.manifest import Manifest
+from darkmatter.data_pipeline.options import DataError, ReaderOptions
+from darkmatter.data_pipeline.order import EpochPlan
+from darkmatter.data_pipeline.shards import Hole, LocalShard, tar_members
+from darkmatter.data_pipeline.slots import Piece, Slot, StreamSpec, slot_pieces
+from darkmatter.data_pipeline.workers import Workers
+
+__all__ = [
+    "DataError",
+    "DataStream",
+    "EpochPlan",
+    "Hole",
+    "IOStats",
+    "LocalShard",
+    "Manifest",
+    "ReaderOptions",
+    "Sample",
+    "Slot",
+    "decode",
+    "iter_dataset",
+    "tar_members",
+]
+
+STATE_VERSION = 2
+
+
+class DataStream:
+    """One rank's steps: `next_step()` returns grad_accum micro-batches (lists of samples).
+
+    `state_dict()` after step t describes this rank's partitions after step t; resume with
+    `load_state_dict([state of every rank of the checkpoint])`, any world size or worker count.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        grad_accum: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        partitions: int = 64,
+        options: ReaderOptions | None = None,
+    ):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if min(micro_batch_size, grad_accum, partitions) < 1 or num_workers < 0 or seed < 0:
+            raise ValueError(
+                "need micro_batch_size, grad_accum, partitions >= 1, num_workers, seed >= 0"
+            )
+        self.url, self.rank, self.world_size = url, rank, world_size
+        self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
+        self.num_workers, self.slots = num_workers, max(1, num_workers)
+        self.opts = options or ReaderOptions()
+        self.manifest = Manifest.load(url)
+        global_batch = micro_batch_size * grad_accum * world_size
+        n_slots = world_size * self.slots
+        if partitions % n_slots or global_batch % n_slots:
+            raise ValueError(
+                f"data.partitions ({partitions}) and the global batch ({global_batch}) must both "
+                f"be multiples of world_size x max(1, num_workers) = {n_slots}"
+            )
+        self.spec = StreamSpec(
+            url, self.manifest, seed, partitions, global_batch, n_slots, self.opts
+        )
+        plan = EpochPlan(self.manifest, seed, 0, partitions, global_batch)
+        if plan.steps == 0:
+            raise ValueError(
+                f"{url} holds {self.manifest.num_samples} samples: {partitions} partitions of "
+                f"{plan.part_len} give no full global batch of {global_batch}"
+            )
+        self.steps_per_epoch = plan.steps
+        self.epoch, self.step = 0, 0  # the next step to hand out
+        self._states: dict[int, dict[str, Any]] = {}  # partition -> state after self.step - 1
+        self._loader: Iterator[Piece] | Workers | None = None
+        self.stats = IOStats()
+        self.wait_s = 0.0  # time next_step() waited for pieces
+        self.quarantine: list[Hole] = []
+        self._quarantined: set[Hole] = set()
+
+    # -- state ---------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "dataset_digest": self.manifest.digest,
+            "seed": self.spec.seed,
+            "partitions": self.spec.partitions,
+            "global_batch": self.spec.global_batch,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self._identity(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "parts": {str(p): s for p, s in self._states.items()},
+        }
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        """Continue from the states every rank of a checkpoint saved (any world size)."""
+        if not states:
+            raise ValueError("no data stream state to resume from")
+        mine = self._identity()
+        for name, value in mine.items():
+            theirs = {s.get(name) for s in states}
+            if theirs != {value}:
+                was = ", ".join(repr(v) for v in sorted(theirs, key=repr))
+                what = "dataset (manifest digest)" if name == "dataset_digest" else name
+                raise ValueError(
+                    f"cannot resume the data stream: {what} was {was}, is {value!r} now"
+                )
+        positions = {(int(s["epoch"]), int(s["step"])) for s in states}
+        if len(positions) != 1:
+            raise ValueError(f"cannot resume the data stream: ranks saved positions {positions}")
+        epoch, step = positions.pop()
+        parts = {
+            int(p): st for s in states for p, st in s["parts"].items()
+        }  # ranks own disjoint sets
+        missing = sorted(set(range(self.spec.partitions)) - set(parts))
+        if step > 0 and missing:
+            raise ValueError(
+                f"cannot resume the data stream: no state for partitions {missing[:8]}"
+                f"{'…' if len(missing) > 8 else ''} (a rank's state file is missing)"
+            )
+        self._close_loader()
+        self.epoch, self.step = epoch, step
+        self._states = {p: st for p, st in parts.items() if self._owns(p)} if step > 0 else {}
+        if self.step >= self.steps_per_epoch:
+            self.epoch, self.step, self._states = self.epoch + 1, 0, {}
+
+    # -- iteration -----------------------------------------------------------------------
+    def _owns(self, partition: int) -> bool:
+        return partition % self.spec.n_slots // self.slots == self.rank
+
+    def _open_loader(self) -> Iterator[Piece] | Workers:
+        if self.num_workers == 0:  # the single slot runs in this process, synchronously
+            return slot_pieces(self.spec, self.rank, self.epoch, self.step, self._states)
+        return Workers(self.spec, self.rank, self.slots, self.epoch, self.step, self._states)
+
+    def _close_loader(self) -> None:
+        it, self._loader = self._loader, None
+        if it is not None:
+            it.close()  # type: ignore[attr-defined]  # a generator or Workers: both close
+
+    def next_step(self) -> list[list[Sample]]:
+        """The rank's grad_accum micro-batches of the next step (holes dropped)."""
+        if self.step >= self.steps_per_epoch:  # the slots go on into the next epoch themselves
+            self.epoch, self.step, self._states = self.epoch + 1, 0, {}
+        if self._loader is None:
+            self._loader = self._open_loader()
+        t0 = time.perf_counter()
+        if isinstance(self._loader, Workers):
+            pieces = self._loader.next_step()
+        else:
+            pieces = [next(self._loader)]
+        self.wait_s += time.perf_counter() - t0
+        items: list[tuple[int, Sample | None]] = []
+        for piece in pieces:
+            if (piece.epoch, piece.step) != (self.epoch, self.step):
+                raise DataError(
+                    f"rank {self.rank}: got step {piece.step} of epoch {piece.epoch} from slot "
+                    f"{piece.slot}, expected step {self.step} of epoch {self.epoch}"
+                )
+            items += piece.items
+            self._states.update(piece.states)
+            self.stats.add(piece.stats)
+            for h in piece.holes:
+                if h not in self._quarantined:
+                    self._quarantined.add(h)
+                    self.quarantine.append(h)
+        items.sort(key=lambda it: it[0])
+        m = self.micro_batch_size
+        micro = [[s for _, s in items[k * m : (k + 1) * m] if s is not None] for k in
+                 range(self.grad_accum)]  # fmt: skip
+        for k, batch in enumerate(micro):
+            if not batch:
+                raise DataError(
+                    f"rank {self.rank}, step {self.step} of epoch {self.epoch}: every sample of "
+                    f"micro-batch {k} was bad data ({self.quarantine[-1].reason})"
+                )
+        self.step += 1
+        return micro
+
+    def close(self) -> None:
+        self._close_loader()
+
+    def summary(self) -> dict[str, float]:
+        """Cumulative counters for the trainer to log."""
+        s = self.stats
+        out: dict[str, float] = {
+            "samples": s.samples, "bytes_read": s.bytes_read, "retries": s.retries,
+            "fetch_s": s.fetch_s, "shard_wait_s": s.wait_s, "decode_s": s.decode_s,
+            "wait_s": self.wait_s, "skipped": sum(s.skipped.values()),
+        }  # fmt: skip
+        out.update({f"skipped/{k}": v for k, v in s.skipped.items()})
+        return out
+
+
+def iter_dataset(url: str, options: ReaderOptions | None = None) -> Iterator[Sample]:
+    """Every sample of a dataset in manifest order, decoded, through the same checks as
+    training (verification, size caps, strictness); bad samples are skipped unless strict."""
+    opts = options or ReaderOptions()
+    manifest = Manifest.load(url)
+    cache = ShardCache(url, manifest, opts, IOStats())
+    try:
+        for shard, info in enumerate(manifest.shards):
+            local = cache.acquire(shard)
+            for j in range(info.samples):
+                raw = local.read(j)
+                try:
+                    if isinstance(raw, Hole):
+                        raise DataError(raw.reason)
+                    sample = decode(raw, manifest.modality)
+                except ValueError as e:
+                    if opts.strict:
+                        raise DataError(f"shard {info.name}, sample {local.key(j)}: {e}") from None
+                    continue
+                yield sample
+            cache.release(shard)
+    finally:
+        cache.close()

@@ -1,0 +1,321 @@
+"""Getting shards to the slot: fetch, verify and the machine's shared shard cache.
+
+Each shard a slot touches is fetched whole into a cache folder shared by the machine's
+processes (read-ahead threads, retries with backoff that resume the body where it broke off),
+checked against the manifest's size and sha256, and indexed by its tar headers (shards.py);
+the folder is kept under a byte cap by evicting the least recently used shards. IOStats counts
+what this costs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from darkmatter import storage
+from darkmatter.data_pipeline.manifest import Manifest
+from darkmatter.data_pipeline.options import DataError, ReaderOptions
+from darkmatter.data_pipeline.shards import Hole, LocalShard
+
+
+@dataclass
+class IOStats:
+    """Per-slot counters, summed by the rank."""
+
+    bytes_read: int = 0
+    fetch_s: float = 0.0  # time spent fetching shards (in read-ahead threads too)
+    wait_s: float = 0.0  # time the slot waited for a shard it needed
+    decode_s: float = 0.0
+    retries: int = 0
+    samples: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: IOStats, sign: int = 1) -> None:
+        self.bytes_read += sign * other.bytes_read
+        self.fetch_s += sign * other.fetch_s
+        self.wait_s += sign * other.wait_s
+        self.decode_s += sign * other.decode_s
+        self.retries += sign * other.retries
+        self.samples += sign * other.samples
+        for k, v in other.skipped.items():
+            self.skipped[k] += sign * v
+
+    def copy(self) -> IOStats:
+        out = IOStats()
+        out.add(self)
+        return out
+
+
+def _reason_kind(reason: str) -> str:
+    """A short counter name for a hole's reason ('sha256 mismatch: ...' -> 'sha256_mismatch')."""
+    head = reason.split(":", 1)[0]
+    for kind in ("member", "holds"):
+        if head.startswith(kind):
+            return {"member": "oversized_member", "holds": "count_mismatch"}[kind]
+    return head.replace(" ", "_").replace("-", "_")
+
+
+class ShardCache:
+    """One slot's shards, verified and indexed, fetched ahead by threads.
+
+    Remote shards go into a folder shared by every process of the machine (ranks and their
+    workers), named by their sha256: a shard is fetched once per machine however many slots
+    read it, under a file lock, and moved into place only once verified. The folder is kept
+    under `cache_bytes` by deleting the least recently used shards (a reader holds its shard
+    open, so a deletion never breaks it). Local shards are read in place.
+    """
+
+    def __init__(self, url: str, manifest: Manifest, opts: ReaderOptions, stats: IOStats):
+        self.url, self.manifest, self.opts, self.stats = url, manifest, opts, stats
+        self.local = "://" not in url or url.startswith("file://")
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[int, Future[LocalShard]] = {}
+        self._refs: Counter[int] = Counter()
+        # Released shards stay a little while: a neighbouring partition or a resumed stream's
+        # input often wants the shard its shuffle buffer was just read back from.
+        self._idle: deque[int] = deque()
+        # Local shards cost only their index to keep: later epochs skip re-verifying them.
+        # Remote ones are on disk anyway; the index and an open file are what is kept.
+        self._keep_idle = 256 if self.local else max(64, opts.readahead)
+        self._shipped = IOStats()
+        self._lock = threading.Lock()
+
+    def _folder(self) -> str:
+        default = os.path.join(tempfile.gettempdir(), f"darkmatter-shards-{os.getuid()}")
+        root = self.opts.cache_dir or default  # per user: another user's files are not ours
+        os.makedirs(root, exist_ok=True)
+        return root
+
+    def count_samples(self, good: int, holes: list[Hole]) -> None:
+        with self._lock:
+            self.stats.samples += good
+            for h in holes:
+                self.stats.skipped[_reason_kind(h.reason)] += 1
+
+    def take_stats(self) -> IOStats:
+        """The counters' change since the last call (pieces carry deltas)."""
+        with self._lock:
+            now = self.stats.copy()
+        delta = now.copy()
+        delta.add(self._shipped, sign=-1)
+        self._shipped = now
+        return delta
+
+    def _count(self, **deltas: float) -> None:
+        with self._lock:  # fetch threads and the slot's own thread both count
+            for name, value in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def _future(self, shard: int) -> Future[LocalShard]:
+        with self._lock:
+            fut = self._futures.get(shard)
+            if fut is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        max(4, self.opts.readahead), thread_name_prefix="darkmatter-fetch"
+                    )
+                fut = self._futures[shard] = self._pool.submit(self._load, shard)
+            return fut
+
+    def prefetch(self, shard: int) -> None:
+        self._future(shard)
+
+    def acquire(self, shard: int) -> LocalShard:
+        fut = self._future(shard)
+        t0 = time.perf_counter()
+        local = fut.result()
+        self._count(wait_s=time.perf_counter() - t0)
+        with self._lock:
+            self._refs[shard] += 1
+            if shard in self._idle:
+                self._idle.remove(shard)
+        return local
+
+    def release(self, shard: int) -> None:
+        with self._lock:
+            self._refs[shard] -= 1
+            if self._refs[shard] > 0:
+                return
+            del self._refs[shard]
+            self._idle.append(shard)
+            if len(self._idle) <= self._keep_idle:
+                return
+            fut = self._futures.pop(self._idle.popleft(), None)
+        if fut is not None:
+            self._discard(fut.result())
+
+    def _discard(self, local: LocalShard) -> None:
+        local.close()  # the file stays in the shared cache until evicted
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        for fut in self._futures.values():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._discard(fut.result())
+        self._futures.clear()
+
+    # -- fetching --------------------------------------------------------------------------
+    def _load(self, shard: int) -> LocalShard:
+        info = self.manifest.shards[shard]
+        url = storage.join(self.url, info.name)
+        t0 = time.perf_counter()
+        local = LocalShard(info.name, None, info.samples)
+        try:
+            local.path, local.bad = (
+                self._local(url, info) if self.local else self._cached(url, info)
+            )
+        except FileNotFoundError:
+            local.bad = "missing shard"
+        finally:
+            self._count(fetch_s=time.perf_counter() - t0)
+        if local.bad is None:
+            try:
+                local.index(self.opts.max_member_bytes)
+            except FileNotFoundError:  # evicted by another process between check and open
+                return self._load(shard)
+        return local
+
+    def _check(self, size: int, digest: str | None, info: Any) -> str | None:
+        """Why a fetched shard does not match its manifest entry, or None."""
+        if size == 0:
+            return "zero-byte shard"
+        if size != info.bytes:
+            return f"size mismatch: {size} bytes, the manifest says {info.bytes}"
+        if digest is not None and digest != info.sha256:
+            return f"sha256 mismatch: {digest[:12]}…, the manifest says {info.sha256[:12]}…"
+        return None
+
+    def _local(self, url: str, info: Any) -> tuple[str, str | None]:
+        path = url.removeprefix("file://")
+        size = os.path.getsize(path)
+        digest = None
+        if self.opts.verify:
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+            digest = sha.hexdigest()
+        self._count(bytes_read=size)
+        return path, self._check(size, digest, info)
+
+    def _cached(self, url: str, info: Any) -> tuple[str | None, str | None]:
+        """(path in the shared cache, None), or (None, why the shard is bad)."""
+        root = self._folder()
+        path = os.path.join(root, f"{info.sha256}{'' if self.opts.verify else '.unverified'}.tar")
+        if _fresh(path, info.bytes):
+            return path, None
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per machine; the others wait for it
+            try:
+                if _fresh(path, info.bytes):
+                    return path, None
+                tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+                try:
+                    size, digest = self._download(url, tmp, info.bytes)
+                    bad = self._check(size, digest if self.opts.verify else None, info)
+                    if bad:
+                        return None, bad
+                    os.replace(tmp, path)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(tmp)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _evict(root, self.opts.cache_bytes, keep=path)
+        return path, None
+
+    def _download(self, url: str, tmp: str, expected: int) -> tuple[int, str]:
+        """Copy the object to `tmp` with retries that resume where the body broke off."""
+        sha = hashlib.sha256()
+        done, attempt = 0, 0
+        with open(tmp, "wb") as out:
+            while True:
+                try:
+                    done = self._copy(url, out, sha, done, expected)
+                    return done, sha.hexdigest()
+                except FileNotFoundError:
+                    raise
+                except Exception as e:  # 5xx, SlowDown, resets, truncated bodies: all transient
+                    attempt += 1
+                    if attempt > self.opts.retries:
+                        raise DataError(
+                            f"{url}: giving up after {attempt} attempts: {type(e).__name__}: {e}"
+                        ) from None
+                    self._count(retries=1)
+                    time.sleep(min(10.0, self.opts.backoff_s * 2 ** (attempt - 1)))
+
+    def _copy(self, url: str, out: Any, sha: Any, done: int, expected: int) -> int:
+        """Append the object's bytes from offset `done` on to `out`; returns the new offset."""
+        # cache_type none: each read is one ranged GET, and a retry restarts at `done`.
+        with storage.open_url(url, "rb", cache_type="none") as f:
+            if done:
+                f.seek(done)
+            while chunk := f.read(_CHUNK):
+                out.write(chunk)
+                sha.update(chunk)
+                done += len(chunk)
+                self._count(bytes_read=len(chunk))
+        if 0 < done < expected:
+            # A body that ended early reads like a short file; fsspec's size says what it is.
+            fs, p = storage.filesystem(url)
+            if fs.size(p) > done:
+                raise OSError(f"body ended at byte {done} of {expected}")
+        return done
+
+
+_CHUNK = 8 << 20
+
+
+def _fresh(path: str, size: int) -> bool:
+    """A cached shard of the right size exists; mark it recently used."""
+    try:
+        if os.path.getsize(path) != size:
+            return False
+        os.utime(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _evict(root: str, cap: int, keep: str) -> None:
+    """Delete the least recently used shards until the folder holds at most `cap` bytes, and
+    temporary files of processes that are gone."""
+    shards = []
+    for entry in os.scandir(root):
+        if entry.name.endswith(".tmp"):
+            pid = entry.name.rsplit(".", 3)[-3]
+            if pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+        elif entry.name.endswith(".tar"):
+            with contextlib.suppress(FileNotFoundError):
+                st = entry.stat()
+                shards.append((st.st_mtime, st.st_size, entry.path))
+    total = sum(size for _, size, _ in shards)
+    for _, size, path in sorted(shards):
+        if total <= cap:
+            break
+        if path != keep:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            total -= size
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,130 @@
+"""A slot: one reader of the rank (a worker process, or the rank itself without workers) and the
+*pieces* it yields, one per step.
+
+Slot q of n_slots owns the partitions p ≡ q (mod n_slots), and so the global samples
+g ≡ q (mod n_slots) of every step. Its piece of a step is its samples of the step in increasing
+g, decoded (an undecodable sample becomes a hole), plus the state of its partitions after them
+and its I/O counters' change.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from darkmatter.data_pipeline.cache import IOStats, ShardCache
+from darkmatter.data_pipeline.decode import Sample, decode
+from darkmatter.data_pipeline.manifest import Manifest
+from darkmatter.data_pipeline.options import DataError, ReaderOptions
+from darkmatter.data_pipeline.order import EpochPlan, PartitionStream, needed_shards
+from darkmatter.data_pipeline.shards import Hole
+
+
+@dataclass
+class Piece:
+    """What one slot contributes to one step."""
+
+    epoch: int
+    step: int
+    slot: int
+    items: list[tuple[int, Sample | None]]  # (global index g, sample or None for a hole)
+    states: dict[int, dict[str, Any]]  # partition -> state after this step
+    holes: list[Hole]
+    stats: IOStats
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a slot needs, picklable."""
+
+    url: str
+    manifest: Manifest
+    seed: int
+    partitions: int
+    global_batch: int
+    n_slots: int
+    opts: ReaderOptions
+
+
+class Slot:
+    """One slot's partitions for one epoch, from a step on, reading through `cache`."""
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        epoch: int,
+        slot: int,
+        states: dict[int, Any],
+        cache: ShardCache | None = None,
+    ):
+        self.spec, self.epoch, self.slot = spec, epoch, slot
+        self.plan = EpochPlan(spec.manifest, spec.seed, epoch, spec.partitions, spec.global_batch)
+        self._own_cache = cache is None
+        self.cache = cache or ShardCache(spec.url, spec.manifest, spec.opts, IOStats())
+        owned = range(slot % spec.n_slots, spec.partitions, spec.n_slots)
+        # Ask for every shard the partitions start with (and their buffers, on a resume) before
+        # any partition blocks on one: the fetch threads then work in parallel.
+        for p in owned:
+            for shard in needed_shards(self.plan, p, states.get(p)):
+                self.cache.prefetch(shard)
+        self.parts = {
+            p: PartitionStream(self.plan, p, self.cache, spec.opts, states.get(p)) for p in owned
+        }
+
+    def piece(self, step: int) -> Piece:
+        holes: list[Hole] = []
+        items: list[tuple[int, Sample | None]] = []
+        modality = self.spec.manifest.modality
+        for g in self.plan.slot_indices(step, self.slot, self.spec.n_slots):
+            part = self.parts[g % self.spec.partitions]
+            if part.out != g // self.spec.partitions:  # the contract above, checked
+                raise DataError(f"partition {part.p} is at output {part.out}, step needs {g}")
+            _, raw = part.next()
+            if isinstance(raw, Hole):
+                holes.append(raw)
+                items.append((g, None))
+                continue
+            t0 = time.perf_counter()
+            try:
+                sample = decode(raw, modality)
+            except Exception as e:  # PIL, numpy and soundfile raise many types on bad bytes
+                holes.append(Hole(raw["__shard__"], raw["__key__"], f"undecodable: {e}"))
+                items.append((g, None))
+                continue
+            finally:
+                self.cache._count(decode_s=time.perf_counter() - t0)
+            sample["__index__"] = g
+            items.append((g, sample))
+        if holes and self.spec.opts.strict:
+            h = holes[0]
+            raise DataError(f"shard {h.shard}, sample {h.key}: {h.reason} (data.strict is on)")
+        self.cache.count_samples(len(items) - len(holes), holes)
+        states = {p: part.state() for p, part in self.parts.items()}
+        return Piece(self.epoch, step, self.slot, items, states, holes, self.cache.take_stats())
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+        if self._own_cache:
+            self.cache.close()
+
+
+def slot_pieces(
+    spec: StreamSpec, slot: int, epoch: int, start_step: int, states: dict[int, Any]
+) -> Iterator[Piece]:
+    """One slot's pieces from (epoch, start_step) on, epoch after epoch: a worker lives on, so
+    an epoch boundary costs no process start and local shards stay verified."""
+    cache = ShardCache(spec.url, spec.manifest, spec.opts, IOStats())
+    try:
+        while True:
+            s = Slot(spec, epoch, slot, states, cache)
+            try:
+                for step in range(start_step, s.plan.steps):
+                    yield s.piece(step)
+            finally:
+                s.close()
+            epoch, start_step, states = epoch + 1, 0, {}
+    finally:
+        cache.close()
