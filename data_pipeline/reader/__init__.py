@@ -32,14 +32,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from darkmatter.data_pipeline.cache import IOStats, ShardCache
-from darkmatter.data_pipeline.decode import Sample, decode
 from darkmatter.data_pipeline.manifest import Manifest
-from darkmatter.data_pipeline.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.order import EpochPlan
-from darkmatter.data_pipeline.shards import Hole, LocalShard, tar_members
-from darkmatter.data_pipeline.slots import Piece, Slot, StreamSpec, slot_pieces
-from darkmatter.data_pipeline.workers import Workers
+from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
+from darkmatter.data_pipeline.reader.decode import Sample, decode
+from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
+from darkmatter.data_pipeline.reader.order import EpochPlan
+from darkmatter.data_pipeline.reader.shards import Hole, LocalShard, tar_members
+from darkmatter.data_pipeline.reader.slots import Piece, Slot, StreamSpec, slot_pieces
+from darkmatter.data_pipeline.reader.workers import Workers
 
 __all__ = [
     "DataError",

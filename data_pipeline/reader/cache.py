@@ -23,8 +23,8 @@ from typing import Any
 
 from darkmatter import storage
 from darkmatter.data_pipeline.manifest import Manifest
-from darkmatter.data_pipeline.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.shards import Hole, LocalShard
+from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
+from darkmatter.data_pipeline.reader.shards import Hole, LocalShard
 
 
 @dataclass

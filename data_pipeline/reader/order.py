@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from darkmatter.data_pipeline.cache import ShardCache
 from darkmatter.data_pipeline.manifest import Manifest
-from darkmatter.data_pipeline.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.shards import Hole, LocalShard
+from darkmatter.data_pipeline.reader.cache import ShardCache
+from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
+from darkmatter.data_pipeline.reader.shards import Hole, LocalShard
 
 
 class Segment(NamedTuple):

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from darkmatter.data_pipeline.cache import IOStats, ShardCache
-from darkmatter.data_pipeline.decode import Sample, decode
 from darkmatter.data_pipeline.manifest import Manifest
-from darkmatter.data_pipeline.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.order import EpochPlan, PartitionStream, needed_shards
-from darkmatter.data_pipeline.shards import Hole
+from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
+from darkmatter.data_pipeline.reader.decode import Sample, decode
+from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
+from darkmatter.data_pipeline.reader.order import EpochPlan, PartitionStream, needed_shards
+from darkmatter.data_pipeline.reader.shards import Hole
 
 
 @dataclass

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from darkmatter.data_pipeline.options import DataError
-from darkmatter.data_pipeline.slots import Piece, StreamSpec, slot_pieces
+from darkmatter.data_pipeline.reader.options import DataError
+from darkmatter.data_pipeline.reader.slots import Piece, StreamSpec, slot_pieces
 
 
 @dataclass(frozen=True)
