@@ -22,9 +22,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, is_export, resolve
+import darkmatter.trainer.checkpoint_reader as reader
+from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, is_export
 from darkmatter.evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
 from darkmatter.evaluation.tasks import TaskSpec, load_tasks
+
+# scheme://user:password@host: what a URL in an error line must not show.
+_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
 
 
 def _client(required: bool) -> Any:
@@ -35,10 +39,25 @@ def _client(required: bool) -> Any:
         return None
     from mlflow.tracking import MlflowClient
 
-    from darkmatter.trainer.tracking import check_reachable
-
-    check_reachable(uri)  # one error line naming the (redacted) URL, as for training
+    _check_reachable(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """One error line naming the URL (credentials removed) when an HTTP tracking server does not
+    answer, as training's check (trainer.tracking.check_reachable, which the evaluator does not
+    import: the tracker is the training side's)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        where = _USERINFO.sub("***@", uri)
+        raise RuntimeError(
+            f"MLflow tracking server at {where} is unreachable ({type(e).__name__})"
+        ) from None
 
 
 def _specs(args: argparse.Namespace) -> list[TaskSpec]:
@@ -65,7 +84,7 @@ def one_shot(args: argparse.Namespace) -> int:
     if is_export(args.target):
         ref = ExportRef(Path(args.target))
     else:
-        ref = resolve(args.target, cache_dir=args.cache_dir)
+        ref = reader.fetch(reader.locate(args.target), args.cache_dir)
     outcome = evaluate_checkpoint(ref, specs, args.state)
     run_id = ref.meta.get("mlflow_run_id")
     client = None if args.no_mlflow or not run_id else _client(required=False)

@@ -26,24 +26,18 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from darkmatter.evaluation.checkpoints import (
-    ENCODER_PREFIX,
-    CheckpointRef,
-    consolidated_state_dict,
-    encoder_class,
-    from_pretrained,
-    load_encoder,
-    resolve,
-)
+import darkmatter.trainer.checkpoint_reader as reader
+from darkmatter.evaluation.checkpoints import from_pretrained, load_encoder
+from darkmatter.trainer.checkpoint_reader import HEADS_FILE, CheckpointRef
 
 
 def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
-    ref = resolve(target)
+    ref = reader.fetch(reader.locate(target))
     out = Path(output)
-    weights = consolidated_state_dict(ref)
-    encoder = load_encoder(ref, pretrained=True, state_dict=weights)
+    weights = reader.consolidated_state_dict(ref)
+    encoder = load_encoder(ref, pretrained=True, state_dict=weights)  # seeded: BERT's pooler
     encoder.save_pretrained(str(out))
-    save_heads(ref, encoder, weights, out)
+    reader.save_heads(ref, encoder, weights, out)
     # Where it came from: `darkmatter evaluate OUT_DIR` logs into the same run at the same step.
     (out / "darkmatter.json").write_text(json.dumps({**ref.meta, "tag": ref.tag}, indent=1))
     tok_url = ref.meta.get("tokenizer")
@@ -80,32 +74,10 @@ def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
             image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
         ).save_pretrained(str(out))  # fmt: skip
     if ref.modality == "audio":  # 16 kHz, normalized per clip, padding masked: as in training
-        from darkmatter.trainer.objectives.wav2vec2 import FEATURE_EXTRACTOR
+        from darkmatter.data_pipeline.transforms import feature_extractor
 
-        FEATURE_EXTRACTOR.save_pretrained(str(out))
+        feature_extractor().save_pretrained(str(out))
     return ref, out
-
-
-def save_heads(
-    ref: CheckpointRef, encoder: Any, weights: dict[str, Any], out: Path
-) -> None:  # fmt: skip
-    """The rest of the pretraining model (its heads, decoder, momentum teacher, quantizer), under
-    its own names, in HEADS_FILE: what `model.init_from` needs, beside the encoder, to continue
-    pretraining exactly where the checkpoint stopped. A tensor tied to one already saved (an
-    output layer tied to the embeddings) is left out; loading it loads its twin."""
-    from safetensors.torch import save_file
-
-    from darkmatter.trainer.init_from import HEADS_FILE
-
-    prefix = ENCODER_PREFIX[ref.meta["objective"]]
-    in_encoder = {prefix + k for k in encoder.state_dict()}
-    seen = {weights[k].data_ptr() for k in in_encoder if k in weights}
-    heads = {}
-    for k, v in weights.items():
-        if k not in in_encoder and v.data_ptr() not in seen:
-            heads[k] = v.contiguous()
-            seen.add(v.data_ptr())
-    save_file(heads, str(out / HEADS_FILE), metadata={"format": "pt"})
 
 
 def register(ref: CheckpointRef, out: Path, name: str) -> Any:
@@ -116,8 +88,6 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from transformers import AutoImageProcessor, AutoTokenizer
-
-    from darkmatter.trainer.init_from import HEADS_FILE
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     run_id = ref.meta.get("mlflow_run_id")
@@ -178,7 +148,7 @@ def cli(argv: list[str]) -> int:
     if not output:
         p.error("the output folder is required (OUT_DIR or --output)")
     ref, out = export(args.target, output)
-    loader = encoder_class(AutoConfig.from_pretrained(str(out))).__name__
+    loader = reader.encoder_class(AutoConfig.from_pretrained(str(out))).__name__
     print(f"exported encoder to {out} (load with transformers.{loader}.from_pretrained)")
     if args.register:
         v = register(ref, out, args.register)

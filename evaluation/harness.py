@@ -28,15 +28,10 @@ from typing import Any
 
 import numpy as np
 
+import darkmatter.trainer.checkpoint_reader as reader
 from darkmatter import storage
 from darkmatter.evaluation import claims as cl
-from darkmatter.evaluation.checkpoints import (
-    EncoderRef,
-    ExportRef,
-    encoder_config,
-    load_encoder,
-    resolve,
-)
+from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, encoder_config, load_encoder
 from darkmatter.evaluation.probe import embed, finetune, knn, linear_probe, split
 from darkmatter.evaluation.tasks import (
     LabeledSet,
@@ -49,7 +44,7 @@ from darkmatter.evaluation.tasks import (
     video_inputs,
 )
 from darkmatter.storage import failpoints
-from darkmatter.trainer.checkpoint import CheckpointError
+from darkmatter.trainer.checkpoint_reader import CheckpointError, CheckpointRef
 
 log = logging.getLogger("darkmatter.evaluation")
 DONE_PREFIX = "eval."  # tag eval.<tag>: "done", "corrupt: …" or "skipped: …"
@@ -108,9 +103,13 @@ def _inputs(ref: EncoderRef, data: LabeledSet) -> dict[str, Any]:
     return INPUTS[data.kind](ref, data.items)
 
 
+Weights = dict[str, Any]  # a checkpoint's consolidated state dict (None: an export's own)
+
+
 def _protocols(
     spec: TaskSpec, ref: EncoderRef, pretrained: bool, feats: np.ndarray,
     inputs: dict[str, Any], data: LabeledSet, train: np.ndarray, test: np.ndarray,
+    weights: Weights | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     out = {}
     for protocol in spec.protocols:
@@ -121,7 +120,7 @@ def _protocols(
             out[protocol] = knn(feats, data.labels, train, test, k=int(opts["k"]),
                                 temperature=float(opts["temperature"]))  # fmt: skip
         else:
-            model = load_encoder(ref, pretrained=pretrained, seed=spec.seed)
+            model = load_encoder(ref, pretrained=pretrained, seed=spec.seed, state_dict=weights)
             out[protocol] = finetune(
                 model, inputs, data.labels, train, test, epochs=int(opts["epochs"]),
                 lr=float(opts["lr"]), batch_size=int(opts["batch_size"]), seed=spec.seed,
@@ -139,9 +138,13 @@ def _baseline_key(ref: EncoderRef, spec: TaskSpec) -> str:
 
 def evaluate_checkpoint(
     ref: EncoderRef, specs: list[TaskSpec], state: str = "", should_stop: Any = None,
+    weights: Weights | None = None,
 ) -> Outcome:  # fmt: skip
     """Every task's protocols on `ref`'s encoder, and on its random-init twin (cached under
-    `state`/baselines when a state folder is given)."""
+    `state`/baselines when a state folder is given). `weights`: a checkpoint's consolidated
+    state dict, when the caller has it (else it is consolidated here): once for every task."""
+    if weights is None and isinstance(ref, CheckpointRef):
+        weights = reader.consolidated_state_dict(ref)
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     plots: dict[str, bytes] = {}
@@ -151,8 +154,8 @@ def evaluate_checkpoint(
         data = load_labeled(spec)
         inputs = _inputs(ref, data)
         train, test = split(data.labels, spec.test_fraction, spec.seed, data.test_mask)
-        feats = embed(load_encoder(ref, pretrained=True), inputs)
-        results = _protocols(spec, ref, True, feats, inputs, data, train, test)
+        feats = embed(load_encoder(ref, pretrained=True, state_dict=weights), inputs)
+        results = _protocols(spec, ref, True, feats, inputs, data, train, test, weights)
         baseline = _baseline(ref, spec, state, inputs, data, train, test)
         for protocol, r in results.items():
             for m in spec.metrics:
@@ -301,37 +304,28 @@ class Harness:
 
     # -- one checkpoint
     def process(self, p: Pending) -> str:
-        """Claim, evaluate, report. Returns what happened: done, completed (a predecessor's
-        metrics were there: plots, table and tag added), corrupt, skipped, claimed elsewhere,
-        already done, stopped."""
-        state = self._state(p)
-        claim = cl.try_claim(storage.join(state, "claims", p.run_id, p.tag + ".json"),
-                             self.owner, self.ttl_s)  # fmt: skip
+        """Claim it; locate, fetch and consolidate the checkpoint (once: every task and protocol
+        reuses the weights); run every task; report. Returns what happened: done, completed (a
+        predecessor's metrics were there: plots, table and tag added), corrupt, skipped, claimed
+        elsewhere, already done, stopped."""
+        claim = self._claim(p)
         if claim is None:
             return "claimed elsewhere"
-        claim.keep_alive()
         try:
-            tags = self.client.get_run(p.run_id).data.tags
-            if DONE_PREFIX + p.tag in tags:
+            if DONE_PREFIX + p.tag in self.client.get_run(p.run_id).data.tags:
                 return "already done"
             # A harness that died between its metrics and its tag left the metrics: they stand,
             # and only the plots, the table and the tag are made here.
-            logged = any(
-                m.step == p.step for m in self.client.get_metric_history(p.run_id, self.first_key)
-            )
+            logged = self._metrics_logged(p)
             try:
-                ref = resolve(p.uri, cache_dir=self.cache_dir)
-            except CheckpointError as e:
-                log.error("checkpoint %s is corrupt, skipping it: %s", p.uri, e)
-                self._tag(p, f"corrupt: {e}"[:4900])
-                return "corrupt"
-            except FileNotFoundError as e:
-                log.warning("checkpoint %s is not there (purged?): %s", p.uri, e)
-                self._tag(p, f"skipped: {e}"[:4900])
-                return "skipped"
+                ref = reader.fetch(reader.locate(p.uri), self.cache_dir)
+            except (CheckpointError, FileNotFoundError) as e:
+                return self._unusable(p, e)
             log.info("evaluating %s (step %d) of run %s", p.tag, p.step, p.run_id)
             t0 = time.perf_counter()
-            outcome = evaluate_checkpoint(ref, self.specs, state, self.stop.is_set)
+            weights = reader.consolidated_state_dict(ref)
+            outcome = evaluate_checkpoint(ref, self.specs, self._state(p), self.stop.is_set,
+                                          weights)  # fmt: skip
             if claim.lost or not claim.renew():
                 log.warning("lost the claim on %s: not reporting", p.uri)
                 return "claimed elsewhere"
@@ -341,6 +335,28 @@ class Harness:
             return "stopped"
         finally:
             claim.release()
+
+    def _claim(self, p: Pending) -> cl.Claim | None:
+        url = storage.join(self._state(p), "claims", p.run_id, p.tag + ".json")
+        claim = cl.try_claim(url, self.owner, self.ttl_s)
+        if claim is not None:
+            claim.keep_alive()
+        return claim
+
+    def _metrics_logged(self, p: Pending) -> bool:
+        history = self.client.get_metric_history(p.run_id, self.first_key)
+        return any(m.step == p.step for m in history)
+
+    def _unusable(self, p: Pending, e: Exception) -> str:
+        """Tag a checkpoint that cannot be evaluated: corrupt (its files do not verify) or
+        skipped (it is not there any more: purged)."""
+        if isinstance(e, CheckpointError):
+            log.error("checkpoint %s is corrupt, skipping it: %s", p.uri, e)
+            self._tag(p, f"corrupt: {e}"[:4900])
+            return "corrupt"
+        log.warning("checkpoint %s is not there (purged?): %s", p.uri, e)
+        self._tag(p, f"skipped: {e}"[:4900])
+        return "skipped"
 
     def report(self, p: Pending, o: Outcome, seconds: float, metrics: bool = True) -> None:
         from mlflow.entities import Metric

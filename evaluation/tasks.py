@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from darkmatter import storage
+from darkmatter.data_pipeline import transforms
 from darkmatter.data_pipeline.transforms import images_to_tensor
 from darkmatter.storage import open_url, read_bytes
 
@@ -275,7 +276,6 @@ def video_inputs(clips: list[Any], num_frames: int, stride: int, size: int) -> d
     and made into inputs as the video objective's training batches are, with the centred
     window of frames where training draws its offset."""
     from darkmatter.data_pipeline.prepare import read_clip
-    from darkmatter.trainer.objectives.video import clips_to_tensor
 
     frames = []
     for i, clip in enumerate(clips):
@@ -286,7 +286,7 @@ def video_inputs(clips: list[Any], num_frames: int, stride: int, size: int) -> d
             frames.append(np.stack(read_clip(data)[0]))
         except (ValueError, TypeError) as e:
             raise TaskError(f"video item {i} of the task: not a readable clip ({e})") from None
-    return {"pixel_values": clips_to_tensor(frames, num_frames, stride, size)}
+    return {"pixel_values": transforms.clips_to_tensor(frames, num_frames, stride, size)}
 
 
 def audio_inputs(clips: list[Any], seconds: float, mask_length: int) -> dict[str, torch.Tensor]:
@@ -294,8 +294,6 @@ def audio_inputs(clips: list[Any], seconds: float, mask_length: int) -> dict[str
     and made into inputs as the wav2vec2 objective's training batches are (resampled to 16 kHz,
     normalized, padded), from the start of each clip where training crops at random."""
     import soundfile
-
-    from darkmatter.trainer.objectives.wav2vec2 import audio_inputs as clip_inputs
 
     waves, rates = [], []
     for i, clip in enumerate(clips):
@@ -309,4 +307,4 @@ def audio_inputs(clips: list[Any], seconds: float, mask_length: int) -> dict[str
         waves.append(wave.mean(axis=1))
         rates.append(int(rate))
     where = [f"audio item {i} of the task" for i in range(len(clips))]
-    return clip_inputs(waves, rates, seconds, mask_length, where)
+    return transforms.audio_inputs(waves, rates, seconds, mask_length, where)
