@@ -14,12 +14,7 @@ import functools
 import json
 import logging
 import math
-import os
 import platform
-import re
-import signal
-import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +33,7 @@ from darkmatter.trainer import engine as eng
 from darkmatter.trainer import environment, perf
 from darkmatter.trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
 from darkmatter.trainer.objectives import OBJECTIVES, Objective
+from darkmatter.trainer.preemption import PREEMPTED_EXIT, Preempted, Signals, slurm_requeue
 from darkmatter.trainer.resume import Position, Resumer, truncate_metrics
 from darkmatter.trainer.tracking import Tracker, TrackingError, check_reachable, redact, resolve_uri
 
@@ -123,36 +119,6 @@ def make_stream(cfg: Config, rank: int, world_size: int) -> DataStream:
     )  # fmt: skip
 
 
-class Preempted(Exception):
-    """The job was asked to stop (a preemption signal); its checkpoint is committed."""
-
-    def __init__(self, signal_name: str):
-        super().__init__(f"preempted by {signal_name}")
-        self.signal_name = signal_name
-
-
-class _Signals:
-    """Preemption signals set a flag that the loop reads at the next step boundary. A watchdog
-    ends the process when the grace period runs out, checkpoint or not: a torn save is safe."""
-
-    def __init__(self, names: str, grace_s: float):
-        self.received: str | None = None
-        self.grace_s = grace_s
-        for name in filter(None, (n.strip() for n in names.split(","))):
-            signal.signal(getattr(signal, name), self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-            log.warning("%s received: checkpointing at the end of this step", self.received)
-            threading.Thread(target=self._watchdog, name="grace", daemon=True).start()
-
-    def _watchdog(self) -> None:
-        time.sleep(self.grace_s)
-        log.error("grace period of %.0f s ran out before the checkpoint committed", self.grace_s)
-        os._exit(PREEMPTED_EXIT)
-
-
 class Trainer:
     def __init__(self, cfg: Config, objective: Objective, rank: int, world_size: int):
         self.cfg, self.objective, self.rank, self.world_size = cfg, objective, rank, world_size
@@ -179,7 +145,7 @@ class Trainer:
             async_save=c.async_save, policy=self.policy, keep_last=c.keep_last,
             keep_every=c.keep_every,
         )  # fmt: skip
-        self.signals = _Signals(cfg.faults.signals, cfg.faults.grace_s)
+        self.signals = Signals(cfg.faults.signals, cfg.faults.grace_s)
         self.stream = make_stream(cfg, rank, world_size)
         self.pos = self.resumer.load(found, self.engine, self.stream)
         self.nodes = sorted(set(eng.all_gather(platform.node())))
@@ -545,9 +511,6 @@ class _Window:
         return self.loss_sum / self.applied if self.applied else float("nan")
 
 
-PREEMPTED_EXIT = 143  # 128 + SIGTERM: what schedulers expect of a job that stopped on request
-
-
 def run_worker(cfg: Config) -> int:
     """Entry point of one rank."""
     objective = preflight(cfg)
@@ -561,7 +524,7 @@ def run_worker(cfg: Config) -> int:
             trainer.tracker.finish("KILLED")
         log.warning("%s: checkpoint at step %d committed, exiting", p, trainer.pos.step)
         if rank == 0 and cfg.faults.requeue:
-            _slurm_requeue()
+            slurm_requeue()
         trainer.stream.close()
         eng.shutdown()
         return PREEMPTED_EXIT
@@ -584,26 +547,3 @@ def run_worker(cfg: Config) -> int:
                           "mlflow_run_id": pos.mlflow_run_id}))  # fmt: skip
     eng.shutdown()
     return 0
-
-
-def _slurm_requeue() -> None:
-    """Under SLURM, put the job back in the queue; it continues from the checkpoint just made."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return
-    if task := os.environ.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{job}_{task}"
-    if not re.fullmatch(r"\d+(_\d+)?", job):  # never pass an unchecked value to a command
-        log.error("SLURM job id %r is malformed: not requeueing", job)
-        return
-    try:
-        out = subprocess.run(
-            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:  # no scontrol here, or it hangs
-        log.error("scontrol requeue %s failed: %s", job, e)
-        return
-    if out.returncode:
-        log.error("scontrol requeue %s failed: %s", job, out.stderr.strip())
-    else:
-        log.warning("requeued SLURM job %s", job)
