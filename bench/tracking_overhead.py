@@ -42,7 +42,7 @@ def main() -> None:
 
     from darkmatter.data_pipeline.prepare import prepare
     from darkmatter.trainer import engine as eng
-    from darkmatter.trainer.config import load_config
+    from darkmatter.trainer.objectives import load_config
     from darkmatter.trainer.train import Trainer, _Window, preflight
 
     with _common.workdir("dm-bench-track-") as tmp, _common.local_stack(tmp) as stack:

@@ -65,7 +65,8 @@ def main() -> None:
 
     from darkmatter.data_pipeline.prepare import prepare
     from darkmatter.trainer import engine as eng
-    from darkmatter.trainer.config import deepspeed_config, load_config
+    from darkmatter.trainer.config import deepspeed_config
+    from darkmatter.trainer.objectives import load_config
     from darkmatter.trainer.train import Trainer, micro_batch_generator, preflight
 
     with _common.workdir("dm-bench-overhead-") as tmp:

@@ -131,8 +131,8 @@ def measure_build(args: argparse.Namespace, world: int) -> dict[str, Any]:
 
     from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
     from darkmatter.trainer import engine as eng
-    from darkmatter.trainer.config import deepspeed_config, load_config
-    from darkmatter.trainer.objectives import OBJECTIVES
+    from darkmatter.trainer.config import deepspeed_config
+    from darkmatter.trainer.objectives import OBJECTIVES, load_config
 
     model = _common.bench_bert(True) if args.quick else BERT_LARGE
     vocab = args.vocab if args.quick else BERT_LARGE_VOCAB
@@ -172,8 +172,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
     from darkmatter.trainer import engine as eng
-    from darkmatter.trainer.config import deepspeed_config, load_config
-    from darkmatter.trainer.objectives import OBJECTIVES
+    from darkmatter.trainer.config import deepspeed_config
+    from darkmatter.trainer.objectives import OBJECTIVES, load_config
 
     rank, world, _ = eng.init_distributed()
     out_dir = Path(args.out)

@@ -41,7 +41,8 @@ def pretrain_main(argv: list[str]) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and stop")
     args = p.parse_intermixed_args(argv)
 
-    from darkmatter.trainer.config import batch_plan, deepspeed_config, load_config, to_dict
+    from darkmatter.trainer.config import batch_plan, deepspeed_config, to_dict
+    from darkmatter.trainer.objectives import load_config
 
     overrides = list(args.overrides)
     if args.resume_from:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ensure espeak-ng (Debian's package) is here: the wav2vec2 quickstart speaks its spoken-digits
-# corpus with it, offline (trainer/speech.py).
+# corpus with it, offline (darkmatter/quickstart/speech.py).
 #
 # Idempotent and quiet: a fast no-op when the binary is there. It never fails the build: where
 # it cannot install (not root, no apt-get, no network) it says why and exits 0, and what needs

@@ -10,12 +10,14 @@ import pytest
 
 from darkmatter.trainer.config import (
     ConfigError,
+    ModelConfig,
     batch_plan,
     deepspeed_config,
     flatten,
-    load_config,
+    model_keys,
     to_dict,
 )
+from darkmatter.trainer.objectives import OBJECTIVES, load_config, settings_class
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = """
@@ -79,18 +81,30 @@ def test_errors_name_the_key(tmp_path: Path, text: str, override: str | None, me
 @pytest.mark.parametrize(
     ("objective", "expected"),
     [("mlm", 0.15), ("span", 0.15), ("mae", 0.75), ("video", 0.9), ("wav2vec2", 0.65),
-     ("simclr", 0.0)],
+     ("simclr", None)],
 )  # fmt: skip
 def test_mask_ratio_defaults_to_the_objectives_own(
-    tmp_path: Path, objective: str, expected: float
+    tmp_path: Path, objective: str, expected: float | None
 ) -> None:
-    """Unset, model.mask_ratio is the objective's paper's share (MAE hiding 15% like BERT would
-    be a silent mistake); set, it is the user's; an objective that masks nothing keeps 0."""
+    """Unset (or 0), model.mask_ratio is the objective's paper's share (MAE hiding 15% like BERT
+    would be a silent mistake), and that is the value logged; set, it is the user's; an
+    objective that masks nothing has no such key."""
     text = BASE.replace("objective: mlm", f"objective: {objective}")
-    assert load_config(write(tmp_path, text)).model.mask_ratio == expected
-    if expected:
-        chosen = load_config(write(tmp_path, text), ["model.mask_ratio=0.5"])
-        assert chosen.model.mask_ratio == 0.5
+    cfg = load_config(write(tmp_path, text))
+    if expected is None:
+        assert not hasattr(cfg.objective_settings, "mask_ratio")
+        with pytest.raises(
+            ConfigError, match=f"model.mask_ratio: unknown key for objective {objective}"
+        ):
+            load_config(write(tmp_path, text), ["model.mask_ratio=0.5"])
+        return
+    assert cfg.objective_settings.mask_ratio == expected  # type: ignore[attr-defined]
+    assert flatten(to_dict(cfg))["model.mask_ratio"] == expected
+    zero = load_config(write(tmp_path, text), ["model.mask_ratio=0"])
+    assert zero.objective_settings.mask_ratio == expected  # type: ignore[attr-defined]
+    chosen = load_config(write(tmp_path, text), ["model.mask_ratio=0.5"])
+    assert chosen.objective_settings.mask_ratio == 0.5  # type: ignore[attr-defined]
+    assert flatten(to_dict(chosen))["model.mask_ratio"] == 0.5
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
@@ -139,3 +153,109 @@ def test_cli_config_error_is_one_line(tmp_path: Path) -> None:
     assert lines == [
         "darkmatter pretrain: error: train_typo: unknown key (known here: checkpoint, data, deepspeed, faults, model, objective, tracking, train)"
     ]
+
+
+def test_each_objective_takes_its_own_model_keys(tmp_path: Path) -> None:
+    """`model:` holds the common keys and the chosen objective's settings: a key of another
+    objective is refused naming the key and the objective; the objective that owns it takes it,
+    and dumps and MLflow params keep its name under `model.`."""
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["model.momentum=0.99"])
+    assert str(e.value).startswith(
+        "model.momentum: unknown key for objective mlm (known here: attention, dropout, "
+        "hidden_size, init_from, intermediate_size, mask_ratio, num_heads, num_layers)"
+    )
+    byol = BASE.replace("objective: mlm", "objective: byol") + "model: {momentum: 0.99}\n"
+    cfg = load_config(write(tmp_path, byol), ["model.num_layers=3"])
+    assert cfg.objective_settings.momentum == 0.99  # type: ignore[attr-defined]
+    assert cfg.model.num_layers == 3
+    params = flatten(to_dict(cfg))
+    assert params["model.momentum"] == 0.99 and params["model.num_layers"] == 3
+    with pytest.raises(ConfigError, match=r"model.momentum: expected in \[0, 1\), got 1.5"):
+        load_config(write(tmp_path, byol), ["model.momentum=1.5"])
+    with pytest.raises(ConfigError, match="model.momentum: expected a number, got 'high'"):
+        load_config(write(tmp_path, byol), ["model.momentum=high"])
+
+
+def test_settings_are_dataclasses_beside_their_objectives() -> None:
+    """Every objective's settings class: its own fields only (none shadows a common key), each
+    with a one-line-or-more docstring in its source, and defaults for all of them."""
+    import ast
+    import dataclasses
+    import inspect
+
+    common = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name, objective in OBJECTIVES.items():
+        settings = settings_class(name)
+        assert settings is objective.settings_class
+        fields = [f.name for f in dataclasses.fields(settings)]
+        assert not common.intersection(fields), (name, common.intersection(fields))
+        assert model_keys(settings) == [*(f.name for f in dataclasses.fields(ModelConfig)), *fields]
+        settings()  # every field has a default
+        documented: set[str] = set()
+        for cls in settings.__mro__:
+            if not dataclasses.is_dataclass(cls):
+                continue
+            body = ast.parse(inspect.getsource(cls)).body[0].body  # type: ignore[attr-defined]
+            for stmt, after in zip(body, body[1:], strict=False):
+                if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr):
+                    documented.add(stmt.target.id)  # type: ignore[union-attr]
+        assert documented.issuperset(fields), (name, set(fields) - documented)
+        if objective.default_mask_ratio is not None:
+            assert "mask_ratio" in fields, name
+
+
+def test_dry_run_keeps_each_settings_name_and_value(capsys: pytest.CaptureFixture[str]) -> None:
+    """The MAE preset's dry run: the model section holds the common keys, then MAE's own, with
+    the names and values it showed when one flat ModelConfig held every objective's fields (the
+    keys no objective but another read, such as tubelet_size or momentum, are gone). What it
+    prints loads back to the same config."""
+    from darkmatter.cli import pretrain_main
+
+    assert pretrain_main([str(REPO / "configs" / "quickstart_mae.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    section = out.split("\nmodel:\n", 1)[1].split("\ntracking:\n", 1)[0]
+    assert section.splitlines() == [
+        "  hidden_size: 128", "  num_layers: 2", "  num_heads: 2", "  intermediate_size: 512",
+        "  dropout: 0.1", "  attention: sdpa", "  init_from: ''",
+        "  patch_size: 4", "  decoder_hidden_size: 64", "  decoder_num_layers: 1",
+        "  mask_ratio: 0.75",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("quickstart_*.yaml")), ids=str)
+def test_resolved_config_loads_back(tmp_path: Path, preset: Path) -> None:
+    """What the dry run and the config.yaml artifact write (to_dict) is a config that loads to
+    the same values: the objective's settings go back to it, the common keys to ModelConfig."""
+    import yaml
+
+    cfg = load_config(preset)
+    again = load_config(write(tmp_path, yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    assert to_dict(again) == to_dict(cfg)
+    assert type(again.objective_settings) is settings_class(cfg.objective)
+
+
+def test_config_never_imports_the_objectives() -> None:
+    """Imports point one way: the objectives import trainer.config; config, and whatever it
+    imports (in functions too), never imports the objectives."""
+    import ast
+
+    seen, todo = set(), ["darkmatter.trainer.config"]
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")[1:]  # darkmatter.trainer.config -> trainer/config.py
+        path = REPO.joinpath(*parts).with_suffix(".py")
+        if not path.is_file():
+            path = REPO.joinpath(*parts, "__init__.py")
+        if not path.is_file():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                todo += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+        todo = [m for m in todo if m.startswith("darkmatter.")]
+    assert not [m for m in seen if m.startswith("darkmatter.trainer.objectives")]

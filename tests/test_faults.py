@@ -196,8 +196,8 @@ def test_nan_or_spike_on_one_rank_skips_everywhere_and_repeats_roll_back(
     """Without ZeRO, DeepSpeed would apply a NaN gradient; the gate vetoes it on both ranks.
     Steps 11 (a gradient-norm spike) and 12 (NaN) make two skips in the window: roll back to
     the checkpoint of step 8, with the data stream moving on past the bad window."""
-    from darkmatter.trainer.config import load_config
     from darkmatter.trainer.engine import lr_lambda
+    from darkmatter.trainer.objectives import load_config
 
     run_dir = tmp_path / "run"
     cfg = write_config(

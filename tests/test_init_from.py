@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from darkmatter.trainer.config import ConfigError, load_config
+from darkmatter.trainer.config import ConfigError
+from darkmatter.trainer.objectives import load_config
 from tests.helpers import metrics, run_darkmatter, synthetic_corpus, write_config
 
 REGISTERED = "init-from-encoder"

@@ -367,18 +367,20 @@ def test_the_k8s_services_buckets_and_experiment_agree() -> None:
 
 def names_in_code() -> set[str]:
     """Environment variable names the code mentions: every ALL_CAPS_WITH_UNDERSCORE string
-    constant in trainer/, data_pipeline/ and evaluation/ (os.environ keys, the variables the
-    local stack sets for the S3 and MLflow clients, ...)."""
+    constant in storage/, data_pipeline/, trainer/, evaluation/ and darkmatter/ (its CLI and the
+    local stack: os.environ keys, the variables the stack sets for the S3 and MLflow clients,
+    ...). darkmatter/'s links to the other folders are not followed: each file is read once."""
     names = set()
-    for pkg in ("darkmatter.trainer", "darkmatter.data_pipeline", "darkmatter.evaluation"):
-        for path in (REPO_ROOT / pkg).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if (
-                    isinstance(node, ast.Constant)
-                    and isinstance(node.value, str)
-                    and re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", node.value)
-                ):
-                    names.add(node.value)
+    folders = ("storage", "data_pipeline", "trainer", "evaluation", "darkmatter/quickstart")
+    paths = [p for pkg in folders for p in (REPO_ROOT / pkg).rglob("*.py")]
+    for path in [*paths, REPO_ROOT / "darkmatter" / "cli.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and re.fullmatch(r"[A-Z][A-Z0-9]*(_[A-Z0-9]+)+", node.value)
+            ):
+                names.add(node.value)
     return names
 
 
@@ -411,7 +413,7 @@ def _darkmatter_containers() -> Iterator[tuple[str, dict[str, str], list[str], s
         c = pod["containers"][0]
         yield where, env_of(c), c.get("command", []) + c.get("args", []), reads
     services = compose()["services"]
-    for name in ("darkmatter.trainer", "evaluator"):
+    for name in ("trainer", "evaluator"):
         s = services[name]
         yield f"compose.yaml {name}", dict(s["environment"]), s["command"], code
 
@@ -467,10 +469,10 @@ def test_compose_matches_the_compose_spec_schema() -> None:
     data = compose()
     assert list(validator.iter_errors(data)) == []
     broken = copy.deepcopy(data)
-    broken["services"]["darkmatter.trainer"]["stop_grace_periods"] = "150s"
+    broken["services"]["trainer"]["stop_grace_periods"] = "150s"
     assert list(validator.iter_errors(broken)), "a misspelled service key passed the schema"
     assert set(data["services"]) == {
-        "minio", "minio-bucket", "postgres", "mlflow", "darkmatter.trainer", "evaluator"}  # fmt: skip
+        "minio", "minio-bucket", "postgres", "mlflow", "trainer", "evaluator"}  # fmt: skip
 
 
 def test_compose_commands_parse_with_the_real_cli(
@@ -485,7 +487,7 @@ def test_compose_commands_parse_with_the_real_cli(
 
     services = interpolate(compose()["services"])
     monkeypatch.chdir(REPO_ROOT)
-    trainer = services["darkmatter.trainer"]["command"]
+    trainer = services["trainer"]["command"]
     assert trainer[0] == "pretrain"
     overrides = [a for a in trainer if "=" in a and not a.startswith("-")]
     for o in overrides:  # every override names a field of the config dataclasses
@@ -506,7 +508,7 @@ def test_compose_commands_parse_with_the_real_cli(
     (created,) = re.findall(r"mc mb --ignore-existing darkmatter/([a-z0-9.-]+)",
                             str(services["minio-bucket"]["command"]))  # fmt: skip
     assert set(re.findall(r"s3://([^/\s\"']+)", COMPOSE.read_text())) == {created}
-    assert services["darkmatter.trainer"]["stop_grace_period"] == "150s"
+    assert services["trainer"]["stop_grace_period"] == "150s"
 
 
 # ----------------------------------------------------------------------------------- Docker

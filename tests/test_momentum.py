@@ -19,12 +19,15 @@ from darkmatter.trainer.config import (
     DataConfig,
     ModelConfig,
     TrainConfig,
-    validate,
 )
-from darkmatter.trainer.objectives import OBJECTIVES
-from darkmatter.trainer.objectives.byol import regression_loss
+from darkmatter.trainer.objectives import OBJECTIVES, check_config
+from darkmatter.trainer.objectives.byol import BYOLSettings, regression_loss
 from darkmatter.trainer.objectives.contrastive import info_nce
+from darkmatter.trainer.objectives.moco import MoCoSettings
 from darkmatter.trainer.objectives.momentum import ema_update, momentum_at
+from darkmatter.trainer.objectives.simclr import SimCLRSettings
+
+SETTINGS = {"byol": BYOLSettings, "moco": MoCoSettings}
 
 
 def _unit(v: torch.Tensor) -> list[float]:
@@ -103,11 +106,14 @@ def digits(n: int) -> list[dict[str, np.ndarray]]:
 
 
 def _objective(name: str) -> object:
+    heads = {"patch_size": 4, "projection_dim": 16}
+    settings = (SimCLRSettings(**heads) if name == "simclr"
+                else SETTINGS[name](**heads, head_hidden_size=64))  # fmt: skip
     cfg = Config(
         objective=name, data=DataConfig(url="unused", image_size=16, min_crop_scale=0.5),
         train=TrainConfig(steps=40),
-        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                          patch_size=4, projection_dim=16, head_hidden_size=64),
+        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        objective_settings=settings,
     )  # fmt: skip
     return OBJECTIVES[name](cfg, {"modality": "image"})
 
@@ -122,7 +128,7 @@ def test_the_teacher_starts_as_the_online_network_and_follows_it(name: str) -> N
     assert len(teacher) == len(online)
     assert all(torch.equal(t, o) for t, o in zip(teacher, online, strict=True))
     assert not any(t.requires_grad for t in teacher) and all(o.requires_grad for o in online)
-    # The harness takes `vit.` alone (evaluation.checkpoints.ENCODER_PREFIX): a whole ViTModel.
+    # The harness takes `vit.` alone (darkmatter.trainer.checkpoint_reader.ENCODER_PREFIX): a whole ViTModel.
     keys = model.state_dict().keys()
     encoder = {k.removeprefix("vit.") for k in keys if k.startswith("vit.")}
     assert encoder == set(model.teacher["vit"].state_dict())
@@ -145,18 +151,16 @@ def test_the_teacher_starts_as_the_online_network_and_follows_it(name: str) -> N
 
 @pytest.mark.parametrize("name", ["byol", "moco"])
 def test_zero3_is_refused_by_name(name: str) -> None:
-    cfg = Config(
-        objective=name, data=DataConfig(url="unused"), train=TrainConfig(steps=1, zero_stage=3)
-    )
+    def config(stage: int) -> Config:
+        return Config(objective=name, data=DataConfig(url="unused"),
+                      train=TrainConfig(steps=1, zero_stage=stage),
+                      objective_settings=SETTINGS[name]())  # fmt: skip
+
     with pytest.raises(
         ConfigError, match=f"train.zero_stage: objective {name} keeps an EMA teacher"
     ):
-        validate(cfg)
-    validate(
-        Config(
-            objective=name, data=DataConfig(url="unused"), train=TrainConfig(steps=1, zero_stage=2)
-        )
-    )
+        check_config(config(3))
+    check_config(config(2))
 
 
 @pytest.mark.parametrize(

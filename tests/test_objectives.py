@@ -8,6 +8,7 @@ import torch
 from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
 from darkmatter.trainer.config import Config, DataConfig, ModelConfig, TrainConfig
 from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.objectives.mae import MAESettings
 from darkmatter.trainer.objectives.mlm import SpecialIds, mask_tokens, pad_and_truncate
 
 IDS = SpecialIds(**DEFAULT_SPECIAL_IDS)  # prepare's trained tokenizer: [PAD]=0 ... [MASK]=4
@@ -39,8 +40,8 @@ def test_mae_model_has_sincos_position_embeddings() -> None:
     """transformers 5 builds ViT-MAE with all-zero (frozen) position embeddings; ours are set."""
     cfg = Config(
         objective="mae", data=DataConfig(url="unused", image_size=16), train=TrainConfig(steps=1),
-        model=ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64, patch_size=2,
-                          decoder_hidden_size=32, mask_ratio=0.75),
+        model=ModelConfig(hidden_size=32, num_heads=2, intermediate_size=64),
+        objective_settings=MAESettings(patch_size=2, decoder_hidden_size=32, mask_ratio=0.75),
     )  # fmt: skip
     model = OBJECTIVES["mae"](cfg, {"modality": "image"}).build_model()
     pos = model.vit.embeddings.position_embeddings[0, 1:]  # [64 patches, 32]

@@ -37,6 +37,7 @@ def objective(name: str, seq_len: int = 32, packing: bool = False, layers: int =
         train=TrainConfig(steps=1),
         model=ModelConfig(hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=48,
                           dropout=0.0),
+        objective_settings=OBJECTIVES[name].settings_class(),
     )  # fmt: skip
     return OBJECTIVES[name](cfg, META)
 

@@ -1,6 +1,6 @@
 """DataStream: one epoch order for every world size and worker count, exact and elastic resume.
 
-The order's definition is in data_pipeline/reader.py: global sample g of an epoch is output
+The order's definition is in data_pipeline/reader/order.py: global sample g of an epoch is output
 g // P of partition g % P, and step t trains on g in [t·B, (t+1)·B). These tests run the ranks
 of a layout one after another in this process (ranks are independent readers) and compare what
 they yield with an uninterrupted single-rank run.

@@ -24,6 +24,7 @@ from darkmatter.trainer.objectives.contrastive import (
     info_nce,
     nt_xent,
 )
+from darkmatter.trainer.objectives.simclr import SimCLRSettings
 
 
 def nt_xent_by_the_formula(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -113,8 +114,8 @@ def test_views_are_a_function_of_the_generator() -> None:
 def _objective() -> object:
     cfg = Config(
         objective="simclr", data=DataConfig(url="unused", image_size=16), train=TrainConfig(steps=1),
-        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                          patch_size=4, projection_dim=16),
+        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        objective_settings=SimCLRSettings(patch_size=4, projection_dim=16),
     )  # fmt: skip
     return OBJECTIVES["simclr"](cfg, {"modality": "image"})
 

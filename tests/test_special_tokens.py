@@ -48,10 +48,14 @@ def bert_like_tokenizer(path: Path, with_mask: bool = True) -> Path:
 
 
 def config(url: str, objective: str = "mlm", mask_ratio: float = 0.0) -> Config:
+    settings = OBJECTIVES[objective].settings_class()
+    if mask_ratio:  # mlm, span
+        settings.mask_ratio = mask_ratio  # type: ignore[attr-defined]
     return Config(
         objective=objective, data=DataConfig(url=url, seq_len=32), train=TrainConfig(steps=1),
         model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=48,
-                          dropout=0.0, mask_ratio=mask_ratio),
+                          dropout=0.0),
+        objective_settings=settings,
     )  # fmt: skip
 
 

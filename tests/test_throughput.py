@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
-from darkmatter.trainer.config import ConfigError, load_config
+from darkmatter.trainer.config import ConfigError
+from darkmatter.trainer.objectives import load_config
 from darkmatter.trainer.objectives.mlm import MLMObjective, pack
 from tests.helpers import metrics, run_darkmatter, write_config
 

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from darkmatter.trainer.config import load_config
 from darkmatter.trainer.engine import lr_lambda
+from darkmatter.trainer.objectives import load_config
 from tests.helpers import metrics, run_darkmatter, write_config
 
 

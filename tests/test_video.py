@@ -27,7 +27,7 @@ from darkmatter.data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
 from darkmatter.quickstart.video_data import moving_digits
 from darkmatter.trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
 from darkmatter.trainer.objectives import OBJECTIVES
-from darkmatter.trainer.objectives.video import VideoObjective, frame_indices
+from darkmatter.trainer.objectives.video import VideoObjective, VideoSettings, frame_indices
 
 
 def objective(mask_ratio: float = 0.9, num_frames: int = 4, image_size: int = 16) -> Any:
@@ -36,9 +36,10 @@ def objective(mask_ratio: float = 0.9, num_frames: int = 4, image_size: int = 16
         data=DataConfig(url="unused", image_size=image_size, num_frames=num_frames,
                         frame_stride=2),
         train=TrainConfig(steps=1),
-        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                          patch_size=4, decoder_hidden_size=32, decoder_num_layers=1,
-                          mask_ratio=mask_ratio, tubelet_size=2),
+        model=ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        objective_settings=VideoSettings(patch_size=4, decoder_hidden_size=32,
+                                         decoder_num_layers=1, mask_ratio=mask_ratio,
+                                         tubelet_size=2),
     )  # fmt: skip
     return OBJECTIVES["video"](cfg, {"modality": "video"})
 

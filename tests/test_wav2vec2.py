@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from darkmatter.trainer.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig
-from darkmatter.trainer.objectives import OBJECTIVES
+from darkmatter.trainer.config import ConfigError, build_config
+from darkmatter.trainer.objectives import OBJECTIVES, settings_class
 from darkmatter.trainer.objectives.base import Objective
 from darkmatter.trainer.objectives.wav2vec2 import (
     CODEBOOKS,
@@ -38,8 +38,8 @@ def objective(seconds: float = SECONDS, **model: Any) -> Objective:
     m = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
          "conv_dim": 16, "mask_ratio": 0.5, "mask_length": 3, "num_negatives": 5,
          "codevectors": 8, "projection_dim": 16, "temperature": 0.1, "dropout": 0.0, **model}  # fmt: skip
-    cfg = Config(objective="wav2vec2", data=DataConfig(url="unused", audio_seconds=seconds),
-                 train=TrainConfig(steps=1), model=ModelConfig(**m))  # fmt: skip
+    cfg = build_config({"objective": "wav2vec2", "data": {"url": "unused", "audio_seconds": seconds},
+                        "train": {"steps": 1}, "model": m}, settings_class)  # fmt: skip
     return OBJECTIVES["wav2vec2"](cfg, {"modality": "audio"})
 
 
@@ -196,7 +196,7 @@ def test_flops_are_what_the_model_computes() -> None:
     batch = obj.make_batch(words([5000, 4000, 6000]), torch.Generator().manual_seed(0))
     with FlopCounterMode(display=False) as counter:
         model(**batch)
-    m, t = obj.cfg.model, frames(round(SECONDS * SAMPLE_RATE))
+    m, t = obj.settings, frames(round(SECONDS * SAMPLE_RATE))  # type: ignore[attr-defined]
     elementwise = 6 * 3 * t * (m.codevectors + m.num_negatives + 1) * m.projection_dim
     assert obj.flops(batch) == 3 * counter.get_total_flops() + elementwise
     assert obj.tokens(batch) == 3 * t

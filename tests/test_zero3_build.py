@@ -25,12 +25,14 @@ MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size"
 def _config(name: str, stage: int, run_dir: Path) -> Any:
     import yaml
 
-    from darkmatter.trainer.config import load_config
+    from darkmatter.trainer.config import model_keys
+    from darkmatter.trainer.objectives import load_config, settings_class
 
+    keys = model_keys(settings_class(name))  # each objective takes its own of MODEL's keys
     raw = {"objective": name,
            "data": {"url": "unused", "seq_len": 32, "image_size": 16, "num_frames": 4,
                     "audio_seconds": 0.2},
-           "model": MODEL,
+           "model": {k: v for k, v in MODEL.items() if k in keys},
            "train": {"steps": 10, "micro_batch_size": 2, "zero_stage": stage, "warmup_steps": 1,
                      "run_dir": str(run_dir)},
            "tracking": {"enabled": False}}  # fmt: skip
@@ -155,11 +157,12 @@ def test_zero3_builds_every_objective_partitioned_with_the_whole_builds_weights(
     text_ds: str, tmp_path: Path
 ) -> None:
     from darkmatter.trainer.config import Config, DataConfig, TrainConfig
+    from darkmatter.trainer.objectives.mlm import MLMSettings
     from darkmatter.trainer.train import dataset_meta
     from tests.helpers import free_port
 
     meta = dataset_meta(Config(objective="mlm", data=DataConfig(url=text_ds),
-                               train=TrainConfig(steps=1)))  # fmt: skip
+                               train=TrainConfig(steps=1), objective_settings=MLMSettings()))  # fmt: skip
     mp.spawn(_worker, args=(free_port(), str(tmp_path), meta), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for name in OBJECTIVES:

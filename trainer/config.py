@@ -3,6 +3,12 @@
 Every error names the dotted key it is about (`train.zero_stage: expected 0-3, got 5`). The
 `deepspeed:` section is passed through to DeepSpeed untouched except for the batch fields, which
 are derived here once: micro_batch × grad_accum × world_size = global_batch.
+
+This module owns the sections every objective shares and never imports the objectives: each
+objective owns its settings dataclass (an `ObjectiveSettings`, beside its code), and its keys sit
+under `model:` in YAML beside the common `ModelConfig` ones. `build_config` splits that mapping
+with the settings class it is handed; `trainer.objectives.load_config` hands it the registry's
+and adds the objective's own checks, so imports point one way: objectives -> config.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +80,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The encoder's shape and how it runs, common to every objective. An objective's own keys
+    (masking, heads, decoder, ...) sit beside these under `model:`: see ObjectiveSettings."""
+
     hidden_size: int = 128
     """Width of the encoder."""
     num_layers: int = 2
@@ -81,40 +91,8 @@ class ModelConfig:
     """Attention heads per block."""
     intermediate_size: int = 512
     """Width of the feed-forward layer."""
-    patch_size: int = 4
-    """ViT patch side in pixels (image objectives)."""
-    tubelet_size: int = 2
-    """Video: frames one patch spans (VideoMAE's tubes, 2 frames x patch x patch)."""
-    decoder_hidden_size: int = 128
-    """MAE decoder width."""
-    decoder_num_layers: int = 1
-    """MAE decoder blocks."""
-    projection_dim: int = 128
-    """Output width of the projection head (contrastive objectives)."""
-    temperature: float = 0.2
-    """Softmax temperature of the contrastive loss (SimCLR used 0.1-0.5; smaller batches
-    prefer the higher end)."""
-    head_hidden_size: int = 512
-    """Hidden width of the projection and prediction MLPs of byol and moco (the papers: 4096)."""
-    momentum: float = 0.996
-    """Momentum of the EMA teacher (byol, moco) at step 0; it rises to 1 over train.steps on a
-    cosine (BYOL: 0.996; MoCo v3: 0.99)."""
-    mask_ratio: float = 0.0
-    """Share of the input hidden by a masking objective; 0: the objective's own (its paper's)
-    share: mlm and span 0.15, mae 0.75, video 0.9, wav2vec2 0.65 (of the frames, as span
-    starts)."""
     dropout: float = 0.1
     """Dropout probability in the encoder."""
-    conv_dim: int = 512
-    """Audio objectives: channels of each of the 7 convolutions of wav2vec 2.0's feature encoder
-    (kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2: a 25 ms frame every 20 ms at 16 kHz)."""
-    mask_length: int = 10
-    """wav2vec2: frames per masked span; spans start at a fraction mask_ratio of the frames
-    (the paper: 10 and 0.65, which hides about half of them)."""
-    num_negatives: int = 100
-    """wav2vec2: distractors per masked frame, drawn from the masked frames of the same clip."""
-    codevectors: int = 320
-    """wav2vec2: entries of each of the quantizer's 2 codebooks."""
     attention: str = "sdpa"
     """Attention kernel: sdpa (torch's scaled_dot_product_attention, which picks flash or
     memory-efficient kernels on GPUs), eager (the reference implementation), or
@@ -123,6 +101,15 @@ class ModelConfig:
     """Continued pretraining: start from these weights instead of a random init, a
     `darkmatter export` folder (local or s3://…) or a registered model (models:/NAME/VERSION);
     empty: random init. A resumed run takes its weights from its checkpoint instead."""
+
+
+@dataclass
+class ObjectiveSettings:
+    """Base of an objective's own settings: a dataclass beside the objective's code (MAESettings
+    in trainer/objectives/mae.py), named by its `settings_class`. Its fields are written under
+    `model:` with ModelConfig's, and keep those names in dumps and MLflow params (model.mask_ratio);
+    code reads them as `cfg.objective_settings.<name>` (typed inside an objective:
+    `self.settings.<name>`). An objective with no settings of its own uses this class as is."""
 
 
 @dataclass
@@ -244,13 +231,16 @@ class TrackingConfig:
 @dataclass
 class Config:
     objective: str
-    """Self-supervised objective, a key of trainer.objectives.OBJECTIVES (mlm, mae)."""
+    """Self-supervised objective, a key of trainer.objectives.OBJECTIVES (mlm, mae, ...)."""
     data: DataConfig
     """Where the shards are and how they are read."""
     train: TrainConfig
     """Optimization, schedule, checkpoints."""
+    objective_settings: ObjectiveSettings
+    """The objective's own settings (its settings_class): the `model:` keys that are not
+    ModelConfig's. Not a YAML section of its own: to_dict() writes them back under `model`."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """Encoder size and masking."""
+    """Encoder size, the keys every objective shares."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -309,9 +299,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise AssertionError(f"unsupported config annotation {_type_name(tp)} at {key}")
 
 
-def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
+def _build(
+    cls: Any, raw: dict[str, Any], prefix: str = "", given: dict[str, Any] | None = None
+) -> Any:
+    """`cls` from its raw mapping; `given` holds fields built elsewhere (not YAML keys here)."""
+    given = given or {}
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in given}
     for name in raw:
         if name not in fields:
             dotted = f"{prefix}.{name}" if prefix else name
@@ -327,7 +321,7 @@ def _build(cls: Any, raw: dict[str, Any], prefix: str = "") -> Any:
                 kwargs[name] = _build(hints[name], {}, dotted)
             else:
                 raise ConfigError(f"{dotted}: required key is missing")
-    return cls(**kwargs)
+    return cls(**kwargs, **given)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -345,8 +339,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[keys[-1]] = yaml.safe_load(text) if text != "" else ""
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply overrides, validate, and return a Config."""
+def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML config file as a raw mapping, with the overrides applied; nothing checked yet."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
@@ -360,8 +354,39 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{p}: expected a mapping at the top level")
     for o in overrides:
         apply_override(raw, o)
-    cfg = _build(Config, raw)
-    validate(cfg)
+    return raw
+
+
+def model_keys(settings: type[ObjectiveSettings]) -> list[str]:
+    """The keys `model:` takes with these objective settings: ModelConfig's, then the settings'."""
+    return [f.name for f in dataclasses.fields(ModelConfig)] + [
+        f.name for f in dataclasses.fields(settings)
+    ]
+
+
+def build_config(
+    raw: dict[str, Any], settings_class: Callable[[str], type[ObjectiveSettings]]
+) -> Config:
+    """A Config from a raw mapping. `model:` is split: ModelConfig's keys build the common
+    section, the rest must be fields of `settings_class(objective)` (which raises ConfigError
+    for an unknown objective). Types and unknown keys are checked here; ranges by validate()."""
+    if "objective" not in raw:
+        raise ConfigError("objective: required key is missing")
+    name = _coerce(raw["objective"], str, "objective")
+    settings = settings_class(name)
+    model = raw.get("model", {})
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {type(model).__name__}")
+    common, known = {f.name for f in dataclasses.fields(ModelConfig)}, model_keys(settings)
+    for key in model:
+        if key not in known:
+            raise ConfigError(
+                f"model.{key}: unknown key for objective {name} "
+                f"(known here: {', '.join(sorted(known))})"
+            )
+    own = _build(settings, {k: v for k, v in model.items() if k not in common}, "model")
+    rest = {**raw, "model": {k: v for k, v in model.items() if k in common}}
+    cfg: Config = _build(Config, rest, given={"objective_settings": own})
     return cfg
 
 
@@ -370,12 +395,9 @@ ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 def validate(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
-    from darkmatter.trainer.objectives import OBJECTIVES
-
+    """Range checks of the common sections that types alone cannot express. The objective's own
+    checks are its Objective.validate (trainer.objectives.check_config runs both)."""
     t = cfg.train
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"objective: unknown {cfg.objective!r} (known: {', '.join(OBJECTIVES)})")
     if not 0 <= t.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage: expected 0-3, got {t.zero_stage}")
     for section, key in (
@@ -417,36 +439,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: unknown {impl!r} (known: {', '.join(known)})")
     if t.offload_optimizer and t.zero_stage == 0:
         raise ConfigError("train.offload_optimizer: needs train.zero_stage 1-3, got 0")
-    if getattr(OBJECTIVES[cfg.objective], "momentum_teacher", False):
-        if t.zero_stage == 3:
-            raise ConfigError(
-                f"train.zero_stage: objective {cfg.objective} keeps an EMA teacher, which ZeRO-3 "
-                "would partition (not supported): use zero_stage 1 or 2"
-            )
-        if not 0.0 <= cfg.model.momentum < 1.0:
-            raise ConfigError(f"model.momentum: expected in [0, 1), got {cfg.model.momentum}")
-    OBJECTIVES[cfg.objective].resolve_defaults(cfg)
-    if OBJECTIVES[cfg.objective].default_mask_ratio and not 0.0 < cfg.model.mask_ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio: expected in (0, 1), got {cfg.model.mask_ratio}")
     if cfg.model.hidden_size % cfg.model.num_heads:
         raise ConfigError(
             f"model.hidden_size: {cfg.model.hidden_size} is not divisible by "
             f"model.num_heads={cfg.model.num_heads}"
         )
-    if cfg.data.image_size % cfg.model.patch_size:
-        raise ConfigError(
-            f"data.image_size: {cfg.data.image_size} is not divisible by "
-            f"model.patch_size={cfg.model.patch_size}"
-        )
     for key, value in (("data.frame_stride", cfg.data.frame_stride),
-                       ("model.tubelet_size", cfg.model.tubelet_size)):  # fmt: skip
+                       ("data.num_frames", cfg.data.num_frames)):  # fmt: skip
         if value < 1:
             raise ConfigError(f"{key}: expected >= 1, got {value}")
-    if cfg.data.num_frames < 1 or cfg.data.num_frames % cfg.model.tubelet_size:
-        raise ConfigError(
-            f"data.num_frames: {cfg.data.num_frames} is not a positive multiple of "
-            f"model.tubelet_size={cfg.model.tubelet_size}"
-        )
     d = cfg.data
     for key in ("num_workers", "shuffle_buffer", "readahead", "retries"):
         if getattr(d, key) < 0:
@@ -549,7 +550,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as YAML writes it (the dry run, config.yaml, MLflow params through flatten):
+    the objective's settings under `model`, after the common keys, as a config file sets them."""
+    d = dataclasses.asdict(cfg)
+    d["model"] = {**d["model"], **d.pop("objective_settings")}
+    return d
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

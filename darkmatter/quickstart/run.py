@@ -112,7 +112,7 @@ def train_and_probe(config: str, tasks: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from darkmatter.evaluation.tasks import load_tasks
-    from darkmatter.trainer.config import load_config
+    from darkmatter.trainer.objectives import load_config
 
     cfg = load_config(config)
     run_dir = Path(cfg.train.run_dir)
@@ -160,7 +160,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     from darkmatter.quickstart.stack import load_env_defaults
-    from darkmatter.trainer.config import load_config
+    from darkmatter.trainer.objectives import load_config
 
     if not load_env_defaults() and not os.environ.get("AWS_ENDPOINT_URL"):
         raise SystemExit("the local stack is not running: darkmatter stack up")

@@ -1,37 +1,74 @@
 """What every objective provides: a transformers model, a batch builder, and the counts that
-throughput and MFU need. The loss is the model's own (transformers heads compute it)."""
+throughput and MFU need. The loss is the model's own (transformers heads compute it).
+
+Each objective also owns its settings: a dataclass (an ObjectiveSettings) beside its code, named
+by the class attribute `settings_class`, whose fields users write under `model:`; the objective
+reads them as `self.settings` (the config's `cfg.objective_settings`) and checks them in
+`validate`."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
 
-from darkmatter.trainer.config import Config
+from darkmatter.trainer.config import Config, ConfigError, ObjectiveSettings
+
+
+@runtime_checkable
+class Masking(Protocol):
+    """The settings of an objective that hides part of its input (one with default_mask_ratio)."""
+
+    mask_ratio: float
 
 
 class Objective(ABC):
     name: str
     modality: str  # "text" | "image": must match the dataset manifest
-    # Objectives that hide part of their input: the share they hide when model.mask_ratio is 0.
+    # The settings dataclass of this objective (its `model:` keys beyond ModelConfig's); `settings`
+    # is the config's instance of it, annotated with the subclass's own class in each subclass.
+    settings_class: type[ObjectiveSettings] = ObjectiveSettings
+    settings: ObjectiveSettings
+    # Objectives that hide part of their input (their settings have `mask_ratio`): the share they
+    # hide when model.mask_ratio is 0.
     default_mask_ratio: float | None = None
     # Floating-point model inputs that take the model's dtype under bf16 (pixels do; MAE's
     # masking noise stays fp32, since bf16 ties would change which patches are hidden).
     float_inputs: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
+        assert isinstance(cfg.objective_settings, self.settings_class), (
+            f"objective {self.name} takes {self.settings_class.__name__}, "
+            f"got {type(cfg.objective_settings).__name__}"
+        )
         self.resolve_defaults(cfg)
         self.cfg = cfg
+        self.settings = cfg.objective_settings
         self.meta = dataset_meta
 
     @classmethod
     def resolve_defaults(cls, cfg: Config) -> None:
         """Fill in what the config leaves to the objective (model.mask_ratio 0), so that every
         later reader, the logged parameters included, sees the value used."""
-        if cls.default_mask_ratio is not None and cfg.model.mask_ratio == 0.0:
-            cfg.model.mask_ratio = cls.default_mask_ratio
+        s = cfg.objective_settings
+        if cls.default_mask_ratio is not None:
+            assert isinstance(s, Masking), f"{cls.name}: its settings have no mask_ratio"
+            if s.mask_ratio == 0.0:
+                s.mask_ratio = cls.default_mask_ratio
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Range checks of this objective's settings, and of the common sections as only it uses
+        them; errors name the dotted key. Runs after resolve_defaults when a config is loaded
+        (trainer.objectives.check_config); subclasses extend it."""
+        s = cfg.objective_settings
+        if cls.default_mask_ratio is None or not isinstance(s, Masking):
+            return
+        if not 0.0 < s.mask_ratio < 1.0:
+            raise ConfigError(f"model.mask_ratio: expected in (0, 1), got {s.mask_ratio}")
 
     @abstractmethod
     def model_config(self) -> Any:
@@ -68,21 +105,6 @@ class Objective(ABC):
         this one included (objectives with a momentum teacher update it here)."""
         return None  # most objectives have nothing outside the optimizer to update
 
-    def vit_kwargs(self) -> dict[str, Any]:
-        """The ViT encoder's transformers config fields (image objectives), from model.* and
-        data.image_size; no dropout (the image objectives' augmentation or masking regularizes)."""
-        m = self.cfg.model
-        return {
-            "image_size": self.cfg.data.image_size, "patch_size": m.patch_size,
-            "num_channels": 3, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
-            "num_attention_heads": m.num_heads, "intermediate_size": m.intermediate_size,
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
-        }  # fmt: skip
-
-    def num_patches(self) -> int:
-        """Patches per image (image objectives)."""
-        return (self.cfg.data.image_size // self.cfg.model.patch_size) ** 2
-
     def to_device(self, batch: dict[str, Any], device: Any, bf16: bool) -> dict[str, Any]:
         """The batch on the model's device (a no-op on a CPU), copied asynchronously."""
         out = {}
@@ -105,6 +127,49 @@ class SampleFlops(Objective):
 
     def flops(self, batch: dict[str, Any]) -> float:
         return int(batch["pixel_values"].shape[0]) * self.sample_flops()
+
+
+@dataclass
+class ViTSettings(ObjectiveSettings):
+    """What every objective on a ViT sets: the side of its patches."""
+
+    patch_size: int = 4
+    """ViT patch side in pixels."""
+
+
+class ViTObjective(SampleFlops):
+    """An objective on a ViT encoder over fixed-size images (or clips of them)."""
+
+    settings_class = ViTSettings
+    settings: ViTSettings
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        super().validate(cfg)
+        s = cfg.objective_settings
+        assert isinstance(s, ViTSettings)
+        if s.patch_size < 1:
+            raise ConfigError(f"model.patch_size: expected >= 1, got {s.patch_size}")
+        if cfg.data.image_size % s.patch_size:
+            raise ConfigError(
+                f"data.image_size: {cfg.data.image_size} is not divisible by "
+                f"model.patch_size={s.patch_size}"
+            )
+
+    def vit_kwargs(self) -> dict[str, Any]:
+        """The ViT encoder's transformers config fields, from model.* and data.image_size; no
+        dropout (the image objectives' augmentation or masking regularizes)."""
+        m = self.cfg.model
+        return {
+            "image_size": self.cfg.data.image_size, "patch_size": self.settings.patch_size,
+            "num_channels": 3, "hidden_size": m.hidden_size, "num_hidden_layers": m.num_layers,
+            "num_attention_heads": m.num_heads, "intermediate_size": m.intermediate_size,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        }  # fmt: skip
+
+    def num_patches(self) -> int:
+        """Patches per image."""
+        return (self.cfg.data.image_size // self.settings.patch_size) ** 2
 
 
 class TokenFlops(Objective):

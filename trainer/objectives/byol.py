@@ -6,12 +6,19 @@ symmetrized over the two views."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, ViTConfig
 
-from darkmatter.trainer.objectives.momentum import MomentumModel, MomentumObjective, mlp
+from darkmatter.trainer.objectives.momentum import (
+    MomentumModel,
+    MomentumObjective,
+    MomentumSettings,
+    mlp,
+)
 
 
 def regression_loss(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -38,13 +45,21 @@ class BYOLModel(MomentumModel):
         return regression_loss(q1, k2) + regression_loss(q2, k1)
 
 
+@dataclass
+class BYOLSettings(MomentumSettings):
+    """BYOL's settings: the momentum objectives' (patch_size, projection_dim, head_hidden_size,
+    momentum); its loss has no temperature."""
+
+
 class BYOLObjective(MomentumObjective):
     name = "byol"
+    settings_class = BYOLSettings
+    settings: BYOLSettings
 
     def build_model(self) -> PreTrainedModel:
         return BYOLModel(self.model_config())
 
     def head_weights(self) -> tuple[int, int]:
-        m = self.cfg.model
-        h, hh, p = m.hidden_size, m.head_hidden_size, m.projection_dim
+        s = self.settings
+        h, hh, p = self.cfg.model.hidden_size, s.head_hidden_size, s.projection_dim
         return h * hh + hh * p, p * hh + hh * p

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, ViTConfig, ViTModel
 
 from darkmatter.data_pipeline.transforms import images_to_unit, normalize
-from darkmatter.trainer.objectives.base import SampleFlops
+from darkmatter.trainer.objectives.base import ViTObjective
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 # Columns of a view's parameters.
@@ -121,7 +121,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tens
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-class TwoViewObjective(SampleFlops):
+class TwoViewObjective(ViTObjective):
     """An image objective whose batch is the images once, in [0, 1], plus the parameters of two
     views per image drawn from the batch's generator; the model makes the views itself."""
 
@@ -153,7 +153,7 @@ class TwoViewObjective(SampleFlops):
     def encoder_flops(self) -> float:
         """Forward and backward of one view through the patch projection and the encoder."""
         m = self.cfg.model
-        h, pix, n = m.hidden_size, 3 * m.patch_size**2, self.num_patches()
+        h, pix, n = m.hidden_size, 3 * self.settings.patch_size**2, self.num_patches()
         blocks = m.num_layers * encoder_layer_params(h, m.intermediate_size)
         return sequence_flops(blocks, m.num_layers, m.num_heads, h // m.num_heads, n + 1) + (
             6.0 * pix * h * n

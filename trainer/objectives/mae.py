@@ -3,31 +3,46 @@ sees the rest, a light decoder reconstructs the hidden patches' normalized pixel
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, ViTMAEConfig, ViTMAEForPreTraining
 
 from darkmatter.data_pipeline.transforms import images_to_tensor
-from darkmatter.trainer.objectives.base import SampleFlops
+from darkmatter.trainer.objectives.base import ViTObjective, ViTSettings
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 
-class MAEObjective(SampleFlops):
+@dataclass
+class MAESettings(ViTSettings):
+    """MAE's settings: the ViT's patch_size, the decoder, the share of patches hidden."""
+
+    decoder_hidden_size: int = 128
+    """Width of the decoder (its feed-forward layer: 4 times that)."""
+    decoder_num_layers: int = 1
+    """Transformer blocks in the decoder."""
+    mask_ratio: float = 0.0
+    """Share of the patches hidden from the encoder; 0: MAE's 0.75."""
+
+
+class MAEObjective(ViTObjective):
     name = "mae"
+    settings_class = MAESettings
+    settings: MAESettings
     default_mask_ratio = 0.75
     modality = "image"
     float_inputs = ("pixel_values",)
 
     def model_config(self) -> ViTMAEConfig:
-        m = self.cfg.model
+        m, s = self.cfg.model, self.settings
         return ViTMAEConfig(
             **self.vit_kwargs(),
-            decoder_hidden_size=m.decoder_hidden_size,
-            decoder_num_hidden_layers=m.decoder_num_layers,
+            decoder_hidden_size=s.decoder_hidden_size,
+            decoder_num_hidden_layers=s.decoder_num_layers,
             decoder_num_attention_heads=m.num_heads,
-            decoder_intermediate_size=4 * m.decoder_hidden_size,
-            mask_ratio=m.mask_ratio,
+            decoder_intermediate_size=4 * s.decoder_hidden_size,
+            mask_ratio=s.mask_ratio,
             norm_pix_loss=True,
         )
 
@@ -41,7 +56,7 @@ class MAEObjective(SampleFlops):
         return {"pixel_values": pixels, "noise": noise}
 
     def visible(self) -> int:
-        return int(self.num_patches() * (1 - self.cfg.model.mask_ratio))  # as ViTMAE rounds
+        return int(self.num_patches() * (1 - self.settings.mask_ratio))  # as ViTMAE rounds
 
     def tokens(self, batch: dict[str, Any]) -> int:
         return int(batch["pixel_values"].shape[0]) * self.visible()
@@ -49,14 +64,14 @@ class MAEObjective(SampleFlops):
     def sample_flops(self) -> float:
         """The patch projection on every patch, the encoder on the visible patches and [CLS],
         the decoder on every patch and [CLS] (embedding in, pixels out)."""
-        m = self.cfg.model
-        h, hd, pix = m.hidden_size, m.decoder_hidden_size, 3 * m.patch_size**2
+        m, s = self.cfg.model, self.settings
+        h, hd, pix = m.hidden_size, s.decoder_hidden_size, 3 * s.patch_size**2
         n_all, n_vis = self.num_patches() + 1, self.visible() + 1
         encoder = sequence_flops(m.num_layers * encoder_layer_params(h, m.intermediate_size),
                                  m.num_layers, m.num_heads, h // m.num_heads, n_vis)  # fmt: skip
         decoder = sequence_flops(
-            m.decoder_num_layers * encoder_layer_params(hd, 4 * hd),
-            m.decoder_num_layers,
+            s.decoder_num_layers * encoder_layer_params(hd, 4 * hd),
+            s.decoder_num_layers,
             m.num_heads,
             hd // m.num_heads,
             n_all,
@@ -65,10 +80,10 @@ class MAEObjective(SampleFlops):
         return encoder + decoder + linear
 
     def flops_inputs(self) -> dict[str, Any]:
-        m = self.cfg.model
+        m, s = self.cfg.model, self.settings
         return {
-            "encoder_layers": m.num_layers, "decoder_layers": m.decoder_num_layers,
-            "heads": m.num_heads, "hidden": m.hidden_size, "decoder_hidden": m.decoder_hidden_size,
+            "encoder_layers": m.num_layers, "decoder_layers": s.decoder_num_layers,
+            "heads": m.num_heads, "hidden": m.hidden_size, "decoder_hidden": s.decoder_hidden_size,
             "patches": self.num_patches(), "visible_patches": self.visible(),
             "flops_per_sample": self.sample_flops(),
         }  # fmt: skip

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
 
+from darkmatter.trainer.config import ObjectiveSettings
 from darkmatter.trainer.objectives.base import TokenFlops
 from darkmatter.trainer.perf import encoder_layer_params
 
@@ -50,8 +51,16 @@ class SpecialIds:
         return is_special
 
 
+@dataclasses.dataclass
+class MLMSettings(ObjectiveSettings):
+    mask_ratio: float = 0.0
+    """Share of the non-special tokens chosen for prediction; 0: BERT's 0.15."""
+
+
 class MLMObjective(TokenFlops):
     name = "mlm"
+    settings_class = MLMSettings
+    settings: MLMSettings
     default_mask_ratio = 0.15
     modality = "text"
 
@@ -91,7 +100,7 @@ class MLMObjective(TokenFlops):
             ids = pad_and_truncate(docs, seq_len, sp.pad, sp.sep)
         attention = (ids != sp.pad).long()  # [B, T]
         input_ids, labels = mask_tokens(
-            ids, self.cfg.model.mask_ratio, sp.mask, self.is_special, gen
+            ids, self.settings.mask_ratio, sp.mask, self.is_special, gen
         )
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 

@@ -6,12 +6,19 @@ over the two views (trainer.objectives.contrastive.info_nce). Heads as the paper
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel, ViTConfig
 
 from darkmatter.trainer.objectives.contrastive import info_nce
-from darkmatter.trainer.objectives.momentum import MomentumModel, MomentumObjective, mlp
+from darkmatter.trainer.objectives.momentum import (
+    MomentumModel,
+    MomentumObjective,
+    MomentumSettings,
+    mlp,
+)
 
 
 class MoCoModel(MomentumModel):
@@ -34,13 +41,28 @@ class MoCoModel(MomentumModel):
         return info_nce(q1, k2, t) + info_nce(q2, k1, t)
 
 
+@dataclass
+class MoCoSettings(MomentumSettings):
+    """MoCo v3's settings: the momentum objectives' and the InfoNCE temperature."""
+
+    temperature: float = 0.2
+    """Softmax temperature of InfoNCE (MoCo v3: 0.2 for ViT)."""
+
+
 class MoCoObjective(MomentumObjective):
     name = "moco"
+    settings_class = MoCoSettings
+    settings: MoCoSettings
+
+    def model_config(self) -> ViTConfig:
+        cfg = super().model_config()
+        cfg.temperature = self.settings.temperature
+        return cfg
 
     def build_model(self) -> PreTrainedModel:
         return MoCoModel(self.model_config())
 
     def head_weights(self) -> tuple[int, int]:
-        m = self.cfg.model
-        h, hh, p = m.hidden_size, m.head_hidden_size, m.projection_dim
+        s = self.settings
+        h, hh, p = self.cfg.model.hidden_size, s.head_hidden_size, s.projection_dim
         return h * hh + hh * hh + hh * p, p * hh + hh * p

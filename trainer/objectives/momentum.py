@@ -12,7 +12,7 @@ things DeepSpeed would get wrong are handled here:
 - partitioning: under ZeRO-3 each rank would hold a shard of the teacher and DeepSpeed would
   gather it for every forward; updating shards in place needs DeepSpeed's partition layout and
   an fp32 copy of it, which is not done here. The config check refuses ZeRO-3 with a line naming
-  the combination (trainer.config.validate).
+  the combination (MomentumObjective.validate).
 
 The update runs after every applied optimizer step, from the online weights the step produced
 (bf16 under bf16 training: DeepSpeed keeps the fp32 masters partitioned in its optimizer), on
@@ -31,6 +31,8 @@ from torch import nn
 from transformers import ViTConfig, ViTModel
 from transformers.utils import ModelOutput
 
+from darkmatter.trainer.config import Config, ConfigError
+from darkmatter.trainer.objectives.base import ViTSettings
 from darkmatter.trainer.objectives.contrastive import TwoViewModel, TwoViewObjective
 
 
@@ -116,16 +118,44 @@ class MomentumModel(TwoViewModel, metaclass=ABCMeta):
         return TeacherOutput(loss=self.loss(q1, q2, k1, k2), predictions=q, targets=k)
 
 
+@dataclass
+class MomentumSettings(ViTSettings):
+    """What the momentum objectives set: the ViT's patch_size, the heads, the teacher's momentum."""
+
+    projection_dim: int = 128
+    """Output width of the projection and prediction MLPs."""
+    head_hidden_size: int = 512
+    """Hidden width of the projection and prediction MLPs (the papers: 4096)."""
+    momentum: float = 0.996
+    """Momentum of the EMA teacher at step 0; it rises to 1 over train.steps on a cosine (BYOL:
+    0.996; MoCo v3: 0.99)."""
+
+
 class MomentumObjective(TwoViewObjective):
     """Two views, an online network and its EMA teacher."""
 
-    momentum_teacher = True  # trainer.config.validate refuses ZeRO-3 for these
+    settings_class = MomentumSettings
+    settings: MomentumSettings
+    momentum_teacher = True  # validate() refuses ZeRO-3 for these
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        super().validate(cfg)
+        s = cfg.objective_settings
+        assert isinstance(s, MomentumSettings)
+        if cfg.train.zero_stage == 3:
+            raise ConfigError(
+                f"train.zero_stage: objective {cls.name} keeps an EMA teacher, which ZeRO-3 "
+                "would partition (not supported): use zero_stage 1 or 2"
+            )
+        if not 0.0 <= s.momentum < 1.0:
+            raise ConfigError(f"model.momentum: expected in [0, 1), got {s.momentum}")
 
     def model_config(self) -> ViTConfig:
-        m = self.cfg.model
+        s = self.settings
         cfg = ViTConfig(**self.vit_kwargs())
-        cfg.projection_dim, cfg.head_hidden_size = m.projection_dim, m.head_hidden_size
-        cfg.temperature, cfg.momentum = m.temperature, m.momentum
+        cfg.projection_dim, cfg.head_hidden_size = s.projection_dim, s.head_hidden_size
+        cfg.momentum = s.momentum
         return cfg
 
     def prepare_engine(self, engine: Any) -> None:
@@ -133,7 +163,7 @@ class MomentumObjective(TwoViewObjective):
         engine.module.teacher.float()  # DeepSpeed cast it to bf16 with the rest; see above
 
     def after_step(self, engine: Any, step: int) -> None:
-        m = momentum_at(step, self.cfg.train.steps, self.cfg.model.momentum)
+        m = momentum_at(step, self.cfg.train.steps, self.settings.momentum)
         teacher, online = engine.module.pairs()
         ema_update(teacher, online, m)
 

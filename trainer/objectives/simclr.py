@@ -18,6 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel, ViTConfig
 from transformers.utils import ModelOutput
 
+from darkmatter.trainer.objectives.base import ViTSettings
 from darkmatter.trainer.objectives.contrastive import TwoViewModel, TwoViewObjective, nt_xent
 
 
@@ -43,14 +44,26 @@ class SimCLRModel(TwoViewModel):
         return ContrastiveOutput(loss=nt_xent(z1, z2, self.config.temperature), embeddings=z)
 
 
+@dataclass
+class SimCLRSettings(ViTSettings):
+    """SimCLR's settings: the ViT's patch_size, the projection head, the loss's temperature."""
+
+    projection_dim: int = 128
+    """Output width of the projection head."""
+    temperature: float = 0.2
+    """Softmax temperature of NT-Xent (SimCLR used 0.1-0.5; smaller batches prefer the higher
+    end)."""
+
+
 class SimCLRObjective(TwoViewObjective):
     name = "simclr"
+    settings_class = SimCLRSettings
+    settings: SimCLRSettings
 
     def model_config(self) -> ViTConfig:
-        m = self.cfg.model
         cfg = ViTConfig(**self.vit_kwargs())
-        cfg.projection_dim = m.projection_dim
-        cfg.temperature = m.temperature
+        cfg.projection_dim = self.settings.projection_dim
+        cfg.temperature = self.settings.temperature
         return cfg
 
     def build_model(self) -> PreTrainedModel:
@@ -58,14 +71,14 @@ class SimCLRObjective(TwoViewObjective):
 
     def sample_flops(self) -> float:
         """Two views through the encoder and the projection MLP, forward and backward."""
-        m = self.cfg.model
-        h = m.hidden_size
-        return 2 * (self.encoder_flops() + 6.0 * (h * h + h * m.projection_dim))
+        h = self.cfg.model.hidden_size
+        return 2 * (self.encoder_flops() + 6.0 * (h * h + h * self.settings.projection_dim))
 
     def flops_inputs(self) -> dict[str, Any]:
         m = self.cfg.model
         return {
             "layers": m.num_layers, "heads": m.num_heads, "hidden": m.hidden_size,
-            "patches": self.num_patches(), "views": 2, "projection_dim": m.projection_dim,
+            "patches": self.num_patches(), "views": 2,
+            "projection_dim": self.settings.projection_dim,
             "flops_per_sample": self.sample_flops(),
         }  # fmt: skip

@@ -26,6 +26,7 @@ most sequences at seq_len - 1 tokens, with several spans placed at random.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, T5Config, T5ForConditionalGeneration
 
-from darkmatter.trainer.config import Config
+from darkmatter.trainer.config import Config, ObjectiveSettings
 from darkmatter.trainer.objectives.base import Objective
 from darkmatter.trainer.objectives.mlm import SpecialIds
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
@@ -42,19 +43,28 @@ NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
 MEAN_SPAN_LENGTH = 3.0  # T5's mean noise span length
 
 
+@dataclass
+class SpanSettings(ObjectiveSettings):
+    mask_ratio: float = 0.0
+    """Noise density: share of each sequence's tokens corrupted, in spans of 3 on average; 0:
+    T5's 0.15."""
+
+
 class SpanObjective(Objective):
     name = "span"
+    settings_class = SpanSettings
+    settings: SpanSettings
     default_mask_ratio = 0.15
     modality = "text"
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
         super().__init__(cfg, dataset_meta)
         longest = cfg.data.seq_len - 1
-        spans = noise_span_counts(longest, cfg.model.mask_ratio)[1]
+        spans = noise_span_counts(longest, self.settings.mask_ratio)[1]
         if spans > NUM_SENTINELS:
             raise ValueError(
                 f"data.seq_len: {cfg.data.seq_len} tokens at model.mask_ratio "
-                f"{cfg.model.mask_ratio} make {spans} noise spans, more than the "
+                f"{self.settings.mask_ratio} make {spans} noise spans, more than the "
                 f"{NUM_SENTINELS} sentinels"
             )
 
@@ -109,7 +119,7 @@ class SpanObjective(Objective):
         inputs, targets = [], []
         for seq in self.sequences(samples):
             ids = torch.from_numpy(seq)
-            mask = random_spans_noise_mask(len(ids), self.cfg.model.mask_ratio, gen)
+            mask = random_spans_noise_mask(len(ids), self.settings.mask_ratio, gen)
             eos = torch.tensor([self.ids.sep])
             inputs.append(torch.cat([spans_to_sentinels(ids, mask, top), eos]))
             targets.append(torch.cat([spans_to_sentinels(ids, ~mask, top), eos]))

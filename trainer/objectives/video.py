@@ -6,53 +6,25 @@ patch normalized per channel (norm_pix_loss). `model.mask_ratio` is the share hi
 0.9, its default here).
 
 Frames: `data.num_frames` of a decoded clip, every `data.frame_stride`-th from an offset drawn
-from the batch's generator (evaluation takes the centred window: `frame_indices`), resized to
-`data.image_size` and normalized as the image objectives' pixels.
+from the batch's generator (evaluation takes the centred window: data_pipeline.transforms'
+`frame_indices`), resized to `data.image_size` and normalized as the image objectives' pixels.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, VideoMAEConfig, VideoMAEForPreTraining
 
-from darkmatter.data_pipeline.transforms import images_to_tensor
+from darkmatter.data_pipeline.transforms import clips_to_tensor
+from darkmatter.data_pipeline.transforms import (  # tests import it from here
+    frame_indices as frame_indices,
+)
 from darkmatter.trainer.config import Config, ConfigError
-from darkmatter.trainer.objectives.base import SampleFlops
+from darkmatter.trainer.objectives.base import ViTObjective, ViTSettings
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
-
-
-def frame_indices(
-    length: int, num_frames: int, stride: int, gen: torch.Generator | None = None
-) -> list[int]:
-    """Which of a clip's `length` frames to take: `num_frames` at `stride` from an offset drawn
-    from `gen` (None: the centred window, for evaluation); a clip shorter than the window gives
-    evenly spaced frames over its whole length (repeated when it has fewer than num_frames)."""
-    window = (num_frames - 1) * stride + 1
-    if length < window:
-        return [int(i) for i in np.linspace(0, length - 1, num_frames).round()]
-    room = length - window
-    start = room // 2 if gen is None else int(torch.randint(room + 1, (1,), generator=gen))
-    return list(range(start, start + window, stride))
-
-
-def clips_to_tensor(
-    clips: list[np.ndarray], num_frames: int, stride: int, size: int,
-    gen: torch.Generator | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """uint8 [T, H, W, 3] clips -> normalized float [B, num_frames, 3, size, size], the layout
-    VideoMAE takes (frames chosen by frame_indices, bilinear resize as images_to_tensor)."""
-    out = []
-    for clip in clips:
-        if clip.ndim != 4 or clip.shape[-1] != 3 or len(clip) == 0:
-            raise ValueError(
-                f"expected frames uint8[T, H, W, 3], got {clip.dtype}{list(clip.shape)}"
-            )
-        idx = frame_indices(len(clip), num_frames, stride, gen)
-        out.append(images_to_tensor(list(clip[idx]), size))
-    return torch.stack(out)
 
 
 def tube_mask(
@@ -78,42 +50,73 @@ class VideoMAEPretrainer(VideoMAEForPreTraining):  # type: ignore[misc]
         return out
 
 
-class VideoObjective(SampleFlops):
+@dataclass
+class VideoSettings(ViTSettings):
+    """VideoMAE's settings: the tubes (patch_size x patch_size x tubelet_size), the decoder, the
+    share of tubes hidden."""
+
+    tubelet_size: int = 2
+    """Frames one tube spans (VideoMAE's tubes: 2 frames x patch x patch); data.num_frames is a
+    multiple of it."""
+    decoder_hidden_size: int = 128
+    """Width of the decoder (its feed-forward layer: 4 times that)."""
+    decoder_num_layers: int = 1
+    """Transformer blocks in the decoder."""
+    mask_ratio: float = 0.0
+    """Share of each frame's patches hidden (the same in every time slot); 0: VideoMAE's 0.9."""
+
+
+class VideoObjective(ViTObjective):
     name = "video"
+    settings_class = VideoSettings
+    settings: VideoSettings
     default_mask_ratio = 0.9
     modality = "video"
     float_inputs = ("pixel_values",)
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        super().validate(cfg)
+        s = cfg.objective_settings
+        assert isinstance(s, VideoSettings)
+        if s.tubelet_size < 1:
+            raise ConfigError(f"model.tubelet_size: expected >= 1, got {s.tubelet_size}")
+        if cfg.data.num_frames % s.tubelet_size:
+            raise ConfigError(
+                f"data.num_frames: {cfg.data.num_frames} is not a positive multiple of "
+                f"model.tubelet_size={s.tubelet_size}"
+            )
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
         super().__init__(cfg, dataset_meta)
         if not 0 < self.hidden() < self.num_patches():
             raise ConfigError(
-                f"model.mask_ratio: {cfg.model.mask_ratio} hides {self.hidden()} of the "
+                f"model.mask_ratio: {self.settings.mask_ratio} hides {self.hidden()} of the "
                 f"{self.num_patches()} patches of a frame; the video objective needs at least "
                 "one hidden and one visible"
             )
 
     def time_slots(self) -> int:
-        return self.cfg.data.num_frames // self.cfg.model.tubelet_size
+        return self.cfg.data.num_frames // self.settings.tubelet_size
 
     def hidden(self) -> int:
         """Hidden patches per frame, rounded down as VideoMAE's tube masking does."""
-        return int(self.cfg.model.mask_ratio * self.num_patches())
+        return int(self.settings.mask_ratio * self.num_patches())
 
     def visible(self) -> int:
         """Visible tubes per clip: what the encoder sees."""
         return self.time_slots() * (self.num_patches() - self.hidden())
 
     def model_config(self) -> VideoMAEConfig:
-        m = self.cfg.model
+        m, s = self.cfg.model, self.settings
         return VideoMAEConfig(
             **self.vit_kwargs(),
             num_frames=self.cfg.data.num_frames,
-            tubelet_size=m.tubelet_size,
-            decoder_hidden_size=m.decoder_hidden_size,
-            decoder_num_hidden_layers=m.decoder_num_layers,
+            tubelet_size=s.tubelet_size,
+            decoder_hidden_size=s.decoder_hidden_size,
+            decoder_num_hidden_layers=s.decoder_num_layers,
             decoder_num_attention_heads=m.num_heads,
-            decoder_intermediate_size=4 * m.decoder_hidden_size,
+            decoder_intermediate_size=4 * s.decoder_hidden_size,
             norm_pix_loss=True,
             use_mean_pooling=True,  # no final norm: features are the mean of the last states
         )
@@ -144,22 +147,22 @@ class VideoObjective(SampleFlops):
         """The tube projection on every tube (forward and weight gradient: the pixels need no
         gradient), the encoder on the visible tubes, the decoder on every tube, its pixel head on
         the hidden ones only (VideoMAE has no [CLS])."""
-        m = self.cfg.model
-        h, hd = m.hidden_size, m.decoder_hidden_size
-        pix = 3 * m.tubelet_size * m.patch_size**2
+        m, s = self.cfg.model, self.settings
+        h, hd = m.hidden_size, s.decoder_hidden_size
+        pix = 3 * s.tubelet_size * s.patch_size**2
         n_all, n_vis = self.time_slots() * self.num_patches(), self.visible()
         encoder = sequence_flops(m.num_layers * encoder_layer_params(h, m.intermediate_size),
                                  m.num_layers, m.num_heads, h // m.num_heads, n_vis)  # fmt: skip
-        decoder = sequence_flops(m.decoder_num_layers * encoder_layer_params(hd, 4 * hd),
-                                 m.decoder_num_layers, m.num_heads, hd // m.num_heads, n_all)  # fmt: skip
+        decoder = sequence_flops(s.decoder_num_layers * encoder_layer_params(hd, 4 * hd),
+                                 s.decoder_num_layers, m.num_heads, hd // m.num_heads, n_all)  # fmt: skip
         linear = 4.0 * pix * h * n_all + 6.0 * (h * hd * n_vis + hd * pix * (n_all - n_vis))
         return encoder + decoder + linear
 
     def flops_inputs(self) -> dict[str, Any]:
-        m = self.cfg.model
+        m, s = self.cfg.model, self.settings
         return {
-            "encoder_layers": m.num_layers, "decoder_layers": m.decoder_num_layers,
-            "heads": m.num_heads, "hidden": m.hidden_size, "decoder_hidden": m.decoder_hidden_size,
+            "encoder_layers": m.num_layers, "decoder_layers": s.decoder_num_layers,
+            "heads": m.num_heads, "hidden": m.hidden_size, "decoder_hidden": s.decoder_hidden_size,
             "tubes": self.time_slots() * self.num_patches(), "visible_tubes": self.visible(),
             "flops_per_sample": self.sample_flops(),
         }  # fmt: skip

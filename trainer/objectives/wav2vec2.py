@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor
+from transformers import PreTrainedModel, Wav2Vec2Config
 from transformers.models.wav2vec2.modeling_wav2vec2 import (
     Wav2Vec2ForPreTraining,
     Wav2Vec2ForPreTrainingOutput,
@@ -27,15 +28,23 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import (
     _sample_negative_indices,
 )
 
-from darkmatter.trainer.config import ConfigError
+from darkmatter.data_pipeline.transforms import (
+    CONV_KERNEL,
+    CONV_STRIDE,
+    SAMPLE_RATE,
+    clip_inputs,
+    min_clip_samples,
+    to_16k,
+)
+from darkmatter.data_pipeline.transforms import (  # tests import them from here
+    audio_inputs as audio_inputs,
+)
+from darkmatter.trainer.config import ConfigError, ObjectiveSettings
 from darkmatter.trainer.objectives.base import Objective
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
-SAMPLE_RATE = 16_000
-# The paper's feature encoder: 7 convolutions, receptive field 400 samples (25 ms), stride 320
-# (20 ms); only the channel count is scaled down for small models (model.conv_dim).
-CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
-CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
+# The 16 kHz input, the feature encoder's convolutions (the paper's: CONV_KERNEL, CONV_STRIDE)
+# and the clips' padding are data_pipeline.transforms', which evaluation shares.
 CODEBOOKS = 2  # the paper's G
 POS_CONV_KERNEL = 32  # the paper's 128 spans 2.5 s; the presets' clips are about 1 s
 # Gumbel temperature: from 2 down to 0.5, times 0.999995 per update (the paper; transformers'
@@ -96,70 +105,6 @@ def frames(samples: int) -> int:
     return conv_lengths(samples)[-1]
 
 
-def samples_for(n_frames: int) -> int:
-    """The fewest samples that give `n_frames` frames: receptive field + (n - 1) strides."""
-    field, stride = 1, 1
-    for k, s in zip(CONV_KERNEL, CONV_STRIDE, strict=True):
-        field += (k - 1) * stride
-        stride *= s
-    return field + (n_frames - 1) * stride
-
-
-def min_clip_samples(mask_length: int) -> int:
-    """Real samples every clip keeps (shorter ones are padded with silence that counts as audio):
-    enough frames for one whole masked span and one more, so every clip has at least two masked
-    frames and its masked frames can serve as each other's negatives."""
-    return samples_for(mask_length + 1)
-
-
-def to_16k(wave: np.ndarray, rate: int, where: str) -> np.ndarray:
-    """A mono waveform at 16 kHz (scipy's polyphase resampler, as librosa's 'polyphase' mode)."""
-    if wave.ndim != 1 or wave.size == 0:
-        raise ValueError(f"{where}: expected a non-empty mono waveform, got shape {wave.shape}")
-    if not isinstance(rate, (int, np.integer)) or rate <= 0:
-        raise ValueError(
-            f"{where}: sample rate {rate!r} is not a positive integer: cannot resample"
-        )
-    wave = wave.astype(np.float32, copy=False)
-    if rate == SAMPLE_RATE:
-        return wave
-    from scipy.signal import resample_poly
-
-    g = math.gcd(SAMPLE_RATE, int(rate))
-    return resample_poly(wave, SAMPLE_RATE // g, int(rate) // g).astype(np.float32)
-
-
-# Normalization and padding of every clip; `darkmatter export` saves it beside the encoder.
-FEATURE_EXTRACTOR = Wav2Vec2FeatureExtractor(
-    feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0, do_normalize=True,
-    return_attention_mask=True,
-)  # fmt: skip
-
-
-def clip_inputs(clips: list[np.ndarray], length: int, min_length: int) -> dict[str, torch.Tensor]:
-    """16 kHz clips of at most `length` samples -> the model's inputs: each clip padded with
-    silence to `min_length`, normalized to zero mean and unit variance over its real samples
-    and padded to `length` (Wav2Vec2FeatureExtractor), with the attention mask of the padding."""
-    clips = [np.pad(c, (0, max(0, min_length - len(c)))) for c in clips]
-    enc = FEATURE_EXTRACTOR(clips, sampling_rate=SAMPLE_RATE, padding="max_length", max_length=length,
-                     return_attention_mask=True, return_tensors="pt")  # fmt: skip
-    return {
-        "input_values": enc["input_values"].float(),
-        "attention_mask": enc["attention_mask"].long(),
-    }
-
-
-def audio_inputs(
-    waves: list[np.ndarray], rates: list[int], seconds: float, mask_length: int,
-    where: list[str],
-) -> dict[str, torch.Tensor]:  # fmt: skip
-    """What the evaluation harness feeds the encoder: resampled, the first `seconds` of each
-    clip, padded and normalized as in training (training crops at a random offset instead)."""
-    n = round(seconds * SAMPLE_RATE)
-    clips = [to_16k(w, r, k)[:n] for w, r, k in zip(waves, rates, where, strict=True)]
-    return clip_inputs(clips, n, min_clip_samples(mask_length))
-
-
 @contextmanager
 def numpy_seeded(seed: int) -> Iterator[None]:
     """numpy's global RNG seeded for the block, then restored: transformers' mask and negative
@@ -174,15 +119,41 @@ def numpy_seeded(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
+@dataclass
+class Wav2Vec2Settings(ObjectiveSettings):
+    """wav2vec 2.0's settings: the feature encoder, the masking, the quantizer, the contrastive
+    loss."""
+
+    projection_dim: int = 128
+    """Width of the quantized codevectors and of the projections the loss compares (a multiple
+    of the quantizer's 2 codebooks)."""
+    temperature: float = 0.2
+    """Temperature of the contrastive loss's cosine similarities (the paper: 0.1)."""
+    mask_ratio: float = 0.0
+    """Share of the frames chosen as starts of masked spans; 0: the paper's 0.65, which with
+    spans of 10 hides about half of them."""
+    conv_dim: int = 512
+    """Channels of each of the 7 convolutions of the feature encoder (kernels 10,3,3,3,3,2,2,
+    strides 5,2,2,2,2,2,2: a 25 ms frame every 20 ms at 16 kHz)."""
+    mask_length: int = 10
+    """Frames per masked span (the paper: 10)."""
+    num_negatives: int = 100
+    """Distractors per masked frame, drawn from the masked frames of the same clip."""
+    codevectors: int = 320
+    """Entries of each of the quantizer's 2 codebooks."""
+
+
 class Wav2Vec2Objective(Objective):
     name = "wav2vec2"
+    settings_class = Wav2Vec2Settings
+    settings: Wav2Vec2Settings
     default_mask_ratio = 0.65
     modality = "audio"
     float_inputs = ("input_values",)
 
     def __init__(self, cfg: Any, dataset_meta: dict[str, Any]):
         super().__init__(cfg, dataset_meta)
-        m, d = cfg.model, cfg.data
+        m, d = self.settings, cfg.data
         for key, value, least in (("model.conv_dim", m.conv_dim, 1),
                                   ("model.mask_length", m.mask_length, 1),
                                   ("model.num_negatives", m.num_negatives, 1),
@@ -204,11 +175,11 @@ class Wav2Vec2Objective(Objective):
             )
 
     def model_config(self) -> Wav2Vec2Config:
-        m = self.cfg.model
+        m, s = self.cfg.model, self.settings
         return Wav2Vec2Config(
             hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
             num_attention_heads=m.num_heads, intermediate_size=m.intermediate_size,
-            conv_dim=(m.conv_dim,) * len(CONV_KERNEL), conv_kernel=CONV_KERNEL,
+            conv_dim=(s.conv_dim,) * len(CONV_KERNEL), conv_kernel=CONV_KERNEL,
             conv_stride=CONV_STRIDE, conv_bias=True,
             # LayerNorm in every convolution and a pre-LN transformer (the "large" variant):
             # stable from scratch at any size, and padding is masked rather than fed as zeros.
@@ -217,11 +188,11 @@ class Wav2Vec2Objective(Objective):
             num_conv_pos_embedding_groups=math.gcd(16, m.hidden_size),
             hidden_dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=0.0,
             feat_proj_dropout=m.dropout, feat_quantizer_dropout=m.dropout, layerdrop=0.0,
-            apply_spec_augment=True, mask_time_prob=m.mask_ratio, mask_time_length=m.mask_length,
+            apply_spec_augment=True, mask_time_prob=s.mask_ratio, mask_time_length=s.mask_length,
             mask_time_min_masks=2, mask_feature_prob=0.0,
-            num_codevector_groups=CODEBOOKS, num_codevectors_per_group=m.codevectors,
-            codevector_dim=m.projection_dim, proj_codevector_dim=m.projection_dim,
-            num_negatives=m.num_negatives, contrastive_logits_temperature=m.temperature,
+            num_codevector_groups=CODEBOOKS, num_codevectors_per_group=s.codevectors,
+            codevector_dim=s.projection_dim, proj_codevector_dim=s.projection_dim,
+            num_negatives=s.num_negatives, contrastive_logits_temperature=s.temperature,
             diversity_loss_weight=0.1,
         )  # fmt: skip
 
@@ -232,7 +203,7 @@ class Wav2Vec2Objective(Objective):
         engine.module.updates.fill_(step)  # the Gumbel temperature follows (Wav2Vec2Pretraining)
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
-        m = self.cfg.model
+        m = self.settings
         clips = []
         for s in samples:
             wave = to_16k(s["audio"], s["sample_rate"], f"sample {s.get('__key__', '?')}")
@@ -267,8 +238,8 @@ class Wav2Vec2Objective(Objective):
         outputs, then per frame the feature projection, the positional convolution, the
         transformer (on every frame, masked ones included: they are replaced, not dropped), the
         quantizer's logits and codevector sum, both projections and the K+1 similarities."""
-        m = self.cfg.model
-        c, h, p, k = m.conv_dim, m.hidden_size, m.projection_dim, m.num_negatives
+        m, s = self.cfg.model, self.settings
+        c, h, p, k = s.conv_dim, m.hidden_size, s.projection_dim, s.num_negatives
         # (transformers makes the waveform require a gradient, so the first convolution takes
         # its input gradient too: 6 FLOPs per multiply-add in every layer.)
         conv, c_in = 0, 1
@@ -280,7 +251,7 @@ class Wav2Vec2Objective(Objective):
         # even kernel, which transformers then drops).
         pos_out = t + 2 * (POS_CONV_KERNEL // 2) - POS_CONV_KERNEL + 1
         pos = pos_out * h * (h // math.gcd(16, h)) * POS_CONV_KERNEL
-        per_frame = (c * h + c * CODEBOOKS * m.codevectors + m.codevectors * p + h * p + p * p
+        per_frame = (c * h + c * CODEBOOKS * s.codevectors + s.codevectors * p + h * p + p * p
                      + (k + 1) * p)  # fmt: skip
         layers = m.num_layers * encoder_layer_params(h, m.intermediate_size)
         encoder = sequence_flops(layers, m.num_layers, m.num_heads, h // m.num_heads, t)
@@ -293,7 +264,7 @@ class Wav2Vec2Objective(Objective):
         m = self.cfg.model
         return {
             "layers": m.num_layers, "heads": m.num_heads, "hidden": m.hidden_size,
-            "conv_dim": m.conv_dim, "conv_layers": len(CONV_KERNEL),
+            "conv_dim": self.settings.conv_dim, "conv_layers": len(CONV_KERNEL),
             "clip_samples": self.length, "frames_per_clip": frames(self.length),
             "flops_per_full_clip": self.clip_flops(self.length),
             "counted": "real samples and frames (padding excluded)",
