@@ -12,7 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 from darkmatter.trainer.objectives.base import TokenFlops
-from darkmatter.trainer.objectives.mlm import SpecialIds, pack, pad_and_truncate
+from darkmatter.trainer.objectives.mlm import SpecialIds, text_rows
 from darkmatter.trainer.perf import encoder_layer_params
 
 
@@ -49,12 +49,7 @@ class CLMObjective(TokenFlops):
         """No randomness: `gen` is unused. The model shifts the labels itself (position t's
         logits are scored against token t+1); padding is -100, never predicted. Padding is only
         ever at the end of a row, where causal attention keeps it out of the real tokens."""
-        docs, seq_len, sp = [s["input_ids"] for s in samples], self.cfg.data.seq_len, self.ids
-        if self.cfg.data.packing:
-            ids = pack(docs, seq_len, sp.pad)
-        else:
-            ids = pad_and_truncate(docs, seq_len, sp.pad, sp.sep)
-        attention = (ids != sp.pad).long()  # [B, T]
+        ids, attention = text_rows(samples, self.cfg.data.seq_len, self.cfg.data.packing, self.ids)
         labels = ids.masked_fill(attention == 0, -100)
         return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 

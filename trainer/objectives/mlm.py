@@ -93,12 +93,8 @@ class MLMObjective(TokenFlops):
         return BertForMaskedLM(self.model_config())
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
-        docs, seq_len, sp = [s["input_ids"] for s in samples], self.cfg.data.seq_len, self.ids
-        if self.cfg.data.packing:
-            ids = pack(docs, seq_len, sp.pad)
-        else:
-            ids = pad_and_truncate(docs, seq_len, sp.pad, sp.sep)
-        attention = (ids != sp.pad).long()  # [B, T]
+        sp = self.ids
+        ids, attention = text_rows(samples, self.cfg.data.seq_len, self.cfg.data.packing, sp)
         input_ids, labels = mask_tokens(
             ids, self.settings.mask_ratio, sp.mask, self.is_special, gen
         )
@@ -113,6 +109,19 @@ class MLMObjective(TokenFlops):
         m = self.cfg.model
         h, vocab = m.hidden_size, int(self.meta["vocab_size"])
         return m.num_layers * encoder_layer_params(h, m.intermediate_size) + h * h + h * vocab
+
+
+def text_rows(
+    samples: list[dict[str, Any]], seq_len: int, packing: bool, sp: SpecialIds
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token rows of a micro-batch of documents and their attention mask, both [B, seq_len]:
+    packed end to end (data.packing) or one document a row, padded and truncated."""
+    docs = [s["input_ids"] for s in samples]
+    if packing:
+        ids = pack(docs, seq_len, sp.pad)
+    else:
+        ids = pad_and_truncate(docs, seq_len, sp.pad, sp.sep)
+    return ids, (ids != sp.pad).long()
 
 
 def pad_and_truncate(
