@@ -68,9 +68,11 @@ def copy_of(crashed: Path, dest: Path) -> tuple[Path, Path]:
     ("phase", "resumes_at"),
     [
         ("ckpt.after_write", 3),  # rank files written, nothing committed
-        ("ckpt.before_commit", 3),  # every rank done, commit record not yet written
+        # every rank done, commit record not yet written (slow tier: ~20 s each, like purge)
+        pytest.param("ckpt.before_commit", 3, marks=pytest.mark.slow),
         ("ckpt.before_latest", 6),  # committed: `latest` is only a hint
-        ("ckpt.purge", 6),  # the purge of step 3 interrupted after its commit record went
+        # the purge of step 3 interrupted after its commit record went
+        pytest.param("ckpt.purge", 6, marks=pytest.mark.slow),
     ],
 )
 def test_torn_save_resumes_from_the_last_commit(

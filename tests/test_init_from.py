@@ -20,6 +20,10 @@ from darkmatter.trainer.config import ConfigError
 from darkmatter.trainer.objectives import load_config
 from tests.helpers import metrics, run_darkmatter, synthetic_corpus, write_config
 
+# The slow tier (CI runs it after make test): the shared export (train, export, register) and
+# the runs from it cost ~90 s that make test's 20-minute budget lacks.
+pytestmark = pytest.mark.slow
+
 REGISTERED = "init-from-encoder"
 
 

@@ -83,6 +83,7 @@ def test_single_process_train_resume_evaluate_export(text_ds: str, tmp_path: Pat
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow  # ~45 s; ZeRO-3 at 2 ranks is also in make test through tests/test_zero3_build.py
 @pytest.mark.distributed
 def test_two_ranks_zero1_and_zero3_agree(text_ds: str, tmp_path: Path) -> None:
     """The same job under ZeRO-1 and ZeRO-3 computes the same losses (partitioning is exact)."""
