@@ -90,6 +90,13 @@ HOP_BY_HOP = frozenset(
 _COPY_CHUNK = 64 * 1024
 
 
+# The faults answered with an S3 error instead of being forwarded: status, reason, body.
+_S3_ERRORS: dict[str, tuple[int, str, bytes]] = {
+    "forbidden": (403, "Forbidden", ACCESS_DENIED_BODY),
+    "slowdown": (503, "Slow Down", SLOWDOWN_BODY),
+}
+
+
 def is_object_get(method: str, path: str, methods: Sequence[str] = ("GET",)) -> bool:
     """A request for an object (``/bucket/key...`` with a non-empty key, not a bucket listing)
     whose method is one of ``methods`` (object GETs by default)."""
@@ -369,24 +376,16 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         proxy = self.proxy
         body = self._read_body()
         fault = proxy._fault_for(self.command, self.path)
-        if fault == "forbidden":
-            proxy._bump("forbidden", self.path)
-            self.send_response_only(403, "Forbidden")
+        if fault in _S3_ERRORS:  # answered here, never forwarded
+            proxy._bump(fault, self.path)
+            status, reason, error_body = _S3_ERRORS[fault]
+            self.send_response_only(status, reason)
             self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(ACCESS_DENIED_BODY)))
+            self.send_header("Content-Length", str(len(error_body)))
             self.send_header("x-amz-request-id", "FAULTPROXY")
             self.end_headers()
             if self.command != "HEAD":
-                self.wfile.write(ACCESS_DENIED_BODY)
-            return
-        if fault == "slowdown":
-            proxy._bump("slowdown", self.path)
-            self.send_response_only(503, "Slow Down")
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(SLOWDOWN_BODY)))
-            self.send_header("x-amz-request-id", "FAULTPROXY")
-            self.end_headers()
-            self.wfile.write(SLOWDOWN_BODY)
+                self.wfile.write(error_body)
             return
 
         # Host and everything end-to-end as the client sent them (SigV4 signs Host).
