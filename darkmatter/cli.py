@@ -48,6 +48,9 @@ def pretrain_main(argv: list[str]) -> int:
     if args.resume_from:
         overrides.append(f"checkpoint.resume_from={args.resume_from}")
     cfg = load_config(args.config, overrides)
+    from darkmatter.quickstart.stack import release_unless
+
+    release_unless("mlflow", cfg.tracking.tracking_uri)  # the stack's credentials stay with it
     world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:  # secrets are shown as *** (as everywhere the config is written)
         import yaml

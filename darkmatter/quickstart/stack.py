@@ -1,13 +1,17 @@
-"""The local stack: an S3-compatible server (moto) and an MLflow tracking server on 127.0.0.1.
+"""The local stack: an S3-compatible object store (SeaweedFS) and an MLflow tracking server
+(with its basic-auth app) on 127.0.0.1. What each server is and why: see
+:mod:`darkmatter.quickstart.servers`.
 
 Design:
 
 * Both servers run as detached background processes (own session, so one ``killpg`` stops a
   server together with the workers it forks), with stdout/stderr in log files.
-* Everything lives in one state dir (``$DARKMATTER_STACK_DIR`` or ``./.darkmatter/stack``):
-  ``<service>.pid``, ``<service>.log``, ``mlflow.db`` (SQLite backend store), ``artifacts/``
-  (served by MLflow over HTTP, so clients need no filesystem access) and ``env``, the
-  ``KEY=VALUE`` file clients load to find the stack (see :func:`load_env_defaults`).
+* Everything lives in one state dir (``$DARKMATTER_STACK_DIR`` or ``./.darkmatter/stack``), and
+  stays there across ``down`` / ``up`` and a crash of either server: ``s3/`` (the object
+  store's volumes and metadata), ``mlflow.db`` and ``mlflow-auth.db`` (SQLite stores),
+  ``artifacts/`` (served by MLflow over HTTP), ``secrets.env`` (the stack's credentials),
+  ``<service>.pid``, ``<service>.log``, and ``env``, the ``KEY=VALUE`` file clients load to
+  find the stack (see :func:`load_env_defaults`). Only ``down --purge`` deletes data.
 * ``up`` is idempotent: a healthy stack of ours is left alone; a port held by anything else
   is a one-line :class:`StackError`, never a half-started stack.
 * "Ours" means: the pid in our pid file is alive and its command line is the server we start,
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,19 +36,22 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from darkmatter.quickstart import servers
+from darkmatter.quickstart.servers import HOST, REGION
+from darkmatter.quickstart.servers import free_port as free_port  # re-exported for tests, bench
+
+log = logging.getLogger(__name__)
+
 SERVICES = ("s3", "mlflow")
 DEFAULT_BUCKET = "darkmatter"
 DEFAULT_PORTS = {"s3": 9000, "mlflow": 5000}
 PORT_ENV = {"s3": "DARKMATTER_S3_PORT", "mlflow": "DARKMATTER_MLFLOW_PORT"}
 # A substring of each server's command line, to tell our process from a reused pid.
-CMDLINE_MARK = {"s3": "moto.server", "mlflow": "mlflow server"}
-HEALTH_PATH = {"s3": "/", "mlflow": "/health"}
-CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+CMDLINE_MARK = {"s3": "weed mini", "mlflow": "mlflow server"}
+HEALTH_PATH = {"s3": "/healthz", "mlflow": "/health"}
+SERVICE_DATA = {"s3": ("s3",), "mlflow": ("mlflow.db", "mlflow-auth.db", "artifacts")}
+# What `down --purge` deletes: every byte of data the stack keeps (and its credentials).
+DATA_PATHS = ("s3", "mlflow.db", "mlflow-auth.db", "artifacts", "secrets.env", "s3-ports.json")
 
 
 class StackError(RuntimeError):
@@ -69,6 +78,7 @@ class ServiceStatus:
     url: str
     healthy: bool
     log: str = field(default="", repr=False)
+    data: list[tuple[str, int]] = field(default_factory=list)  # (path, bytes) it keeps
 
 
 # --------------------------------------------------------------------------- paths and state
@@ -132,16 +142,7 @@ def _is_ours(pid: int | None, service: str) -> bool:
 
 
 def read_env_file(sdir: Path) -> dict[str, str]:
-    env: dict[str, str] = {}
-    try:
-        lines = _env_file(sdir).read_text().splitlines()
-    except OSError:
-        return env
-    for line in lines:
-        key, sep, value = line.strip().partition("=")
-        if sep and key and not key.startswith("#"):
-            env[key] = value
-    return env
+    return servers.read_env_lines(_env_file(sdir))
 
 
 def _recorded_urls(sdir: Path) -> dict[str, str]:
@@ -195,42 +196,34 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 # --------------------------------------------------------------------------- processes
 
 
-def _command(service: str, port: int, sdir: Path) -> list[str]:
-    # sys.executable -m ...: the servers run from the same virtualenv as the caller.
+def _command(service: str, port: int, sdir: Path, bucket: str) -> list[str]:
     if service == "s3":
-        return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
-    return [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", HOST,
-        "--port", str(port),
-        "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{sdir / 'mlflow.db'}",
-        "--serve-artifacts",
-        "--artifacts-destination", str(sdir / "artifacts"),
-        # Explicit, so a client naming the host by IP or as localhost is accepted regardless
-        # of how the security middleware's defaults evolve.
-        "--allowed-hosts", f"{HOST},{HOST}:{port},localhost,localhost:{port}",
-    ]  # fmt: skip
+        return servers.s3_command(port, sdir, bucket)
+    return servers.mlflow_command(port, sdir)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(service: str, sdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     # MLflow 3's job runner forks ~6 huey consumers: heavy on small machines, unused here.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     env["PYTHONUNBUFFERED"] = "1"  # logs appear as they happen, for the startup error tail
-    # A tracking URI inherited from the caller must not redirect the server's own store.
-    env.pop("MLFLOW_TRACKING_URI", None)
+    # A tracking URI or credentials inherited from the caller must not reach the servers.
+    for key in ("MLFLOW_TRACKING_URI", *servers.CLIENT_SECRETS):
+        env.pop(key, None)
+    if service == "mlflow":
+        env.update(servers.mlflow_env(sdir))
     return env
 
 
-def _spawn(service: str, port: int, sdir: Path) -> subprocess.Popen[bytes]:
-    with open(_log_file(sdir, service), "ab") as log:
+def _spawn(service: str, port: int, sdir: Path, bucket: str) -> subprocess.Popen[bytes]:
+    cmd = _command(service, port, sdir, bucket)
+    with open(_log_file(sdir, service), "ab") as log_f:
         proc = subprocess.Popen(
-            _command(service, port, sdir),
+            cmd,
             cwd=sdir,  # mlflow writes stray files (mlruns, ...) into its cwd
-            env=_child_env(),
+            env=_child_env(service, sdir),
             stdin=subprocess.DEVNULL,
-            stdout=log,
+            stdout=log_f,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # survives the CLI; its own group for killpg
         )
@@ -316,15 +309,17 @@ def up(
 def _start(sdir: Path, ports: dict[str, int], timeout: float, bucket: str) -> StackInfo:
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        # Both start at once: MLflow's import + migrations dominate, moto hides behind them.
+        # Both start at once: MLflow's import + migrations dominate, S3 hides behind them.
         for service in SERVICES:
-            procs[service] = _spawn(service, ports[service], sdir)
+            procs[service] = _spawn(service, ports[service], sdir, bucket)
         deadline = time.monotonic() + timeout
         for service, proc in procs.items():
             _wait_healthy(service, proc, url_for(ports[service]), sdir, deadline)
-        env = stack_env(ports["s3"], ports["mlflow"])
-        _create_bucket(env, bucket)
+        env = stack_env(ports["s3"], ports["mlflow"], sdir)
+        _create_bucket(env, bucket, deadline)
         _write_env_file(sdir, env)
+    except servers.ServerSetupError as e:
+        raise StackError(str(e)) from None
     except BaseException:
         # Never leave a half-started stack behind: the next `up` would trip over it.
         for service, proc in procs.items():
@@ -334,17 +329,11 @@ def _start(sdir: Path, ports: dict[str, int], timeout: float, bucket: str) -> St
     return StackInfo(env["AWS_ENDPOINT_URL"], env["MLFLOW_TRACKING_URI"], str(sdir), env)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # Variables a private stack sets, and those that would send clients elsewhere than to it.
 _PRIVATE_VARS = (
     "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_URI", "DARKMATTER_STACK_DIR",
+    "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+    "DARKMATTER_STACK_DIR",
 )  # fmt: skip
 _SHADOWING_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN")
 
@@ -372,8 +361,25 @@ def private(state_dir: str | os.PathLike[str], timeout: float = 180.0) -> Iterat
 
 
 def down(state_dir: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> list[str]:
-    """Stop both servers; returns the names of those that were running."""
+    """Stop both servers; returns the names of those that were running. Data stays."""
     return _stop_services(resolve_state_dir(state_dir), timeout)
+
+
+def purge(state_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, int]]:
+    """Stop the stack and delete its data (objects, runs, artifacts, credentials): the only
+    call that deletes any. Returns what was deleted, as (path, bytes)."""
+    sdir = resolve_state_dir(state_dir)
+    down(sdir)
+    removed = []
+    for name in DATA_PATHS:
+        path = sdir / name
+        if path.exists():
+            removed.append((str(path), _size(path)))
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return removed
 
 
 def status(state_dir: str | os.PathLike[str] | None = None) -> list[ServiceStatus]:
@@ -390,32 +396,92 @@ def status(state_dir: str | os.PathLike[str] | None = None) -> list[ServiceStatu
                 url=urls[service],
                 healthy=ours and healthy(service, urls[service]),
                 log=str(_log_file(sdir, service)),
+                data=[(str(sdir / p), _size(sdir / p)) for p in SERVICE_DATA[service]],
             )
         )
     return result
 
 
-def load_env_defaults(state_dir: str | os.PathLike[str] | None = None) -> bool:
-    """Point this process at a running local stack, unless the caller's env says otherwise.
+def _size(path: Path) -> int:
+    """Bytes under path (0 if it is not there)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file the server removed while we walked
+                total += (Path(root) / name).stat().st_size
+    return total
 
-    Only variables not already set are filled in, so a user's real AWS/MLflow settings win.
-    Cheap (no HTTP): checks the pid files only.
-    """
+
+# The stack's variables by service. A service is taken from the stack whole or not at all: a
+# user who set AWS_ACCESS_KEY_ID for a real endpoint and forgot AWS_ENDPOINT_URL must not have
+# the stack's endpoint filled in beside it.
+SERVICE_VARS = {
+    "s3": ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"),
+    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"),
+}
+# Set by the caller, each of these means another endpoint for that service. A region alone
+# does not: shells set it for everything.
+_ELSEWHERE_MARKS = {
+    "s3": ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+           "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"),
+    "mlflow": SERVICE_VARS["mlflow"],
+}  # fmt: skip
+_taken: dict[str, list[str]] = {}  # service -> the variables load_env_defaults set
+
+
+def load_env_defaults(state_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Point this process at a running local stack, service by service, unless the caller's
+    environment names another endpoint for that service. Each variable taken is named in one
+    log line, and so is a service left out. Cheap (no HTTP): checks the pid files only."""
     sdir = resolve_state_dir(state_dir)
     env = read_env_file(sdir)
     if not env or not all(_is_ours(_read_pid(sdir, s), s) for s in SERVICES):
         return False
-    for key, value in env.items():
-        os.environ.setdefault(key, value)
+    for service, keys in SERVICE_VARS.items():
+        other = [
+            k for k in _ELSEWHERE_MARKS[service] if os.environ.get(k, env.get(k)) != env.get(k)
+        ]
+        if other:
+            log.info("the local stack is up, but %s is set: its %s is not used", other[0], service)
+            continue
+        taken = [k for k in keys if k in env and k not in os.environ]
+        for key in taken:
+            os.environ[key] = env[key]
+        if taken:
+            _taken[service] = taken
+            log.info("using the local stack's %s (%s): %s", service, sdir, ", ".join(taken))
     return True
 
 
-def stack_env(s3_port: int, mlflow_port: int) -> dict[str, str]:
+def release_unless(service: str, endpoint: str) -> None:
+    """Give back what :func:`load_env_defaults` took for ``service`` when the config names
+    another endpoint for it: the stack's credentials never go to someone else's server."""
+    taken = _taken.get(service, [])
+    if (
+        not endpoint
+        or not taken
+        or endpoint.rstrip("/") == os.environ.get(taken[0], "").rstrip("/")
+    ):
+        return
+    for key in _taken.pop(service):
+        os.environ.pop(key, None)
+    log.info("the config names %s for %s: the local stack's %s are not used",
+             endpoint, service, ", ".join(taken))  # fmt: skip
+
+
+def stack_env(s3_port: int, mlflow_port: int, sdir: Path) -> dict[str, str]:
     """The variables a client needs to use the stack."""
+    creds = servers.stack_secrets(sdir)
     return {
         "AWS_ENDPOINT_URL": url_for(s3_port),
-        **CREDENTIALS,
+        "AWS_ACCESS_KEY_ID": creds["AWS_ACCESS_KEY_ID"],
+        "AWS_SECRET_ACCESS_KEY": creds["AWS_SECRET_ACCESS_KEY"],
+        "AWS_DEFAULT_REGION": REGION,
         "MLFLOW_TRACKING_URI": url_for(mlflow_port),
+        "MLFLOW_TRACKING_USERNAME": creds["MLFLOW_TRACKING_USERNAME"],
+        "MLFLOW_TRACKING_PASSWORD": creds["MLFLOW_TRACKING_PASSWORD"],
     }
 
 
@@ -464,8 +530,11 @@ def _stop_services(sdir: Path, timeout: float) -> list[str]:
     return stopped
 
 
-def _create_bucket(env: dict[str, str], bucket: str) -> None:
+def _create_bucket(env: dict[str, str], bucket: str, deadline: float) -> None:
+    """Create ``bucket`` (``weed mini -bucket`` makes it too, once its filer is up): retried
+    until the deadline, as the S3 gateway answers health checks before its filer is ready."""
     import boto3  # slow import, needed only here
+    import botocore.exceptions
 
     s3 = boto3.client(
         "s3",
@@ -474,21 +543,30 @@ def _create_bucket(env: dict[str, str], bucket: str) -> None:
         aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         region_name=env["AWS_DEFAULT_REGION"],
     )
-    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-        s3.create_bucket(Bucket=bucket)
+    while True:
+        try:
+            with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+                s3.create_bucket(Bucket=bucket)
+            s3.head_bucket(Bucket=bucket)
+            return
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"cannot create bucket {bucket!r} at {env['AWS_ENDPOINT_URL']}: {e}"
+                ) from None
+            time.sleep(0.25)
 
 
 def _write_env_file(sdir: Path, env: dict[str, str]) -> None:
-    tmp = _env_file(sdir).with_suffix(".tmp")
-    tmp.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    tmp.replace(_env_file(sdir))  # atomic: a concurrent load_env_defaults sees old or new
+    # Atomic (a concurrent load_env_defaults sees old or new) and 0600: it holds credentials.
+    servers.write_private(_env_file(sdir), "".join(f"{k}={v}\n" for k, v in env.items()))
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def cli(argv: list[str]) -> int:
-    """``darkmatter stack up|down|status``; returns the exit code."""
+    """``darkmatter stack up|down [--purge]|status``; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "up":
@@ -507,13 +585,29 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--s3-port", type=int, help=f"default: ${PORT_ENV['s3']} or 9000")
     common.add_argument("--mlflow-port", type=int, help=f"default: ${PORT_ENV['mlflow']} or 5000")
     parser = argparse.ArgumentParser(
-        prog="darkmatter stack", description="Local S3 (moto) + MLflow servers on 127.0.0.1."
+        prog="darkmatter stack",
+        description="The local stack on 127.0.0.1: an S3 object store (SeaweedFS) and an "
+        "MLflow server (with basic auth). Its data stays in the state folder across down and "
+        "up; only `down --purge` deletes it.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    up_p = sub.add_parser("up", parents=[common], help="start the stack (no-op if already up)")
+    up_p = sub.add_parser(
+        "up", parents=[common], help="start the stack (no-op if already up)",
+        description="Start both servers, or find them up; the data of earlier runs is kept.",
+    )  # fmt: skip
     up_p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health")
-    sub.add_parser("down", parents=[common], help="stop the stack")
-    sub.add_parser("status", parents=[common], help="show each service")
+    down_p = sub.add_parser(
+        "down", parents=[common], help="stop the stack (its data stays)",
+        description="Stop both servers. Their data stays in the state folder for the next up.",
+    )  # fmt: skip
+    down_p.add_argument(
+        "--purge", action="store_true",
+        help="also delete all stack data: objects, MLflow runs and artifacts, credentials",
+    )  # fmt: skip
+    sub.add_parser(
+        "status", parents=[common], help="show each service, where its data lives and its size",
+        description="Show each server (pid, URL, health) and where its data lives, with sizes.",
+    )  # fmt: skip
     return parser
 
 
@@ -524,17 +618,26 @@ def _cli_up(args: argparse.Namespace) -> int:
     print(f"darkmatter stack: {'already up' if info.already_running else took} ({info.state_dir})")
     print(f"  s3      {info.s3_endpoint}   bucket s3://{DEFAULT_BUCKET}")
     print(f"  mlflow  {info.mlflow_uri}")
-    print(f"  env file: {_env_file(Path(info.state_dir))}")
-    print("darkmatter commands pick this up by themselves; for other tools paste:")
-    for line in _export_lines(info.env):
-        print(f"  {line}")
+    print(f"  data    {info.state_dir} (kept across down/up; `stack down --purge` deletes it)")
+    env_file = _env_file(Path(info.state_dir))
+    print("darkmatter commands pick this up by themselves; for other tools (it holds the")
+    print(f"stack's credentials): set -a; . {env_file}; set +a")
     return 0
 
 
 def _cli_down(args: argparse.Namespace) -> int:
+    if args.purge:
+        removed = purge(args.state_dir)
+        print(f"darkmatter stack: stopped, and deleted all stack data ({len(removed)} paths):")
+        for path, size in removed:
+            print(f"  {_human(size):>9}  {path}")
+        return 0
     stopped = down(args.state_dir)
-    what = ", ".join(stopped) if stopped else "nothing was running"
-    print(f"darkmatter stack: stopped {what}" if stopped else f"darkmatter stack: {what}")
+    where = resolve_state_dir(args.state_dir)
+    if stopped:
+        print(f"darkmatter stack: stopped {', '.join(stopped)}; data kept in {where}")
+    else:
+        print(f"darkmatter stack: nothing was running; data kept in {where}")
     return 0
 
 
@@ -543,12 +646,18 @@ def _cli_status(args: argparse.Namespace) -> int:
     for s in services:
         pid = str(s.pid) if s.pid else "-"
         print(f"{s.name:<7} pid {pid:<8} {s.url:<24} healthy: {'yes' if s.healthy else 'no'}")
+        for path, size in s.data:
+            print(f"  {_human(size):>9}  {path}")
     return 0 if all(s.healthy for s in services) else 1
 
 
-def _export_lines(env: dict[str, str]) -> Iterator[str]:
-    for key, value in env.items():
-        yield f"export {key}={value}"
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
 
 
 if __name__ == "__main__":
