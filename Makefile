@@ -61,5 +61,6 @@ stack-up: venv
 stack-down: venv
 	$(BIN)/darkmatter stack down
 
+# Not .darkmatter/: the local stack's data (objects, runs) goes only with `darkmatter stack down --purge`.
 clean:
-	rm -rf $(VENV) .darkmatter build *.egg-info
+	rm -rf $(VENV) build *.egg-info

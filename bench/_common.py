@@ -41,11 +41,11 @@ def workdir(prefix: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def local_stack(root: Path) -> Iterator[Any]:
-    """Our own moto S3 + MLflow stack on free ports, state under `root`; os.environ points at it
+    """Our own SeaweedFS S3 + MLflow stack on free ports, state under `root`; os.environ points at it
     for the duration and is restored afterwards. The stack is always stopped."""
     from darkmatter.quickstart import stack
 
-    log("starting the local stack (moto S3 + MLflow)")
+    log("starting the local stack (SeaweedFS S3 + MLflow)")
     with stack.private(root / "stack") as info:
         yield info
 

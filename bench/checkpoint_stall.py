@@ -3,7 +3,7 @@
 
 `darkmatter pretrain` runs a BERT encoder (hidden 512, 4 layers, ~13M parameters, ZeRO-2, one
 process; about 200 MB of model and optimizer state per save) for 25 steps with a checkpoint every
-5, once per (root, mode): root = a local folder or a bucket on the local S3 server (moto, started
+5, once per (root, mode): root = a local folder or a bucket on the local S3 server (SeaweedFS, started
 here), mode = checkpoint.async_save true/false; and the S3 pair again with 2 ranks (torchrun,
 ZeRO-2, each rank staging and uploading its own files, rank 0 committing after both). The
 target for the 2-rank pair is an async stall ≤ 0.1 × the synchronous one (`s3_2rank_ratio`). The stall of a save is the time the training

@@ -1,6 +1,6 @@
 """Decoded samples/s: our streaming reader (DataStream) vs a plain webdataset pipeline.
 
-Both read THE SAME shards from THE SAME local S3 server (moto, started here on free ports),
+Both read THE SAME shards from THE SAME local S3 server (SeaweedFS, started here on free ports),
 text (the input_ids .npy decoded to int32) and images (JPEG decoded to RGB uint8 HxWx3), with
   * 2 DataLoader worker processes each, world size 1;
   * the same total shuffle buffer: ours holds `shuffle_buffer` raw samples in each of its 64

@@ -1,6 +1,6 @@
 """Time to the first batch after a resume, at 1% and at 90% of an epoch, of our reader.
 
-A text dataset on the local S3 server (moto, started here on free ports); DataStream with 2
+A text dataset on the local S3 server (SeaweedFS, started here on free ports); DataStream with 2
 DataLoader workers, world size 1, 64 partitions with a shuffle buffer of 16 samples each (1024
 in all), global batch 64. One pass over the epoch records the state_dict() after 1% and after
 90% of its steps, and the keys of the step that follows each. A timed resume builds a fresh

@@ -1,4 +1,4 @@
-"""Suite-wide fixtures: one local stack (moto S3 + MLflow servers) per test session.
+"""Suite-wide fixtures: one local stack (SeaweedFS S3 + MLflow servers) per test session.
 
 The stack runs on free ports in a temporary state dir, so test sessions never collide with a
 developer's `darkmatter stack up` (ports 9000/5000) or with each other.

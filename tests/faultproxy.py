@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP reverse proxy for tests, to put in front of the local S3 server (moto).
+"""A fault-injecting HTTP reverse proxy for tests, to put in front of the local S3 server (SeaweedFS).
 
 Point a client at ``proxy.url`` instead of the S3 endpoint (``AWS_ENDPOINT_URL`` or
 ``client_kwargs={"endpoint_url": proxy.url}``); every request is forwarded to the upstream

@@ -1,4 +1,4 @@
-"""End to end against the real local stack (moto S3 + MLflow servers over HTTP): shards in a
+"""End to end against the real local stack (SeaweedFS S3 + MLflow servers over HTTP): shards in a
 bucket, a 2-process job killed with SIGKILL and started again, which continues from its
 checkpoint and the same MLflow run (with the metrics, tags and artifacts a run must have, and
 no trace of a secret from its config), then an evaluation logged into that run, `runs show`,
