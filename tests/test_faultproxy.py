@@ -40,7 +40,11 @@ def _presigned(endpoint: str, path: str, method: str = "get_object") -> str:
 
     bucket, _, key = path.partition("/")
     params = {"Bucket": bucket, "Key": key} if key else {"Bucket": bucket}
-    client = boto3.client("s3", endpoint_url=endpoint)
+    from botocore.config import Config
+
+    # SigV4: boto3 presigns S3 with SigV2 by default, which servers need not take for a listing
+    # (SeaweedFS refuses it; AWS has deprecated SigV2).
+    client = boto3.client("s3", endpoint_url=endpoint, config=Config(signature_version="s3v4"))
     url = client.generate_presigned_url(method, Params=params)
     parts = urllib.parse.urlsplit(url)
     return f"{parts.path}?{parts.query}"
