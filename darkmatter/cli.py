@@ -1,22 +1,63 @@
 """The `darkmatter` command: prepare | pretrain | evaluate | export | runs | stack.
 
 Each subcommand lives with the package that owns it and is imported only when used, so
-`darkmatter stack status` does not pay for importing DeepSpeed. A user error prints one line,
-`darkmatter <command>: error: <message>`, and exits 2; no traceback.
+`darkmatter stack status` does not pay for importing DeepSpeed. A failure prints one line on
+stderr and no traceback:
+
+* a user error (bad input; object storage or MLflow out of reach, or no credentials):
+  `darkmatter <command>: error: <message>`, exit 2;
+* a CUDA out-of-memory error: the same line with the rank, step and memory figures, exit 1;
+* anything else (a bug, a library failing): `darkmatter <command>: crashed: <error>` and the path
+  of a crash log that holds the full traceback (`RUN_DIR/` for pretrain, else `./.darkmatter/`,
+  `crash-<command>-<time>.log`), exit 1.
+
+`--debug` (before or after the command) or DARKMATTER_DEBUG=1 prints the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import logging
 import os
+import platform
+import re
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from darkmatter.storage.errors import describe_storage_error, stack_hint
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+COMMANDS = {
+    "prepare": "turn text, image, audio or video files into WebDataset shards",
+    "pretrain": "pretrain an encoder from a YAML config (and a.b=c overrides)",
+    "evaluate": "downstream numbers for checkpoints, logged into their training run",
+    "export": "a checkpoint's encoder as a transformers save_pretrained folder",
+    "runs": "training runs in MLflow: list, show, compare",
+    "stack": "the local S3 and MLflow servers: up, down, status",
+}
+# scheme://user:password@host: what an error line or a crash log must not show.
+_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
+
+
+@dataclass
+class _Session:
+    """What a failure report needs to know of the command that ran."""
+
+    argv: tuple[str, ...] = ()  # the command's arguments, as given
+    crash_dir: Path | None = None  # where crash logs go (pretrain: the run folder)
+    worker: bool = False  # a training rank ran in this process (see _leave)
+
+
+_session = _Session()
 
 
 def _fail(command: str, message: str) -> int:
@@ -48,6 +89,7 @@ def pretrain_main(argv: list[str]) -> int:
     if args.resume_from:
         overrides.append(f"checkpoint.resume_from={args.resume_from}")
     cfg = load_config(args.config, overrides)
+    _session.crash_dir = Path(cfg.train.run_dir)
     from darkmatter.quickstart.stack import release_unless
 
     release_unless("mlflow", cfg.tracking.tracking_uri)  # the stack's credentials stay with it
@@ -71,6 +113,7 @@ def pretrain_main(argv: list[str]) -> int:
         return _torchrun(args.nproc, args.max_restarts, cfg.faults, argv)
     from darkmatter.trainer.train import run_worker
 
+    _session.worker = True
     return run_worker(cfg)
 
 
@@ -143,12 +186,41 @@ def _subcommands() -> dict[str, Callable[[list[str]], int]]:
     }
 
 
+def _parser() -> argparse.ArgumentParser:
+    """The top level: the commands, and --debug. Each command parses its own arguments."""
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
+    p = argparse.ArgumentParser(
+        prog="darkmatter",
+        description="Distributed self-supervised pretraining: prepare data, pretrain, evaluate "
+        "and export encoders.",
+        epilog=f"commands:\n{listing}\n\n`darkmatter COMMAND --help` describes each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--debug", action="store_true",
+                   help="print the full traceback of a failure (also: DARKMATTER_DEBUG=1)")  # fmt: skip
+    p.add_argument("command", metavar="COMMAND", choices=list(COMMANDS),
+                   help="one of the commands listed below")  # fmt: skip
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
+    return p
+
+
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """argv without its `--debug` flags (before a `--`), and whether there was one: the flag is
+    accepted before and after the command, which never see it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return kept, len(kept) != len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    if debug:  # in the environment, so torchrun's workers print tracebacks too
+        os.environ["DARKMATTER_DEBUG"] = "1"
     commands = _subcommands()
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: darkmatter {" + ",".join(commands) + "} ...", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] not in commands:  # help, or a mistake: argparse says which
+        _parser().parse_args(argv)
+        return 2
     logging.basicConfig(
         level=os.environ.get("DARKMATTER_LOG", "INFO"),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -160,27 +232,150 @@ def main(argv: list[str] | None = None) -> int:
     # environments sharing one cache would rebuild each other's.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     command, rest = argv[0], argv[1:]
+    global _session
+    _session = _Session(argv=tuple(rest))  # nothing left over from an earlier call (tests)
     if command != "stack":
         from darkmatter.quickstart.stack import load_env_defaults
 
         load_env_defaults()  # `darkmatter stack up` then any command: endpoints just work
     try:
         return commands[command](rest)
-    except USER_ERRORS as e:
-        if os.environ.get("DARKMATTER_DEBUG"):
+    except SystemExit:  # argparse's --help and usage errors: already printed
+        raise
+    except BaseException as e:
+        if os.environ.get("DARKMATTER_DEBUG", "") not in ("", "0"):
             raise
-        code = _fail(command, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        if command == "pretrain" and "torch.distributed" in sys.modules:
-            # A training process that failed still holds what the traceback keeps alive
-            # (engine, process groups, their C++ threads); left to interpreter teardown, one of
-            # them can abort the exit (SIGABRT, "terminate called without an active
-            # exception") over the error line. Everything worth keeping is written by now
-            # (tracker finished, data workers stopped), so leave without the teardown.
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
+        return _leave(report(command, e))
+
+
+def report(command: str, e: BaseException) -> int:
+    """Print the one line for a failure of `command` (and write the crash log it names, if
+    any); returns the exit code."""
+    if isinstance(e, KeyboardInterrupt):
+        print(f"darkmatter {command}: interrupted", file=sys.stderr)
+        return 130
+    torch = sys.modules.get("torch")  # not imported: no tensor, so no out-of-memory either
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        print(f"darkmatter {command}: error: {_oom_line(e)} (traceback: "
+              f"{crash_log(command, e)})", file=sys.stderr)  # fmt: skip
+        return 1
+    if (line := user_error(e)) is not None:
+        return _fail(command, line)
+    where = crash_log(command, e)
+    print(f"darkmatter {command}: crashed: {type(e).__name__}: {_first_line(e)} (full traceback "
+          f"in {where}; --debug prints it)", file=sys.stderr)  # fmt: skip
+    return 1
+
+
+def user_error(e: BaseException) -> str | None:
+    """The line to print when `e` is the user's to act on, else None (a crash)."""
+    if isinstance(e, USER_ERRORS) and _meant_for_the_user(e):
+        return _first_line(e)
+    if (unreachable := describe_storage_error(e)) is not None:
+        return str(unreachable)
+    return _tracking_unreachable(e)
+
+
+def _meant_for_the_user(e: BaseException) -> bool:
+    """ValueError and FileNotFoundError say what input is wrong; a RuntimeError does when our
+    code raised it on purpose (its class is ours, or a `raise` statement of ours is where it
+    started). One from inside torch or DeepSpeed, or from an operation of ours that failed
+    in torch's C++, is a failure to investigate: it gets a crash log."""
+    if not isinstance(e, RuntimeError) or type(e).__module__.startswith("darkmatter"):
+        return True
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return True
+    frame = tb.tb_frame
+    ours = str(frame.f_globals.get("__name__", "")).startswith("darkmatter")
+    line = linecache.getline(frame.f_code.co_filename, tb.tb_lineno).strip()
+    return ours and line.startswith("raise")
+
+
+def _tracking_unreachable(e: BaseException) -> str | None:
+    """One line naming MLFLOW_TRACKING_URI when `e` (or what it was raised from) is MLflow's
+    client failing to connect to it, however deep it was raised."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    host = uri.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+    if not uri.startswith(("http://", "https://")) or not host:
+        return None
+    signs = ("Failed to establish a new connection", "Connection refused", "Max retries exceeded",
+             "Name or service not known", "Connection aborted")  # fmt: skip
+    cur: BaseException | None = e
+    for _ in range(20):  # the chain of causes, bounded
+        if cur is None:
+            return None
+        text = str(cur)
+        if host in text and any(s in text for s in signs):
+            where = _USERINFO.sub("***@", uri)
+            return (f"MLflow tracking server at {where} is unreachable (from "
+                    f"MLFLOW_TRACKING_URI){stack_hint(uri)}")  # fmt: skip
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _oom_line(e: BaseException) -> str:
+    """trainer.train notes the rank, step and memory figures on an out-of-memory error of
+    training; elsewhere torch's own first line (it states the figures on a GPU)."""
+    notes = [n for n in getattr(e, "__notes__", []) if n.startswith("out of memory")]
+    return notes[-1] if notes else f"out of memory: {_first_line(e)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return _USERINFO.sub("***@", text.splitlines()[0]) if text else type(e).__name__
+
+
+def crash_log(command: str, e: BaseException) -> Path:
+    """Write the full traceback of `e` and where it happened to a new crash log; returns its
+    path. Written whole or not at all (a temporary file renamed into place)."""
+    rank = os.environ.get("RANK", "")
+    suffix = f"-rank{rank}" if rank and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    stem = f"crash-{command}-{time.strftime('%Y%m%d-%H%M%S')}{suffix}"
+    header = [
+        f"command: darkmatter {' '.join([command, *_session.argv])}",
+        f"time: {time.strftime('%Y-%m-%d %H:%M:%S %z')}", f"cwd: {os.getcwd()}",
+        f"host: {platform.node()}  python {platform.python_version()}  pid {os.getpid()}",
+        f"rank: {rank or '-'} of {os.environ.get('WORLD_SIZE', '-')}", "",
+    ]  # fmt: skip
+    text = "\n".join(header) + "".join(traceback.format_exception(e))
+    for folder in (_session.crash_dir or Path(".darkmatter"), Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = _unused(folder, stem)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            tmp.write_text(_USERINFO.sub("***@", text))
+            os.replace(tmp, path)
+            return path.absolute()
+        except OSError:
+            continue  # a read-only or full run folder: the temporary folder then
+    return Path("(no crash log: neither the run folder nor the temporary folder is writable)")
+
+
+def _unused(folder: Path, stem: str) -> Path:
+    """folder/stem.log, or stem-2.log, ... when a crash in the same second took that name."""
+    path, n = folder / f"{stem}.log", 1
+    while path.exists():
+        n += 1
+        path = folder / f"{stem}-{n}.log"
+    return path
+
+
+def _leave(code: int) -> int:
+    """The exit code to return; a training rank exits right here instead (os._exit)."""
+    if _session.worker:
+        # A training process that failed still holds what the traceback keeps alive
+        # (engine, process groups, their C++ threads); left to interpreter teardown, one of
+        # them can abort the exit (SIGABRT, "terminate called without an active
+        # exception") over the error line. Everything worth keeping is written by now
+        # (tracker finished, data workers stopped), so leave without the teardown.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

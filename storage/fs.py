@@ -2,20 +2,23 @@
 
 Endpoints and credentials come from the standard variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION), so the same code talks to AWS S3,
-MinIO or the local server.
+MinIO or the local server. A call that finds nothing answering at the endpoint, or no
+credentials, raises StorageUnreachable naming the endpoint or the variables (`reaching`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-from darkmatter.storage.errors import StorageError
+from darkmatter.storage.errors import StorageError, describe_storage_error, mark_answered
 from darkmatter.storage.retry import is_permanent
 
 
@@ -37,12 +40,43 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+@contextlib.contextmanager
+def reaching(url: str) -> Iterator[None]:
+    """Around every call that connects to object storage: an endpoint where nothing answers or
+    missing credentials become a StorageUnreachable naming the endpoint or the variables (and
+    the local stack when the endpoint is on this machine); other errors pass as they are."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        if (unreachable := describe_storage_error(e, url)) is None:
+            raise
+        raise unreachable from e
+    if is_remote(url):
+        mark_answered()
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL, keeping its scheme (s3://b/p + x -> s3://b/p/x)."""
     if "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://" + posixpath.join(rest, *parts)
     return os.path.join(url, *parts)
+
+
+def name_problem(name: object) -> str | None:
+    """Why `name`, read from a file (a manifest's shard, a commit record's file), cannot be
+    joined onto a folder, or None: it must be a relative path that stays inside the folder
+    ('..', '.', empty parts and absolute paths do not), printable, each part a legal file name."""
+    if not isinstance(name, str):
+        return f"expected a file name, got {name!r}"
+    parts = name.split("/")
+    if not name.isprintable() or any(p in ("", ".", "..") for p in parts):
+        return f"{name!r} is not a relative path inside its folder"
+    if any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts):
+        return f"{name[:40]!r}...: a part of the name is longer than 255 bytes"
+    return None
 
 
 def check_bucket(url: str) -> None:
@@ -54,7 +88,10 @@ def check_bucket(url: str) -> None:
     fs, _ = filesystem(url)
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
     try:
-        fs.call_s3("head_bucket", Bucket=bucket)
+        with reaching(url):
+            fs.call_s3("head_bucket", Bucket=bucket)
+    except StorageError:
+        raise  # unreachable, or no credentials: the message says which
     except FileNotFoundError:
         raise StorageError(f"bucket {bucket!r} does not exist (from {url})") from None
     except PermissionError:
@@ -77,7 +114,8 @@ def check_writable_root(url: str) -> None:
     fs, path = filesystem(url)
     bucket = path.split("/", 1)[0]
     try:
-        fs.ls(path)
+        with reaching(url):
+            fs.ls(path)
     except FileNotFoundError:
         pass  # an empty prefix: nothing written yet
     except PermissionError:
@@ -90,12 +128,14 @@ def check_writable_root(url: str) -> None:
 def open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
     """Open one object for reading or writing."""
     fs, path = filesystem(url)
-    return fs.open(path, mode, **kwargs)
+    with reaching(url):  # opening for reading asks for the object's size: a first connection
+        return fs.open(path, mode, **kwargs)
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
-    data: bytes = fs.cat_file(path)
+    with reaching(url):
+        data: bytes = fs.cat_file(path)
     return data
 
 
@@ -103,12 +143,14 @@ def write_bytes(url: str, data: bytes) -> None:
     fs, path = filesystem(url)
     if "://" not in url or url.startswith("file://"):
         fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    fs.pipe_file(path, data)
+    with reaching(url):
+        fs.pipe_file(path, data)
 
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return bool(fs.exists(path))
+    with reaching(url):
+        return bool(fs.exists(path))
 
 
 def make_bucket(url: str) -> None:
@@ -117,8 +159,9 @@ def make_bucket(url: str) -> None:
         return
     fs, _ = filesystem(url)
     bucket = url[len("s3://") :].split("/", 1)[0]
-    if not fs.exists(bucket):
-        fs.mkdir(bucket)
+    with reaching(url):
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
 
 
 def list_files(url: str) -> list[str]:
@@ -127,12 +170,14 @@ def list_files(url: str) -> list[str]:
     Empty for a folder without files or a path that does not exist (check `exists` first).
     """
     fs, path = filesystem(url)
-    if not fs.exists(path):
-        return []
-    if not fs.isdir(path):
-        return [url]
+    with reaching(url):
+        if not fs.exists(path):
+            return []
+        if not fs.isdir(path):
+            return [url]
+        found = fs.find(path)
     scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
-    return [scheme + p for p in sorted(fs.find(path))]
+    return [scheme + p for p in sorted(found)]
 
 
 def makedirs(url: str) -> None:
@@ -146,8 +191,9 @@ def makedirs(url: str) -> None:
 def delete(url: str) -> None:
     """Remove one object or file if it exists."""
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm_file(path)
+    with reaching(url):
+        if fs.exists(path):
+            fs.rm_file(path)
 
 
 def is_remote(url: str) -> bool:
@@ -158,39 +204,47 @@ def is_remote(url: str) -> bool:
 def put_file(local_path: str, url: str) -> None:
     """Upload one local file to url (one object; a failed upload leaves no partial object)."""
     fs, path = filesystem(url)
-    fs.put_file(local_path, path)
+    with reaching(url):
+        fs.put_file(local_path, path)
 
 
 def get_file(url: str, local_path: str) -> None:
     """Download one object to a local file."""
     fs, path = filesystem(url)
-    fs.get_file(path, local_path)
+    with reaching(url):
+        fs.get_file(path, local_path)
 
 
 def glob(pattern: str) -> list[str]:
     """URLs (of the pattern's scheme) matching a glob pattern, sorted."""
     fs, path = filesystem(pattern)
     scheme = pattern.split("://", 1)[0] + "://" if "://" in pattern else ""
-    return [scheme + p for p in sorted(fs.glob(path))]
+    with reaching(pattern):
+        found = fs.glob(path)
+    return [scheme + p for p in sorted(found)]
 
 
 def copy_tree(src: str, dst: str) -> None:
     """Copy every file under src to the same relative path under dst (same filesystem)."""
     fs, src_path = filesystem(src)
     _, dst_path = filesystem(dst)
-    for path in sorted(fs.find(src_path)):
+    with reaching(src):
+        found = fs.find(src_path)
+    for path in sorted(found):
         rel = path[len(src_path.rstrip("/")) + 1 :]
         target = posixpath.join(dst_path, rel) if is_remote(dst) else os.path.join(dst_path, rel)
         if not is_remote(dst):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-        fs.copy(path, target)
+        with reaching(dst):
+            fs.copy(path, target)
 
 
 def remove_tree(url: str) -> None:
     """Remove a folder (or prefix) and everything under it; nothing if it does not exist."""
     fs, path = filesystem(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with reaching(url):
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
 
 def put_atomic(root: str, name: str, data: bytes) -> None:

@@ -61,10 +61,14 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as e:
-        reason = type(e).__name__
-        where = redact(uri)
+        from darkmatter.storage import stack_hint
+
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == uri else (
+            "tracking.tracking_uri"
+        )  # fmt: skip
         raise TrackingError(
-            f"MLflow tracking server at {where} is unreachable ({reason})"
+            f"MLflow tracking server at {redact(uri)} is unreachable ({type(e).__name__}, "
+            f"from {source}){stack_hint(uri)}"
         ) from None
 
 

@@ -361,12 +361,19 @@ def _human(n: float) -> str:
 
 def cli(argv: list[str]) -> int:
     """`darkmatter prepare INPUT [INPUT ...] --output URL --modality text|image|audio|video ...`"""
-    p = argparse.ArgumentParser(prog="darkmatter prepare", description=__doc__.split("\n")[0])
+    # The module docstring's first paragraph (its first line alone stops mid-sentence).
+    summary = " ".join(__doc__.split("\n\n")[0].split())
+    p = argparse.ArgumentParser(
+        prog="darkmatter prepare",
+        description=f"{summary} Running the same command again resumes: work units already "
+        "written are verified and kept, and only the rest is done.",
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (recursed)")
     p.add_argument(
         "--output", required=True, metavar="URL", help="s3://bucket/prefix, file://… or a folder"
     )
-    p.add_argument("--modality", required=True, choices=list(MODALITIES))
+    p.add_argument("--modality", required=True, choices=list(MODALITIES),
+                   help="what the inputs hold; the files of other kinds in folders are skipped")  # fmt: skip
     p.add_argument(
         "--text-field", default="text", metavar="NAME", help="JSONL field / Parquet column"
     )
@@ -393,8 +400,10 @@ def cli(argv: list[str]) -> int:
     p.add_argument(
         "--tokenizer", metavar="PATH", help="an existing tokenizer.json instead of training one"
     )
-    p.add_argument("--vocab-size", type=int, default=8000, metavar="N")
-    p.add_argument("--shard-size-mb", type=float, default=64.0, metavar="F")
+    p.add_argument("--vocab-size", type=int, default=8000, metavar="N",
+                   help="size of the WordPiece vocabulary trained on the text (default %(default)s)")  # fmt: skip
+    p.add_argument("--shard-size-mb", type=float, default=64.0, metavar="F",
+                   help="a new shard starts past F MiB of tar (default %(default)s)")  # fmt: skip
     p.add_argument("--shard-samples", type=int, metavar="N", help="at most N samples per shard")
     p.add_argument(
         "--unit-size-mb",
