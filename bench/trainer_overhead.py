@@ -34,8 +34,10 @@ class MemoryStream:
     """The reader's interface over micro-batches already in memory, cycled."""
 
     def __init__(self, steps: list[Any], summary: dict[str, float]):
+        from darkmatter.data_pipeline.reader import Quarantine
+
         self.steps, self._summary, self.i = steps, summary, 0
-        self.epoch, self.quarantine = 0, []
+        self.epoch, self.quarantine = 0, Quarantine()
 
     def next_step(self) -> Any:
         out = self.steps[self.i % len(self.steps)]

@@ -131,7 +131,7 @@ CASES: dict[str, Case] = {
     "pickle members": (None, {(0, 5): {"pkl": pickle.dumps(_Payload())},
                               (0, 6): {"input_ids.npy": _npy(np.array([_Payload()], dtype=object),
                                                              allow_pickle=True)}},
-                       {"undecodable": 2}, {}),
+                       {"pickle_member": 1, "undecodable": 1}, {}),
 }  # fmt: skip
 
 

@@ -283,7 +283,7 @@ def test_failed_uploads_are_retried_then_reported(
     stack: Any, bucket: str, text_ds: str, tmp_path: Path
 ) -> None:
     """S3 answers 503 SlowDown to 16 checkpoint uploads in a row (botocore's own retries off,
-    s3fs tries 5 times per call). Step 3: 5 + 5 failures exhaust checkpoint.upload_retries=1, so
+    s3fs tries 5 times per call). Step 3: 5 + 5 failures exhaust storage.retry.attempts=2, so
     it is reported and not committed; training goes on. Step 6: 5 failures, our retry succeeds."""
     from tests.faultproxy import FaultProxy
 
@@ -291,7 +291,8 @@ def test_failed_uploads_are_retried_then_reported(
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir,
                        train={"zero_stage": 2, "steps": 6, "log_every": 3},
-                       checkpoint={"every": 3, "root": root, "upload_retries": 1})  # fmt: skip
+                       checkpoint={"every": 3, "root": root},
+                       storage={"retry": {"attempts": 2}})  # fmt: skip
     with FaultProxy(stack.s3_endpoint, methods=("PUT",), plan=["slowdown"] * 16,
                     match=lambda p: "/ckpts/flaky/step" in p) as proxy:  # fmt: skip
         env = {"AWS_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1"}

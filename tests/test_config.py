@@ -151,7 +151,7 @@ def test_cli_config_error_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert lines == [
-        "darkmatter pretrain: error: train_typo: unknown key (known here: checkpoint, data, deepspeed, faults, model, objective, tracking, train)"
+        "darkmatter pretrain: error: train_typo: unknown key (known here: checkpoint, data, deepspeed, faults, model, objective, storage, tracking, train)"
     ]
 
 

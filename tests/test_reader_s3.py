@@ -13,6 +13,7 @@ import pytest
 from darkmatter import storage
 from darkmatter.data_pipeline.prepare import Manifest, prepare
 from darkmatter.data_pipeline.reader import DataError, DataStream, ReaderOptions
+from darkmatter.storage import Retry
 from tests.faultproxy import FaultProxy
 
 
@@ -37,9 +38,10 @@ def s3_dataset(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
 def sequence(url: str, workers: int, **opts: Any) -> tuple[list[str], dict[str, float]]:
     """One epoch's keys, fetched afresh (a new shard cache folder each time)."""
     opts.setdefault("cache_dir", tempfile.mkdtemp(prefix="darkmatter-test-cache-"))
+    opts.setdefault("retry", Retry(base_s=0.01))
     s = DataStream(
         url, rank=0, world_size=1, micro_batch_size=16, num_workers=workers, seed=2,
-        partitions=8, options=ReaderOptions(shuffle_buffer=8, backoff_s=0.01, **opts),
+        partitions=8, options=ReaderOptions(shuffle_buffer=8, **opts),
     )  # fmt: skip
     keys = [x["__key__"] for _ in range(s.steps_per_epoch) for x in s.next_step()[0]]
     s.close()
@@ -83,8 +85,8 @@ def test_a_shard_that_never_comes_back_names_the_url(
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with FaultProxy(stack.s3_endpoint, every=1, faults=("reset",), match=lambda p: p.endswith(".tar")) as proxy:  # fmt: skip
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        with pytest.raises(DataError, match=r"s3://reader-faults/ds/\S+\.tar: giving up after 3"):
-            sequence(s3_dataset, workers=0, retries=2)
+        with pytest.raises(DataError, match=r"s3://reader-faults/ds/\S+\.tar failed 3 times"):
+            sequence(s3_dataset, workers=0, retry=Retry(attempts=3, base_s=0.01))
 
 
 def test_missing_shard_in_object_storage_is_a_counted_hole(s3_dataset: str, tmp_path: Path) -> None:
@@ -103,7 +105,8 @@ def test_missing_shard_in_object_storage_is_a_counted_hole(s3_dataset: str, tmp_
 
 def test_shard_cache_is_shared_verified_and_bounded(s3_dataset: str, tmp_path: Path) -> None:
     """Two workers fetch each shard once between them; a second pass fetches nothing; a cap
-    smaller than the dataset keeps the folder under it without changing the sequence."""
+    smaller than the dataset keeps the folder under it, and leaves no lock file of an evicted
+    shard, without changing the sequence."""
     cache = tmp_path / "cache"
     clean, first = sequence(s3_dataset, workers=2, cache_dir=str(tmp_path / "fresh"))
     size = sum(s.bytes for s in DataStream(s3_dataset, rank=0, world_size=1,
@@ -127,3 +130,9 @@ def test_shard_cache_is_shared_verified_and_bounded(s3_dataset: str, tmp_path: P
     largest = max(s.bytes for s in DataStream(s3_dataset, rank=0, world_size=1,
                   micro_batch_size=16, partitions=8).manifest.shards)  # fmt: skip
     assert held <= cap + largest  # the shard just fetched is never the one evicted
+    # Evicted shards take their lock files along. (A shard may lack one: a lock removed in the
+    # instant another process opened it is only recreated at the shard's next fetch.)
+    tars = {p.name for p in (tmp_path / "small").glob("*.tar")}
+    assert {p.name.removesuffix(".lock") for p in (tmp_path / "small").glob("*.lock")} <= tars
+    assert len(tars) < len(DataStream(s3_dataset, rank=0, world_size=1, micro_batch_size=16,
+                                      partitions=8).manifest.shards)  # fmt: skip

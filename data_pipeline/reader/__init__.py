@@ -16,11 +16,13 @@ size or worker count, rebuilds each partition from it by reading only the sample
 held: the cost depends on the buffer, never on how far the epoch had got.
 Bad data (a missing, empty, truncated or corrupt shard, an undecodable or oversized member)
 becomes a *hole* at that sample's place in the order, so no other sample moves; holes are
-counted by reason and listed (shard, key, reason) in a quarantine list, or raise in strict mode.
+counted by reason and listed (shard, key, reason) in the rank's quarantine (quarantine.py: bounded
+memory, new entries taken by the trainer's log each interval), or raise in strict mode.
 
 The layers, lowest first: options.py (ReaderOptions, DataError); shards.py (a shard's tar index
 and its holes); cache.py (fetch, verify, the machine's shared shard cache); order.py (the order
-and the partition streams); decode.py (raw members -> arrays); slots.py (a slot's pieces);
+and the partition streams); decode.py (raw members -> arrays); quarantine.py (the bad samples
+met, in bounded memory); slots.py (a slot's pieces);
 workers.py (slots in worker processes); and this module, which owns DataStream (a rank's steps
 and its versioned state) and iter_dataset. The names other code imports from here are
 re-exported from those modules.
@@ -28,6 +30,8 @@ re-exported from those modules.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -37,6 +41,7 @@ from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
 from darkmatter.data_pipeline.reader.decode import Sample, decode
 from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
 from darkmatter.data_pipeline.reader.order import EpochPlan
+from darkmatter.data_pipeline.reader.quarantine import Quarantine
 from darkmatter.data_pipeline.reader.shards import Hole, LocalShard, tar_members
 from darkmatter.data_pipeline.reader.slots import Piece, Slot, StreamSpec, slot_pieces
 from darkmatter.data_pipeline.reader.workers import Workers
@@ -49,6 +54,7 @@ __all__ = [
     "IOStats",
     "LocalShard",
     "Manifest",
+    "Quarantine",
     "ReaderOptions",
     "Sample",
     "Slot",
@@ -58,6 +64,26 @@ __all__ = [
 ]
 
 STATE_VERSION = 2
+# Tests only (the chaos soak, tests/soak.py): a folder where every rank appends the keys and the
+# holes of each step it hands out, so that a soak can prove no sample is seen twice in an epoch.
+SAMPLE_LOG_ENV = "DARKMATTER_SAMPLE_LOG"
+
+
+def _log_samples(
+    rank: int, epoch: int, step: int, micro: list[list[Sample]], holes: list[Hole]
+) -> None:
+    folder = os.environ.get(SAMPLE_LOG_ENV)
+    if not folder:
+        return
+    rec = {"epoch": epoch, "step": step, "keys": [s["__key__"] for b in micro for s in b],
+           "holes": [[h.shard, h.key] for h in holes]}  # fmt: skip
+    # One O_APPEND write per line: a SIGKILL leaves whole lines (at worst a torn last one).
+    path = os.path.join(folder, f"samples-rank{rank}.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(rec) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 class DataStream:
@@ -113,8 +139,7 @@ class DataStream:
         self._loader: Iterator[Piece] | Workers | None = None
         self.stats = IOStats()
         self.wait_s = 0.0  # time next_step() waited for pieces
-        self.quarantine: list[Hole] = []
-        self._quarantined: set[Hole] = set()
+        self.quarantine = Quarantine(self.opts.quarantine_entries)
 
     # -- state ---------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -193,6 +218,7 @@ class DataStream:
             pieces = [next(self._loader)]
         self.wait_s += time.perf_counter() - t0
         items: list[tuple[int, Sample | None]] = []
+        holes: list[Hole] = []
         for piece in pieces:
             if (piece.epoch, piece.step) != (self.epoch, self.step):
                 raise DataError(
@@ -202,10 +228,9 @@ class DataStream:
             items += piece.items
             self._states.update(piece.states)
             self.stats.add(piece.stats)
+            holes += piece.holes
             for h in piece.holes:
-                if h not in self._quarantined:
-                    self._quarantined.add(h)
-                    self.quarantine.append(h)
+                self.quarantine.add(h)
         items.sort(key=lambda it: it[0])
         m = self.micro_batch_size
         micro = [[s for _, s in items[k * m : (k + 1) * m] if s is not None] for k in
@@ -214,8 +239,9 @@ class DataStream:
             if not batch:
                 raise DataError(
                     f"rank {self.rank}, step {self.step} of epoch {self.epoch}: every sample of "
-                    f"micro-batch {k} was bad data ({self.quarantine[-1].reason})"
+                    f"micro-batch {k} was bad data ({holes[-1].reason})"
                 )
+        _log_samples(self.rank, self.epoch, self.step, micro, holes)
         self.step += 1
         return micro
 

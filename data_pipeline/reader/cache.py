@@ -1,10 +1,12 @@
 """Getting shards to the slot: fetch, verify and the machine's shared shard cache.
 
 Each shard a slot touches is fetched whole into a cache folder shared by the machine's
-processes (read-ahead threads, retries with backoff that resume the body where it broke off),
-checked against the manifest's size and sha256, and indexed by its tar headers (shards.py);
-the folder is kept under a byte cap by evicting the least recently used shards. IOStats counts
-what this costs.
+processes (read-ahead threads; retries within the storage.retry budget that resume the body
+where it broke off; a 403, refused credentials or a missing bucket end the job at once, naming
+the bucket), checked against the manifest's size and sha256, and indexed by its tar headers
+(shards.py). The folder (data.cache_dir, default $XDG_CACHE_HOME/darkmatter/shards) is kept
+under a byte cap (data.cache_gb) by evicting the least recently used shards and their lock
+files. IOStats counts what this costs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -23,8 +24,8 @@ from typing import Any
 
 from darkmatter import storage
 from darkmatter.data_pipeline.manifest import Manifest
-from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.reader.shards import Hole, LocalShard
+from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions, default_cache_dir
+from darkmatter.data_pipeline.reader.shards import Hole, LocalShard, reason_kind
 
 
 @dataclass
@@ -55,15 +56,6 @@ class IOStats:
         return out
 
 
-def _reason_kind(reason: str) -> str:
-    """A short counter name for a hole's reason ('sha256 mismatch: ...' -> 'sha256_mismatch')."""
-    head = reason.split(":", 1)[0]
-    for kind in ("member", "holds"):
-        if head.startswith(kind):
-            return {"member": "oversized_member", "holds": "count_mismatch"}[kind]
-    return head.replace(" ", "_").replace("-", "_")
-
-
 class ShardCache:
     """One slot's shards, verified and indexed, fetched ahead by threads.
 
@@ -90,8 +82,7 @@ class ShardCache:
         self._lock = threading.Lock()
 
     def _folder(self) -> str:
-        default = os.path.join(tempfile.gettempdir(), f"darkmatter-shards-{os.getuid()}")
-        root = self.opts.cache_dir or default  # per user: another user's files are not ours
+        root = self.opts.cache_dir or default_cache_dir()
         os.makedirs(root, exist_ok=True)
         return root
 
@@ -99,7 +90,7 @@ class ShardCache:
         with self._lock:
             self.stats.samples += good
             for h in holes:
-                self.stats.skipped[_reason_kind(h.reason)] += 1
+                self.stats.skipped[reason_kind(h.reason)] += 1
 
     def take_stats(self) -> IOStats:
         """The counters' change since the last call (pieces carry deltas)."""
@@ -168,6 +159,24 @@ class ShardCache:
     def _load(self, shard: int) -> LocalShard:
         info = self.manifest.shards[shard]
         url = storage.join(self.url, info.name)
+        # Another process may evict the shard between its fetch and its opening (a cache too
+        # small for what the machine reads at once): fetch it again, a few times at most.
+        for _ in range(_REOPENS):
+            local = self._fetch(url, info)
+            if local.bad is not None:
+                return local
+            try:
+                local.index(self.opts.max_member_bytes)
+                return local
+            except FileNotFoundError:
+                continue
+        raise DataError(
+            f"{url}: evicted from the shard cache {_REOPENS} times before it could be opened; "
+            f"raise data.cache_gb ({self.opts.cache_bytes / 2**30:g} GB now)"
+        )
+
+    def _fetch(self, url: str, info: Any) -> LocalShard:
+        """The shard as a verified local file, or with `bad` set to why it is unusable."""
         t0 = time.perf_counter()
         local = LocalShard(info.name, None, info.samples)
         try:
@@ -178,11 +187,6 @@ class ShardCache:
             local.bad = "missing shard"
         finally:
             self._count(fetch_s=time.perf_counter() - t0)
-        if local.bad is None:
-            try:
-                local.index(self.opts.max_member_bytes)
-            except FileNotFoundError:  # evicted by another process between check and open
-                return self._load(shard)
         return local
 
     def _check(self, size: int, digest: str | None, info: Any) -> str | None:
@@ -214,6 +218,15 @@ class ShardCache:
         path = os.path.join(root, f"{info.sha256}{'' if self.opts.verify else '.unverified'}.tar")
         if _fresh(path, info.bytes):
             return path, None
+        try:
+            return self._fetch_locked(url, info, path)
+        finally:
+            # After every fetch that took the lock (done here, found done by another process,
+            # refused as bad, or failed): the folder back under its cap, stray locks removed.
+            _evict(root, self.opts.cache_bytes, keep=path)
+
+    def _fetch_locked(self, url: str, info: Any, path: str) -> tuple[str | None, str | None]:
+        """_cached's fetch, under the shard's lock file: downloaded, verified, moved in."""
         with open(path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per machine; the others wait for it
             try:
@@ -231,31 +244,27 @@ class ShardCache:
                         os.remove(tmp)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        _evict(root, self.opts.cache_bytes, keep=path)
         return path, None
 
     def _download(self, url: str, tmp: str, expected: int) -> tuple[int, str]:
-        """Copy the object to `tmp` with retries that resume where the body broke off."""
+        """Copy the object to `tmp` within the storage.retry budget, each retry resuming where
+        the body broke off. A missing object raises FileNotFoundError (the shard is a hole);
+        a 403, refused credentials, a missing bucket or a spent budget raise DataError."""
         sha = hashlib.sha256()
-        done, attempt = 0, 0
         with open(tmp, "wb") as out:
-            while True:
-                try:
-                    done = self._copy(url, out, sha, done, expected)
-                    return done, sha.hexdigest()
-                except FileNotFoundError:
-                    raise
-                except Exception as e:  # 5xx, SlowDown, resets, truncated bodies: all transient
-                    attempt += 1
-                    if attempt > self.opts.retries:
-                        raise DataError(
-                            f"{url}: giving up after {attempt} attempts: {type(e).__name__}: {e}"
-                        ) from None
-                    self._count(retries=1)
-                    time.sleep(min(10.0, self.opts.backoff_s * 2 ** (attempt - 1)))
+            try:
+                done = storage.with_retries(
+                    lambda: self._copy(url, out, sha, expected), f"fetch of {url}",
+                    self.opts.retry, on_retry=lambda: self._count(retries=1),
+                )  # fmt: skip
+            except storage.StorageError as e:
+                raise DataError(str(e)) from None
+        return done, sha.hexdigest()
 
-    def _copy(self, url: str, out: Any, sha: Any, done: int, expected: int) -> int:
-        """Append the object's bytes from offset `done` on to `out`; returns the new offset."""
+    def _copy(self, url: str, out: Any, sha: Any, expected: int) -> int:
+        """Append the object's bytes from offset `out.tell()` on to `out`; returns the new
+        offset. `out` and `sha` only ever take whole chunks, so a retry resumes exactly."""
+        done = out.tell()
         # cache_type none: each read is one ranged GET, and a retry restarts at `done`.
         with storage.open_url(url, "rb", cache_type="none") as f:
             if done:
@@ -274,6 +283,7 @@ class ShardCache:
 
 
 _CHUNK = 8 << 20
+_REOPENS = 5  # fetches of one shard that another process may evict before it is opened
 
 
 def _fresh(path: str, size: int) -> bool:
@@ -288,9 +298,9 @@ def _fresh(path: str, size: int) -> bool:
 
 
 def _evict(root: str, cap: int, keep: str) -> None:
-    """Delete the least recently used shards until the folder holds at most `cap` bytes, and
-    temporary files of processes that are gone."""
-    shards = []
+    """Delete the least recently used shards until the folder holds at most `cap` bytes, the
+    lock files of shards no longer there, and temporary files of processes that are gone."""
+    shards, locks = [], []
     for entry in os.scandir(root):
         if entry.name.endswith(".tmp"):
             pid = entry.name.rsplit(".", 3)[-3]
@@ -301,6 +311,8 @@ def _evict(root: str, cap: int, keep: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 st = entry.stat()
                 shards.append((st.st_mtime, st.st_size, entry.path))
+        elif entry.name.endswith(".tar.lock"):
+            locks.append(entry.path)
     total = sum(size for _, size, _ in shards)
     for _, size, path in sorted(shards):
         if total <= cap:
@@ -309,6 +321,26 @@ def _evict(root: str, cap: int, keep: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
             total -= size
+    for lock in locks:
+        if not os.path.exists(lock.removesuffix(".lock")):
+            _remove_lock(lock)
+
+
+def _remove_lock(path: str) -> None:
+    """Delete a shard's lock file unless a fetch holds it. A process that opened it just before
+    may then fetch beside another one: a second download of the same verified bytes, moved into
+    place atomically, so the cost of a race is time, never a wrong shard."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.remove(path)
+    except (BlockingIOError, FileNotFoundError):
+        pass  # a fetch holds it (or another process removed it)
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -1,4 +1,8 @@
-"""Decoding: a sample's raw tar members -> the arrays a model takes, per modality."""
+"""Decoding: a sample's raw tar members -> the arrays a model takes, per modality.
+
+Nothing here unpickles: .npy members load with allow_pickle=False, and a sample that carries a
+pickle member (.pyd, .pkl, ...) is refused whole. The shard index already makes such a sample a
+hole; the check here keeps that true for raw samples from anywhere else."""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from darkmatter.data_pipeline.reader.shards import PICKLE_EXTENSIONS
+
 Sample = dict[str, Any]
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTENSIONS = ("flac", "wav")
@@ -18,8 +24,11 @@ FRAME_MEMBER = re.compile(r"(\d+)\.(png|jpg|jpeg|webp)")  # a video sample's fra
 def decode(raw: dict[str, Any], modality: str) -> Sample:
     """Raw tar members -> model inputs. Text: input_ids int32[n]; image: image uint8[H, W, 3];
     audio: audio float32[n] (channels averaged) and sample_rate; video: frames uint8[T, H, W, 3]
-    (and fps when its json has it). Raises ValueError if it can't."""
+    (and fps when its json has it). Raises ValueError if it can't, or if a member is a pickle."""
     key = raw["__key__"]
+    for member in raw:
+        if not member.startswith("__") and member.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS:
+            raise ValueError(f"pickle member {key}.{member} refused (the reader never unpickles)")
     out: Sample = {"__key__": key}
     if modality == "text":
         if "input_ids.npy" not in raw:

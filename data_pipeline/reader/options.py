@@ -3,11 +3,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+from darkmatter.storage import Retry
 
 
 class DataError(ValueError):
     """Bad data in strict mode, or a stream that cannot go on; the message names the shard."""
+
+
+def default_cache_dir() -> str:
+    """The shard cache when none is configured: $XDG_CACHE_HOME/darkmatter/shards, or
+    ~/.cache/darkmatter/shards (per user, kept across runs: shards are named by their sha256)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "darkmatter", "shards")
 
 
 @dataclass(frozen=True)
@@ -24,12 +34,13 @@ class ReaderOptions:
     """A member larger than this is refused (the sample becomes a hole)."""
     readahead: int = 2
     """Shards per partition fetched ahead of the one being read."""
-    retries: int = 5
-    """Attempts per shard fetch after the first, with exponential backoff."""
-    backoff_s: float = 0.2
-    """First retry delay; doubles per attempt, capped at 10 s."""
+    retry: Retry = field(default_factory=Retry)
+    """The retry budget of each shard fetch (config `storage.retry`); 403s, refused
+    credentials and a missing bucket fail at once."""
     cache_dir: str = ""
-    """Folder for fetched shards, shared by the machine's processes (empty: a folder in the
-    system temp folder)."""
+    """Folder for fetched shards, shared by the machine's processes (empty: default_cache_dir())."""
     cache_bytes: int = 16 * 2**30
     """The shared folder is kept under this size (least recently used shards go first)."""
+    quarantine_entries: int = 10_000
+    """Bad-sample entries a rank keeps in memory (the newest); counts by reason cover them all,
+    and every entry reaches the trainer's quarantine log."""

@@ -2,9 +2,10 @@
 the *holes* it holds.
 
 Bad data (an empty, truncated or corrupt tar, a sample count that disagrees with the manifest,
-an oversized member) becomes a Hole at that sample's place in the order, so no other sample
-moves. Members are only ever read into memory by offset (never extracted to a path), and pickle
-members (.pyd, .pkl, .pth ...) are dropped from the index, so they are never decoded.
+an oversized member, two members of a sample with one extension) becomes a Hole at that sample's place in the order, so no other sample
+moves. Members are only ever read into memory by offset (never extracted to a path), and a
+sample with a pickle member (.pyd, .pkl, .pickle, .pth, .pt) is a hole whose reason names the
+member: its bytes are never read, so nothing can unpickle them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ class Hole(NamedTuple):
     shard: str
     key: str
     reason: str
+
+
+def reason_kind(reason: str) -> str:
+    """A short counter name for a hole's reason ('sha256 mismatch: ...' -> 'sha256_mismatch')."""
+    head = reason.split(":", 1)[0]
+    for kind in ("member", "holds"):
+        if head.startswith(kind):
+            return {"member": "oversized_member", "holds": "count_mismatch"}[kind]
+    return head.replace(" ", "_").replace("-", "_")
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -75,6 +85,8 @@ def _parse_tar(buf: Any) -> Iterator[tuple[str, int, int]]:
             if raw[0] & 0x80
             else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
         )
+        if size < 0:  # int() takes a sign: the next header would be looked for behind this one
+            raise TarFormatError(f"negative size at byte {pos}")
         kind = hdr[156:157]
         data = pos + 512
         if kind == b"L":  # GNU long name of the next member
@@ -88,6 +100,8 @@ def _parse_tar(buf: Any) -> Iterator[tuple[str, int, int]]:
             name = pax.get(b"path", long_name or name)
             if b"size" in pax:
                 size = int(pax[b"size"])
+                if size < 0:
+                    raise TarFormatError(f"negative pax size at byte {pos}")
             if kind in (b"0", b"\0", b"7"):
                 yield name.decode("utf-8", "surrogateescape"), data, size
             long_name, pax = None, {}
@@ -101,6 +115,8 @@ def _pax_records(block: bytes) -> dict[bytes, bytes]:
     while i < len(block) and block[i : i + 1] != b"\0":
         space = block.index(b" ", i)
         length = int(block[i:space])
+        if length <= space - i:  # shorter than its own length field: the loop would not advance
+            raise TarFormatError(f"pax record of length {length}")
         key, _, value = block[space + 1 : i + length - 1].partition(b"=")
         out[key] = value
         i += length
@@ -137,11 +153,17 @@ class LocalShard:
                 n = len(self.keys) - 1
                 if offset + length > size:
                     self.sample_bad.setdefault(n, "truncated tar")
+                elif ext.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS:
+                    self.sample_bad.setdefault(
+                        n, f"pickle member: {name} refused (the reader never unpickles)"
+                    )
                 elif length > max_member_bytes:
                     self.sample_bad.setdefault(
                         n, f"member {ext} of {length} bytes over the {max_member_bytes} cap"
                     )
-                elif ext.rsplit(".", 1)[-1] not in PICKLE_EXTENSIONS:
+                elif any(e == ext for e, _, _ in self.members[n]):  # which one is the sample?
+                    self.sample_bad.setdefault(n, f"duplicate member: {ext} appears twice")
+                else:
                     self.members[n].append((ext, offset, length))
         except TarFormatError as e:
             if not self.keys:
