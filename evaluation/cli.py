@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import darkmatter.trainer.checkpoint_reader as reader
+from darkmatter import storage
 from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, is_export
 from darkmatter.evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
+from darkmatter.evaluation.runs import check_reachable
 from darkmatter.evaluation.tasks import TaskSpec, load_tasks
-
-# scheme://user:password@host: what a URL in an error line must not show.
-_USERINFO = re.compile(r"(?<=://)[^/@\s:]+:[^/@\s]+@")
 
 
 def _client(required: bool) -> Any:
@@ -39,25 +38,8 @@ def _client(required: bool) -> Any:
         return None
     from mlflow.tracking import MlflowClient
 
-    _check_reachable(uri)
+    check_reachable(uri)
     return MlflowClient(tracking_uri=uri)
-
-
-def _check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """One error line naming the URL (credentials removed) when an HTTP tracking server does not
-    answer, as training's check (trainer.tracking.check_reachable, which the evaluator does not
-    import: the tracker is the training side's)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
-    except requests.RequestException as e:
-        where = _USERINFO.sub("***@", uri)
-        raise RuntimeError(
-            f"MLflow tracking server at {where} is unreachable ({type(e).__name__})"
-        ) from None
 
 
 def _specs(args: argparse.Namespace) -> list[TaskSpec]:
@@ -115,7 +97,8 @@ def one_shot(args: argparse.Namespace) -> int:
               f"pretrained vs {r['random_init']:.3f} random init")  # fmt: skip
     line = json.dumps(result)
     if args.output:
-        Path(args.output).write_text(line + "\n")
+        out = Path(args.output)  # whole or not at all: scripts read this line
+        storage.put_atomic(str(out.parent), out.name, (line + "\n").encode())
     print(line)
     return 0
 
@@ -124,7 +107,8 @@ def watch(args: argparse.Namespace) -> int:
     if not args.tasks:
         raise ValueError("--watch needs --tasks TASKS.yaml")
     harness = Harness(_client(required=True), load_tasks(args.tasks), args.state, args.cache_dir,
-                      owner=args.id, ttl_s=args.claim_ttl_s, order=args.order)  # fmt: skip
+                      owner=args.id, ttl_s=args.claim_ttl_s, order=args.order,
+                      trusted_roots=tuple(args.trusted_root))  # fmt: skip
 
     def stop(signum: int, frame: Any) -> None:
         harness.stop.set()
@@ -143,21 +127,26 @@ def parser() -> argparse.ArgumentParser:
                    help="run folder, checkpoint root, step folder, export folder or run id")  # fmt: skip
     p.add_argument("--task", help="one labeled Parquet file (URL or path)")
     p.add_argument("--name", default="", help="its name in metric keys (default: file stem)")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--label-column", default="label", help="for --task: the label column")
     p.add_argument("--protocols", default="linear_probe,knn",
                    help="for --task: linear_probe,knn,finetune")  # fmt: skip
     p.add_argument("--tasks", help="tasks YAML (see evaluation/tasks.py)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="for --task: seed of the train/test split")
     p.add_argument("--no-mlflow", action="store_true", help="do not log into the training run")
     p.add_argument("--output", default="", help="also write the result JSON here")
     p.add_argument("--watch", metavar="EXPERIMENT_OR_RUN", help="keep evaluating new checkpoints")
-    p.add_argument("--order", choices=("oldest", "newest"), default="oldest")
+    p.add_argument("--order", choices=("oldest", "newest"), default="oldest",
+                   help="with --watch: which checkpoints to evaluate first")  # fmt: skip
     p.add_argument("--poll-s", type=float, default=30.0, help="seconds between looks at MLflow")
     p.add_argument("--once", action="store_true", help="stop when nothing is left to evaluate")
     p.add_argument("--state", default="", help="claims and shared baselines (URL or folder)")
     p.add_argument("--claim-ttl-s", type=float, default=300.0,
                    help="a claim not renewed for this long is taken over")  # fmt: skip
     p.add_argument("--id", default="", help="this harness's name in claims (default: unique)")
+    p.add_argument("--trusted-root", action="append", default=[], metavar="URL",
+                   help="evaluation.trusted_roots: read checkpoints only under this root "
+                        "(repeatable; default: each run's own checkpoint root and artifact "
+                        "root). A run's index pointing elsewhere is refused")  # fmt: skip
     p.add_argument("--cache-dir", default="", help="where remote checkpoints are downloaded")
     return p
 

@@ -2,11 +2,17 @@
 
 `evaluate_checkpoint` runs every task's protocols on one checkpoint and on a random-init twin of
 its encoder (computed once per task and architecture, shared through the state folder).
-`Harness` watches MLflow: for each run it reads the `checkpoints/index.json` artifact the trainer
-keeps, skips what already has results, claims a checkpoint (evaluation.claims), evaluates it and
-logs `eval/<task>/<protocol>/<metric>` at the checkpoint's step, then the plots and the results
-table, then the tag `eval.<tag>` that marks it done. A checkpoint whose files do not verify is
-tagged `eval.<tag> = corrupt: …` and skipped; nothing without a commit record is ever loaded.
+`Harness` watches MLflow: for each run (every page of the search) it reads the
+`checkpoints/index.json` artifact the trainer keeps, skips what already has results, claims a
+checkpoint (evaluation.claims), evaluates it and logs `eval/<task>/<protocol>/<metric>` at the
+checkpoint's step, then the plots and the results table, then the tag `eval.<tag>` that marks it
+done. A checkpoint whose files do not verify is tagged `eval.<tag> = corrupt: …` and skipped;
+nothing without a commit record is ever loaded.
+
+The index is data anyone with write access to the run can change: a uri in it (or its root) is
+only followed under the trusted roots (`evaluation.trusted_roots`; by default the run's own
+checkpoint root from its params and its MLflow artifact root). Anything else is refused, named
+in the log and tagged `eval.<tag> = refused: …`; nothing is read from it.
 
 Exactly once: the metrics go in one request; a harness killed after it and before the tag finds
 them at the next look and adds only the plots, the table and the tag.
@@ -18,6 +24,9 @@ import hashlib
 import io
 import json
 import logging
+import os
+import posixpath
+import re
 import tempfile
 import threading
 import time
@@ -33,6 +42,7 @@ from darkmatter import storage
 from darkmatter.evaluation import claims as cl
 from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, encoder_config, load_encoder
 from darkmatter.evaluation.probe import embed, finetune, knn, linear_probe, split
+from darkmatter.evaluation.runs import search_all_runs
 from darkmatter.evaluation.tasks import (
     LabeledSet,
     TaskSpec,
@@ -47,7 +57,7 @@ from darkmatter.storage import failpoints
 from darkmatter.trainer.checkpoint_reader import CheckpointError, CheckpointRef
 
 log = logging.getLogger("darkmatter.evaluation")
-DONE_PREFIX = "eval."  # tag eval.<tag>: "done", "corrupt: …" or "skipped: …"
+DONE_PREFIX = "eval."  # tag eval.<tag>: "done", "corrupt: …", "skipped: …" or "refused: …"
 
 
 @dataclass
@@ -63,7 +73,7 @@ class Outcome:
 def _text_inputs(ref: EncoderRef, texts: list[str]) -> dict[str, Any]:
     if isinstance(ref, ExportRef):
         return export_text_inputs(texts, ref.path)
-    return text_inputs(texts, ref.meta["tokenizer"], int(ref.meta["data"]["seq_len"]))
+    return text_inputs(texts, ref.tokenizer_url, int(ref.meta["data"]["seq_len"]))
 
 
 def _image_inputs(ref: EncoderRef, images: list[bytes]) -> dict[str, Any]:
@@ -254,15 +264,57 @@ class Pending:
     step: int
     uri: str
     root: str
+    refused: str = ""  # why it must not be read (outside the trusted roots), or ""
+
+
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", re.DOTALL)
+
+
+def _normalized(uri: str) -> tuple[str, str]:
+    """(scheme, absolute path) with `.`, `..` and repeated slashes resolved, and a local path's
+    symlinks: what a containment check may compare (`s3://b/ckpt/../x` is `s3`, `/b/x`)."""
+    m = _SCHEME.fullmatch(uri)
+    if m is None or m.group(1).lower() == "file":
+        return "file", os.path.realpath(uri.removeprefix("file://"))
+    return m.group(1).lower(), posixpath.normpath("/" + m.group(2).lstrip("/"))
+
+
+def within(uri: str, root: str) -> bool:
+    """Whether `uri` is `root` or lies under it (same scheme, after normalizing both)."""
+    (scheme, path), (root_scheme, root_path) = _normalized(uri), _normalized(root)
+    return scheme == root_scheme and (path == root_path
+                                      or path.startswith(root_path.rstrip("/") + "/"))  # fmt: skip
+
+
+def _refusal(tag: str, uris: list[str], roots: list[str]) -> str:
+    """Why an index entry must not be followed, or "" when it may be."""
+    if not re.fullmatch(r"[\w.-]+", tag) or tag in (".", ".."):
+        return f"checkpoint tag {tag!r} is not a plain name"
+    for uri in uris:
+        if not any(within(uri, r) for r in roots):
+            return (f"{uri} is outside the trusted roots ({', '.join(roots) or 'none'}; "
+                    "evaluation.trusted_roots)")  # fmt: skip
+    return ""
 
 
 class Harness:
+    """Watches MLflow runs and evaluates their committed checkpoints.
+
+    client: an MlflowClient. specs: the tasks. state: claims and shared baselines (URL or
+    folder; default CHECKPOINT_ROOT/_eval). cache_dir: where remote checkpoints are downloaded.
+    owner: this harness's name in claims. ttl_s: a claim not renewed for this long is taken
+    over. order: "oldest" or "newest" first. trusted_roots (evaluation.trusted_roots): the only
+    roots checkpoints are read from; empty: each run's own checkpoint root and artifact root.
+    """
+
     def __init__(
         self, client: Any, specs: list[TaskSpec], state: str = "", cache_dir: str = "",
         owner: str = "", ttl_s: float = 300.0, order: str = "oldest",
+        trusted_roots: tuple[str, ...] = (),
     ):  # fmt: skip
         self.client, self.specs, self.state = client, specs, state
         self.cache_dir, self.ttl_s, self.order = cache_dir, ttl_s, order
+        self.trusted_roots = tuple(trusted_roots)
         self.owner = owner or cl.harness_id()
         self.stop = threading.Event()
         self.first_key = (
@@ -276,7 +328,7 @@ class Harness:
 
         exp = self.client.get_experiment_by_name(target)
         if exp is not None:
-            return list(self.client.search_runs([exp.experiment_id], max_results=1000))
+            return search_all_runs(self.client, [exp.experiment_id])
         try:
             return [self.client.get_run(target)]
         except MlflowException:
@@ -292,12 +344,33 @@ class Harness:
                 got = self.client.download_artifacts(rid, "checkpoints/index.json", tmp)
             except (MlflowException, OSError):
                 return []  # no checkpoint committed yet
-            index = json.loads(Path(got).read_text())
+            text = Path(got).read_text()
         done = {k.removeprefix(DONE_PREFIX) for k in run.data.tags if k.startswith(DONE_PREFIX)}
-        out = [Pending(rid, e["tag"], int(e["step"]), e["uri"], index["root"])
-               for e in index["checkpoints"] if e["tag"] not in done]  # fmt: skip
+        roots = self.roots(run)
+        try:
+            index = json.loads(text)
+            root = str(index["root"])
+            entries = [(str(e["tag"]), int(e["step"]), str(e["uri"])) for e in index["checkpoints"]]
+        except (KeyError, TypeError, ValueError) as e:
+            log.error("run %s: checkpoints/index.json is malformed (%s: %s): not evaluating it",
+                      rid, type(e).__name__, e)  # fmt: skip
+            return []
+        out = [Pending(rid, tag, step, uri, root, _refusal(tag, [root, uri], roots))
+               for tag, step, uri in entries if tag not in done]  # fmt: skip
         out.sort(key=lambda p: p.step, reverse=self.order == "newest")
         return out
+
+    def roots(self, run: Any) -> list[str]:
+        """Where `run`'s checkpoints may be read from: evaluation.trusted_roots when given, else
+        the run's own checkpoint root (its `checkpoint.root` param, or `train.run_dir`/checkpoints
+        as the trainer defaults it) and the run's MLflow artifact root."""
+        if self.trusted_roots:
+            return list(self.trusted_roots)
+        params = run.data.params
+        own = params.get("checkpoint.root") or ""
+        if not own and params.get("train.run_dir"):
+            own = storage.join(params["train.run_dir"], "checkpoints")
+        return [r for r in (own, run.info.artifact_uri) if r]
 
     def _state(self, p: Pending) -> str:
         return self.state or storage.join(p.root, "_eval")
@@ -307,7 +380,9 @@ class Harness:
         """Claim it; locate, fetch and consolidate the checkpoint (once: every task and protocol
         reuses the weights); run every task; report. Returns what happened: done, completed (a
         predecessor's metrics were there: plots, table and tag added), corrupt, skipped, claimed
-        elsewhere, already done, stopped."""
+        elsewhere, already done, refused (outside the trusted roots: nothing read), stopped."""
+        if p.refused:
+            return self._refuse(p)
         claim = self._claim(p)
         if claim is None:
             return "claimed elsewhere"
@@ -320,7 +395,13 @@ class Harness:
             try:
                 ref = reader.fetch(reader.locate(p.uri), self.cache_dir)
             except (CheckpointError, FileNotFoundError) as e:
-                return self._unusable(p, e)
+                verdict = self._unusable(p, e)
+                claim.complete()
+                return verdict
+            # Still ours? A harness that stalled past its lease (a GC pause, a stopped VM) must
+            # not spend an evaluation on a checkpoint another harness has taken over.
+            if not claim.renew():
+                return "claimed elsewhere"
             log.info("evaluating %s (step %d) of run %s", p.tag, p.step, p.run_id)
             t0 = time.perf_counter()
             weights = reader.consolidated_state_dict(ref)
@@ -330,11 +411,24 @@ class Harness:
                 log.warning("lost the claim on %s: not reporting", p.uri)
                 return "claimed elsewhere"
             self.report(p, outcome, time.perf_counter() - t0, metrics=not logged)
+            claim.complete()
             return "completed" if logged else "done"
         except InterruptedError:
             return "stopped"
         finally:
-            claim.release()
+            claim.release()  # a no-op once completed, or when another harness holds it now
+
+    def _refuse(self, p: Pending) -> str:
+        """Record a checkpoint the index points at outside the trusted roots; read nothing."""
+        from mlflow.exceptions import MlflowException
+
+        log.error("refusing checkpoint %s of run %s: %s (nothing is read from it)", p.tag,
+                  p.run_id, p.refused)  # fmt: skip
+        try:
+            self._tag(p, f"refused: {p.refused}"[:4900])
+        except MlflowException as e:  # e.g. a tag that is no valid MLflow key: logged only
+            log.warning("could not tag run %s as refused for %r: %s", p.run_id, p.tag, e)
+        return "refused"
 
     def _claim(self, p: Pending) -> cl.Claim | None:
         url = storage.join(self._state(p), "claims", p.run_id, p.tag + ".json")

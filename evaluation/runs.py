@@ -32,7 +32,53 @@ def _client() -> Any:
         raise ValueError(
             "MLFLOW_TRACKING_URI is not set (start the local stack: darkmatter stack up)"
         )
+    check_reachable(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """One error line naming the URL (credentials removed) and MLFLOW_TRACKING_URI when an HTTP
+    tracking server does not answer, in seconds: MLflow's client would retry for minutes first.
+    (training has its own, trainer.tracking.check_reachable: the tracker is the trainer's.)"""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    from darkmatter.storage import stack_hint
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as e:
+        where = re.sub(r"(?<=://)[^/@\s:]+:[^/@\s]+@", "***@", uri)
+        raise RuntimeError(
+            f"MLflow tracking server at {where} is unreachable ({type(e).__name__}, from "
+            f"MLFLOW_TRACKING_URI){stack_hint(uri)}"
+        ) from None
+
+
+def search_all_runs(
+    client: Any, experiment_ids: list[str], filter_string: str = "",
+    order_by: list[str] | None = None, page_size: int = 1000,
+) -> list[Any]:  # fmt: skip
+    """Every run that matches, page after page: one search answers at most `page_size` runs
+    (MLflow's cap is 1,000), and the runs past it would silently vanish without its page_token."""
+    from mlflow.utils import get_results_from_paginated_fn
+
+    def page(n: int, token: str | None) -> Any:
+        return client.search_runs(experiment_ids, filter_string, max_results=n,
+                                  order_by=order_by, page_token=token)  # fmt: skip
+
+    runs: list[Any] = get_results_from_paginated_fn(page, page_size)
+    return runs
+
+
+def _all_experiment_ids(client: Any) -> list[str]:
+    from mlflow.utils import get_results_from_paginated_fn
+
+    def page(n: int, token: str | None) -> Any:
+        return client.search_experiments(max_results=n, page_token=token)
+
+    return [e.experiment_id for e in get_results_from_paginated_fn(page, 1000)]
 
 
 def find_run(client: Any, ref: str) -> Any:
@@ -47,7 +93,7 @@ def find_run(client: Any, ref: str) -> Any:
             return client.get_run(ref)
         except MlflowException:
             raise ValueError(f"run {ref}: no such MLflow run") from None
-    exps = [e.experiment_id for e in client.search_experiments()]
+    exps = _all_experiment_ids(client)
     runs = client.search_runs(exps, f"attributes.run_name = '{ref.replace(chr(39), '')}'",
                               order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
     if not runs:
@@ -119,7 +165,7 @@ def list_runs(experiment: str) -> list[str]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"experiment {experiment!r} does not exist")
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    runs = search_all_runs(client, [exp.experiment_id], order_by=["attributes.start_time DESC"])
     rows = [("RUN", "NAME", "STATUS", "STEP", "LOSS", "SAMPLES/S", "CHECKPOINT", "LATEST EVAL")]
     for r in runs:
         s = summarize(client, r, history=False)
@@ -280,14 +326,20 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="darkmatter runs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
-    ls = sub.add_parser("list", help="runs of an experiment, newest first")
-    ls.add_argument("--experiment", default="darkmatter")
-    show = sub.add_parser("show", help="one run: progress, where the time went, health")
+    ls = sub.add_parser("list", help="runs of an experiment, newest first",
+                        description="The runs of an experiment, newest first: status, step, "
+                        "loss, throughput, checkpoint and latest evaluation.")  # fmt: skip
+    ls.add_argument("--experiment", default="darkmatter", help="its name (default %(default)s)")
+    show = sub.add_parser("show", help="one run: progress, where the time went, health",
+                          description="One run: its progress, where a step's time went, and "
+                          "how healthy it is.")  # fmt: skip
     show.add_argument("run", help="run id, run name or run folder")
     show.add_argument("--plot", metavar="PNG", help="also draw loss and throughput vs step")
-    cmp = sub.add_parser("compare", help="two runs: config differences and metric deltas")
-    cmp.add_argument("run_a")
-    cmp.add_argument("run_b")
+    cmp = sub.add_parser("compare", help="two runs: config differences and metric deltas",
+                         description="Two runs: their config differences and the deltas of "
+                         "their last metrics.")  # fmt: skip
+    cmp.add_argument("run_a", help="run id, run name or run folder")
+    cmp.add_argument("run_b", help="the run to compare it with (same forms)")
     cmp.add_argument("--plot", metavar="PNG", help="also draw both runs' loss and throughput")
     args = p.parse_args(argv)
     if args.cmd == "list":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from darkmatter.storage.errors import StorageError
-from darkmatter.storage.fs import filesystem, is_remote
+from darkmatter.storage.fs import filesystem, is_remote, put_atomic
 
 
 def read_versioned(url: str) -> tuple[bytes, str] | None:
@@ -39,8 +39,9 @@ def read_versioned(url: str) -> tuple[bytes, str] | None:
 
 def write_if(url: str, data: bytes, version: str | None) -> str | None:
     """Write `data` only if the object is still at `version` (None: only if it does not exist).
-    Returns the new version, or None if another writer got there first. Atomic against concurrent writers: S3's conditional
-    PUT (If-None-Match / If-Match), or an exclusive lock for a local file."""
+    Returns the new version, or None if another writer got there first. Atomic against
+    concurrent writers: S3's conditional PUT (If-None-Match / If-Match), or an exclusive lock
+    and a rename into place (storage.put_atomic) for a local file."""
     if url.startswith("s3://"):
         fs, path = filesystem(url)
         bucket, key = path.split("/", 1)
@@ -48,7 +49,8 @@ def write_if(url: str, data: bytes, version: str | None) -> str | None:
         try:
             resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
         except Exception as e:
-            if _precondition_failed(e):
+            # If-Match on an object that is gone: not at `version` either (404, not 412).
+            if _precondition_failed(e) or (version is not None and _error_code(e) == "NoSuchKey"):
                 return None
             raise
         return str(resp["ETag"])
@@ -62,12 +64,8 @@ def write_if(url: str, data: bytes, version: str | None) -> str | None:
         current = read_versioned(path)
         if (current is None) != (version is None) or (current and current[1] != version):
             return None
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # Readers take no lock: they must see the old record or the new, never a torn one.
+        put_atomic(os.path.dirname(path) or ".", os.path.basename(path), data)
     return _digest(data)
 
 
@@ -79,11 +77,16 @@ def _digest(data: bytes) -> str:
 
 def _precondition_failed(e: BaseException) -> bool:
     """s3fs maps S3's 412 to FileExistsError, keeping the ClientError as the cause."""
+    return _error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _error_code(e: BaseException) -> str:
+    """The S3 error code of a botocore ClientError, or of the one s3fs translated."""
     for err in (e, e.__cause__):
         code = getattr(err, "response", {}).get("Error", {}).get("Code", "")
-        if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-            return True
-    return False
+        if code:
+            return str(code)
+    return ""
 
 
 def _require_local(url: str, what: str) -> None:

@@ -148,8 +148,8 @@ def test_claims_are_exclusive_expire_and_are_taken_over(bucket: str) -> None:
     assert json.loads(storage.read_bytes(url))["owner"] == "harness-b"
     again = claims.try_claim(url, "harness-b", ttl_s=30.0)  # its own claim, e.g. after a restart
     assert again is not None
-    again.release()
-    assert not storage.exists(url)
+    assert again.release()  # never deleted (no conditional DELETE): marked released, free
+    assert json.loads(storage.read_bytes(url))["state"] == "released"
 
 
 def _harness(exp: str, tasks: Path, name: str, log: Path, failpoints: str = "") -> subprocess.Popen:  # type: ignore[type-arg]
@@ -323,3 +323,56 @@ def test_deployments_speak_the_cli(tmp_path: Path) -> None:
     missing = subprocess.run(["bash", str(script)], env={**env_vars, "EXPERIMENT": ""},
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode != 0 and "set EXPERIMENT" in missing.stderr
+
+
+class PagedRuns:
+    """An MlflowClient's search_runs over `n` runs, `max_results` a page, with page tokens."""
+
+    def __init__(self, n: int) -> None:
+        self.runs = [f"run-{i}" for i in range(n)]
+        self.tokens: list[str | None] = []
+
+    def get_experiment_by_name(self, name: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(experiment_id="1")
+
+    def search_runs(self, experiment_ids: list[str], filter_string: str = "",
+                    max_results: int = 1000, order_by: Any = None, page_token: Any = None) -> Any:  # fmt: skip
+        from mlflow.store.entities.paged_list import PagedList
+
+        self.tokens.append(page_token)
+        start = int(page_token or 0)
+        end = start + min(max_results, 1000)  # the server's cap, whatever is asked for
+        return PagedList(self.runs[start:end], str(end) if end < len(self.runs) else None)
+
+
+def test_run_search_walks_every_page() -> None:
+    from darkmatter.evaluation.harness import Harness
+    from darkmatter.evaluation.runs import search_all_runs
+
+    client = PagedRuns(2500)
+    assert search_all_runs(client, ["1"]) == client.runs  # all of them, in order, once
+    assert client.tokens == [None, "1000", "2000"]
+    harness = Harness(client, [TaskSpec(name="toy", data="unused.parquet")])
+    assert harness.runs("experiment") == client.runs  # not the first 1,000 only
+
+
+@pytest.mark.e2e
+def test_run_search_pages_on_the_real_server(stack: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from darkmatter.evaluation.harness import Harness
+    from darkmatter.evaluation.runs import search_all_runs
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    exp = client.create_experiment(f"pages-{os.getpid()}-{time.time_ns()}")
+    made = [client.create_run(exp).info.run_id for _ in range(5)]
+    newest_first = ["attributes.start_time DESC"]
+    got = [r.info.run_id for r in search_all_runs(client, [exp], order_by=newest_first,
+                                                  page_size=2)]  # fmt: skip
+    assert sorted(got) == sorted(made) and len(got) == 5  # 3 pages, nothing lost or repeated
+    assert got == [r.info.run_id for r in client.search_runs([exp], order_by=newest_first)]
+    name = client.get_experiment(exp).name
+    harness = Harness(client, [TaskSpec(name="toy", data="unused.parquet")])
+    assert sorted(r.info.run_id for r in harness.runs(name)) == sorted(made)

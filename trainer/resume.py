@@ -127,10 +127,8 @@ class Resumer:
         if gone:
             log.warning("removed uncommitted checkpoint folders %s", ", ".join(gone))
         if found.root != self.ckpt_root:
-            storage.makedirs(self.ckpt_root)
-            storage.write_bytes(
-                storage.join(self.ckpt_root, "resumed_from"),
-                self.cfg.checkpoint.resume_from.encode(),
+            storage.put_atomic(
+                self.ckpt_root, "resumed_from", self.cfg.checkpoint.resume_from.encode()
             )
         truncate_metrics(self.run_dir / "metrics.jsonl", step)
 
@@ -147,8 +145,7 @@ class Resumer:
         root = Path(self.ckpt_root.removeprefix("file://"))
         marker = root / eng.broadcast(f".shared-check-{uuid.uuid4().hex}" if self.rank == 0 else "")
         if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            marker.write_text(nodes[0])
+            storage.put_atomic(str(root), marker.name, nodes[0].encode())
         eng.barrier()
         seen = marker.is_file() if eng.local_rank() == 0 else True
         blind = sorted({nodes[r] for r, ok in enumerate(eng.all_gather(seen)) if not ok})
@@ -192,7 +189,9 @@ class Resumer:
                 log.info("%s was written by %d ranks, this job has %d: converting it to a "
                          "universal checkpoint", storage.join(root, tag), record["world_size"],
                          self.world_size)  # fmt: skip
-                eng.to_universal(folder / tag, load_dir / tag)
+                c = self.cfg.checkpoint
+                eng.to_universal(folder / tag, load_dir / tag, c.universal_workers,
+                                 c.universal_timeout_s)  # fmt: skip
             eng.barrier()
         return Found(root, tag, folder, load_dir, universal, record)
 
@@ -265,4 +264,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    # Atomic: killed here, the run keeps the old lines (truncated again at the next resume),
+    # never an empty or half-written file.
+    storage.put_atomic(str(path.parent), path.name, "".join(ln + "\n" for ln in keep).encode())
