@@ -4,7 +4,9 @@ A committed checkpoint is read through the trainer's checkpoint-reading API
 (darkmatter.trainer.checkpoint_reader: locate, fetch, consolidate, build the encoder); nothing
 else of the trainer is imported. An export folder (`darkmatter export`, or any `save_pretrained`
 encoder with its tokenizer or image processor) is loaded with `from_pretrained` (T5's encoder
-with `T5EncoderModel`, `checkpoint_reader.encoder_class`).
+with `T5EncoderModel`, `checkpoint_reader.encoder_class`; BERT and ViT without the pooler that
+AutoModel would add untrained), once it is known complete (`ExportRef` refuses a folder that
+lacks a file its record lists).
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ from darkmatter.trainer.checkpoint_reader import CheckpointRef
 from darkmatter.trainer.checkpoint_reader import consolidated_state_dict as consolidated_state_dict
 from darkmatter.trainer.checkpoint_reader import resolve as resolve
 
-# What an export without darkmatter.json reads, by its config's model_type (else: images).
-MODEL_TYPE_MODALITY = {"bert": "text", "gpt2": "text", "t5": "text", "roberta": "text",
-                       "wav2vec2": "audio", "videomae": "video"}  # fmt: skip
-
 
 @dataclass
 class ExportRef:
@@ -36,13 +34,24 @@ class ExportRef:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        missing = reader.missing_export_files(self.path)
+        if missing:
+            raise ValueError(f"{self.path}: incomplete export: {missing[0]} is missing "
+                             "(export it again)")  # fmt: skip
+
+    @staticmethod
+    def read_record(folder: Path) -> dict[str, Any]:
+        """The export's record (darkmatter.json), {} when there is none or it is no JSON object."""
+        try:
+            record = json.loads((folder / reader.EXPORT_RECORD).read_text())
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
     @property
     def meta(self) -> dict[str, Any]:
-        f = self.path / "darkmatter.json"
-        if f.is_file():
-            meta: dict[str, Any] = json.loads(f.read_text())
-            return meta
-        return {"objective": "unknown", "step": 0}
+        return self.read_record(self.path) or {"objective": "unknown", "step": 0}
 
     @property
     def root(self) -> Path:
@@ -68,20 +77,19 @@ class ExportRef:
         if (self.path / "tokenizer.json").is_file():
             return "text"
         model_type = json.loads(self.config_file.read_text()).get("model_type", "")
-        return MODEL_TYPE_MODALITY.get(model_type, "image")
+        return reader.MODEL_TYPE_MODALITY.get(model_type, "image")
 
 
 EncoderRef = CheckpointRef | ExportRef
 
 
 def is_export(target: str) -> bool:
-    """A local folder with a transformers config and weights, and no commit record."""
+    """A local folder with a transformers config or an export's record, and no commit record
+    (an incomplete export counts: ExportRef refuses it, naming what it lacks)."""
     p = Path(target)
-    return (
-        (p / "config.json").is_file()
-        and not (p / reader.COMMIT).exists()
-        and any((p / w).is_file() for w in ("model.safetensors", "pytorch_model.bin"))
-    )
+    if (p / reader.COMMIT).exists():
+        return False
+    return (p / "config.json").is_file() or "export_files" in ExportRef.read_record(p)
 
 
 def encoder_config(ref: EncoderRef) -> Any:
@@ -92,8 +100,23 @@ def encoder_config(ref: EncoderRef) -> Any:
 def from_pretrained(path: str | Path) -> PreTrainedModel:
     """An encoder folder written by `save_pretrained` (an export), with its encoder class."""
     config = AutoConfig.from_pretrained(str(path))
-    model: PreTrainedModel = reader.encoder_class(config).from_pretrained(str(path))
+    kwargs = reader.pooler_kwargs(config, _weight_names(Path(path)))
+    model: PreTrainedModel = reader.encoder_class(config).from_pretrained(str(path), **kwargs)
     return model
+
+
+def _weight_names(folder: Path) -> list[str]:
+    """The tensor names of a save_pretrained folder's safetensors weights (sharded or not);
+    ["pooler."] for other formats, whose pooler is then loaded as transformers would."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text())["weight_map"])
+    if not (folder / "model.safetensors").is_file():
+        return ["pooler."]
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return list(f.keys())
 
 
 def load_encoder(

@@ -4,11 +4,23 @@ or the feature extractor for audio), loadable by `AutoModel.from_pretrained` and
 `AutoTokenizer` / `AutoImageProcessor` / `AutoFeatureExtractor`
 (a T5 encoder, from the `span` objective, by `T5EncoderModel.from_pretrained`: AutoModel would
 build the whole encoder-decoder around it).
-ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32; the checkpoint may be local or in
-object storage, and its files are verified against its commit record first. Beside the encoder,
-`pretraining_heads.safetensors` holds the rest of the pretraining model (its heads, decoder,
-momentum teacher, quantizer), which `model.init_from` loads to continue pretraining from the
-export exactly where the checkpoint stopped; AutoModel ignores it.
+ZeRO shards are consolidated with DeepSpeed's own zero_to_fp32 (weights_only: a checkpoint file
+never runs code); the checkpoint may be local or in object storage, or found from a run folder
+(its own checkpoints/ or the checkpoint.root it records), and its files are verified against its
+commit record first. The tokenizer or processor settings come from the checkpoint itself, so a
+local checkpoint exports with its dataset's storage out of reach (older checkpoints: from the
+dataset's URL). Beside the encoder, `pretraining_heads.safetensors` holds the rest of the
+pretraining model (its heads, decoder, momentum teacher, quantizer), which `model.init_from`
+loads to continue pretraining from the export exactly where the checkpoint stopped; AutoModel
+ignores it. The encoder has no pooler: none of the objectives trains one (BERT's and ViT's
+AutoModel add it unless told `add_pooling_layer=False`); README.md in the export says how to
+pool its features.
+
+All or nothing: the export is written into a temporary sibling folder and renamed to OUT_DIR once
+complete; its record, darkmatter.json, is written last and lists every file, and loaders refuse a
+folder that lacks one (`checkpoint_reader.missing_export_files`). A failure leaves no OUT_DIR; an
+existing export there is replaced only by a complete one, and a folder that is no export is
+never touched.
 
 `--register NAME` also logs the export into the checkpoint's training run with MLflow's
 transformers flavor (artifact `models/stepNNNNNNNN`) and registers it as a new version of model
@@ -20,6 +32,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,63 +40,149 @@ from typing import Any
 from transformers import AutoConfig
 
 import darkmatter.trainer.checkpoint_reader as reader
+from darkmatter import storage
 from darkmatter.evaluation.checkpoints import from_pretrained, load_encoder
-from darkmatter.trainer.checkpoint_reader import HEADS_FILE, CheckpointRef
+from darkmatter.trainer.checkpoint_reader import EXPORT_RECORD, HEADS_FILE, CheckpointRef
+
+# How each objective's features are best pooled from `last_hidden_state` [B, T, D] (what its
+# loss trained), for the export's README.md.
+_MASKED_MEAN = (
+    "the mean over real tokens",
+    'mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)\n'
+    "features = (hidden * mask).sum(1) / mask.sum(1)  # [B, D]",
+)
+POOLING: dict[str, tuple[str, str]] = {
+    "mlm": _MASKED_MEAN,  # masked-language modelling never trains [CLS] as a summary
+    "clm": _MASKED_MEAN,
+    "span": _MASKED_MEAN,
+    "mae": ("the mean over the patch tokens (token 0 is [CLS], which MAE does not train)",
+            "features = hidden[:, 1:].mean(1)  # [B, D]"),
+    "simclr": ("the mean over all tokens, as the contrastive loss was trained",
+               "features = hidden.mean(1)  # [B, D]"),
+    "video": ("the mean over the tubes (VideoMAE has no [CLS])",
+              "features = hidden.mean(1)  # [B, D]"),
+    "wav2vec2": ("the mean over the frames of each (unpadded) clip",
+                 "features = hidden.mean(1)  # [B, D]"),
+}  # fmt: skip
+POOLING["moco"] = POOLING["byol"] = POOLING["simclr"]
+INPUT_CLASS = {"text": "AutoTokenizer", "image": "AutoImageProcessor",
+               "video": "AutoImageProcessor", "audio": "AutoFeatureExtractor"}  # fmt: skip
 
 
 def export(target: str, output: str) -> tuple[CheckpointRef, Path]:
-    ref = reader.fetch(reader.locate(target))
+    """Write the checkpoint `target` names as an export folder at `output`, all or nothing."""
     out = Path(output)
+    _check_output(out)
+    ref = reader.fetch(reader.locate(target))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write(ref, tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ref, out
+
+
+def _check_output(out: Path) -> None:
+    """Refuse, before any work, an output that is neither new, empty nor an export."""
+    if not out.exists():
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if out.is_dir() and ((out / EXPORT_RECORD).is_file() or (out / "config.json").is_file()):
+        return  # an earlier export: replaced once the new one is complete
+    raise ValueError(f"{out}: exists and is not an export folder; choose a new output folder")
+
+
+def _write(ref: CheckpointRef, folder: Path) -> None:
+    """Every file of the export into `folder`, its record last."""
     weights = reader.consolidated_state_dict(ref)
-    encoder = load_encoder(ref, pretrained=True, state_dict=weights)  # seeded: BERT's pooler
-    encoder.save_pretrained(str(out))
-    reader.save_heads(ref, encoder, weights, out)
-    # Where it came from: `darkmatter evaluate OUT_DIR` logs into the same run at the same step.
-    (out / "darkmatter.json").write_text(json.dumps({**ref.meta, "tag": ref.tag}, indent=1))
-    tok_url = ref.meta.get("tokenizer")
-    if tok_url:
+    encoder = load_encoder(ref, pretrained=True, state_dict=weights)
+    encoder.save_pretrained(str(folder))
+    reader.save_heads(ref, encoder, weights, folder)
+    _save_inputs(ref, folder)
+    (folder / "README.md").write_text(readme(ref, encoder))
+    files = sorted(p.name for p in folder.iterdir())
+    record = {**ref.meta, "tag": ref.tag, "export_files": files}
+    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
+    for name in (*files, EXPORT_RECORD):  # on disk before the rename makes the folder visible
+        with open(folder / name, "rb") as f:
+            os.fsync(f.fileno())
+    storage.fsync_dir(folder)
+
+
+def _save_inputs(ref: CheckpointRef, folder: Path) -> None:
+    """The tokenizer (text) or processor settings, from the checkpoint's own copy when it has
+    one, else (older checkpoints) the dataset's tokenizer or the settings rebuilt from meta."""
+    if ref.modality == "text":
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
         from darkmatter.storage import read_bytes
 
         tok = PreTrainedTokenizerFast(
-            tokenizer_object=Tokenizer.from_str(read_bytes(tok_url).decode()),
+            tokenizer_object=Tokenizer.from_str(read_bytes(ref.tokenizer_url).decode()),
             unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
             mask_token="[MASK]", model_max_length=int(ref.meta["data"]["seq_len"]),
         )  # fmt: skip
-        tok.save_pretrained(str(out))
-    if ref.modality == "image":
-        from transformers import ViTImageProcessor
+        tok.save_pretrained(str(folder))
+    elif own := ref.asset(reader.PREPROCESSOR_FILE):
+        shutil.copyfile(own, folder / reader.PREPROCESSOR_FILE)
+    elif (processor := reader.preprocessor(ref.modality, ref.meta["data"])) is not None:
+        processor.save_pretrained(str(folder))
 
-        from darkmatter.data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
 
-        size = int(ref.meta["data"]["image_size"])
-        ViTImageProcessor(
-            size={"height": size, "width": size}, resample=2,  # bilinear, as in training
-            image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
-        ).save_pretrained(str(out))  # fmt: skip
-    if ref.modality == "video":  # frames resized and normalized as the image objectives'
-        from transformers import VideoMAEImageProcessor
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the complete export `tmp` to `out`; an earlier export there is moved aside first
+    and deleted only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    storage.fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old)
 
-        from darkmatter.data_pipeline.transforms import IMAGE_MEAN, IMAGE_STD
 
-        size = int(ref.meta["data"]["image_size"])
-        VideoMAEImageProcessor(
-            size={"height": size, "width": size}, do_center_crop=False, resample=2,
-            image_mean=IMAGE_MEAN.flatten().tolist(), image_std=IMAGE_STD.flatten().tolist(),
-        ).save_pretrained(str(out))  # fmt: skip
-    if ref.modality == "audio":  # 16 kHz, normalized per clip, padding masked: as in training
-        from darkmatter.data_pipeline.transforms import feature_extractor
+def readme(ref: CheckpointRef, encoder: Any) -> str:
+    """The export's README.md: where it comes from, how to load it and how to pool."""
+    loader = reader.encoder_class(encoder.config).__name__
+    kwargs = reader.pooler_kwargs(encoder.config, encoder.state_dict())
+    no_pooler = ", add_pooling_layer=False" if kwargs == {"add_pooling_layer": False} else ""
+    inputs = INPUT_CLASS[ref.modality]
+    how, code = POOLING[ref.meta["objective"]]
+    run = ref.meta.get("mlflow_run_id") or "not tracked"
+    pooler = (
+        f"\nThe encoder has no pooler: no objective here trains one. `{loader}` would add an "
+        "untrained one (and report its weights missing) without `add_pooling_layer=False`.\n"
+        if no_pooler else ""
+    )  # fmt: skip
+    return f"""# {ref.meta["objective"]} encoder, step {ref.step}
 
-        feature_extractor().save_pretrained(str(out))
-    return ref, out
+Exported by `darkmatter export` from checkpoint {ref.tag} (MLflow run: {run}).
+
+```python
+import torch
+from transformers import {inputs}, {loader}
+
+model = {loader}.from_pretrained("PATH"{no_pooler}).eval()
+prepare = {inputs}.from_pretrained("PATH")
+inputs = prepare(...)  # text, images or clips: see transformers' {inputs}
+with torch.no_grad():
+    hidden = model(**inputs).last_hidden_state  # [B, T, D]
+{code}
+```
+{pooler}
+Features: {how}. `{HEADS_FILE}` holds the rest of the pretraining model, for
+`model.init_from`; transformers ignores it.
+"""
 
 
 def register(ref: CheckpointRef, out: Path, name: str) -> Any:
     """Log the export `out` into ref's training run and register it as a version of `name`."""
-    import shutil
-
     import mlflow.transformers
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -101,7 +200,7 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
                          f"task for {ref.modality} encoders; {out} loads with "
                          "AutoModel.from_pretrained (log it as an artifact instead)")  # fmt: skip
     components: dict[str, Any] = {"model": from_pretrained(out)}
-    if ref.meta.get("tokenizer"):
+    if ref.modality == "text":
         task, components["tokenizer"] = "feature-extraction", AutoTokenizer.from_pretrained(out)
     else:
         task = "image-feature-extraction"
@@ -118,9 +217,11 @@ def register(ref: CheckpointRef, out: Path, name: str) -> Any:
         )  # fmt: skip
         # Beside the flavour's weights (model/model/): what `model.init_from: models:/NAME/V`
         # needs to continue pretraining, the heads and the export's record.
-        for extra in (HEADS_FILE, "darkmatter.json"):
-            if (out / extra).is_file():
-                shutil.copy(out / extra, f"{tmp}/model/model/{extra}")
+        shutil.copy(out / HEADS_FILE, f"{tmp}/model/model/{HEADS_FILE}")
+        # The flavour lays its files out its own way: its copy of the record lists none.
+        record = json.loads((out / EXPORT_RECORD).read_text())
+        record.pop("export_files", None)
+        Path(f"{tmp}/model/model/{EXPORT_RECORD}").write_text(json.dumps(record, indent=1))
         client.log_artifacts(run_id, f"{tmp}/model", artifact_path)
     try:
         client.create_registered_model(name)
@@ -147,9 +248,14 @@ def cli(argv: list[str]) -> int:
     output = args.out_dir or args.output
     if not output:
         p.error("the output folder is required (OUT_DIR or --output)")
+    if args.register:  # now, not after the export: MLflow's client retries for minutes
+        from darkmatter.evaluation.runs import check_reachable
+
+        check_reachable(os.environ.get("MLFLOW_TRACKING_URI", ""))
     ref, out = export(args.target, output)
     loader = reader.encoder_class(AutoConfig.from_pretrained(str(out))).__name__
-    print(f"exported encoder to {out} (load with transformers.{loader}.from_pretrained)")
+    print(f"exported encoder to {out} (load with transformers.{loader}.from_pretrained); "
+          f"{out / 'README.md'} says with which arguments, and how to pool")  # fmt: skip
     if args.register:
         v = register(ref, out, args.register)
         print(f"registered {args.register} version {v.version}: step {ref.step} of run "

@@ -404,7 +404,12 @@ class Harness:
                 return "claimed elsewhere"
             log.info("evaluating %s (step %d) of run %s", p.tag, p.step, p.run_id)
             t0 = time.perf_counter()
-            weights = reader.consolidated_state_dict(ref)
+            try:  # a file refused as unsafe (it would run code) is unusable, not fatal
+                weights = reader.consolidated_state_dict(ref)
+            except CheckpointError as e:
+                verdict = self._unusable(p, e)
+                claim.complete()
+                return verdict
             outcome = evaluate_checkpoint(ref, self.specs, self._state(p), self.stop.is_set,
                                           weights)  # fmt: skip
             if claim.lost or not claim.renew():

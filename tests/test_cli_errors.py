@@ -164,6 +164,12 @@ def test_describe_storage_error_tells_unreachable_from_other_failures(
     refused = EndpointConnectionError(endpoint_url="https://b.s3.amazonaws.com/k")
     refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
     err = describe_storage_error(refused, "s3://b/k")
+    # Never answered this process: a setting to fix, reported at once (not retried).
+    assert isinstance(err, StorageUnreachable) and not err.transient and is_permanent(err)
+    from darkmatter.storage import errors
+
+    monkeypatch.setattr(errors, "_answered", {""})  # AWS's default endpoint answered before
+    err = describe_storage_error(refused, "s3://b/k")
     assert isinstance(err, StorageUnreachable) and err.transient and not is_permanent(err)
     assert str(err) == (  # no endpoint set: botocore's, and no stack hint (not this machine)
         "cannot reach object storage at https://b.s3.amazonaws.com/k (AWS_ENDPOINT_URL is not "

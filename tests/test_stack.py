@@ -243,3 +243,22 @@ def test_status_shows_where_the_data_lives(
     )
     number, unit = data_line.split()[:2]
     assert unit == "MiB" and float(number) >= 3.0
+
+
+def test_outside_the_stack_a_missing_tracking_uri_is_one_line_naming_it(
+    text_ds: str, tmp_path: Path
+) -> None:
+    from tests.helpers import write_config
+
+    cfg = write_config(tmp_path / "c.yaml", text_ds, tmp_path / "run", tracking={"enabled": True})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DARKMATTER_STACK"))}
+    env["DARKMATTER_STACK_DIR"] = str(tmp_path / "no-stack")  # no stack up there
+    out = subprocess.run(
+        [sys.executable, "-m", "darkmatter.cli", "pretrain", str(cfg)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert out.returncode == 2
+    err = [ln for ln in out.stderr.splitlines() if "error" in ln]
+    assert len(err) == 1 and "MLFLOW_TRACKING_URI is not set" in err[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "run" / "mlflow_run.json").exists()

@@ -35,6 +35,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -103,18 +104,41 @@ def read_commit(root: str, tag: str, policy: storage.Retry = storage.Retry()) ->
     url = storage.join(root, tag, COMMIT)
     try:
         data = storage.with_retries(lambda: storage.read_bytes(url), f"reading {url}", policy)
-        record: dict[str, Any] = json.loads(data)
-        files = record["files"]
-        if record.get("version") != COMMIT_VERSION or record.get("tag") != tag:
-            raise ValueError(f"version {record.get('version')}, tag {record.get('tag')!r}")
-        for name, rec in files.items():
-            if not (isinstance(rec["size"], int) and len(rec["sha256"]) == 64):
-                raise ValueError(f"bad entry for {name}")
+        record = json.loads(data)
     except FileNotFoundError:
         raise CheckpointError(f"{url}: missing (the checkpoint is not committed)") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past the parser
         raise CorruptCheckpoint(f"{url}: garbled commit record ({e})") from None
-    return record
+    problem = _record_problem(record, tag)
+    if problem:
+        raise CorruptCheckpoint(f"{url}: garbled commit record ({problem})")
+    checked: dict[str, Any] = record
+    return checked
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _record_problem(record: Any, tag: str) -> str | None:
+    """What makes a commit record unusable, or None. The resume, the checkpoint index and
+    `fetch` read every field; file names become paths under the staging folder."""
+    if not isinstance(record, dict):
+        return f"expected an object, got {type(record).__name__}"
+    if record.get("version") != COMMIT_VERSION or record.get("tag") != tag:
+        return f"version {record.get('version')!r:.40}, tag {record.get('tag')!r:.40}"
+    if type(record.get("step")) is not int or record["step"] != step_of(tag):
+        return f"step {record.get('step')!r:.40} in the folder of {tag}"
+    if type(record.get("world_size")) is not int or record["world_size"] < 1:
+        return f"world_size {record.get('world_size')!r:.40}"
+    if "committed_at" not in record or not isinstance(record.get("files"), dict):
+        return "committed_at or files missing"
+    for name, rec in record["files"].items():
+        if storage.name_problem(name):
+            return f"files: {storage.name_problem(name)}"
+        if not (isinstance(rec, dict) and type(rec.get("size")) is int and rec["size"] >= 0
+                and isinstance(rec.get("sha256"), str) and _SHA256.fullmatch(rec["sha256"])):  # fmt: skip
+            return f"bad entry for {name!r}"
+    return None
 
 
 def index_entry(root: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -334,7 +358,13 @@ def read_rank_state(folder: Path, rank: int, restore_rng: bool = True) -> dict[s
         )
     rng_path = folder / f"rng_rank{rank}.pt"
     if restore_rng and rng_path.is_file():
-        rng = torch.load(rng_path, weights_only=True)
+        try:
+            rng = torch.load(rng_path, weights_only=True)
+        except pickle.UnpicklingError as e:  # more than tensors: refused, never run
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{rng_path}: refused to load (not plain tensors): {first}"
+            ) from None
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])

@@ -1,6 +1,8 @@
 """Writing checkpoints: the in-memory snapshot, each rank's background writer (write, hash,
-upload), the all-ranks outcome and rank 0's commit, retention after it. The layout, discovery,
-verification and reading of checkpoints are trainer.checkpoint's.
+upload), the all-ranks outcome and rank 0's commit, retention after it; what rank 0 adds beside
+the weights (the input files and model record that make a checkpoint self-contained) and the run
+folder's record of where its checkpoints are. The layout, discovery, verification and reading of
+checkpoints are trainer.checkpoint's and trainer.checkpoint_reader's.
 
 Saving goes in three phases. (1) On the training thread, every rank takes a snapshot of its
 state in memory (DeepSpeed hands each state dict to our checkpoint engine instead of writing
@@ -328,3 +330,41 @@ def rank_state(job: Job, rank: int, state: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     job.add_torch(f"rng_rank{rank}.pt", rng)
+
+
+# -- what a checkpoint carries beside the weights (rank 0) ------------------------------------
+
+
+def input_assets(
+    dataset_meta: dict[str, Any], modality: str, data: dict[str, Any]
+) -> dict[str, bytes]:
+    """The files that make a checkpoint's encoder inputs as training did (reader.ASSETS): the
+    dataset's tokenizer for text (read here, once, at the start of training), else the image
+    processor's or feature extractor's settings for the run's data settings (`data`). Saved
+    into every checkpoint (`add_assets`), so export and evaluation never need the dataset."""
+    from darkmatter.trainer import checkpoint_reader as reader
+
+    if dataset_meta.get("tokenizer_url"):
+        return {reader.TOKENIZER_FILE: storage.read_bytes(dataset_meta["tokenizer_url"])}
+    processor = reader.preprocessor(modality, data)
+    if processor is None:
+        return {}
+    return {reader.PREPROCESSOR_FILE: processor.to_json_string().encode()}
+
+
+def add_assets(job: Job, meta: dict[str, Any], assets: dict[str, bytes]) -> None:
+    """Add the input files and the model record (darkmatter.json, listing them under "assets")
+    to rank 0's part of a save: committed, listed and verified like every other file."""
+    for name, data in sorted(assets.items()):
+        job.add_bytes(name, data)
+    job.add_json("darkmatter.json", {**meta, "assets": sorted(assets)})
+
+
+def record_root(run_dir: Path, root: str) -> None:
+    """Write where this run's checkpoints are into its run folder (reader.ROOT_RECORD), so that
+    `darkmatter export RUN_DIR` and `darkmatter evaluate RUN_DIR` find a remote root too."""
+    from darkmatter.trainer.checkpoint_reader import ROOT_RECORD
+
+    if not storage.is_remote(root):
+        root = os.path.abspath(root.removeprefix("file://"))  # the run may be read from elsewhere
+    storage.put_atomic(str(run_dir), ROOT_RECORD, json.dumps({"root": root}).encode())

@@ -14,6 +14,7 @@ and adds the objective's own checks, so imports point one way: objectives -> con
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -23,9 +24,15 @@ from typing import Any
 
 import yaml
 
+from darkmatter.storage.retry import Retry
+
 
 class ConfigError(ValueError):
     """A user error in a config file or an override; the message names the dotted key."""
+
+    def __init__(self, message: str) -> None:
+        # Keys and values come from the file: a line break in one must not split the error line.
+        super().__init__("\\n".join(message.splitlines()))
 
 
 @dataclass
@@ -47,13 +54,13 @@ class DataConfig:
     """A tar member larger than this is refused: its sample is skipped."""
     readahead: int = 2
     """Shards fetched ahead per partition, so decoding never waits on the network."""
-    retries: int = 5
-    """Fetch attempts per shard after the first (5xx, SlowDown, resets, truncated bodies)."""
     cache_dir: str = ""
-    """Folder for fetched shards, shared by every process of a machine; empty: a folder in
-    the system temp folder."""
+    """Folder for fetched shards, shared by every process of a machine and kept across runs
+    (shards are named by their sha256); empty: $XDG_CACHE_HOME/darkmatter/shards, or
+    ~/.cache/darkmatter/shards."""
     cache_gb: float = 16.0
-    """The shard folder is kept under this size; least recently used shards are deleted."""
+    """The shard folder is kept under this size; least recently used shards are deleted, with
+    their lock files."""
     seq_len: int = 128
     """Tokens per text sample, [CLS] and [SEP] included (text objectives)."""
     image_size: int = 32
@@ -176,15 +183,17 @@ class CheckpointConfig:
     staging_dir: str = ""
     """Local folder where ranks write before uploading to a remote root, and where a resume
     downloads to. Empty: RUN_DIR/staging."""
-    upload_retries: int = 5
-    """Attempts per file after the first when an upload or a resume's download fails (0.5 s,
-    then doubling up to 30 s between attempts); 403s and missing objects are not retried."""
     max_failed_saves: int = 3
     """Consecutive saves not committed (on any rank) after which the job stops with an error."""
     resume: bool = True
     """Continue from the newest committed checkpoint under root, if there is one."""
     resume_from: str = ""
     """Start from this checkpoint instead (a step folder, or a root whose newest is used)."""
+    universal_workers: int = 2
+    """Processes DeepSpeed's universal converter extracts ZeRO shards with when a resume changes
+    the number of ranks (half as many, at least 1, merge them: merging holds whole tensors)."""
+    universal_timeout_s: float = 3600.0
+    """Seconds that conversion may take; past it, it is stopped and the resume fails."""
 
 
 @dataclass
@@ -211,7 +220,8 @@ class FaultConfig:
 @dataclass
 class TrackingConfig:
     tracking_uri: str = ""
-    """MLflow tracking URI; empty uses MLFLOW_TRACKING_URI, and no tracking if that is unset too."""
+    """MLflow tracking URI; empty uses MLFLOW_TRACKING_URI (an error if that is unset too, unless
+    tracking.enabled is false). Credentials come from MLFLOW_TRACKING_USERNAME/PASSWORD only."""
     experiment: str = "darkmatter"
     """MLflow experiment name."""
     run_name: str = ""
@@ -226,6 +236,22 @@ class TrackingConfig:
     peak_tflops: float = 0.0
     """Peak TFLOP/s of one device, for MFU. 0: looked up for known GPUs (dense bf16); on a CPU
     the rate of a large matrix multiply, measured at start."""
+
+
+@dataclass
+class StorageConfig:
+    """How object storage is used, by shard fetches and checkpoint transfers alike."""
+
+    retry: Retry = field(default_factory=Retry)
+    """The retry budget of every transfer (attempts, base_s, max_s, jitter, deadline_s: see
+    storage.Retry); 403s, refused credentials and missing buckets fail at once."""
+
+
+# Keys that were replaced: naming one is an error that points at its successor.
+MOVED_KEYS = {
+    "checkpoint.upload_retries": "storage.retry (attempts, deadline_s)",
+    "data.retries": "storage.retry (attempts, deadline_s)",
+}
 
 
 @dataclass
@@ -247,6 +273,8 @@ class Config:
     """Where and how often checkpoints are written, kept and resumed from."""
     faults: FaultConfig = field(default_factory=FaultConfig)
     """Preemption signals, numerical faults and rollback."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object storage: the retry budget shared by shard fetches and checkpoint transfers."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """Passed through to DeepSpeed; batch and ZeRO fields are filled in from `train`."""
 
@@ -291,7 +319,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer past 1.8e308
+            number = math.inf
+        if not math.isfinite(number):  # NaN would pass every range check (NaN < 0 is False)
+            raise ConfigError(f"{key}: expected a finite number, got {value!r:.40}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -309,6 +343,8 @@ def _build(
     for name in raw:
         if name not in fields:
             dotted = f"{prefix}.{name}" if prefix else name
+            if dotted in MOVED_KEYS:
+                raise ConfigError(f"{dotted}: replaced by {MOVED_KEYS[dotted]}")
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{dotted}: unknown key (known here: {known})")
     kwargs = {}
@@ -336,7 +372,18 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(keys[: i + 1])}: is a value, cannot set {dotted}")
         node = child
-    node[keys[-1]] = yaml.safe_load(text) if text != "" else ""
+    try:
+        node[keys[-1]] = yaml.safe_load(text) if text != "" else ""
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise ConfigError(
+            f"{dotted.strip()}: cannot read {text[:40]!r} as a YAML value ({_yaml_problem(e)})"
+        ) from None
+
+
+def _yaml_problem(e: BaseException) -> str:
+    """One line of what YAML (or int(), or the stack) found wrong."""
+    lines = str(getattr(e, "problem", None) or e).splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
@@ -345,11 +392,15 @@ def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} malformed YAML ({getattr(e, 'problem', e)})") from None
+        raise ConfigError(f"{p}:{where} malformed YAML ({_yaml_problem(e)})") from None
+    except (ValueError, RecursionError) as e:  # an int of 4300+ digits; nesting past the stack
+        raise ConfigError(f"{p}: unreadable YAML ({_yaml_problem(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     for o in overrides:
@@ -403,8 +454,10 @@ def validate(cfg: Config) -> None:
     for section, key in (
         ("train", "steps"), ("train", "micro_batch_size"), ("train", "grad_accum"),
         ("train", "log_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
-        ("checkpoint", "max_failed_saves"),
+        ("checkpoint", "max_failed_saves"), ("checkpoint", "universal_workers"),
         ("faults", "max_skips"), ("faults", "skip_window"), ("tracking", "max_buffer"),
+        ("model", "hidden_size"), ("model", "num_heads"), ("model", "num_layers"),
+        ("model", "intermediate_size"),
     ):  # fmt: skip
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(
@@ -412,7 +465,6 @@ def validate(cfg: Config) -> None:
             )
     c, f = cfg.checkpoint, cfg.faults
     for key, value in (("checkpoint.keep_every", c.keep_every),
-                       ("checkpoint.upload_retries", c.upload_retries),
                        ("faults.grace_s", f.grace_s), ("faults.grad_norm_spike", f.grad_norm_spike),
                        ("tracking.flush_s", cfg.tracking.flush_s),
                        ("tracking.peak_tflops", cfg.tracking.peak_tflops)):  # fmt: skip
@@ -428,6 +480,10 @@ def validate(cfg: Config) -> None:
     if f.collective_timeout_s <= 0:
         raise ConfigError(
             f"faults.collective_timeout_s: expected > 0, got {f.collective_timeout_s}"
+        )
+    if c.universal_timeout_s <= 0:
+        raise ConfigError(
+            f"checkpoint.universal_timeout_s: expected > 0, got {c.universal_timeout_s}"
         )
     if t.lr <= 0:
         raise ConfigError(f"train.lr: expected > 0, got {t.lr}")
@@ -449,7 +505,7 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}: expected >= 1, got {value}")
     d = cfg.data
-    for key in ("num_workers", "shuffle_buffer", "readahead", "retries"):
+    for key in ("num_workers", "shuffle_buffer", "readahead"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key}: expected >= 0, got {getattr(d, key)}")
     if d.partitions < 1:
@@ -461,6 +517,9 @@ def validate(cfg: Config) -> None:
     for key in ("max_member_mb", "cache_gb"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"data.{key}: expected > 0, got {getattr(d, key)}")
+    problem = cfg.storage.retry.problem()
+    if problem:
+        raise ConfigError(f"storage.retry.{problem}")
 
 
 @dataclass(frozen=True)

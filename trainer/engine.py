@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import math
 import os
@@ -24,13 +25,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils import groups as ds_groups
-from deepspeed.utils.tensor_fragment import fragment_address
 from transformers import PreTrainedModel
 from transformers.integrations import HfDeepSpeedConfig
 
+from darkmatter.trainer import checkpoint_reader as reader
 from darkmatter.trainer.config import Config
 
 log = logging.getLogger("darkmatter.engine")
@@ -253,12 +252,6 @@ def build_engine(
     return engine, hf_ds
 
 
-# The only non-tensor, non-plain-data objects in DeepSpeed's optimizer states: inert records
-# (a loss-scale value, a stage number, an (offset, numel) pair). weights_only loading refuses
-# everything else.
-_STATE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 class SnapshotCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
     """DeepSpeed's extension point for checkpoint I/O, used to take saving off its hands.
 
@@ -354,6 +347,10 @@ def install_step_gate(engine: Any, should_skip: Callable[[float], bool]) -> None
             base.overflow = False
         return inner(*args, **kwargs)
 
+    # The lr scheduler marked base.step as its own call-tracking wrapper (`inner`), which
+    # gated_step still calls: carry the mark over, or torch warns at the first scheduler step
+    # that optimizer.step() "has been overridden after learning rate scheduler initialization".
+    functools.update_wrapper(gated_step, inner)
     base.step = gated_step
     if ds_opt is base:
         base.overflow = False
@@ -366,17 +363,11 @@ def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, An
 
 def load_checkpoint(engine: Any, root: str, tag: str) -> None:
     """Load a checkpoint folder into the engine; every file is unpickled with weights_only=True
-    (DeepSpeed's own loaders pass weights_only=False; the variable overrides them here)."""
-    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_STATE_CLASSES):
-            path, _ = engine.load_checkpoint(root, tag=tag)
-    finally:
-        if saved is None:
-            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
+    (DeepSpeed's own loaders pass weights_only=False; reader.weights_only_loads overrides them):
+    a file that holds more than tensors, plain data and DeepSpeed's records is refused
+    (UnsafeCheckpoint, naming it) before anything in it runs."""
+    with reader.weights_only_loads(Path(root) / tag):
+        path, _ = engine.load_checkpoint(root, tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {root}")
     if engine.load_universal_checkpoint():
@@ -406,7 +397,7 @@ def _restore_outside_optimizer(engine: Any, folder: Path) -> None:
                                        f"parameter {name}; it cannot be resumed on another "
                                        "number of ranks")  # fmt: skip
                 continue
-            value = torch.load(f, map_location="cpu", weights_only=True)["param"]
+            value = reader.load_tensors(f)["param"]  # weights_only; UnsafeCheckpoint else
             tensor.copy_(value.view(tensor.shape).to(tensor.dtype))
     if missing and dist.get_rank() == 0:
         log.warning(
@@ -428,21 +419,57 @@ def _repair_zero3_universal_load(engine: Any) -> None:
         group.update({k: v for k, v in hparams.items() if k not in ("lr", "initial_lr")})
 
 
-def to_universal(src: Path, dst: Path) -> None:
+# DeepSpeed's converter, run as `python -m` would (alter_sys: it becomes __main__, where its
+# worker pool finds its functions) with its checkpoint records allowed in weights_only loads
+# (the child's environment forces weights_only on every torch.load; the pool's processes are
+# forked from it and inherit both).
+_UNIVERSAL_MAIN = (
+    "import runpy; from darkmatter.trainer.checkpoint_reader import allow_deepspeed_records; "
+    "allow_deepspeed_records(); runpy.run_module("
+    "'deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)"
+)
+
+
+def to_universal(src: Path, dst: Path, workers: int = 2, timeout_s: float = 3600.0) -> None:
     """Convert a ZeRO checkpoint folder to DeepSpeed's universal format (its own converter, in a
-    process of its own), for loading on a different number of ranks. `dst` is rewritten."""
+    process of its own, every file loaded with weights_only), for loading on a different number
+    of ranks. `dst` is rewritten. `workers` (checkpoint.universal_workers) extract the shards;
+    half as many, at least one, merge them (merging holds whole parameters in memory). Past
+    `timeout_s` (checkpoint.universal_timeout_s) the converter is killed: CheckpointError."""
     shutil.rmtree(dst, ignore_errors=True)
     cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        sys.executable, "-c", _UNIVERSAL_MAIN,
         "--input_folder", str(src), "--output_folder", str(dst),
         "--inject_missing_state",  # our model does not declare its TP layout: nothing to merge
-        "--num_extract_workers", "2", "--num_merge_workers", "1",
+        "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_WEIGHTS_ONLY_LOAD"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode:
-        tail = out.stderr.strip().splitlines()[-1:] or ["no output"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=reader.weights_only_env())  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise reader.CheckpointError(
+            f"{src}: universal checkpoint conversion did not finish within "
+            f"checkpoint.universal_timeout_s={timeout_s:g} s (stopped)"
+        ) from None
+    if proc.returncode and "Weights only load failed" in err:  # torch's UnpicklingError
+        raise reader.unsafe(reader.refused_file(src) or src, err)
+    if proc.returncode:
+        tail = err.strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"{src}: universal checkpoint conversion failed: {tail[0]}")
+
+
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL a process and every process below it (the converter's worker pool), then reap."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    proc.kill()
+    proc.communicate()
 
 
 def local_rank() -> int:

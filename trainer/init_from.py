@@ -87,6 +87,12 @@ def fetch(uri: str, tracking_uri: str = "") -> Path:
     if not (folder / WEIGHTS_FILE).is_file() and not (folder / WEIGHTS_INDEX).is_file():
         raise ConfigError(f"model.init_from: {uri} has no {WEIGHTS_FILE} (save_pretrained writes "
                           "safetensors)")  # fmt: skip
+    # A `darkmatter export` lists its files in its record, written last: all must be there.
+    missing = [n for n in _export_record(folder).get("export_files", ())
+               if not (folder / n).is_file()]  # fmt: skip
+    if missing:
+        raise ConfigError(f"model.init_from: {uri} is an incomplete export: {missing[0]} is "
+                          "missing (export it again)")  # fmt: skip
     return folder
 
 

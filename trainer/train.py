@@ -9,13 +9,17 @@ function of (seed, step, rank, micro-batch), so it does not depend on where a re
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
 import platform
+import re
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +86,13 @@ def preflight(cfg: Config) -> Objective:
 
         init_from.check(cfg, objective.model_config(), meta.get("tokenizer_url"))
     uri = resolve_uri(cfg.tracking.tracking_uri)
-    if cfg.tracking.enabled and uri:
+    if cfg.tracking.enabled and not uri:  # never a silent run without tracking, nor a local one
+        raise ValueError(
+            "tracking: MLFLOW_TRACKING_URI is not set and tracking.tracking_uri is empty (start "
+            "the local stack with `darkmatter stack up`, name an MLflow server, or set "
+            "tracking.enabled=false)"
+        )
+    if cfg.tracking.enabled:
         try:
             check_reachable(uri)
         except TrackingError as e:
@@ -110,7 +120,7 @@ def make_stream(cfg: Config, rank: int, world_size: int) -> DataStream:
     opts = ReaderOptions(
         shuffle_buffer=d.shuffle_buffer, strict=d.strict, verify=d.verify,
         max_member_bytes=int(d.max_member_mb * 2**20), readahead=d.readahead,
-        retries=d.retries, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
+        retry=cfg.storage.retry, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
     )  # fmt: skip
     return DataStream(
         d.url, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
@@ -126,7 +136,7 @@ class Trainer:
         c = cfg.checkpoint
         self.ckpt_root = c.root or str(self.run_dir / "checkpoints")
         self.staging = Path(c.staging_dir or self.run_dir / "staging")
-        self.policy = storage.Retry(retries=c.upload_retries)  # every checkpoint transfer's
+        self.policy = cfg.storage.retry  # every checkpoint transfer's, as every shard fetch's
         self.ds_config = deepspeed_config(cfg, world_size)
         self.resumer = Resumer(cfg, objective, rank, world_size, self.ckpt_root, self.staging,
                                self.policy)  # fmt: skip
@@ -145,6 +155,11 @@ class Trainer:
             async_save=c.async_save, policy=self.policy, keep_last=c.keep_last,
             keep_every=c.keep_every,
         )  # fmt: skip
+        self._assets: dict[str, bytes] = {}  # rank 0: the input files every checkpoint carries
+        if rank == 0:
+            data = dataclasses.asdict(cfg.data)
+            self._assets = ckpt_writer.input_assets(objective.meta, objective.modality, data)
+            ckpt_writer.record_root(self.run_dir, self.ckpt_root)
         self.signals = Signals(cfg.faults.signals, cfg.faults.grace_s)
         self.stream = make_stream(cfg, rank, world_size)
         self.pos = self.resumer.load(found, self.engine, self.stream)
@@ -156,7 +171,6 @@ class Trainer:
             self.peak = perf.Peak(0.0, "rank 0 only")
         self.tracker = self._start_tracking() if rank == 0 else None
         self._data_seen = self.stream.summary()  # counters at the last log line
-        self._quarantine_logged = 0
         self._stall_s = 0.0  # training time lost to saves since the last log line
         self._norms: collections.deque[float] = collections.deque(maxlen=50)  # applied steps'
         self._skips: list[int] = []  # recently skipped steps
@@ -176,9 +190,9 @@ class Trainer:
         )
         self.pos.mlflow_run_id = tracker.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "mlflow_run.json").write_text(
-            json.dumps({"run_id": tracker.run_id, "tracking_uri": uri, "url": tracker.run_url})
-        )
+        # Atomic: a job killed mid-write would leave a torn file its restart cannot parse.
+        run = {"run_id": tracker.run_id, "tracking_uri": uri, "url": tracker.run_url}
+        storage.put_atomic(str(self.run_dir), "mlflow_run.json", json.dumps(run).encode())
         mfu = {f"mfu.{k}": v for k, v in self.objective.flops_inputs().items()}
         mfu.update({"mfu.peak_flops": self.peak.flops, "mfu.peak_source": self.peak.source,
                     "mfu.formula": "seq*(6*matmul_params + 12*layers*heads*head_dim*seq)"})  # fmt: skip
@@ -415,7 +429,7 @@ class Trainer:
             job.add_bytes(
                 "model_config.json", self.objective.model_config().to_json_string().encode()
             )
-            job.add_json("darkmatter.json", self._model_meta())
+            ckpt_writer.add_assets(job, self._model_meta(), self._assets)
             for script in sorted(folder.glob("*.py")):  # DeepSpeed's zero_to_fp32.py & co.
                 job.add_file(script.name)
         self.writer.submit(job)
@@ -446,23 +460,33 @@ class Trainer:
         }  # fmt: skip
 
     def _write_quarantine(self) -> None:
-        """Rank 0 appends every rank's newly skipped samples to RUN_DIR/quarantine.jsonl."""
-        new = [h._asdict() for h in self.stream.quarantine[self._quarantine_logged :]]
-        self._quarantine_logged = len(self.stream.quarantine)
+        """Rank 0 appends every rank's newly skipped samples to RUN_DIR/quarantine.jsonl and
+        sends them, and only them, to MLflow as one part object per log interval."""
+        holes, unlogged = self.stream.quarantine.take_new()
+        new = [h._asdict() for h in holes]
+        if unlogged:  # more holes in one interval than the reader keeps: say how many
+            new.append({"unlogged": unlogged})
         gathered = eng.gather_to_rank0(new)
         if gathered is None or not any(gathered):
             return
+        lines = []
+        for rank, entries in enumerate(gathered):
+            for entry in entries:
+                lines.append(json.dumps({"step": self.pos.step, "rank": rank, **entry}) + "\n")
+                if "unlogged" in entry:
+                    log.warning("rank %d: %d skipped samples not logged", rank, entry["unlogged"])
+                else:
+                    log.warning(
+                        "skipped bad data: shard %(shard)s, sample %(key)s: %(reason)s", entry
+                    )
+        chunk = "".join(lines)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "quarantine.jsonl", "a") as f:
-            for rank, holes in enumerate(gathered):
-                for hole in holes:
-                    f.write(json.dumps({"step": self.pos.step, "rank": rank, **hole}) + "\n")
-                    log.warning(
-                        "skipped bad data: shard %(shard)s, sample %(key)s: %(reason)s", hole
-                    )
-        if self.tracker:  # the whole list so far: one small artifact, replaced as it grows
-            quarantine = (self.run_dir / "quarantine.jsonl").read_text()
-            self.tracker.log_text(quarantine, "data/quarantine.jsonl")
+            f.write(chunk)
+        if self.tracker:
+            # Only this interval's entries: the upload costs what is new, never the whole log.
+            # Named by step, so an interval redone after a resume replaces its own part.
+            self.tracker.log_text(chunk, f"data/quarantine/part-{self.pos.step:08d}.jsonl")
 
     def _model_meta(self) -> dict[str, Any]:
         return {
@@ -511,13 +535,51 @@ class _Window:
         return self.loss_sum / self.applied if self.applied else float("nan")
 
 
+def oom_note(e: BaseException, rank: int, step: int | None) -> str:
+    """The line an out-of-memory error of training is reported with (darkmatter.cli prints it):
+    where it struck (rank, step), the memory figures, and what to change."""
+    where = f"step {step}" if step is not None else "building the engine"
+    asked = re.search(r"Tried to allocate ([0-9.]+ [KMGT]i?B)", str(e))  # torch's CUDA message
+    request = f"; tried to allocate {asked.group(1)}" if asked else ""
+    return (
+        f"out of memory on rank {rank} at {where}: {_memory_figures()}{request}; lower "
+        "train.micro_batch_size (raise train.grad_accum to keep the global batch), or set "
+        "train.activation_checkpointing=true or a higher train.zero_stage"
+    )
+
+
+def _memory_figures() -> str:
+    if not torch.cuda.is_available():  # torch's CPU allocator keeps no figures: the OS's peak
+        return f"peak resident memory {perf.memory_gb():.1f} GiB, no CUDA device"
+    dev = torch.cuda.current_device()
+    gib = [n / 2**30 for n in (torch.cuda.memory_allocated(dev),
+                               torch.cuda.max_memory_allocated(dev),
+                               torch.cuda.memory_reserved(dev),
+                               torch.cuda.get_device_properties(dev).total_memory)]  # fmt: skip
+    return (f"{gib[0]:.2f} GiB allocated (peak {gib[1]:.2f} GiB), {gib[2]:.2f} GiB reserved, "
+            f"of {gib[3]:.2f} GiB on cuda:{dev}")  # fmt: skip
+
+
+@contextlib.contextmanager
+def noting_oom(rank: int, step: Callable[[], int | None]) -> Iterator[None]:
+    """An out-of-memory error raised inside gets oom_note as a note: the rank, `step()` and
+    the memory figures travel with it to whatever reports it."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        e.add_note(oom_note(e, rank, step()))
+        raise
+
+
 def run_worker(cfg: Config) -> int:
     """Entry point of one rank."""
     objective = preflight(cfg)
     rank, world_size, _ = eng.init_distributed(cfg.faults.collective_timeout_s)
-    trainer = Trainer(cfg, objective, rank, world_size)
+    with noting_oom(rank, lambda: None):
+        trainer = Trainer(cfg, objective, rank, world_size)
     try:
-        pos = trainer.train()
+        with noting_oom(rank, lambda: trainer.pos.step + 1):  # the step being taken
+            pos = trainer.train()
     except Preempted as p:
         if trainer.tracker:
             trainer.tracker.set_tags({"preempted": "true", "preempt_signal": p.signal_name})
@@ -531,6 +593,10 @@ def run_worker(cfg: Config) -> int:
     except BaseException as e:
         if trainer.tracker:
             trainer.tracker.set_tags({"crashed": "true", "error": str(e)[:4000]})
+            # The evidence stays with the run, whatever becomes of the machine's files.
+            trainer.tracker.log_text(
+                redact("".join(traceback.format_exception(e))), "crash/rank0.log"
+            )
             trainer.tracker.finish("FAILED")
         trainer.stream.close()
         # Release the process group here: left to interpreter exit, gloo's threads can be torn
