@@ -6,7 +6,10 @@
             trainer_state_rank{r}.json   step, data stream state, MLflow run id: one per rank
             rng_rank{r}.pt               RNG state of rank r (tensors only)
             model_config.json            transformers config of the pretraining model
-            darkmatter.json              objective, step, dataset, tokenizer: what evaluation needs
+            darkmatter.json              objective, step, dataset, assets: what evaluation needs
+            tokenizer.json               the dataset's tokenizer, byte for byte (text), or
+            preprocessor_config.json     the image/audio processor settings: export and
+                                         evaluation need no access to the dataset
             COMMIT.json                  written last: every file above with its size and sha256
         latest                         the tag of the newest commit, moved after COMMIT.json
 
