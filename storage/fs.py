@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import selectors
+import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,44 @@ from fsspec.core import url_to_fs
 
 from darkmatter.storage.errors import StorageError, describe_storage_error, mark_answered
 from darkmatter.storage.retry import is_permanent
+
+# fsspec's event loop as it was when this process forked (see _after_fork_in_child).
+_loop_at_fork: list[Any] = []
+_inherited_clients: list[Any] = []  # in a forked child: the parent's, kept and never used
+
+
+def _before_fork() -> None:
+    asyn = sys.modules.get("fsspec.asyn")
+    _loop_at_fork[:] = [asyn.loop[0]] if asyn is not None and asyn.loop[0] is not None else []
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child (data workers): the parent's event loop must never touch its epoll
+    instance, which a fork shares between parent and child.
+
+    fsspec gives the child a new loop and a new filesystem cache, and the parent's S3 clients
+    become garbage there. But closing them (s3fs's finalizer, aiohttp's __del__) removes their
+    sockets from the old loop's epoll instance, the parent's own: its next request on such a
+    connection then waits forever (a checkpoint upload hung so in the chaos soak). The child's
+    copy of that loop gets a selector of its own, so those removals touch nothing shared.
+    """
+    for loop in _loop_at_fork:
+        loop._selector = selectors.DefaultSelector()
+    _loop_at_fork.clear()
+    # And s3fs's finalizers would try to run the clients' shutdown on that loop (it never
+    # runs here): a traceback in every worker. Nothing of the parent's needs closing here.
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is not None:
+        # Kept, never used: collected, aiohttp would close them too (and warn of each).
+        _inherited_clients.extend(s3fs.S3FileSystem._cache.values())
+        for fin in list(weakref.finalize._registry):  # type: ignore[attr-defined]
+            info = fin.peek()
+            if info is not None and info[1] is s3fs.S3FileSystem.close_session:
+                fin.detach()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
 
 
 def _storage_options(url: str) -> dict[str, Any]:
