@@ -3,14 +3,16 @@ special token ids), the names of the files beside it, the special tokens the tex
 need, and PrepareError, the user error of every step of `darkmatter prepare`.
 
 The manifest is written last, so its presence means the shards it lists are complete; `load`
-refuses a file whose counts or digest do not match its shard list.
+refuses a file whose counts or digest do not match its shard list, and one whose shard names or
+sha256s would be paths out of the dataset or the shard cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from darkmatter import storage
@@ -98,10 +100,13 @@ class Manifest:
             raise PrepareError(
                 f"no manifest.json at {url}: run `darkmatter prepare` first"
             ) from None
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
             raise PrepareError(f"{where}: not a JSON manifest: {e}") from None
         if not isinstance(d, dict) or d.get("version") != 1:
             raise PrepareError(f"{where}: not a version 1 darkmatter manifest")
+        problem = _problem(d)
+        if problem:
+            raise PrepareError(f"{where}: {problem}")
         try:
             m = cls(d["modality"], [ShardInfo(**s) for s in d["shards"]], d.get("tokenizer"))
         except (KeyError, TypeError) as e:
@@ -124,3 +129,32 @@ class Manifest:
         if isinstance(d.get("stats"), dict):
             m.stats = d["stats"]
         return m
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _problem(d: dict[str, Any]) -> str | None:
+    """The first field of a manifest that a reader cannot use safely, as 'key: why', or None.
+    Shard names and sha256s become paths (the shard's, its cache file's), so they must stay
+    inside their folders; counts must be counts."""
+    if not isinstance(d.get("modality"), str):
+        return f"modality: expected a string, got {d.get('modality')!r:.80}"
+    tokenizer = d.get("tokenizer")
+    if tokenizer is not None and storage.name_problem(tokenizer):
+        return f"tokenizer: {storage.name_problem(tokenizer)}"
+    if not isinstance(d.get("shards"), list):
+        return f"shards: expected a list, got {type(d.get('shards')).__name__}"
+    keys = {f.name for f in fields(ShardInfo)}
+    for i, s in enumerate(d["shards"]):
+        if not isinstance(s, dict) or s.keys() != keys:
+            got = sorted(map(str, s))[:8] if isinstance(s, dict) else type(s).__name__
+            return f"shards[{i}]: expected the keys {sorted(keys)}, got {got}"
+        if storage.name_problem(s["name"]):
+            return f"shards[{i}].name: {storage.name_problem(s['name'])}"
+        for key in ("samples", "bytes"):
+            if type(s[key]) is not int or s[key] < 0:
+                return f"shards[{i}].{key}: expected a count >= 0, got {s[key]!r:.80}"
+        if not (isinstance(s["sha256"], str) and _SHA256.fullmatch(s["sha256"])):
+            return f"shards[{i}].sha256: expected 64 hex digits, got {s['sha256']!r:.80}"
+    return None

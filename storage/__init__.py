@@ -46,6 +46,7 @@ __all__ = [
     "Retry", "StorageError", "StorageUnreachable", "check_bucket", "check_writable_root",
     "copy_tree", "delete", "describe_storage_error", "exists", "filesystem", "fsync_dir",
     "get_file", "glob", "is_permanent", "is_remote", "join", "list_files", "make_bucket",
-    "makedirs", "name_problem", "open_url", "permanent_reason", "put_atomic", "put_file", "read_bytes",
-    "read_versioned", "remove_tree", "stack_hint", "with_retries", "write_bytes", "write_if",
+    "makedirs", "name_problem", "open_url", "permanent_reason", "put_atomic", "put_file",
+    "read_bytes", "read_versioned", "remove_tree", "stack_hint", "with_retries", "write_bytes",
+    "write_if",
 ]  # fmt: skip

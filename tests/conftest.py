@@ -22,6 +22,20 @@ from darkmatter.quickstart import stack as stack_mod  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
+# Property-based tests (hypothesis): "ci" (the default) keeps make test fast; "soak" runs many
+# more examples: DARKMATTER_HYPOTHESIS_PROFILE=soak pytest tests/test_fuzz_parsers.py.
+# No deadline: this machine's load, not the code, decides how long one example takes.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=40, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)  # fmt: skip
+settings.register_profile(
+    "soak", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("DARKMATTER_HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # In-process models here are tiny: on a 2-core machine busy with the stack's servers and
