@@ -179,6 +179,16 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+def _s3(info: stack_mod.StackInfo):  # type: ignore[no-untyped-def]
+    """A client with this stack's keys (boto3's default session keeps the first keys it saw)."""
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=info.s3_endpoint, aws_access_key_id=info.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=info.env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1",
+    )  # fmt: skip
+
+
 def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
@@ -186,12 +196,11 @@ def _lines(path: Path) -> int:
 def test_data_survives_down_up_and_a_sigkill_mid_write(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import boto3
     import mlflow
 
     sdir = tmp_path / "stack"
     with stack_mod.private(sdir) as info:
-        s3 = boto3.client("s3", endpoint_url=info.s3_endpoint)
+        s3 = _s3(info)
         before = {f"a/{i}": os.urandom(n) for i, n in enumerate((0, 1, 5000, 12 * 2**20))}
         for key, body in before.items():
             s3.put_object(Bucket="darkmatter", Key=key, Body=body)
@@ -201,7 +210,7 @@ def test_data_survives_down_up_and_a_sigkill_mid_write(
 
     acked = tmp_path / "acked.txt"
     with stack_mod.private(sdir) as info:
-        s3 = boto3.client("s3", endpoint_url=info.s3_endpoint)
+        s3 = _s3(info)
         for key, body in before.items():  # down, up: every object, byte for byte
             assert s3.get_object(Bucket="darkmatter", Key=key)["Body"].read() == body
         assert mlflow.MlflowClient().get_run(run_id).data.metrics == {"loss": 1.5}
@@ -217,7 +226,7 @@ def test_data_survives_down_up_and_a_sigkill_mid_write(
             writer.kill()
     lines = acked.read_text().splitlines()
     with stack_mod.private(sdir) as info:
-        s3 = boto3.client("s3", endpoint_url=info.s3_endpoint)
+        s3 = _s3(info)
         for line in lines:  # every acknowledged object is there with the same bytes
             key, digest = line.split()
             got = s3.get_object(Bucket="darkmatter", Key=key)["Body"].read()

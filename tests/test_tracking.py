@@ -36,9 +36,11 @@ def test_redact_secret_looking_keys_nested_and_urls() -> None:
     }  # fmt: skip
 
 
-def test_outage_mid_run_loses_no_metric(tmp_path: Path) -> None:
+def test_outage_mid_run_loses_no_metric(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ports = {"s3_port": free_port(), "mlflow_port": free_port()}
     info = stack.up(**ports, state_dir=tmp_path / "stack", timeout=180)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this stack's login
+        monkeypatch.setenv(key, info.env[key])
     try:
         tracker = Tracker(info.mlflow_uri, "outage", "outage-run", flush_s=0.2)
         tracker.retry_s = 0.5
