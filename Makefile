@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: corpora slurm espeak venv quickstart test test-slow lint typecheck stack-up stack-down clean
+.PHONY: corpora slurm espeak venv quickstart test test-slow soak lint typecheck stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -47,6 +47,11 @@ test: venv corpora slurm espeak
 # What make test leaves out for its time (each a multi-process DeepSpeed job); CI runs it after.
 test-slow: venv corpora espeak
 	$(BIN)/python -m pytest -q --durations=10 -m slow tests
+
+# The chaos soak (CI's slow tier, ~10 min): kills, S3 faults, an MLflow restart and bad inputs
+# against one 2-rank job, which must end equal to an uninterrupted run (docs/RELIABILITY.md).
+soak: venv corpora
+	$(BIN)/python -m tests.soak
 
 lint: venv
 	$(BIN)/ruff check .

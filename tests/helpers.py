@@ -96,3 +96,24 @@ def rank_pid(launcher_pid: int, rank: int) -> int | None:
         if f"RANK={rank}".encode() in env and b"torch.distributed.run" in parent:
             return pid
     return None
+
+
+def toy_text_task(prefix: str, folder: Path, n: int) -> Path:
+    """A tiny labeled text task (two sentence templates, labels 0/1) as Parquet under `prefix`
+    (local or s3://), and the tasks file naming it, in `folder`."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from darkmatter import storage
+
+    texts = [f"the red fox number {i}" if i % 2 else f"the blue owl by the river {i}"
+             for i in range(n)]  # fmt: skip
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts, "label": [i % 2 for i in range(n)]}), buf)
+    storage.write_bytes(f"{prefix}/tasks/toy.parquet", buf.getvalue())
+    tasks = folder / "tasks.yaml"
+    tasks.write_text(f"tasks:\n  - {{name: toy, data: {prefix}/tasks/toy.parquet, "
+                     "protocols: {linear_probe: {}, knn: {k: 10}}}\n")  # fmt: skip
+    return tasks

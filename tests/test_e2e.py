@@ -177,4 +177,7 @@ def _check_run_contents(client: MlflowClient, run, run_dir: Path, dest: Path) ->
     assert env["world_size"] == 2 and env["versions"]["deepspeed"] == tags["deepspeed"]
     everything = [*params.values(), *tags.values(), *files.values()]
     assert not [x for x in everything if SECRET in x]
+    # The credentials the trainer authenticated with (the stack's MLflow and S3) are nowhere.
+    for var in ("MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
+        assert not [x for x in everything if os.environ[var] in x], var
     assert "AWS_SECRET_ACCESS_KEY" not in files["environment.json"]

@@ -25,7 +25,7 @@ from darkmatter import storage
 from darkmatter.evaluation import claims
 from darkmatter.evaluation.probe import knn
 from darkmatter.evaluation.tasks import TaskError, TaskSpec, load_labeled, load_tasks
-from tests.helpers import REPO_ROOT, write_config
+from tests.helpers import REPO_ROOT, toy_text_task, write_config
 
 
 def test_knn_is_the_weighted_cosine_vote() -> None:
@@ -176,14 +176,7 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=stack.mlflow_uri)
-    texts = [f"the red fox number {i}" if i % 2 else f"the blue owl by the river {i}"
-             for i in range(120)]  # fmt: skip
-    buf = io.BytesIO()
-    pq.write_table(pa.table({"text": texts, "label": [i % 2 for i in range(120)]}), buf)
-    storage.write_bytes(f"{bucket}/tasks/toy.parquet", buf.getvalue())
-    tasks = tmp_path / "tasks.yaml"
-    tasks.write_text(f"tasks:\n  - {{name: toy, data: {bucket}/tasks/toy.parquet, "
-                     "protocols: {linear_probe: {}, knn: {k: 10}}}\n")  # fmt: skip
+    tasks = toy_text_task(bucket, tmp_path, 120)
     exp = "harness"
     logs = {n: tmp_path / f"{n}.log" for n in ("a", "b")}
     # Harness a watches first, alone, so the first checkpoint is its; it is SIGKILLed in the

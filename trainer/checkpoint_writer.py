@@ -235,8 +235,27 @@ class Writer:
                 report.upload_s = time.perf_counter() - t0
         except Exception as e:  # shared below: the checkpoint is not committed on any rank
             error = f"rank {self.rank}: {e}"
-        # Every rank reaches this, with or without an error: rank 0 commits only when every
-        # rank has its files in place, and every rank learns the outcome.
+        try:
+            errors = self._agree(job, report, files, error)
+        except Exception as e:  # a peer died mid-save: the job fails on its own collectives
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            errors = [f"rank {self.rank}: the ranks' checkpoint writers lost contact ({first})"]
+        report.committed = not errors
+        report.error = "; ".join(errors)
+        if report.committed:
+            self.failed_in_a_row, self.last_error = 0, ""
+        else:
+            self.failed_in_a_row += 1
+            self.last_error = f"checkpoint {job.tag} not committed: {report.error}"
+            log.error("%s (%d failed saves in a row)", self.last_error, self.failed_in_a_row)
+        with self._lock:
+            self.reports.append(report)
+
+    def _agree(
+        self, job: Job, report: SaveReport, files: dict[str, dict[str, Any]], error: str
+    ) -> list[str]:
+        """Every rank reaches this, with or without an error: rank 0 commits only when every
+        rank has its files in place, and every rank learns the outcome (the errors, if any)."""
         parts = self.all_gather({"files": files, "error": error})
         errors = [p["error"] for p in parts if p["error"]]
         commit_error = ""
@@ -248,16 +267,7 @@ class Writer:
         if not errors:
             commit_error = self.all_gather(commit_error)[0]  # rank 0's outcome, on every rank
             errors = [commit_error] if commit_error else []
-        report.committed = not errors
-        report.error = "; ".join(errors)
-        if report.committed:
-            self.failed_in_a_row, self.last_error = 0, ""
-        else:
-            self.failed_in_a_row += 1
-            self.last_error = f"checkpoint {job.tag} not committed: {report.error}"
-            log.error("%s (%d failed saves in a row)", self.last_error, self.failed_in_a_row)
-        with self._lock:
-            self.reports.append(report)
+        return errors
 
     def _write(self, job: Job) -> dict[str, dict[str, Any]]:
         folder = self.local_root / job.tag

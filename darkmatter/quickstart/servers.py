@@ -120,20 +120,27 @@ def internal_ports(sdir: Path) -> dict[str, int]:
         ports = {k: int(v) for k, v in json.loads(path.read_text()).items()}
     except (OSError, ValueError, AttributeError):
         ports = {}
-    if set(ports) != set(S3_INTERNAL_PORTS) or not all(_bindable(p) for p in ports.values()):
+    if set(ports) != set(S3_INTERNAL_PORTS) or any(port_in_use(p) for p in ports.values()):
         ports = {name: free_port() for name in S3_INTERNAL_PORTS}
         write_private(path, json.dumps(ports, indent=1))
     return ports
 
 
-def _bindable(port: int) -> bool:
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Something accepts connections on host:port (a bound but silent socket counts too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        if s.connect_ex((host, port)) == 0:
+            return True
+    # connect fails on a socket that is bound but not listening; bind tells us. SO_REUSEADDR
+    # (as the servers set it) so that TIME_WAIT leftovers of a just-stopped stack do not count.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((HOST, port))
+            s.bind((host, port))
         except OSError:
-            return False
-    return True
+            return True
+    return False
 
 
 def s3_command(port: int, sdir: Path, bucket: str) -> list[str]:

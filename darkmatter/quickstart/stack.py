@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from darkmatter.quickstart import servers
-from darkmatter.quickstart.servers import HOST, REGION
+from darkmatter.quickstart.servers import HOST, REGION, port_in_use
 from darkmatter.quickstart.servers import free_port as free_port  # re-exported for tests, bench
 
 log = logging.getLogger(__name__)
@@ -155,23 +154,6 @@ def _recorded_urls(sdir: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- probes
-
-
-def port_in_use(port: int, host: str = HOST) -> bool:
-    """Something accepts connections on host:port (a bound but silent socket counts too)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        if s.connect_ex((host, port)) == 0:
-            return True
-    # connect fails on a socket that is bound but not listening; bind tells us. SO_REUSEADDR
-    # (as the servers set it) so that TIME_WAIT leftovers of a just-stopped stack do not count.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def http_ok(url: str, timeout: float = 2.0) -> bool:
