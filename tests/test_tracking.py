@@ -179,3 +179,32 @@ def test_measuring_the_cpu_peak_leaves_the_global_rng_alone() -> None:
     state = torch.get_rng_state()
     assert perf.measured_matmul_flops(torch.float32, n=64, seconds=0.01) > 0
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_continued_run_has_every_step_once(stack: Any) -> None:
+    """The dead job logged steps 1-5 and 8-10 (6 and 7 were still queued when it was killed at
+    step 10); the new job resumes from the checkpoint at step 8, sends 6 and 7 from
+    metrics.jsonl, redoes 9 and 10 without sending them again, and goes on to 12."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    exp = client.create_experiment(f"every-step-once-{time.time_ns()}")
+    run_id = client.create_run(exp).info.run_id
+    client.log_batch(
+        run_id, metrics=[Metric("loss", 1.0 / s, 0, s) for s in (1, 2, 3, 4, 5, 8, 9, 10)]
+    )
+    jsonl = {s: {"loss": 1.0 / s, "lr": 0.1} for s in range(1, 11)}  # the dead job's file
+
+    def backfill(have: set[int]) -> list[tuple[int, dict[str, float]]]:
+        return [(s, row) for s, row in jsonl.items() if s <= 8 and s not in have]
+
+    tracker = Tracker(stack.mlflow_uri, "unused", "unused", run_id=run_id, flush_s=0.1)
+    tracker.backfill = backfill
+    for step in (9, 10, 11, 12):  # redone bit for bit, then new
+        tracker.log_metrics(step, {"loss": 1.0 / step, "lr": 0.1})
+    tracker.finish()
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert loss == [(s, 1.0 / s) for s in range(1, 13)]  # every step once
+    # A step the run has is not sent again, whole: the dead job sent its rows whole (here,
+    # only its loss was put in), so redone steps 9 and 10 add no point of any metric.
+    assert sorted(m.step for m in client.get_metric_history(run_id, "lr")) == [6, 7, 11, 12]

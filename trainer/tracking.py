@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -79,6 +80,11 @@ _STOP = object()  # queue marker: send what is pending, then end the thread
 class Tracker:
     """Rank 0's MLflow run. Everything after the run's creation is sent off the training thread."""
 
+    # A new run's (see __init__): nothing sent before, nothing to hold back.
+    backfill: Callable[[set[int]], list[tuple[int, dict[str, float]]]] | None = None
+    _have: frozenset[int] | set[int] | None = frozenset()
+    _redone_differ = False
+
     def __init__(
         self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
         flush_s: float = 1.0, max_buffer: int = 1_000_000,
@@ -114,6 +120,11 @@ class Tracker:
         self.retry_s = 2.0  # seconds between attempts while the server is unreachable
         self.max_buffer = max_buffer  # metrics kept during an outage (~100 bytes each)
         self.dropped = 0  # metrics lost to the bound
+        # A continued run keeps one step axis with every step once. Before its first metrics
+        # go (so after an outage at the restart too), the sender reads which steps the run has
+        # (its `loss` history): the dead job's unsent rows that `backfill(have)` returns are
+        # sent first, and steps it has are not sent again when this job redoes them.
+        self._have = None if self.resumed else frozenset()
         self._thread = threading.Thread(target=self._send_loop, name="mlflow-logger", daemon=True)
         self._thread.start()
 
@@ -217,6 +228,8 @@ class Tracker:
                 tags = [RunTag(k, v) for k, v in pend.tags.items()]
                 self.client.log_batch(self.run_id, tags=tags)
                 pend.tags.clear()
+            if pend.metrics:
+                self._reconcile(pend)
             while pend.metrics:
                 chunk = [pend.metrics[i] for i in range(min(1000, len(pend.metrics)))]
                 self.client.log_batch(self.run_id, metrics=chunk)
@@ -234,6 +247,27 @@ class Tracker:
         if already_failing:
             log.warning("MLflow reachable again: buffered metrics sent")
         return True
+
+    def _reconcile(self, pend: _Pending) -> None:
+        from mlflow.entities import Metric
+
+        if self._have is None:  # raises while the server is down: tried again with the send
+            self._have = {m.step for m in self.client.get_metric_history(self.run_id, "loss")}
+            rows = self.backfill(set(self._have)) if self.backfill else []
+            ts = int(time.time() * 1000)
+            old = [
+                Metric(k, float(v), ts, step) for step, values in rows for k, v in values.items()
+            ]
+            pend.metrics.extendleft(reversed(old))
+            if rows:
+                log.info("MLflow run %s lacked %d logged steps (%d-%d): sent from metrics.jsonl",
+                         self.run_id, len(rows), rows[0][0], rows[-1][0])  # fmt: skip
+        if self._have and not self._redone_differ:  # the backfill's steps are not in it
+            pend.metrics = deque(m for m in pend.metrics if m.step not in self._have)
+
+    def redone_steps_differ(self) -> None:
+        """After a rollback (the data moves on), redone steps are new values: send them."""
+        self._redone_differ = True
 
     def flush(self) -> None:
         """Send everything queued so far now; returns after the attempt."""

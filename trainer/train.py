@@ -169,8 +169,6 @@ class Trainer:
             self.peak = perf.peak_flops(cfg.tracking.peak_tflops, cfg.train.bf16)
         else:
             self.peak = perf.Peak(0.0, "rank 0 only")
-        # Steps past the checkpoint that MLflow has from the job before (see _reconcile).
-        self._in_mlflow: set[int] = set()
         self.tracker = self._start_tracking() if rank == 0 else None
         self._data_seen = self.stream.summary()  # counters at the last log line
         self._stall_s = 0.0  # training time lost to saves since the last log line
@@ -205,32 +203,21 @@ class Trainer:
         tracker.log_dict(self.ds_config, "deepspeed_config.json")
         tracker.log_dict(environment.summary(self.nodes, self.world_size), "environment.json")
         if tracker.resumed:
-            self._reconcile(tracker)
+            tracker.backfill = functools.partial(self._unsent_rows, self.pos.step)
         return tracker
 
-    def _reconcile(self, tracker: Tracker) -> None:
-        """A continued run: one MLflow step axis, every step once. Rows of metrics.jsonl that
-        MLflow lacks (still queued when the job died, or logged during an outage) are sent
-        now; steps past the checkpoint that MLflow has are not sent again when this job
-        redoes them (bit for bit: the same losses)."""
-        try:
-            logged = {m.step for m in tracker.client.get_metric_history(tracker.run_id, "loss")}
-        except Exception as e:  # MLflow down at the restart: metrics.jsonl keeps every row
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            log.warning("cannot read the loss history of MLflow run %s (%s): steps it lacks up "
-                        "to %d are only in metrics.jsonl", tracker.run_id, first, self.pos.step)  # fmt: skip
-            return
-        path = self.run_dir / "metrics.jsonl"
-        rows = (
-            [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.is_file() else []
-        )
-        missing = [r for r in rows if r["step"] not in logged]
-        for r in missing:
-            tracker.log_metrics(r["step"], {k: v for k, v in r.items() if k != "step"})
-        if missing:
-            log.info("MLflow run %s lacked %d logged steps (%d-%d): sent from metrics.jsonl",
-                     tracker.run_id, len(missing), missing[0]["step"], missing[-1]["step"])  # fmt: skip
-        self._in_mlflow = {s for s in logged if s > self.pos.step}
+    def _unsent_rows(self, upto: int, have: set[int]) -> list[tuple[int, dict[str, float]]]:
+        """Rows of metrics.jsonl up to the resumed step that the MLflow run lacks: the dead
+        job's, still queued when it died or logged during an outage."""
+        path, rows = self.run_dir / "metrics.jsonl", []
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # the line this job is appending right now
+                continue
+            if rec["step"] <= upto and rec["step"] not in have:
+                rows.append((rec["step"], {k: v for k, v in rec.items() if k != "step"}))
+        return rows
 
     def _tags(self) -> dict[str, Any]:
         import deepspeed
@@ -360,8 +347,8 @@ class Trainer:
             log.warning("rolling back from step %d to step %d; the data stream moves on",
                         self.pos.step, to_step)  # fmt: skip
             truncate_metrics(self.run_dir / "metrics.jsonl", to_step)
-            self._in_mlflow.clear()  # the data moves on: redone steps are new values, logged
             if self.tracker:
+                self.tracker.redone_steps_differ()  # the data moves on: new values, logged
                 self.tracker.set_tags({"nan_rollback": str(self.pos.rollbacks + 1)})
         self.pos.step, self._rolled_back_to = to_step, to_step
         self.pos.rollbacks += 1
@@ -426,7 +413,7 @@ class Trainer:
         log.info(
             " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items())
         )
-        if self.tracker and self.pos.step not in self._in_mlflow:
+        if self.tracker:
             self.tracker.log_metrics(self.pos.step, {k: v for k, v in rec.items() if k != "step"})
 
     def _publish_index(self, index: list[dict[str, Any]]) -> None:
