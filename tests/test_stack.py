@@ -204,8 +204,10 @@ def test_data_survives_down_up_and_a_sigkill_mid_write(
         before = {f"a/{i}": os.urandom(n) for i, n in enumerate((0, 1, 5000, 12 * 2**20))}
         for key, body in before.items():
             s3.put_object(Bucket="darkmatter", Key=key, Body=body)
-        run_id = mlflow.MlflowClient().create_run("0").info.run_id
-        mlflow.MlflowClient().log_metric(run_id, "loss", 1.5, step=7)
+        # Named: mlflow.set_tracking_uri by an earlier test would win over the variable.
+        client = mlflow.MlflowClient(tracking_uri=info.mlflow_uri)
+        run_id = client.create_run("0").info.run_id
+        client.log_metric(run_id, "loss", 1.5, step=7)
     assert not any(s.healthy for s in stack_mod.status(sdir))  # `down` stopped both
 
     acked = tmp_path / "acked.txt"
@@ -213,7 +215,8 @@ def test_data_survives_down_up_and_a_sigkill_mid_write(
         s3 = _s3(info)
         for key, body in before.items():  # down, up: every object, byte for byte
             assert s3.get_object(Bucket="darkmatter", Key=key)["Body"].read() == body
-        assert mlflow.MlflowClient().get_run(run_id).data.metrics == {"loss": 1.5}
+        client = mlflow.MlflowClient(tracking_uri=info.mlflow_uri)
+        assert client.get_run(run_id).data.metrics == {"loss": 1.5}
         writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(acked)], env=os.environ)
         try:
             while _lines(acked) < 8:

@@ -136,8 +136,15 @@ def test_universal_conversion_timeout_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(reader.CheckpointError, match=r"universal_timeout_s=0.5 s \(stopped\)"):
         eng.to_universal(folder, tmp_path / "universal" / TAG, workers=2, timeout_s=0.5)
     assert time.monotonic() - t0 < 10  # killed, not waited for
+
+    def cmdline(p: psutil.Process) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # exited, or a zombie (another test's child not reaped yet): dead
+            return ""
+
     left = [p for p in psutil.Process().children(recursive=True)
-            if "ds_to_universal" in " ".join(p.cmdline())]  # fmt: skip
+            if "ds_to_universal" in cmdline(p)]  # fmt: skip
     assert left == []  # the converter and its pool of workers are gone
 
 
