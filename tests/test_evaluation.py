@@ -170,6 +170,7 @@ def _wait(what: str, cond: Any, timeout: float = 300) -> Any:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # make test's budget; test_claims_race.py races two harnesses on real MLflow
 def test_two_harnesses_evaluate_each_checkpoint_once(
     stack: Any, bucket: str, text_ds: str, tmp_path: Path
 ) -> None:

@@ -132,6 +132,7 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in text.split("\n")[:-1] if line]
 
 
+@pytest.mark.slow  # 45 s of make test's 20 minutes; CI's slow tier runs it
 def test_link_cut_fails_within_the_collective_timeout_and_a_restart_resumes_bit_exact(
     hosts: netns.Hosts, text_ds: str, tmp_path: Path
 ) -> None:
