@@ -341,13 +341,13 @@ def crash_log(command: str, e: BaseException) -> Path:
         f"rank: {rank or '-'} of {os.environ.get('WORLD_SIZE', '-')}", "",
     ]  # fmt: skip
     text = "\n".join(header) + "".join(traceback.format_exception(e))
+    from darkmatter.storage import put_atomic
+
     for folder in (_session.crash_dir or Path(".darkmatter"), Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             path = _unused(folder, stem)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            tmp.write_text(_USERINFO.sub("***@", text))
-            os.replace(tmp, path)
+            put_atomic(str(folder), path.name, _USERINFO.sub("***@", text).encode())
             return path.absolute()
         except OSError:
             continue  # a read-only or full run folder: the temporary folder then

@@ -288,17 +288,18 @@ def remove_tree(url: str) -> None:
             fs.rm(path, recursive=True)
 
 
-def put_atomic(root: str, name: str, data: bytes) -> None:
+def put_atomic(root: str, name: str, data: bytes, mode: int = 0o644) -> None:
     """Write one small object under root atomically: readers see the old content or the new,
     never a part. One PUT on an object store; a local temp file fsynced and renamed into place
-    (and the folder fsynced) otherwise."""
+    (and the folder fsynced) otherwise, created with `mode` (0o600 for secrets: never readable
+    by others, not even for a moment)."""
     if is_remote(root):
         write_bytes(join(root, name), data)
         return
     path = Path(root.removeprefix("file://")) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -20,7 +20,6 @@ identity and the MLflow admin user would not match their stores if they changed.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import socket
@@ -53,14 +52,10 @@ def free_port() -> int:
 
 
 def write_private(path: Path, text: str) -> None:
-    """tmp + fsync + rename, mode 0600: readers see the old or the new file, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """Atomic, mode 0600: readers see the old or the new file, never a torn one."""
+    from darkmatter import storage  # fsspec: imported when a file is written, not for status
+
+    storage.put_atomic(str(path.parent), path.name, text.encode(), mode=0o600)
 
 
 def read_env_lines(path: Path) -> dict[str, str]:
