@@ -64,7 +64,7 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (BASE, "objective=simclrr", "objective: unknown 'simclrr'"),
         (BASE, "model.mask_ratio=1.5", "model.mask_ratio: expected in (0, 1)"),
         ("objective: mlm\ndata: {url: x}\n", None, "train.steps: required key is missing"),
-        ("objective: mlm\ntrain: {steps: 1}\n", None, "data.url: required key is missing"),
+        ("objective: mlm\ntrain: {steps: 1}\n", None, "data.url: give either data.url or data.sources (a mixture), not neither"),
         (BASE, "trainsteps", "expected KEY=VALUE"),
         (BASE, "train.ckpt_every=5", "train.ckpt_every: unknown key"),  # now checkpoint.every
         (BASE, "checkpoint.keep_last=0", "checkpoint.keep_last: expected >= 1, got 0"),

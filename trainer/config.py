@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -36,9 +37,43 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class DataConfig:
+class SourceConfig:
+    """One source of a weighted mixture (data.sources)."""
+
+    name: str
+    """Short name of the source: its counters in MLflow are data/source/<name>/... ."""
     url: str
-    """Dataset root written by `darkmatter prepare` (s3://bucket/prefix, file://…, a local path)."""
+    """Where it is: a dataset with a manifest.json (prepared, or indexed in place by
+    `darkmatter index`), or raw files (tar shards, jsonl, Parquet, text: a path, glob, brace
+    range or s3:// prefix), indexed at the start of the run."""
+    weight: float = 1.0
+    """Relative share of the global batch (weights are normalized over the sources)."""
+    format: str = ""
+    """Raw files' format (webdataset, jsonl, parquet, text); empty: data.format."""
+    text_field: str = ""
+    """jsonl key or Parquet column of the text; empty: data.text_field."""
+
+
+@dataclass
+class DataConfig:
+    url: str = ""
+    """Dataset root written by `darkmatter prepare` or `darkmatter index` (s3://bucket/prefix,
+    file://…, a local path), or raw files (tar shards, jsonl, Parquet, text: a path, glob, brace
+    range or s3:// prefix) indexed at the start of the run. One of url and sources."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture: [{name, url, weight}, ...]; each is read as `url` is. Instead of url."""
+    format: str = "auto"
+    """Raw files' format: auto (by extension), webdataset, jsonl, parquet or text."""
+    text_field: str = "text"
+    """jsonl key or Parquet column holding the text of raw text sources."""
+    tokenizer: str = ""
+    """Text read raw (.txt members, jsonl, Parquet, text files) is tokenized on the fly with this
+    tokenizer: a tokenizer.json or a `save_pretrained` folder (local or s3://). Empty: the
+    dataset's own (a prepared dataset's tokenizer.json)."""
+    allow_growth: bool = False
+    """Resume onto a dataset that grew (a new manifest version listing the old one as its
+    prefix): the epoch in progress ends on the old shards, new ones join at the next epoch.
+    False: such a resume is refused."""
     num_workers: int = 1
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 256
@@ -80,6 +115,13 @@ class DataConfig:
     """Text objectives: concatenate the micro-batch's documents (separated by [SEP]) and cut
     them into full rows of seq_len, RoBERTa's "full sentences", instead of one padded row per
     document: no compute is spent on padding. Rows then attend across document boundaries."""
+    pack: str = "none"
+    """Text objectives: `none` (one document a row, or `packing` above), or `documents`:
+    documents packed end to end into data.pack_rows rows of seq_len, attention never crossing a
+    document boundary and positions restarting per document."""
+    pack_rows: int = 0
+    """Rows per micro-batch with pack: documents (0: train.micro_batch_size), the same on every
+    rank; tokens that do not fit are dropped and counted (data/pack/dropped_tokens)."""
     audio_seconds: float = 1.0
     """Audio objectives (wav2vec2): seconds of 16 kHz audio per clip. A longer clip is cropped at
     a random offset, a shorter one padded (the padding is masked out of attention and loss)."""
@@ -302,6 +344,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {tp}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -517,9 +564,56 @@ def validate(cfg: Config) -> None:
     for key in ("max_member_mb", "cache_gb"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"data.{key}: expected > 0, got {getattr(d, key)}")
+    _check_sources(d)
     problem = cfg.storage.retry.problem()
     if problem:
         raise ConfigError(f"storage.retry.{problem}")
+
+
+RAW_FORMATS = ("auto", "webdataset", "jsonl", "parquet", "text")
+PACK_MODES = ("none", "documents")
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def _check_sources(d: DataConfig) -> None:
+    """One of data.url and data.sources; sources with unique names and positive weights."""
+    if bool(d.url) == bool(d.sources):
+        raise ConfigError(
+            "data.url: give either data.url or data.sources (a mixture), not "
+            + ("both" if d.url else "neither")
+        )
+    for key, value, allowed in (("data.format", d.format, RAW_FORMATS),
+                                ("data.pack", d.pack, PACK_MODES)):  # fmt: skip
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {', '.join(allowed)}, got {value!r}")
+    if d.pack_rows < 0:
+        raise ConfigError(f"data.pack_rows: expected >= 0, got {d.pack_rows}")
+    seen: set[str] = set()
+    for i, src in enumerate(d.sources):
+        key = f"data.sources[{i}]"
+        if not _SOURCE_NAME.fullmatch(src.name):
+            raise ConfigError(
+                f"{key}.name: expected letters, digits, _ . - (at most 64), got {src.name!r:.80}"
+            )
+        if src.name in seen:
+            raise ConfigError(f"{key}.name: {src.name!r} names two sources")
+        seen.add(src.name)
+        if not src.url:
+            raise ConfigError(f"{key}.url: empty")
+        if not src.weight > 0:
+            raise ConfigError(f"{key}.weight: expected > 0, got {src.weight}")
+        if src.format and src.format not in RAW_FORMATS:
+            raise ConfigError(
+                f"{key}.format: expected one of {', '.join(RAW_FORMATS)}, got {src.format!r}"
+            )
+
+
+def data_sources(d: DataConfig) -> list[SourceConfig]:
+    """The run's sources: data.sources, or data.url as the one source `data` (weight 1), each
+    with data.format and data.text_field filled in where it names none."""
+    given = d.sources or [SourceConfig(name="data", url=d.url)]
+    return [dataclasses.replace(s, format=s.format or d.format,
+                                text_field=s.text_field or d.text_field) for s in given]  # fmt: skip
 
 
 @dataclass(frozen=True)
