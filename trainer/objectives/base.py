@@ -38,6 +38,8 @@ class Objective(ABC):
     # Floating-point model inputs that take the model's dtype under bf16 (pixels do; MAE's
     # masking noise stays fp32, since bf16 ties would change which patches are hidden).
     float_inputs: tuple[str, ...] = ()
+    # Batch entries that stay on the host: figures for the log (see `counts`), never model inputs.
+    host_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
         assert isinstance(cfg.objective_settings, self.settings_class), (
@@ -95,6 +97,12 @@ class Objective(ABC):
     def flops_inputs(self) -> dict[str, Any]:
         """The formula's inputs (logged as `mfu.*` params, so the figure can be checked)."""
 
+    def counts(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Figures of this micro-batch, by the name they are logged under, that the log sums over
+        its window and the ranks (text objectives with data.pack: documents: the tokens packed,
+        the row slots and the tokens dropped). Read before to_device, which drops host_keys."""
+        return {}
+
     def prepare_engine(self, engine: Any) -> None:
         """Called once the DeepSpeed engine wraps the model, before a checkpoint is loaded into
         it (objectives with state DeepSpeed does not manage as it should adjust it here)."""
@@ -109,6 +117,8 @@ class Objective(ABC):
         """The batch on the model's device (a no-op on a CPU), copied asynchronously."""
         out = {}
         for k, v in batch.items():
+            if k in self.host_keys:
+                continue
             if torch.is_tensor(v):
                 v = v.to(device, non_blocking=True)
                 if bf16 and k in self.float_inputs:
@@ -181,13 +191,17 @@ class TokenFlops(Objective):
     def matmul_params(self) -> int:
         """Weights of the multiplies every real token goes through."""
 
+    def sequence_lengths(self, batch: dict[str, Any]) -> list[int]:
+        """Real tokens of each sequence whose tokens attend to one another: the rows'."""
+        return [int(t) for t in batch["attention_mask"].sum(dim=1).tolist()]
+
     def flops(self, batch: dict[str, Any]) -> float:
         from darkmatter.trainer.perf import sequence_flops
 
         m = self.cfg.model
         n, q = self.matmul_params(), m.hidden_size // m.num_heads
-        lengths = batch["attention_mask"].sum(dim=1).tolist()
-        return sum(sequence_flops(n, m.num_layers, m.num_heads, q, int(t)) for t in lengths)
+        lengths = self.sequence_lengths(batch)
+        return sum(sequence_flops(n, m.num_layers, m.num_heads, q, t) for t in lengths)
 
     def flops_inputs(self) -> dict[str, Any]:
         m = self.cfg.model

@@ -1,28 +1,24 @@
 """Causal language modelling (GPT-2, Radford et al. 2019): every token predicts the next one; the
 loss is cross-entropy over all real positions but the first. With `data.packing` the micro-batch's
 documents run end to end in full rows (each keeps its [CLS] ... [SEP], so the model also learns
-where a document ends and the next begins); otherwise each document is one row, padded."""
+where a document ends and the next begins); otherwise each document is one row, padded. With
+`data.pack: documents` (mlm.TextObjective) the documents share rows but not attention: a
+document's first token is not scored against the end of the one before it."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from darkmatter.trainer.objectives.base import TokenFlops
-from darkmatter.trainer.objectives.mlm import SpecialIds, text_rows
+from darkmatter.trainer.objectives.mlm import TextObjective
 from darkmatter.trainer.perf import encoder_layer_params
 
 
-class CLMObjective(TokenFlops):
+class CLMObjective(TextObjective):
     name = "clm"
-    modality = "text"
-
-    @functools.cached_property  # lazy: see MLMObjective.ids
-    def ids(self) -> SpecialIds:
-        return SpecialIds.from_meta(self.meta)
+    causal = True
 
     def model_config(self) -> GPT2Config:
         m, seq_len = self.cfg.model, self.cfg.data.seq_len
@@ -48,13 +44,16 @@ class CLMObjective(TokenFlops):
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         """No randomness: `gen` is unused. The model shifts the labels itself (position t's
         logits are scored against token t+1); padding is -100, never predicted. Padding is only
-        ever at the end of a row, where causal attention keeps it out of the real tokens."""
-        ids, attention = text_rows(samples, self.cfg.data.seq_len, self.cfg.data.packing, self.ids)
-        labels = ids.masked_fill(attention == 0, -100)
-        return {"input_ids": ids, "attention_mask": attention, "labels": labels}
-
-    def tokens(self, batch: dict[str, Any]) -> int:
-        return int(batch["attention_mask"].sum())
+        ever at the end of a row (or of a packed document's block), where causal attention keeps
+        it out of the real tokens. With data.pack: documents a document's first token is -100
+        too: the token before it ends another document."""
+        batch = self.text_inputs(samples)
+        ids = batch["input_ids"]
+        unscored = ids == self.ids.pad
+        if "position_ids" in batch:
+            unscored |= batch["position_ids"] == 0
+        batch["labels"] = ids.masked_fill(unscored, -100)
+        return batch
 
     def matmul_params(self) -> int:
         """The decoder blocks (Q, K, V, output, MLP) and the LM head (h×V, tied to the token

@@ -3,7 +3,16 @@
 
 Also owns the text objectives' view of the tokenizer's special tokens (`SpecialIds`): their ids
 come from the dataset manifest through the dataset meta, never from constants, since a given
-tokenizer (BERT's WordPiece: [CLS]=101) numbers them otherwise than prepare's trained one."""
+tokenizer (BERT's WordPiece: [CLS]=101) numbers them otherwise than prepare's trained one.
+
+And the rows every text objective on token rows (mlm, clm: `TextObjective`) makes of a
+micro-batch: one document a row (padded, truncated), data.packing's full rows (documents end to
+end, attending across their boundaries), or data.pack: documents. That last packs the documents
+end to end into exactly data.pack_rows rows, greedily in sample order (`place_documents`), and
+gives the model what keeps each document alone: a block-diagonal attention mask per row
+([rows, 1, seq_len, seq_len] bool, causal within a block for clm) and positions restarting at 0
+per document. A document's tokens then get the logits they would get in a row of their own; the
+row count never depends on the data, so every rank runs the same shapes."""
 
 from __future__ import annotations
 
@@ -15,7 +24,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
 
-from darkmatter.trainer.config import ObjectiveSettings
+from darkmatter.trainer.config import Config, ConfigError, ObjectiveSettings
 from darkmatter.trainer.objectives.base import TokenFlops
 from darkmatter.trainer.perf import encoder_layer_params
 
@@ -51,23 +60,91 @@ class SpecialIds:
         return is_special
 
 
+class TextObjective(TokenFlops):
+    """A text objective on rows of tokens (mlm, clm): the tokenizer's special ids, and the rows,
+    attention and positions of a micro-batch as data.packing and data.pack ask."""
+
+    modality = "text"
+    host_keys = ("packed",)  # data.pack: documents' figures (Packed), for counts()
+    causal = False  # whether a token attends only to the tokens before it
+
+    def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
+        super().__init__(cfg, dataset_meta)
+        check_pack(cfg)
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        super().validate(cfg)
+        check_pack(cfg)
+
+    # Lazy, so that a text config on an image dataset fails on the modality check, not here.
+    @functools.cached_property
+    def ids(self) -> SpecialIds:
+        return SpecialIds.from_meta(self.meta)
+
+    def text_inputs(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """input_ids and attention_mask of the micro-batch's rows; with data.pack: documents
+        also position_ids and, for the host only, `packed` (a Packed)."""
+        d, sp = self.cfg.data, self.ids
+        docs = [s["input_ids"] for s in samples]
+        if d.pack == "documents":
+            rows = d.pack_rows or self.cfg.train.micro_batch_size
+            return pack_documents(docs, rows, d.seq_len, sp.pad, self.causal)
+        ids, attention = text_rows(samples, d.seq_len, d.packing, sp)
+        return {"input_ids": ids, "attention_mask": attention}
+
+    def sequence_lengths(self, batch: dict[str, Any]) -> list[int]:
+        """The rows' real tokens, or with data.pack: documents each document's: what attends
+        together (a packed row's masked-out scores are not counted as work)."""
+        if "packed" in batch:
+            return list(batch["packed"].lengths)
+        return super().sequence_lengths(batch)
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        return sum(self.sequence_lengths(batch))
+
+    def counts(self, batch: dict[str, Any]) -> dict[str, float]:
+        return batch["packed"].counts() if "packed" in batch else {}
+
+    def to_device(self, batch: dict[str, Any], device: Any, bf16: bool) -> dict[str, Any]:
+        out = super().to_device(batch, device, bf16)
+        mask = out["attention_mask"]
+        if mask.dim() == 4 and self.cfg.model.attention == "eager":
+            # Eager attention adds the mask to the scores: 0 where allowed, the lowest value of
+            # the model's dtype elsewhere (SDPA takes the booleans as they are).
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            out["attention_mask"] = additive.masked_fill(~mask, torch.finfo(dtype).min)
+        return out
+
+
+def check_pack(cfg: Config) -> None:
+    """data.pack: documents as the text objectives on rows take it (ConfigError otherwise)."""
+    if cfg.data.pack != "documents":
+        return
+    if cfg.data.packing:
+        raise ConfigError(
+            "data.packing: true packs documents across boundaries and data.pack: documents "
+            "packs them apart; set one of them"
+        )
+    if cfg.model.attention == "flash_attention_2":
+        raise ConfigError(
+            "model.attention: data.pack: documents keeps documents apart with a 4D attention "
+            "mask, which flash_attention_2 does not take; use sdpa or eager"
+        )
+
+
 @dataclasses.dataclass
 class MLMSettings(ObjectiveSettings):
     mask_ratio: float = 0.0
     """Share of the non-special tokens chosen for prediction; 0: BERT's 0.15."""
 
 
-class MLMObjective(TokenFlops):
+class MLMObjective(TextObjective):
     name = "mlm"
     settings_class = MLMSettings
     settings: MLMSettings
     default_mask_ratio = 0.15
-    modality = "text"
-
-    # Lazy, so that an MLM config on an image dataset fails on the modality check, not here.
-    @functools.cached_property
-    def ids(self) -> SpecialIds:
-        return SpecialIds.from_meta(self.meta)
 
     @functools.cached_property
     def is_special(self) -> torch.Tensor:
@@ -93,15 +170,11 @@ class MLMObjective(TokenFlops):
         return BertForMaskedLM(self.model_config())
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
-        sp = self.ids
-        ids, attention = text_rows(samples, self.cfg.data.seq_len, self.cfg.data.packing, sp)
-        input_ids, labels = mask_tokens(
-            ids, self.settings.mask_ratio, sp.mask, self.is_special, gen
+        batch = self.text_inputs(samples)
+        batch["input_ids"], batch["labels"] = mask_tokens(
+            batch["input_ids"], self.settings.mask_ratio, self.ids.mask, self.is_special, gen
         )
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-    def tokens(self, batch: dict[str, Any]) -> int:
-        return int(batch["attention_mask"].sum())
+        return batch
 
     def matmul_params(self) -> int:
         """Encoder blocks, plus the MLM head (transform h×h, decoder h×V), which transformers
@@ -146,6 +219,97 @@ def pack(seqs: list[np.ndarray], seq_len: int, pad_id: int) -> torch.Tensor:
     out = torch.full((rows * seq_len,), pad_id, dtype=torch.long)
     out[: len(flat)] = torch.from_numpy(flat)
     return out.view(rows, seq_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Tokens [start, start + length) of document `doc`, placed in `row` from column `col`."""
+
+    doc: int
+    start: int
+    row: int
+    col: int
+    length: int
+
+
+def place_documents(lengths: list[int], rows: int, seq_len: int) -> tuple[list[Piece], int]:
+    """data.pack: documents' placement of documents of these lengths (tokens) into `rows` rows:
+    (the pieces placed, the tokens dropped). Greedy in order: a document is cut into pieces of
+    at most seq_len tokens, each its own document; a piece goes where the current row ends, or,
+    when it does not fit there, starts the next row; past the last row it is dropped, and the last
+    row stays open to a later, shorter piece."""
+    placed: list[Piece] = []
+    dropped, row, col = 0, 0, 0
+    for doc, length in enumerate(lengths):
+        for start in range(0, length, seq_len):
+            n = min(seq_len, length - start)
+            if col + n > seq_len:
+                if row + 1 == rows:
+                    dropped += n
+                    continue
+                row, col = row + 1, 0
+            placed.append(Piece(doc, start, row, col, n))
+            col += n
+    return placed, dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """What data.pack: documents made of a micro-batch, kept on the host (the log's figures)."""
+
+    lengths: tuple[int, ...]
+    """Tokens of each packed document (a split document's pieces apart), row by row."""
+    dropped_tokens: int
+    """Tokens of the documents (or pieces) that did not fit the rows."""
+    slots: int
+    """rows × seq_len: the packing efficiency is sum(lengths) / slots."""
+
+    def counts(self) -> dict[str, float]:
+        """Objective.counts' figures: summed over a log window and the ranks."""
+        return {
+            "data/pack/tokens": float(sum(self.lengths)),
+            "data/pack/slots": float(self.slots),
+            "data/pack/dropped_tokens": float(self.dropped_tokens),
+        }
+
+
+@functools.lru_cache(maxsize=4)
+def _attention_block(seq_len: int, causal: bool) -> torch.Tensor:
+    """[seq_len, seq_len] bool, lower-triangular when causal: whose top-left n × n corner is a
+    document of n tokens' attention (built once per run: it is seq_len² bytes)."""
+    block = torch.ones(seq_len, seq_len, dtype=torch.bool)
+    return block.tril() if causal else block
+
+
+def pack_documents(
+    seqs: list[np.ndarray], rows: int, seq_len: int, pad_id: int, causal: bool
+) -> dict[str, Any]:
+    """The model inputs of data.pack: documents, each [rows, seq_len] but the mask: input_ids
+    (padded with pad_id), attention_mask [rows, 1, seq_len, seq_len] bool (True: query may attend
+    to key; within a document only, and only backwards when causal; a row's padding attends to
+    its padding, so that no softmax is empty), position_ids (from 0 per document), and `packed`
+    (a Packed). The mask is filled block by block: the work is the documents' length², not
+    rows × seq_len² comparisons."""
+    pieces, dropped = place_documents([len(s) for s in seqs], rows, seq_len)
+    ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    positions = torch.zeros((rows, seq_len), dtype=torch.long)
+    mask = torch.zeros((rows, 1, seq_len, seq_len), dtype=torch.bool)
+    block = _attention_block(seq_len, causal)
+    ends = [0] * rows  # where each row's padding starts
+    for p in pieces:
+        span, n = slice(p.col, p.col + p.length), p.length
+        ids[p.row, span] = torch.from_numpy(np.asarray(seqs[p.doc][p.start : p.start + n]))
+        positions[p.row, span] = torch.arange(n)
+        mask[p.row, 0, span, span] = block[:n, :n]
+        ends[p.row] = p.col + n
+    for row, end in enumerate(ends):
+        mask[row, 0, end:, end:] = block[: seq_len - end, : seq_len - end]
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions,
+        "packed": Packed(tuple(p.length for p in pieces), dropped, rows * seq_len),
+    }
 
 
 def mask_tokens(

@@ -21,6 +21,11 @@ truncated to seq_len - 1 tokens. Encoder inputs are then never longer than seq_l
 As in T5 (without its later `random_roll` option), a sequence short enough for a single noise
 span (under 31 tokens at density 0.15) always has that span at its end; packing keeps
 most sequences at seq_len - 1 tokens, with several spans placed at random.
+
+`data.pack: documents` is refused (`check_no_document_packing`): T5ForConditionalGeneration
+passes its one `attention_mask` to both the encoder's self-attention ([rows, 1, T_in, T_in]) and
+the cross-attention ([rows, 1, T_out, T_in]), so no mask keeps both within a document, and it
+makes the decoder's inputs by shifting the labels right across document boundaries.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel, T5Config, T5ForConditionalGeneration
 
-from darkmatter.trainer.config import Config, ObjectiveSettings
+from darkmatter.trainer.config import Config, ConfigError, ObjectiveSettings
 from darkmatter.trainer.objectives.base import Objective
 from darkmatter.trainer.objectives.mlm import SpecialIds
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
@@ -59,6 +64,7 @@ class SpanObjective(Objective):
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
         super().__init__(cfg, dataset_meta)
+        check_no_document_packing(cfg)
         longest = cfg.data.seq_len - 1
         spans = noise_span_counts(longest, self.settings.mask_ratio)[1]
         if spans > NUM_SENTINELS:
@@ -68,7 +74,12 @@ class SpanObjective(Objective):
                 f"{NUM_SENTINELS} sentinels"
             )
 
-    @functools.cached_property  # lazy: see MLMObjective.ids
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        super().validate(cfg)
+        check_no_document_packing(cfg)
+
+    @functools.cached_property  # lazy: see TextObjective.ids
     def ids(self) -> SpecialIds:
         return SpecialIds.from_meta(self.meta)
 
@@ -174,6 +185,16 @@ class SpanObjective(Objective):
             "seq_len": self.cfg.data.seq_len,
             "counted": "real encoder and decoder tokens (padding excluded), cross-attention",
         }  # fmt: skip
+
+
+def check_no_document_packing(cfg: Config) -> None:
+    """ConfigError for data.pack: documents, which span cannot keep apart (module docstring)."""
+    if cfg.data.pack == "documents":
+        raise ConfigError(
+            "data.pack: documents is not supported by span: T5 takes one attention mask for its "
+            "encoder and its cross-attention, so packed documents would attend to each other; "
+            "use data.pack: none (data.packing: true packs without keeping documents apart)"
+        )
 
 
 def noise_span_counts(length: int, density: float) -> tuple[int, int]:
