@@ -1144,3 +1144,98 @@ def test_deepspeed_sh_starts_every_rank_through_deepspeeds_launcher(tmp_path: Pa
     batch = [ln for ln in out.stdout.splitlines() if ln.startswith("# batch:")]
     assert batch == ["# batch: 8 micro × 1 accumulation × 2 ranks = 16 global batch"] * 2
     assert out.stdout.count("steps: 7") == 2
+
+
+# --------------------------------------------- prepare at scale: Indexed Job, SLURM array job
+
+PREPARE_SBATCH = REPO_ROOT / "launch" / "slurm" / "prepare.sbatch"
+
+
+def _prepare_argv(container: dict[str, Any]) -> tuple[list[str], str]:
+    """darkmatter's command line of a prepare container, and the shell script around it ("")."""
+    if container.get("command") == ["/bin/sh", "-c"]:
+        script, _zero, *argv = container["args"]
+        return argv, script
+    return container["args"], ""
+
+
+def test_the_prepare_jobs_run_n_parts_and_a_merge_of_the_same_run() -> None:
+    from darkmatter.data_pipeline.prepare import parser
+    from darkmatter.data_pipeline.prepare.parts import parse_part
+
+    spec = find("Job", "darkmatter-prepare")["spec"]
+    n = spec["completions"]
+    assert spec["completionMode"] == "Indexed" and 1 <= spec["parallelism"] <= n
+    part_c = find_container("Job", "darkmatter-prepare")
+    merge_c = find_container("Job", "darkmatter-prepare-merge")
+    (part_argv, _), (merge_argv, script) = _prepare_argv(part_c), _prepare_argv(merge_c)
+    assert part_argv[0] == merge_argv[0] == "prepare" and script
+    parts, merge = parser().parse_args(part_argv[1:]), parser().parse_args(merge_argv[1:])
+    # Index i of N runs part i/N: the N of --part is the Job's completions.
+    assert parts.part == f"$(JOB_COMPLETION_INDEX)/{n}" and not parts.merge
+    assert [parse_part(parts.part.replace("$(JOB_COMPLETION_INDEX)", str(i))) for i in (0, n - 1)
+            ] == [(0, n), (n - 1, n)]  # fmt: skip
+    index = next(e for e in part_c["env"] if e["name"] == "JOB_COMPLETION_INDEX")
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    # The merge is of the same run: every other option is the parts' one.
+    assert merge.merge and merge.part is None
+    assert {**vars(parts), "part": None, "merge": True} == vars(merge)
+    assert parts.modality == "text" and parts.tokenizer  # text parts share a given tokenizer
+    # Storage: the endpoint and the Secret that the training job uses.
+    pod = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+    train = {e["name"]: e for e in pod["containers"][0]["env"] if e["name"].startswith("AWS_")}
+    code = names_in_code()
+    for c, shell in ((part_c, ""), (merge_c, script)):
+        env = {e["name"]: e for e in c["env"]}
+        assert {k: v for k, v in env.items() if k.startswith("AWS_")} == train
+        refs = {m for a in c["args"] for m in re.findall(r"\$\(([A-Z_][A-Z0-9_]*)\)", a)}
+        reads = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", shell))
+        assert refs <= set(env) and not set(env) - code - refs - reads, c["name"]
+
+
+@pytest.mark.parametrize(("outcomes", "rc", "runs"), [("75 75 0", 0, 3), ("75 2", 2, 2)])
+def test_the_merge_job_waits_for_the_parts_and_stops_on_an_error(
+    tmp_path: Path, outcomes: str, rc: int, runs: int
+) -> None:
+    """The merge container's script, run as the pod would: `darkmatter` exits 75 while parts are
+    missing (try again), 0 when merged, 2 on a real error."""
+    script, zero, *argv = find_container("Job", "darkmatter-prepare-merge")["args"]
+    fake = tmp_path / "darkmatter"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$LOG"\nset -- $OUTCOMES\n'
+                    'n=$(wc -l < "$LOG")\neval "exit \\${$n}"\n')  # fmt: skip
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "MERGE_POLL_S": "0",
+           "LOG": str(tmp_path / "log"), "OUTCOMES": outcomes}  # fmt: skip
+    out = subprocess.run(["/bin/sh", "-c", script, zero, *argv], env=env, capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert out.returncode == rc, out.stderr
+    assert (tmp_path / "log").read_text().splitlines() == [" ".join(argv)] * runs
+
+
+def test_the_prepare_array_job_runs_part_i_of_n_or_the_merge(tmp_path: Path) -> None:
+    from darkmatter.data_pipeline.prepare import parser
+
+    assert subprocess.run([tool("shellcheck"), str(PREPARE_SBATCH)]).returncode == 0
+    args = ["s3://b/raw", "--output", "s3://b/ds", "--modality", "text", "--dedup"]
+    array = {"DARKMATTER": "echo", "SLURM_CPUS_PER_TASK": "6", "SLURM_ARRAY_TASK_ID": "2",
+             "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
+             "SLURM_ARRAY_TASK_MAX": "3"}  # fmt: skip
+    out = run_script(PREPARE_SBATCH, args, array)
+    assert out.returncode == 0, out.stderr
+    argv = out.stdout.split()
+    assert argv[0] == "prepare"
+    ns = parser().parse_args(argv[1:])
+    assert (ns.inputs, ns.output, ns.part, ns.merge, ns.workers) == (
+        ["s3://b/raw"], "s3://b/ds", "2/4", False, 6)  # fmt: skip
+    out = run_script(PREPARE_SBATCH, args, {"DARKMATTER": "echo", "MERGE": "1"})
+    ns = parser().parse_args(out.stdout.split()[1:])
+    assert out.returncode == 0 and ns.merge and ns.part is None and ns.dedup
+    # An array that does not start at 0, or no array at all: one line, exit 2 / not 0.
+    out = run_script(PREPARE_SBATCH, args, {**array, "SLURM_ARRAY_TASK_MIN": "1"})
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("launch/slurm/prepare.sbatch: error: the array must be 0-N-1, got "
+                          "1-3 for 4 tasks\n")  # fmt: skip
+    out = run_script(PREPARE_SBATCH, args, {"DARKMATTER": "echo"})
+    assert out.returncode != 0 and "submit with sbatch --array=0-N-1" in out.stderr

@@ -2,9 +2,10 @@
 manifest.
 
 Algorithm:
-  1. Inputs. Expand the inputs (files, or folders walked recursively in sorted order; dotfiles
-     and foreign suffixes in folders are skipped) into the ordered list of supported files with
-     their sizes and versions (mtime or ETag):
+  1. Inputs. Expand the inputs (local or s3:// files, or folders walked in sorted order of
+     full paths, one level listed at a time; dotfiles and foreign suffixes in folders are
+     skipped) into the ordered stream of supported files with their sizes and versions (mtime
+     or ETag):
        text:  .txt and extension-less files (a document per non-empty line, or fortune-cookie
               format where a line holding only `%` separates documents; `auto` means fortune
               when such a line occurs in the first MiB), .jsonl (field `text_field`), .parquet
@@ -20,15 +21,18 @@ Algorithm:
      holds its first byte) or one Parquet row group; consecutive pieces join a unit until it
      holds `unit_bytes` of input. Items (documents, images, audio files) are numbered within
      their unit; sample keys are `UUUUUU-IIIIIIII` (unit, item): unique and free of dots.
+     Listing and planning are one streamed pass; the units are spooled to a local temporary
+     file (plan.py) that the later passes re-read.
   3. Resume. The fingerprint is the input list (URL, size, version) plus every option that
      shapes the output. If `_progress/plan.json` holds the same fingerprint and the output's
      tokenizer.json still has the sha256 recorded there, that tokenizer is reused: training is
-     not reproducible, and resumed units must share one tokenizer. The run id hashes the
-     fingerprint with the tokenizer's sha256.
+     not reproducible here (`--tokenizer-only` is: see below), and resumed units must share
+     one tokenizer. The run id hashes the fingerprint with the tokenizer's sha256.
   4. Dedup (optional). A parallel pass hashes every item (sha256 of the document's UTF-8, or of
      the file bytes, before any decode check: a copy of an undecodable file counts as a
-     duplicate); walking the units in input order, the parent keeps the first occurrence of
-     each hash and tells each unit which of its item numbers to drop.
+     duplicate) into sorted runs of (hash, unit, item) records on disk; their k-way merge keeps
+     the first occurrence of each hash in (unit, item) order and tells each unit which of its
+     item numbers to drop (dedup.py).
   5. Tokenizer (text, without --tokenizer, unless resumed): WordPiece trained in the parent in
      one pass over the kept documents (BERT normalizer and pre-tokenizer; [PAD]=0 [UNK]=1
      [CLS]=2 [SEP]=3 [MASK]=4). A given tokenizer may number them otherwise (BERT's WordPiece
@@ -53,22 +57,34 @@ Algorithm:
      manifest.json is written last. `_progress/` stays, so a re-run only verifies.
 Tar headers use a fixed mtime and owner, and each unit depends only on its own input and the
 tokenizer, so the same inputs and tokenizer give byte-identical shards whatever the number of
-workers. Memory stays bounded: inputs are streamed; the parent holds the plan, the shard list and
-(with dedup) one 32-byte hash per distinct item plus the numbers of the dropped ones.
+workers. Memory stays bounded: inputs are streamed, the plan is spooled to disk; the parent holds
+8 bytes per unit, the shard list, (with dedup) a run buffer of at most 40 MiB plus the numbers
+of the dropped items.
+
+At scale (parts.py): `--part i/N` writes the units u with u % N == i and a part record, no
+manifest; `--merge` checks the N parts, drops duplicates across parts, and writes the manifest a
+single run would (same digest). Text parts need a shared --tokenizer: `--tokenizer-only` trains
+one on a seeded sample of `--sample-docs` documents, deterministically (the same inputs and
+options give a byte-identical tokenizer.json).
 
 Modules: this one orchestrates the steps and holds the CLI; sources (inputs, units, items),
-media (decode checks), tokenizer, dedup, shard_writer (tar shards), units (writing a unit in a
-worker), resume (fingerprint, plan and unit records), runner (the process pool) and manifest
-(the output's index) do the work.
+plan (fingerprint and the spooled units), media (decode checks), tokenizer, dedup (hash runs),
+shard_writer (tar shards), units (writing units), resume (plan.json, unit records, the
+manifest), parts (--part and --merge), runner (the process pool) and manifest (the output's
+index) do the work.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
+import random
 import sys
-from collections.abc import Iterator
+import tempfile
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
@@ -88,19 +104,25 @@ from darkmatter.data_pipeline.manifest import (
 )
 from darkmatter.data_pipeline.prepare.dedup import find_duplicates
 from darkmatter.data_pipeline.prepare.media import read_clip
+from darkmatter.data_pipeline.prepare.parts import (
+    EXIT_PARTS_MISSING,
+    PartsMissing,
+    merge_parts,
+    parse_part,
+    run_part,
+    tokenizer_url,
+)
+from darkmatter.data_pipeline.prepare.plan import Plan
 from darkmatter.data_pipeline.prepare.resume import (
-    UnitRecord,
-    remove_stale,
     resumable_tokenizer,
     reuse_units,
-    run_fingerprint,
     start_run,
+    write_manifest,
 )
 from darkmatter.data_pipeline.prepare.runner import Runner, progress_bar
 from darkmatter.data_pipeline.prepare.shard_writer import ShardWriter
 from darkmatter.data_pipeline.prepare.sources import (
     AUDIO_SUFFIXES,
-    AV_SUFFIXES,
     IMAGE_SUFFIXES,
     MODALITIES,
     TEXT_SUFFIXES,
@@ -109,16 +131,16 @@ from darkmatter.data_pipeline.prepare.sources import (
     Unit,
     expand_inputs,
     file_suffix,
-    plan_units,
     unit_items,
 )
 from darkmatter.data_pipeline.prepare.tokenizer import (
+    continuing_alphabet,
     load_tokenizer,
     special_token_ids,
     tokenizer_configs,
     train_tokenizer,
 )
-from darkmatter.data_pipeline.prepare.units import SKIPPED_EXAMPLES, UnitJob, write_unit
+from darkmatter.data_pipeline.prepare.units import SKIPPED_EXAMPLES, RunContext, write_units
 
 # What other packages import from here (most of it defined in the modules above).
 __all__ = [
@@ -137,7 +159,9 @@ __all__ = [
     "ShardInfo",
     "ShardWriter",
     "cli",
+    "parser",
     "prepare",
+    "prepare_tokenizer",
     "read_clip",
     "special_token_ids",
     "train_tokenizer",
@@ -145,6 +169,7 @@ __all__ = [
 
 DEFAULT_SHARD_BYTES = 64 * 2**20
 UNIT_SHARDS = 8  # default unit: the input bytes of about 8 shards, so few shards are partial
+DEFAULT_SAMPLE_DOCS = 1_000_000  # documents --tokenizer-only trains on
 
 
 def _default_workers() -> int:
@@ -172,6 +197,8 @@ def prepare(
     dedup: bool = False,
     strict: bool = False,
     progress: bool | None = None,
+    part: tuple[int, int] | None = None,
+    merge: bool = False,
 ) -> Manifest:
     """Write the shards, tokenizer (text) and manifest of a dataset to `output_url`.
 
@@ -180,10 +207,15 @@ def prepare(
     `progress`: a bar on stderr (default: when stderr is a terminal). A re-run with the same
     inputs and options resumes: finished, verified units are kept. The returned manifest's
     `run` says how many units were reused and names some skipped inputs.
+
+    `part` = (i, N): write only part i of N and its part record (the returned manifest, of the
+    part's shards, is not saved); `merge`: assemble the N parts into the dataset (parts.py).
     """
     workers = _default_workers() if workers is None else workers
     unit_bytes = UNIT_SHARDS * shard_bytes if unit_bytes is None else unit_bytes
     _check_options(modality, text_format, shard_bytes, shard_samples, workers, unit_bytes)
+    if part is not None and merge:
+        raise PrepareError("--part and --merge exclude each other: merge once all parts are done")
     show = sys.stderr.isatty() if progress is None else progress
     text = modality == "text"
     media_field = {"image": image_field, "audio": audio_field, "video": video_field}
@@ -191,26 +223,12 @@ def prepare(
         modality, text_field, media_field.get(modality, ""), key_field,
         shard_bytes, shard_samples, unit_bytes, strict,
     )  # fmt: skip
-
-    where = ", ".join(inputs)
-    suffixes = {"text": TEXT_SUFFIXES, "image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES,
-                "video": VIDEO_SUFFIXES}  # fmt: skip
-    files = expand_inputs(inputs, suffixes[modality])
-    if not text and not files:
-        what = {"image": "images", "audio": "audio files", "video": "video clips"}[modality]
-        raise PrepareError(f"no {what} found in {where}")
-    if modality == "video" and any(file_suffix(f.url) in AV_SUFFIXES for f in files):
-        try:
-            import av  # noqa: F401
-        except ImportError:
-            first = next(f.url for f in files if file_suffix(f.url) in AV_SUFFIXES)
-            raise PrepareError(
-                f"{first}: decoding {file_suffix(first)} files needs PyAV "
-                "(pip install 'darkmatter[video]')"
-            ) from None
-    storage.check_bucket(output_url)  # before a long tokenizer training, not after
-    units = plan_units(files, opts, text_format)
     given = load_tokenizer(tokenizer) if tokenizer and text else None
+    if text and given is None and (part is not None or merge):
+        raise PrepareError(
+            f"--{'part' if part else 'merge'} of text needs --tokenizer (the parts must share "
+            "one): train one first with `darkmatter prepare --tokenizer-only`"
+        )
     settings = {
         "options": {k: v for k, v in asdict(opts).items() if k != "strict"},  # same output
         "text_format": text_format,
@@ -219,62 +237,129 @@ def prepare(
         "lowercase": lowercase,
         "tokenizer": given.to_str() if given is not None else None,
     }
-    fingerprint = run_fingerprint(files, settings)
+    where = ", ".join(inputs)
+    storage.check_bucket(output_url)  # before a long tokenizer training, not after
+    with _plan(inputs, opts, text_format, settings, where) as plan, Runner(workers, show) as runner:
+        ctx = RunContext(output_url, opts, plan, runner, show, "", None, "")
+        if part is not None or merge:
+            return _parts(ctx, given, part, dedup, where, lowercase)
+        return _single(ctx, given, dedup, where, vocab_size, lowercase)
 
-    with Runner(workers, show) as runner:
-        dropped: dict[int, frozenset[int]] = {}
-        items: int | None = None
-        if dedup:
-            dropped, items = find_duplicates(units, opts, runner, show)
-        if text and (items == 0 or (items is None and not _has_items(units, opts))):
-            raise PrepareError(f"no text documents found in {where}")
 
-        tok_json = resumable_tokenizer(output_url, fingerprint, text)
-        resumed = tok_json is not None
-        if text and tok_json is None:
-            if given is None:
-                given = _train(units, opts, dropped, vocab_size, lowercase, show)
-            # Whole documents, whatever the tokenizer file says: the trainer crops to seq_len.
-            given.no_truncation()
-            given.no_padding()
-            tok_json = given.to_str(pretty=True).encode()
-        tok_sha = hashlib.sha256(tok_json).hexdigest() if text and tok_json else ""
-        specials = None
-        if text and tok_json:  # of the tokenizer the shards are encoded with, resumed or not
-            from tokenizers import Tokenizer
+def _plan(
+    inputs: list[str], opts: Options, text_format: str, settings: dict[str, Any], where: str
+) -> Plan:
+    """The plan, after the checks that need the whole listing."""
+    suffixes = {"text": TEXT_SUFFIXES, "image": IMAGE_SUFFIXES, "audio": AUDIO_SUFFIXES,
+                "video": VIDEO_SUFFIXES}  # fmt: skip
+    plan = Plan(expand_inputs(inputs, suffixes[opts.modality]), opts, text_format, settings)
+    if opts.modality != "text" and not plan.files:
+        plan.close()
+        what = {"image": "images", "audio": "audio files", "video": "video clips"}[opts.modality]
+        raise PrepareError(f"no {what} found in {where}")
+    if plan.av_file is not None:
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            plan.close()
+            raise PrepareError(
+                f"{plan.av_file}: decoding {file_suffix(plan.av_file)} files needs PyAV "
+                "(pip install 'darkmatter[video]')"
+            ) from None
+    return plan
 
-            specials = special_token_ids(
-                Tokenizer.from_str(tok_json.decode()), storage.join(output_url, TOKENIZER)
-            )
-        run = hashlib.sha256(f"{fingerprint}:{tok_sha}".encode()).hexdigest()
 
-        storage.makedirs(output_url)
-        storage.delete(storage.join(output_url, MANIFEST))  # from here on the dataset is incomplete
-        if not resumed:
-            plan = {"fingerprint": fingerprint, "tokenizer_sha256": tok_sha or None, "run": run,
-                    "units": len(units), "files": len(files)}  # fmt: skip
-            start_run(output_url, plan, tok_json if text else None)
-        if text:
-            for name, data in tokenizer_configs(lowercase).items():
-                storage.write_bytes(storage.join(output_url, name), data)
+def _tokenizer_json(given: Any) -> bytes:
+    # Whole documents, whatever the tokenizer file says: the trainer crops to seq_len.
+    given.no_truncation()
+    given.no_padding()
+    return given.to_str(pretty=True).encode()  # type: ignore[no-any-return]
 
-        records = reuse_units(output_url, len(units), run, runner, show)
-        reused = len(records)
-        tok_url = storage.join(output_url, TOKENIZER) if text else None
-        jobs = [
-            (UnitJob(unit, output_url, run, tok_url, tok_sha, dropped.get(u, frozenset())), opts)
-            for u, unit in enumerate(units)
-            if u not in records
-        ]
-        with progress_bar(show, "writing", "sample") as bar:
-            for _, record in runner.run(write_unit, jobs, bar):
-                records[record.unit] = record
 
-    ordered = [records[u] for u in range(len(units))]
-    manifest = _finish(output_url, modality, ordered, where, specials)
+def _specials(tok_json: bytes, output_url: str) -> dict[str, int]:
+    """Of the tokenizer the shards are encoded with, resumed or not."""
+    from tokenizers import Tokenizer
+
+    return special_token_ids(
+        Tokenizer.from_str(tok_json.decode()), storage.join(output_url, TOKENIZER)
+    )
+
+
+def _identify(ctx: RunContext, tok_json: bytes | None, tok_url: str | None) -> None:
+    """The run id (fingerprint and tokenizer) and where workers read the tokenizer."""
+    tok_sha = hashlib.sha256(tok_json).hexdigest() if tok_json else ""
+    ctx.run = hashlib.sha256(f"{ctx.plan.fingerprint}:{tok_sha}".encode()).hexdigest()
+    ctx.tokenizer_sha, ctx.tokenizer_url = tok_sha, tok_url if tok_json else None
+
+
+def _plan_doc(ctx: RunContext) -> dict[str, Any]:
+    return {"fingerprint": ctx.plan.fingerprint, "tokenizer_sha256": ctx.tokenizer_sha or None,
+            "run": ctx.run, "units": ctx.plan.units, "files": ctx.plan.files}  # fmt: skip
+
+
+def _single(
+    ctx: RunContext, given: Any, dedup: bool, where: str, vocab_size: int, lowercase: bool
+) -> Manifest:
+    """One process prepares every unit (the default)."""
+    text, output_url, plan = ctx.opts.modality == "text", ctx.output_url, ctx.plan
+    dropped: dict[int, frozenset[int]] = {}
+    items: int | None = None
+    if dedup:
+        with tempfile.TemporaryDirectory(prefix="darkmatter-dedup-") as tmp:
+            dropped, items = find_duplicates(plan, ctx.opts, ctx.runner, ctx.show, plan.units, tmp)
+    if text and (items == 0 or (items is None and not _has_items(plan, ctx.opts))):
+        raise PrepareError(f"no text documents found in {where}")
+
+    tok_json = resumable_tokenizer(output_url, plan.fingerprint, text)
+    resumed = tok_json is not None
+    if text and tok_json is None:
+        if given is None:
+            given = _train(plan, ctx.opts, dropped, vocab_size, lowercase, ctx.show)
+        tok_json = _tokenizer_json(given)
+    _identify(ctx, tok_json if text else None, storage.join(output_url, TOKENIZER))
+    specials = _specials(tok_json, output_url) if text and tok_json else None
+
+    storage.makedirs(output_url)
+    storage.delete(storage.join(output_url, MANIFEST))  # from here on the dataset is incomplete
+    if not resumed:
+        start_run(output_url, _plan_doc(ctx), tok_json if text else None)
+    if text:
+        _write_configs(output_url, lowercase)
+    records = reuse_units(output_url, range(plan.units), ctx.run, ctx.runner, ctx.show)
+    reused = len(records)
+    records.update(write_units(ctx, lambda u: u not in records, dropped))
+    ordered = [records[u] for u in range(plan.units)]
+    manifest = write_manifest(output_url, ctx.opts.modality, ordered, where, specials)
     examples = [e for r in ordered for e in r.skipped_examples]
-    manifest.run = PrepareRun(len(units), reused, len(units) - reused, examples[:SKIPPED_EXAMPLES])
+    manifest.run = PrepareRun(plan.units, reused, plan.units - reused, examples[:SKIPPED_EXAMPLES])
     return manifest
+
+
+def _parts(
+    ctx: RunContext,
+    given: Any,
+    part: tuple[int, int] | None,
+    dedup: bool,
+    where: str,
+    lowercase: bool,
+) -> Manifest:
+    """--part i/N or --merge (parts.py)."""
+    text = ctx.opts.modality == "text"
+    tok_json = _tokenizer_json(given) if text else None
+    if part is not None:
+        _identify(ctx, tok_json, tokenizer_url(ctx.output_url, part))
+        return run_part(ctx, part, dedup, ctx.opts.modality, tok_json)
+    _identify(ctx, tok_json, storage.join(ctx.output_url, TOKENIZER))
+    specials = _specials(tok_json, ctx.output_url) if tok_json else None
+    manifest = merge_parts(ctx, dedup, ctx.opts.modality, where, specials, _plan_doc(ctx), tok_json)
+    if text:
+        _write_configs(ctx.output_url, lowercase)
+    return manifest
+
+
+def _write_configs(output_url: str, lowercase: bool) -> None:
+    for name, data in tokenizer_configs(lowercase).items():
+        storage.write_bytes(storage.join(output_url, name), data)
 
 
 def _check_options(
@@ -299,38 +384,12 @@ def _check_options(
         raise PrepareError(f"unit size must be positive, got {unit_bytes} bytes")
 
 
-def _finish(
-    output_url: str,
-    modality: str,
-    records: list[UnitRecord],
-    where: str,
-    specials: dict[str, int] | None,
-) -> Manifest:
-    """The manifest of the units' shards, written last, once nothing stale is left."""
-    shards = [s for r in records for s in r.shards]
-    stats = {
-        "units": len(records),
-        "skipped": sum(r.skipped for r in records),
-        "duplicates": sum(r.duplicates for r in records),
-    }
-    tokenizer = TOKENIZER if modality == "text" else None
-    manifest = Manifest(modality, shards, tokenizer, stats=stats, special_tokens=specials)
-    if manifest.num_samples == 0:
-        raise PrepareError(
-            f"no usable {modality} samples in {where} "
-            f"({stats['skipped']} undecodable, {stats['duplicates']} duplicates)"
-        )
-    remove_stale(output_url, shards, len(records))
-    manifest.save(output_url)
-    return manifest
-
-
-def _has_items(units: list[Unit], opts: Options) -> bool:
+def _has_items(units: Iterable[Unit], opts: Options) -> bool:
     return any(next(unit_items(unit, opts), None) is not None for unit in units)
 
 
 def _train(
-    units: list[Unit],
+    units: Iterable[Unit],
     opts: Options,
     dropped: dict[int, frozenset[int]],
     vocab_size: int,
@@ -351,6 +410,62 @@ def _train(
     return train_tokenizer(documents(), vocab_size, lowercase)
 
 
+def prepare_tokenizer(
+    inputs: list[str],
+    output_url: str,
+    *,
+    text_field: str = "text",
+    text_format: str = "auto",
+    vocab_size: int = 8000,
+    lowercase: bool = True,
+    sample_docs: int = DEFAULT_SAMPLE_DOCS,
+    seed: int = 0,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    unit_bytes: int | None = None,
+    progress: bool | None = None,
+) -> int:
+    """`--tokenizer-only`: train prepare's WordPiece tokenizer on a sample of the text and
+    write tokenizer.json and its config files to `output_url`, nothing else; the number of
+    documents it was trained on.
+
+    The sample: the documents of the units (as prepare plans them) in a seeded random order,
+    up to `sample_docs`; the same inputs and options give a byte-identical tokenizer.json.
+    """
+    unit_bytes = UNIT_SHARDS * shard_bytes if unit_bytes is None else unit_bytes
+    _check_options("text", text_format, shard_bytes, None, 1, unit_bytes)
+    if sample_docs < 1:
+        raise PrepareError(f"sample_docs must be at least 1, got {sample_docs}")
+    show = sys.stderr.isatty() if progress is None else progress
+    opts = Options("text", text_field, "", None, shard_bytes, None, unit_bytes, False)
+    where = ", ".join(inputs)
+    storage.check_bucket(output_url)
+    with _plan(inputs, opts, text_format, {}, where) as plan:
+        order = array("Q", range(plan.units))
+        random.Random(seed).shuffle(order)
+        taken = [0]
+
+        def documents(desc: str) -> Iterator[str]:
+            taken[0] = 0
+            with progress_bar(show, desc, "doc", sample_docs) as bar:
+                for doc in itertools.islice(
+                    (str(item.data) for u in order for item in unit_items(plan[u], opts)),
+                    sample_docs,
+                ):
+                    taken[0] += 1
+                    bar.update(1)
+                    yield doc
+
+        # Two passes over the sample: the first fixes the ids that make training deterministic.
+        seeded = continuing_alphabet(documents("alphabet"), lowercase)
+        if taken[0] == 0:
+            raise PrepareError(f"no text documents found in {where}")
+        tok = train_tokenizer(documents("tokenizer"), vocab_size, lowercase, seeded)
+    storage.makedirs(output_url)
+    storage.write_bytes(storage.join(output_url, TOKENIZER), _tokenizer_json(tok))
+    _write_configs(output_url, lowercase)
+    return taken[0]
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -359,8 +474,9 @@ def _human(n: float) -> str:
     raise AssertionError
 
 
-def cli(argv: list[str]) -> int:
-    """`darkmatter prepare INPUT [INPUT ...] --output URL --modality text|image|audio|video ...`"""
+def parser() -> argparse.ArgumentParser:
+    """The arguments of `darkmatter prepare` (the SLURM and Kubernetes launchers are checked
+    against it)."""
     # The module docstring's first paragraph (its first line alone stops mid-sentence).
     summary = " ".join(__doc__.split("\n\n")[0].split())
     p = argparse.ArgumentParser(
@@ -372,7 +488,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument(
         "--output", required=True, metavar="URL", help="s3://bucket/prefix, file://… or a folder"
     )
-    p.add_argument("--modality", required=True, choices=list(MODALITIES),
+    p.add_argument("--modality", choices=list(MODALITIES),
                    help="what the inputs hold; the files of other kinds in folders are skipped")  # fmt: skip
     p.add_argument(
         "--text-field", default="text", metavar="NAME", help="JSONL field / Parquet column"
@@ -424,32 +540,81 @@ def cli(argv: list[str]) -> int:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cased", action="store_true", help="do not lowercase (trained tokenizer only)")
+    _scale_arguments(p)
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    """`darkmatter prepare INPUT [INPUT ...] --output URL --modality text|image|audio|video ...`"""
+    p = parser()
     try:
         args = p.parse_args(argv)
+        if args.modality is None and not args.tokenizer_only:
+            p.error("the following arguments are required: --modality")
     except SystemExit as e:  # --help, or a usage error argparse already printed
         return int(e.code or 0)
-    unit_bytes = int(args.unit_size_mb * 2**20) if args.unit_size_mb is not None else None
     try:
-        m = prepare(
-            args.inputs, args.output, modality=args.modality, text_field=args.text_field,
-            text_format=args.text_format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            shard_bytes=int(args.shard_size_mb * 2**20), lowercase=not args.cased,
-            shard_samples=args.shard_samples, image_field=args.image_field,
-            audio_field=args.audio_field, video_field=args.video_field,
-            key_field=args.key_field, workers=args.workers,
-            unit_bytes=unit_bytes, dedup=args.dedup, strict=args.strict,
-            progress=False if args.quiet else None,
-        )  # fmt: skip
+        return _run(args)
+    except PartsMissing as e:  # not an error yet: a merge job retries until the parts are done
+        print(f"darkmatter prepare: error: {e}", file=sys.stderr)
+        return EXIT_PARTS_MISSING
     # OSError covers FileNotFoundError and object-store refusals (PermissionError).
     except (PrepareError, storage.StorageError, OSError) as e:
         print(f"darkmatter prepare: error: {e}", file=sys.stderr)
         return 2
+
+
+def _scale_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--part", metavar="I/N",
+                   help="write only part I of N (0-based) of the work units and its part record, "
+                        "no manifest; text needs --tokenizer")  # fmt: skip
+    p.add_argument("--merge", action="store_true",
+                   help="once every --part I/N is done: check them and write the manifest "
+                        "(same inputs and options as the parts)")  # fmt: skip
+    p.add_argument("--tokenizer-only", action="store_true",
+                   help="only train the tokenizer on a sample of the text and write "
+                        "tokenizer.json (for --tokenizer of --part runs)")  # fmt: skip
+    p.add_argument("--sample-docs", type=int, default=DEFAULT_SAMPLE_DOCS, metavar="N",
+                   help="documents --tokenizer-only trains on (default %(default)s)")  # fmt: skip
+
+
+def _run(args: argparse.Namespace) -> int:
+    unit_bytes = int(args.unit_size_mb * 2**20) if args.unit_size_mb is not None else None
+    if args.tokenizer_only:
+        if args.modality not in (None, "text"):
+            raise PrepareError("--tokenizer-only trains a text tokenizer: --modality text")
+        docs = prepare_tokenizer(
+            args.inputs, args.output, text_field=args.text_field, text_format=args.text_format,
+            vocab_size=args.vocab_size, lowercase=not args.cased, sample_docs=args.sample_docs,
+            shard_bytes=int(args.shard_size_mb * 2**20), unit_bytes=unit_bytes,
+            progress=False if args.quiet else None,
+        )  # fmt: skip
+        print(f"tokenizer: {storage.join(args.output, TOKENIZER)} (trained on {docs} documents)")
+        return 0
+    part = parse_part(args.part) if args.part is not None else None
+    m = prepare(
+        args.inputs, args.output, modality=args.modality, text_field=args.text_field,
+        text_format=args.text_format, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        shard_bytes=int(args.shard_size_mb * 2**20), lowercase=not args.cased,
+        shard_samples=args.shard_samples, image_field=args.image_field,
+        audio_field=args.audio_field, video_field=args.video_field,
+        key_field=args.key_field, workers=args.workers,
+        unit_bytes=unit_bytes, dedup=args.dedup, strict=args.strict,
+        progress=False if args.quiet else None, part=part, merge=args.merge,
+    )  # fmt: skip
+    _summary(m, args.output, part)
+    return 0
+
+
+def _summary(m: Manifest, output: str, part: tuple[int, int] | None) -> None:
     size = _human(sum(s.bytes for s in m.shards))
+    done = f"part {part[0]}/{part[1]}: " if part else ""
     print(
-        f"prepared {m.num_samples} {m.modality} samples in {len(m.shards)} shards ({size}) at {args.output}"
+        f"{done}prepared {m.num_samples} {m.modality} samples in {len(m.shards)} shards ({size}) "
+        f"at {output}"
     )
     if m.tokenizer:
-        print(f"tokenizer: {storage.join(args.output, m.tokenizer)}")
+        print(f"tokenizer: {storage.join(output, m.tokenizer)}")
     stats, run = m.stats or {}, m.run
     if run is not None:
         print(
@@ -459,4 +624,5 @@ def cli(argv: list[str]) -> int:
         )
         for example in run.skipped_examples:
             print(f"darkmatter prepare: skipped {example}", file=sys.stderr)
-    return 0
+    if part is not None:
+        print(f"once all {part[1]} parts are done: the same command with --merge instead of --part")

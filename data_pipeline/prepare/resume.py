@@ -1,7 +1,6 @@
-"""What makes `darkmatter prepare` resumable: the run fingerprint (inputs and every option that
-shapes the output), `_progress/plan.json` and the tokenizer it pins, the per-unit records
-`_progress/unit-UUUUUU.json` and their verification against the shards, and the removal of
-shards and records that the finished dataset no longer lists.
+"""What makes `darkmatter prepare` resumable: `_progress/plan.json` and the tokenizer it pins,
+the per-unit records `_progress/unit-UUUUUU.json` and their verification against the shards,
+and the removal of shards and records that the finished dataset no longer lists.
 """
 
 from __future__ import annotations
@@ -10,15 +9,22 @@ import hashlib
 import json
 import posixpath
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from darkmatter import storage
-from darkmatter.data_pipeline.manifest import PLAN, PROGRESS, TOKENIZER, ShardInfo
+from darkmatter.data_pipeline.manifest import (
+    PLAN,
+    PROGRESS,
+    TOKENIZER,
+    Manifest,
+    PrepareError,
+    ShardInfo,
+)
 from darkmatter.data_pipeline.prepare.runner import Runner, progress_bar
-from darkmatter.data_pipeline.prepare.sources import READ_CHUNK, InputFile
+from darkmatter.data_pipeline.prepare.sources import READ_CHUNK
 
-_FORMAT = 2  # bump when the same inputs and options would give other shards
 _SHARD_NAME = re.compile(r"shard-\d{6,}(-\d{6,})?\.tar")  # this version's and the one before
 _RECORD_NAME = re.compile(r"unit-(\d{6,})\.json")
 
@@ -77,11 +83,6 @@ def verify_unit(output_url: str, unit: int, run: str) -> UnitRecord | None:
     return record if ok else None
 
 
-def run_fingerprint(files: list[InputFile], settings: dict[str, Any]) -> str:
-    doc = {"format": _FORMAT, "files": [[f.url, f.size, f.version] for f in files], **settings}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
 def _read_json(url: str) -> Any:
     try:
         return json.loads(storage.read_bytes(url))
@@ -129,11 +130,12 @@ def start_run(output_url: str, plan: dict[str, Any], tokenizer: bytes | None) ->
 
 
 def reuse_units(
-    output_url: str, units: int, run: str, runner: Runner, show: bool
+    output_url: str, units: Iterable[int], run: str, runner: Runner, show: bool
 ) -> dict[int, UnitRecord]:
-    """Records of this run whose shards verify; one listing finds the candidates."""
+    """Records of this run (of the given units) whose shards verify; one listing finds the
+    candidates."""
     names = {posixpath.basename(u) for u in storage.list_files(storage.join(output_url, PROGRESS))}
-    candidates = [u for u in range(units) if f"unit-{u:06d}.json" in names]
+    candidates = [u for u in units if f"unit-{u:06d}.json" in names]
     records: dict[int, UnitRecord] = {}
     with progress_bar(show and bool(candidates), "verifying", "unit", len(candidates)) as bar:
         tasks = [(output_url, u, run) for u in candidates]
@@ -142,3 +144,30 @@ def reuse_units(
             if record is not None:
                 records[record.unit] = record
     return records
+
+
+def write_manifest(
+    output_url: str,
+    modality: str,
+    records: list[UnitRecord],
+    where: str,
+    specials: dict[str, int] | None,
+) -> Manifest:
+    """The manifest of the units' shards (in unit order), written last, once nothing stale is
+    left."""
+    shards = [s for r in records for s in r.shards]
+    stats = {
+        "units": len(records),
+        "skipped": sum(r.skipped for r in records),
+        "duplicates": sum(r.duplicates for r in records),
+    }
+    tokenizer = TOKENIZER if modality == "text" else None
+    manifest = Manifest(modality, shards, tokenizer, stats=stats, special_tokens=specials)
+    if manifest.num_samples == 0:
+        raise PrepareError(
+            f"no usable {modality} samples in {where} "
+            f"({stats['skipped']} undecodable, {stats['duplicates']} duplicates)"
+        )
+    remove_stale(output_url, shards, len(records))
+    manifest.save(output_url)
+    return manifest

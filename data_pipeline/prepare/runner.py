@@ -4,11 +4,12 @@ process for one worker or task, with progress counts sent back from workers to a
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from darkmatter.data_pipeline.manifest import PrepareError
 
 _REPORT_SECONDS = 0.25  # how often a worker sends progress to the parent
+_IN_FLIGHT = 4  # tasks submitted per worker ahead of the results: workers never wait for work
 _report: Callable[[int, int], None] | None = None  # (samples, bytes) -> progress bar, per process
 
 
@@ -92,33 +94,40 @@ class Runner:
         return self._pool
 
     def run(
-        self, fn: Callable[..., Any], tasks: list[tuple[Any, ...]], bar: Any = None
+        self, fn: Callable[..., Any], tasks: Iterable[tuple[Any, ...]], bar: Any = None
     ) -> Iterator[tuple[int, Any]]:
+        """(task number, result) as tasks finish. Tasks are drawn from the iterable as workers
+        free up (at most _IN_FLIGHT per worker queued), so a plan of millions of units is never
+        held as a list of futures."""
         global _report
-        if self.workers == 1 or len(tasks) <= 1:
+        rest = iter(tasks)
+        head = list(itertools.islice(rest, 2))  # one task alone runs here: no pool to spawn
+        if self.workers == 1 or len(head) <= 1:
             _report = self._bar_updater(bar)
             try:
-                for i, args in enumerate(tasks):
+                for i, args in enumerate(itertools.chain(head, rest)):
                     yield i, fn(*args)
             finally:
                 _report = None
             return
-        pool = self._start()
-        index: dict[Future[Any], int] = {pool.submit(fn, *args): i for i, args in enumerate(tasks)}
-        pending = set(index)
+        todo = enumerate(itertools.chain(head, rest))
+        index: dict[Future[Any], int] = {}
+        pending: set[Future[Any]] = set()
         try:
-            while pending:
+            while True:
+                while len(pending) < _IN_FLIGHT * self.workers:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        break
+                    future = self._start().submit(fn, *nxt[1])
+                    index[future] = nxt[0]
+                    pending.add(future)
+                if not pending:
+                    return
                 done, pending = wait(pending, timeout=_REPORT_SECONDS, return_when=FIRST_COMPLETED)
                 self._drain(bar)
                 for future in sorted(done, key=index.__getitem__):
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool:
-                        raise PrepareError(
-                            "a worker process died (killed, or out of memory?); finished units "
-                            "are kept: run the same command again to resume"
-                        ) from None
-                    yield index[future], result
+                    yield index.pop(future), _result(future)
         finally:
             for future in pending:
                 future.cancel()
@@ -144,6 +153,16 @@ class Runner:
             except queue.Empty:
                 return
             _bar_add(bar, samples, nbytes)
+
+
+def _result(future: Future[Any]) -> Any:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise PrepareError(
+            "a worker process died (killed, or out of memory?); finished units "
+            "are kept: run the same command again to resume"
+        ) from None
 
 
 def _bar_add(bar: Any, samples: int, nbytes: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,11 +61,34 @@ def _input_file(url: str, info: dict[str, Any]) -> InputFile:
     return InputFile(url, int(info.get("size") or 0), str(version))
 
 
-def expand_inputs(inputs: list[str], suffixes: set[str]) -> list[InputFile]:
-    """Files of the inputs with a supported suffix; folders recurse in sorted order."""
+def _walk(fs: Any, path: str, scheme: str, suffixes: set[str]) -> Iterator[InputFile]:
+    """The supported files below a folder, one level listed at a time (never the whole tree).
+
+    Entries sort by name with "/" appended to folders: the order of sorting every full path,
+    as a whole-tree listing would (`a.txt` < `a/x` since "." < "/"). In folders skip dotfiles
+    and foreign files (fortune's .dat indexes, .u8 symlinks).
+    """
+    entries = fs.ls(path, detail=True)
+    keyed = []
+    for info in entries:
+        p = info["name"].rstrip("/")
+        if p == path.rstrip("/"):
+            continue  # some stores list the folder itself
+        folder = info.get("type") == "directory"
+        keyed.append((posixpath.basename(p) + ("/" if folder else ""), p, folder, info))
+    del entries
+    for _, p, folder, info in sorted(keyed, key=lambda e: e[0]):
+        name = posixpath.basename(p)
+        if folder:
+            yield from _walk(fs, p, scheme, suffixes)
+        elif file_suffix(p) in suffixes and not name.startswith("."):
+            yield _input_file(scheme + p, info)
+
+
+def expand_inputs(inputs: list[str], suffixes: set[str]) -> Iterator[InputFile]:
+    """Files of the inputs with a supported suffix, streamed; folders recurse in sorted order."""
     if not inputs:
         raise PrepareError("no inputs given")
-    files: list[InputFile] = []
     for url in inputs:
         if not storage.exists(url):
             raise PrepareError(f"input not found: {url}")
@@ -75,16 +98,10 @@ def expand_inputs(inputs: list[str], suffixes: set[str]) -> list[InputFile]:
                 raise PrepareError(
                     f"unsupported input file {url} (expected one of {sorted(suffixes)})"
                 )
-            files.append(_input_file(url, fs.info(path)))
+            yield _input_file(url, fs.info(path))
             continue
-        # One listing with sizes, not a request per file. In folders skip dotfiles and foreign
-        # files (fortune's .dat indexes, .u8 symlinks).
         scheme = url.split("://", 1)[0] + "://" if "://" in url else ""
-        for p, info in sorted(fs.find(path, detail=True).items()):
-            name = posixpath.basename(p)
-            if file_suffix(p) in suffixes and not name.startswith("."):
-                files.append(_input_file(scheme + p, info))
-    return files
+        yield from _walk(fs, path, scheme, suffixes)
 
 
 @dataclass(frozen=True)
@@ -198,9 +215,10 @@ def _pieces(f: InputFile, opts: Options, text_format: str) -> list[tuple[Piece, 
     )
 
 
-def plan_units(files: list[InputFile], opts: Options, text_format: str) -> list[Unit]:
-    """Consecutive pieces grouped into units of at least unit_bytes (the last may be smaller)."""
-    units: list[Unit] = []
+def plan_units(files: Iterable[InputFile], opts: Options, text_format: str) -> Iterator[Unit]:
+    """Consecutive pieces grouped into units of at least unit_bytes (the last may be smaller),
+    streamed: a unit is yielded as soon as it is complete."""
+    n = 0
     current: list[Piece] = []
     weight = 0
     for f in files:
@@ -216,11 +234,10 @@ def plan_units(files: list[InputFile], opts: Options, text_format: str) -> list[
                 current.append(piece)
             weight += w
             if weight >= opts.unit_bytes:
-                units.append(Unit(len(units), tuple(current)))
-                current, weight = [], 0
+                yield Unit(n, tuple(current))
+                n, current, weight = n + 1, [], 0
     if current:
-        units.append(Unit(len(units), tuple(current)))
-    return units
+        yield Unit(n, tuple(current))
 
 
 def _line_range(url: str, start: int, stop: int) -> Iterator[tuple[int, bytes]]:

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from darkmatter import storage
 from darkmatter.data_pipeline.manifest import SPECIAL_NAMES, SPECIAL_TOKENS, PrepareError
 
 
-def train_tokenizer(documents: Iterable[str], vocab_size: int, lowercase: bool = True) -> Any:
-    """A BERT-style WordPiece tokenizer trained on a stream of documents."""
+def train_tokenizer(
+    documents: Iterable[str], vocab_size: int, lowercase: bool = True, seeded: Sequence[str] = ()
+) -> Any:
+    """A BERT-style WordPiece tokenizer trained on a stream of documents; deterministic when
+    `seeded` is the documents' continuing_alphabet."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import WordPieceTrainer
 
@@ -24,15 +27,46 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, lowercase: bool =
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     trainer = WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False
+        vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *seeded], show_progress=False
     )
     tok.train_from_iterator(documents, trainer=trainer)
+    if seeded:
+        tok = _unmark(tok, seeded)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")],
     )
     return tok
+
+
+def continuing_alphabet(documents: Iterable[str], lowercase: bool = True) -> list[str]:
+    """ "##c" for every character c that follows another inside a word of the documents.
+
+    The trainer gives these tokens ids in hash-map order, which changes from process to process,
+    and breaks ties between merges of equal count by id, so the same documents can give another
+    vocabulary (huggingface/tokenizers#1794). Given to train_tokenizer, they get fixed ids first
+    and training is deterministic.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    pre = pre_tokenizers.BertPreTokenizer()
+    chars: set[str] = set()
+    for doc in documents:
+        for word, _ in pre.pre_tokenize_str(normalizer.normalize_str(doc)):
+            chars.update(word[1:])
+    return ["##" + c for c in sorted(chars)]
+
+
+def _unmark(tok: Any, tokens: Sequence[str]) -> Any:
+    """The tokenizer with `tokens` kept in the vocabulary but no longer special added tokens."""
+    from tokenizers import Tokenizer
+
+    doc = json.loads(tok.to_str())
+    drop = set(tokens)
+    doc["added_tokens"] = [t for t in doc["added_tokens"] if t["content"] not in drop]
+    return Tokenizer.from_str(json.dumps(doc))
 
 
 def special_token_ids(tok: Any, url: str) -> dict[str, int]:

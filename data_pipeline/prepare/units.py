@@ -1,12 +1,14 @@
-"""Writing one work unit (in a worker process): read its items, drop the duplicates, encode
-text with the run's tokenizer or decode-check media, write the samples into the unit's shards
-`shard-UUUUUU-KKKKKK.tar`, then the unit's record (so a record always means finished shards).
+"""Writing work units: in a worker process, one unit (read its items, drop the duplicates,
+encode text with the run's tokenizer or decode-check media, write the samples into the unit's
+shards `shard-UUUUUU-KKKKKK.tar`, then the unit's record, so a record always means finished
+shards); in the parent, the chosen units of a plan through the process pool (write_units).
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +22,9 @@ from darkmatter.data_pipeline.prepare.media import (
     image_extension,
     video_members,
 )
+from darkmatter.data_pipeline.prepare.plan import Plan
 from darkmatter.data_pipeline.prepare.resume import UnitRecord, record_url
-from darkmatter.data_pipeline.prepare.runner import Ticker
+from darkmatter.data_pipeline.prepare.runner import Runner, Ticker, progress_bar
 from darkmatter.data_pipeline.prepare.shard_writer import ShardWriter
 from darkmatter.data_pipeline.prepare.sources import Item, Options, Unit, sample_key, unit_items
 from darkmatter.data_pipeline.prepare.tokenizer import tokenizer_for
@@ -113,3 +116,43 @@ def write_unit(job: UnitJob, opts: Options) -> UnitRecord:
     record = UnitRecord(job.run, u, writer.shards, items, skipped, duplicates, examples)
     storage.write_bytes(record_url(job.output_url, u), record.to_json())
     return record
+
+
+@dataclass
+class RunContext:
+    """What the modes of a prepare run (single, --part, --merge) share."""
+
+    output_url: str
+    opts: Options
+    plan: Plan
+    runner: Runner
+    show: bool
+    run: str  # the run id unit records carry
+    tokenizer_url: str | None
+    tokenizer_sha: str
+
+
+def write_units(
+    ctx: RunContext, wanted: Callable[[int], bool], dropped: dict[int, frozenset[int]]
+) -> dict[int, UnitRecord]:
+    """Write the wanted units of the plan in the process pool; their records by unit."""
+    jobs = (
+        (
+            UnitJob(
+                unit,
+                ctx.output_url,
+                ctx.run,
+                ctx.tokenizer_url,
+                ctx.tokenizer_sha,
+                dropped.get(unit.index, frozenset()),
+            ),
+            ctx.opts,
+        )  # fmt: skip
+        for unit in ctx.plan
+        if wanted(unit.index)
+    )
+    records: dict[int, UnitRecord] = {}
+    with progress_bar(ctx.show, "writing", "sample") as bar:
+        for _, record in ctx.runner.run(write_unit, jobs, bar):
+            records[record.unit] = record
+    return records
