@@ -1,8 +1,10 @@
-"""How the reader reads shards (ReaderOptions), and the error it raises on data it cannot use
+"""How the reader reads shards (ReaderOptions), the tokenizer that raw text is encoded with on
+the fly (TextSpec, text_spec), and the error the reader raises on data it cannot use
 (DataError). Nothing here changes the sample order."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -18,6 +20,43 @@ def default_cache_dir() -> str:
     ~/.cache/darkmatter/shards (per user, kept across runs: shards are named by their sha256)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "darkmatter", "shards")
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The tokenizer that text read raw (a "txt" member without input_ids.npy) is encoded with,
+    in the form every worker can rebuild it from: picklable, a few hundred kB."""
+
+    tokenizer_json: str
+    """The tokenizer.json text (tokenizers' own format)."""
+    cls_id: int
+    """Id of [CLS], which starts every encoded document."""
+    sep_id: int
+    """Id of [SEP], which ends it."""
+    digest: str = field(init=False, compare=False, repr=False)
+    """sha256 of tokenizer_json: the key of the per-process Tokenizer cache (decode.py)."""
+
+    def __post_init__(self) -> None:
+        sha = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
+        object.__setattr__(self, "digest", sha)
+
+
+def text_spec(tokenizer_url: str) -> TextSpec:
+    """The TextSpec of a tokenizer.json, or of a `save_pretrained` folder (its tokenizer.json),
+    local or remote. The tokenizer must have the five special tokens (SPECIAL_NAMES) and wrap
+    text in [CLS] ... [SEP], as prepare's own does; DataError naming data.tokenizer if not."""
+    from darkmatter import storage
+    from darkmatter.data_pipeline.manifest import TOKENIZER, PrepareError
+    from darkmatter.data_pipeline.prepare.tokenizer import load_tokenizer
+
+    url = tokenizer_url
+    if not url.endswith(".json"):
+        url = storage.join(url, TOKENIZER)
+    try:
+        tok = load_tokenizer(url)
+    except PrepareError as e:
+        raise DataError(f"data.tokenizer: {e}") from None
+    return TextSpec(tok.to_str(), tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]"))
 
 
 @dataclass(frozen=True)
@@ -44,3 +83,5 @@ class ReaderOptions:
     quarantine_entries: int = 10_000
     """Bad-sample entries a rank keeps in memory (the newest); counts by reason cover them all,
     and every entry reaches the trainer's quarantine log."""
+    text: TextSpec | None = None
+    """The tokenizer for text read raw (data.tokenizer); None: such a sample is undecodable."""
