@@ -38,6 +38,7 @@ from darkmatter.storage.errors import describe_storage_error, stack_hint
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
 COMMANDS = {
     "prepare": "turn text, image, audio or video files into WebDataset shards",
+    "index": "a manifest for existing WebDataset shards or raw text files, read in place",
     "pretrain": "pretrain an encoder from a YAML config (and a.b=c overrides)",
     "evaluate": "downstream numbers for checkpoints, logged into their training run",
     "export": "a checkpoint's encoder as a transformers save_pretrained folder",
@@ -178,6 +179,7 @@ def _subcommands() -> dict[str, Callable[[list[str]], int]]:
 
     return {
         "prepare": lazy("darkmatter.data_pipeline.prepare"),
+        "index": lazy("darkmatter.data_pipeline.index"),
         "pretrain": pretrain_main,
         "evaluate": lazy("darkmatter.evaluation.cli"),
         "export": lazy("darkmatter.evaluation.export"),

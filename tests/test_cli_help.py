@@ -17,7 +17,7 @@ import pytest
 from darkmatter import cli
 
 COMMANDS = [
-    [], ["prepare"], ["pretrain"], ["evaluate"], ["export"],
+    [], ["prepare"], ["index"], ["pretrain"], ["evaluate"], ["export"],
     ["runs"], ["runs", "list"], ["runs", "show"], ["runs", "compare"],
     ["stack"], ["stack", "up"], ["stack", "down"], ["stack", "status"],
 ]  # fmt: skip

@@ -7,6 +7,15 @@ the bucket), checked against the manifest's size and sha256, and indexed by its 
 (shards.py). The folder (data.cache_dir, default $XDG_CACHE_HOME/darkmatter/shards) is kept
 under a byte cap (data.cache_gb) by evicting the least recently used shards and their lock
 files. IOStats counts what this costs.
+
+A shard lies at `Manifest.shard_url` (beside the manifest, or under the manifest's `root` for
+data indexed in place). A shard without a sha256 (`darkmatter index` without --checksum) is
+cached under its identity as `<identity>.unverified.tar` and checked by size, and by ETag where
+the store gives one and the manifest recorded it: `verify` means nothing for such a shard.
+Units that are not tar files (Parquet row groups, jsonl/text byte ranges) are opened by
+reader/formats.py, which reads them in place into memory (up to 64 MiB each): a slot keeps at
+most max(2, readahead) of them open once released, where it keeps 256 local or 64 remote tar
+shards (an index and an open file each).
 """
 
 from __future__ import annotations
@@ -23,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from darkmatter import storage
-from darkmatter.data_pipeline.manifest import Manifest
+from darkmatter.data_pipeline.manifest import Manifest, ShardInfo
 from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions, default_cache_dir
-from darkmatter.data_pipeline.reader.shards import Hole, LocalShard, reason_kind
+from darkmatter.data_pipeline.reader.shards import Hole, LocalShard, UnitReader, reason_kind
 
 
 @dataclass
@@ -68,16 +77,23 @@ class ShardCache:
 
     def __init__(self, url: str, manifest: Manifest, opts: ReaderOptions, stats: IOStats):
         self.url, self.manifest, self.opts, self.stats = url, manifest, opts, stats
-        self.local = "://" not in url or url.startswith("file://")
+        # Where the shards lie (a test may pass no manifest: then the dataset's URL).
+        self.local = not storage.is_remote(getattr(manifest, "root", None) or url)
         self._pool: ThreadPoolExecutor | None = None
-        self._futures: dict[int, Future[LocalShard]] = {}
+        self._futures: dict[int, Future[UnitReader]] = {}
         self._refs: Counter[int] = Counter()
         # Released shards stay a little while: a neighbouring partition or a resumed stream's
         # input often wants the shard its shuffle buffer was just read back from.
         self._idle: deque[int] = deque()
         # Local shards cost only their index to keep: later epochs skip re-verifying them.
-        # Remote ones are on disk anyway; the index and an open file are what is kept.
-        self._keep_idle = 256 if self.local else max(64, opts.readahead)
+        # Remote ones are on disk anyway; the index and an open file are what is kept. Raw
+        # units (Parquet row groups, jsonl/text ranges) are held in memory, up to 64 MiB each:
+        # keeping 64 or 256 of them idle would hold gigabytes per slot, so only a few are kept.
+        raw = any(s.format != "tar" for s in getattr(manifest, "shards", ()))
+        if raw:
+            self._keep_idle = max(2, opts.readahead)
+        else:
+            self._keep_idle = 256 if self.local else max(64, opts.readahead)
         self._shipped = IOStats()
         self._lock = threading.Lock()
 
@@ -106,7 +122,7 @@ class ShardCache:
             for name, value in deltas.items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
 
-    def _future(self, shard: int) -> Future[LocalShard]:
+    def _future(self, shard: int) -> Future[UnitReader]:
         with self._lock:
             fut = self._futures.get(shard)
             if fut is None:
@@ -120,7 +136,7 @@ class ShardCache:
     def prefetch(self, shard: int) -> None:
         self._future(shard)
 
-    def acquire(self, shard: int) -> LocalShard:
+    def acquire(self, shard: int) -> UnitReader:
         fut = self._future(shard)
         t0 = time.perf_counter()
         local = fut.result()
@@ -144,7 +160,7 @@ class ShardCache:
         if fut is not None:
             self._discard(fut.result())
 
-    def _discard(self, local: LocalShard) -> None:
+    def _discard(self, local: UnitReader) -> None:
         local.close()  # the file stays in the shared cache until evicted
 
     def close(self) -> None:
@@ -156,9 +172,14 @@ class ShardCache:
         self._futures.clear()
 
     # -- fetching --------------------------------------------------------------------------
-    def _load(self, shard: int) -> LocalShard:
+    def _load(self, shard: int) -> UnitReader:
         info = self.manifest.shards[shard]
-        url = storage.join(self.url, info.name)
+        url = self.manifest.shard_url(self.url, info)
+        if info.format != "tar":
+            # Imported here: only datasets of raw files need it.
+            from darkmatter.data_pipeline.reader.formats import open_unit
+
+            return open_unit(url, info, self.manifest, self.opts)
         # Another process may evict the shard between its fetch and its opening (a cache too
         # small for what the machine reads at once): fetch it again, a few times at most.
         for _ in range(_REOPENS):
@@ -175,13 +196,13 @@ class ShardCache:
             f"raise data.cache_gb ({self.opts.cache_bytes / 2**30:g} GB now)"
         )
 
-    def _fetch(self, url: str, info: Any) -> LocalShard:
+    def _fetch(self, url: str, info: ShardInfo) -> LocalShard:
         """The shard as a verified local file, or with `bad` set to why it is unusable."""
         t0 = time.perf_counter()
         local = LocalShard(info.name, None, info.samples)
         try:
             local.path, local.bad = (
-                self._local(url, info) if self.local else self._cached(url, info)
+                self._cached(url, info) if storage.is_remote(url) else self._local(url, info)
             )
         except FileNotFoundError:
             local.bad = "missing shard"
@@ -189,21 +210,21 @@ class ShardCache:
             self._count(fetch_s=time.perf_counter() - t0)
         return local
 
-    def _check(self, size: int, digest: str | None, info: Any) -> str | None:
+    def _check(self, size: int, digest: str | None, info: ShardInfo) -> str | None:
         """Why a fetched shard does not match its manifest entry, or None."""
         if size == 0:
             return "zero-byte shard"
         if size != info.bytes:
             return f"size mismatch: {size} bytes, the manifest says {info.bytes}"
-        if digest is not None and digest != info.sha256:
+        if digest is not None and info.sha256 is not None and digest != info.sha256:
             return f"sha256 mismatch: {digest[:12]}…, the manifest says {info.sha256[:12]}…"
         return None
 
-    def _local(self, url: str, info: Any) -> tuple[str, str | None]:
+    def _local(self, url: str, info: ShardInfo) -> tuple[str, str | None]:
         path = url.removeprefix("file://")
         size = os.path.getsize(path)
         digest = None
-        if self.opts.verify:
+        if self.opts.verify and info.sha256 is not None:
             sha = hashlib.sha256()
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
@@ -212,10 +233,11 @@ class ShardCache:
         self._count(bytes_read=size)
         return path, self._check(size, digest, info)
 
-    def _cached(self, url: str, info: Any) -> tuple[str | None, str | None]:
+    def _cached(self, url: str, info: ShardInfo) -> tuple[str | None, str | None]:
         """(path in the shared cache, None), or (None, why the shard is bad)."""
         root = self._folder()
-        path = os.path.join(root, f"{info.sha256}{'' if self.opts.verify else '.unverified'}.tar")
+        verified = self.opts.verify and info.sha256 is not None
+        path = os.path.join(root, f"{info.identity}{'' if verified else '.unverified'}.tar")
         if _fresh(path, info.bytes):
             return path, None
         try:
@@ -225,13 +247,15 @@ class ShardCache:
             # refused as bad, or failed): the folder back under its cap, stray locks removed.
             _evict(root, self.opts.cache_bytes, keep=path)
 
-    def _fetch_locked(self, url: str, info: Any, path: str) -> tuple[str | None, str | None]:
+    def _fetch_locked(self, url: str, info: ShardInfo, path: str) -> tuple[str | None, str | None]:
         """_cached's fetch, under the shard's lock file: downloaded, verified, moved in."""
         with open(path + ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one fetch per machine; the others wait for it
             try:
                 if _fresh(path, info.bytes):
                     return path, None
+                if info.sha256 is None and (changed := self._etag_changed(url, info)):
+                    return None, changed
                 tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
                 try:
                     size, digest = self._download(url, tmp, info.bytes)
@@ -245,6 +269,20 @@ class ShardCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return path, None
+
+    def _etag_changed(self, url: str, info: ShardInfo) -> str | None:
+        """Why a shard without a sha256 is not the object that was indexed (its ETag differs
+        from the version recorded), or None; also None where the store gives no ETag (the size
+        is then the only check). One HEAD request, within the retry budget."""
+        fs, path = storage.filesystem(url)
+        try:
+            head = storage.with_retries(lambda: fs.info(path), f"fetch of {url}", self.opts.retry)
+        except storage.StorageError as e:
+            raise DataError(str(e)) from None
+        etag = str(head.get("ETag", "")).strip('"')
+        if etag and info.version and etag != info.version:
+            return f"changed since indexed: ETag {etag}, the manifest says {info.version}"
+        return None
 
     def _download(self, url: str, tmp: str, expected: int) -> tuple[int, str]:
         """Copy the object to `tmp` within the storage.retry budget, each retry resuming where

@@ -14,7 +14,7 @@ import mmap
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 PICKLE_EXTENSIONS = frozenset({"pyd", "pkl", "pickle", "pth", "pt"})
 
@@ -25,6 +25,20 @@ class Hole(NamedTuple):
     shard: str
     key: str
     reason: str
+
+
+class UnitReader(Protocol):
+    """What the reader needs of one unit of a dataset (a tar shard: LocalShard; a Parquet row
+    group or a jsonl/text byte range: reader/formats.py): samples by index, or their holes."""
+
+    name: str
+    bad: str | None
+
+    def read(self, j: int) -> dict[str, Any] | Hole: ...
+
+    def key(self, j: int) -> str: ...
+
+    def close(self) -> None: ...
 
 
 def reason_kind(reason: str) -> str:
@@ -68,44 +82,76 @@ def tar_members(f: Any) -> Iterator[tuple[str, int, int]]:
             raise TarFormatError(f"malformed header: {e}") from None
 
 
-def _parse_tar(buf: Any) -> Iterator[tuple[str, int, int]]:
-    pos, end = 0, len(buf)
+@dataclass
+class TarCursor:
+    """Where a tar walk stands between windows: the next header's offset and the long name or
+    pax records that header inherits."""
+
+    pos: int = 0
     long_name: bytes | None = None
-    pax: dict[bytes, bytes] = {}
-    while pos + 512 <= end:
-        hdr = buf[pos : pos + 512]
-        if hdr == _ZERO_BLOCK:
-            return  # end-of-archive marker
-        stored = hdr[148:156].split(b"\0", 1)[0].strip()
-        if not stored or int(stored, 8) != sum(hdr) - sum(hdr[148:156]) + 8 * 32:
-            raise TarFormatError(f"bad header checksum at byte {pos}")
-        raw = hdr[124:136]
-        size = (
-            int.from_bytes(raw[1:], "big")
-            if raw[0] & 0x80
-            else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
-        )
-        if size < 0:  # int() takes a sign: the next header would be looked for behind this one
-            raise TarFormatError(f"negative size at byte {pos}")
-        kind = hdr[156:157]
-        data = pos + 512
-        if kind == b"L":  # GNU long name of the next member
-            long_name = buf[data : data + size].split(b"\0", 1)[0]
-        elif kind in (b"x", b"X"):  # pax extended header of the next member
-            pax = _pax_records(buf[data : data + size])
-        elif kind != b"g":
-            name = hdr[0:100].split(b"\0", 1)[0]
-            if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
-            name = pax.get(b"path", long_name or name)
-            if b"size" in pax:
-                size = int(pax[b"size"])
-                if size < 0:
-                    raise TarFormatError(f"negative pax size at byte {pos}")
-            if kind in (b"0", b"\0", b"7"):
-                yield name.decode("utf-8", "surrogateescape"), data, size
-            long_name, pax = None, {}
-        pos = data + (size + 511) // 512 * 512
+    pax: dict[bytes, bytes] = field(default_factory=dict)
+    ended: bool = False  # the end-of-archive marker was read
+
+
+def _parse_tar(buf: Any) -> Iterator[tuple[str, int, int]]:
+    yield from parse_window(buf, 0, TarCursor())
+
+
+def parse_window(buf: Any, base: int, cur: TarCursor) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular member whose header lies wholly in `buf`,
+    which holds the file's bytes [base, base + len(buf)), from header `cur.pos` on. Leaves
+    `cur.pos` at the first header not wholly in the window (or whose long-name or pax record
+    is not): the next window starts there. Offsets are the file's, not the window's."""
+    assert cur.pos >= base, (cur.pos, base)
+    pos, end = cur.pos, base + len(buf)
+    long_name, pax = cur.long_name, cur.pax
+    try:
+        while pos + 512 <= end:
+            at = pos - base
+            hdr = buf[at : at + 512]
+            if hdr == _ZERO_BLOCK:
+                cur.ended = True
+                return  # end-of-archive marker
+            size = _header_size(hdr, pos)
+            kind = hdr[156:157]
+            data = pos + 512
+            if kind in (b"L", b"x", b"X") and data + size > end:
+                break  # the record runs past the window: the next one starts at its header
+            if kind == b"L":  # GNU long name of the next member
+                long_name = buf[at + 512 : at + 512 + size].split(b"\0", 1)[0]
+            elif kind in (b"x", b"X"):  # pax extended header of the next member
+                pax = _pax_records(buf[at + 512 : at + 512 + size])
+            elif kind != b"g":
+                name = hdr[0:100].split(b"\0", 1)[0]
+                if hdr[257:262] == b"ustar" and hdr[345] != 0:
+                    name = hdr[345:500].split(b"\0", 1)[0] + b"/" + name
+                name = pax.get(b"path", long_name or name)
+                if b"size" in pax:
+                    size = int(pax[b"size"])
+                    if size < 0:
+                        raise TarFormatError(f"negative pax size at byte {pos}")
+                if kind in (b"0", b"\0", b"7"):
+                    yield name.decode("utf-8", "surrogateescape"), data, size
+                long_name, pax = None, {}
+            pos = data + (size + 511) // 512 * 512
+    finally:
+        cur.pos, cur.long_name, cur.pax = pos, long_name, pax
+
+
+def _header_size(hdr: Any, pos: int) -> int:
+    """The size field of the header at byte `pos`, after checking the header's checksum."""
+    stored = hdr[148:156].split(b"\0", 1)[0].strip()
+    if not stored or int(stored, 8) != sum(hdr) - sum(hdr[148:156]) + 8 * 32:
+        raise TarFormatError(f"bad header checksum at byte {pos}")
+    raw = hdr[124:136]
+    size = (
+        int.from_bytes(raw[1:], "big")
+        if raw[0] & 0x80
+        else int(raw.split(b"\0", 1)[0].strip() or b"0", 8)
+    )
+    if size < 0:  # int() takes a sign: the next header would be looked for behind this one
+        raise TarFormatError(f"negative size at byte {pos}")
+    return size
 
 
 def _pax_records(block: bytes) -> dict[bytes, bytes]:
