@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from darkmatter import storage
-from darkmatter.data_pipeline.reader import DataStream
+from darkmatter.data_pipeline.reader import DataStream, MixtureStream
 from darkmatter.storage import read_bytes
 from darkmatter.trainer import checkpoint as ckpt
 from darkmatter.trainer import engine as eng
@@ -91,7 +91,9 @@ class Resumer:
             raise ckpt.CheckpointError(f"{src}: no committed checkpoint (checkpoint.resume_from)")
         return src, tags
 
-    def load(self, found: Found | None, engine: Any, stream: DataStream) -> Position:
+    def load(
+        self, found: Found | None, engine: Any, stream: DataStream | MixtureStream
+    ) -> Position:
         run_file = self.run_dir / "mlflow_run.json"
         run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
         if found is None:

@@ -13,6 +13,12 @@ The order is a pure function of manifest, seed, epoch, `partitions` P and the gl
 A partition's state is (next input, outputs so far, the shuffle buffer as partition indices,
 its RNG state); PartitionStream rebuilds itself from it by reading back only the samples its
 buffer held. Raw bytes travel through the buffer; they are decoded as they leave it (slots.py).
+
+A growable dataset (manifest `history`: earlier versions, each a prefix of its shard list): an
+epoch's order is a function of the manifest *it* uses. A resume onto a grown manifest (with
+allow_growth) keeps the epoch in progress on the old prefix, so no consumed sample is replayed
+and that epoch's order is the uninterrupted one; the next epoch uses the whole manifest.
+resume_manifest decides which manifest the epoch in progress uses.
 """
 
 from __future__ import annotations
@@ -25,7 +31,43 @@ import numpy as np
 from darkmatter.data_pipeline.manifest import Manifest
 from darkmatter.data_pipeline.reader.cache import ShardCache
 from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.reader.shards import Hole, LocalShard
+from darkmatter.data_pipeline.reader.shards import Hole, UnitReader
+
+
+def resume_manifest(
+    url: str, manifest: Manifest, saved: str, epoch_digest: str | None, allow_growth: bool
+) -> Manifest:
+    """The manifest the epoch in progress at a resume uses: `manifest`, or the earlier version
+    of it (from its history) that the saved state's epoch was reading. `saved` is the digest
+    of the dataset the state was saved with, `epoch_digest` that of its epoch in progress."""
+    history = {h["digest"]: (v, h) for v, h in enumerate(manifest.history)}
+    if saved != manifest.digest:
+        if saved not in history:
+            raise ValueError(
+                f"cannot resume the data stream: dataset (manifest digest) was {saved!r}, "
+                f"is {manifest.digest!r} now ({url}; not an earlier version of it)"
+            )
+        if not allow_growth:
+            version, old = history[saved]
+            raise ValueError(
+                f"cannot resume the data stream: {url} grew from {old['shards']} to "
+                f"{len(manifest.shards)} shards (manifest version {version + 1} -> "
+                f"{len(history) + 1}): set data.allow_growth=true to continue onto it"
+            )
+    want = epoch_digest or saved
+    if want == manifest.digest:
+        return manifest
+    if want not in history:
+        raise ValueError(
+            f"cannot resume the data stream: the epoch in progress read {url} at manifest "
+            f"digest {want!r}, which is not in its history"
+        )
+    prefix = manifest.prefix(int(history[want][1]["shards"]))
+    if prefix.digest != want:
+        raise ValueError(
+            f"{url}: manifest history entry {want!r} is not a prefix of its shard list"
+        )
+    return prefix
 
 
 class Segment(NamedTuple):
@@ -108,7 +150,7 @@ class PartitionStream:
         self.rng = np.random.default_rng([plan.seed, plan.epoch, p])
         self.next_in = self.out = 0
         self.buf: list[tuple[int, dict[str, Any] | Hole]] = []
-        self._held: dict[int, LocalShard] = {}  # shards this partition is reading
+        self._held: dict[int, UnitReader] = {}  # units this partition is reading
         if state is not None:
             self._restore(state)
         self._segments = plan.segments(p, self.next_in)

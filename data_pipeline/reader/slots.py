@@ -5,12 +5,15 @@ Slot q of n_slots owns the partitions p ≡ q (mod n_slots), and so the global s
 g ≡ q (mod n_slots) of every step. Its piece of a step is its samples of the step in increasing
 g, decoded (an undecodable sample becomes a hole), plus the state of its partitions after them
 and its I/O counters' change.
+
+A grown dataset (allow_growth) finishes the epoch in progress on its old prefix: slot_pieces then
+takes that epoch's spec (`first`) apart from the spec of every later epoch.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +91,7 @@ class Slot:
                 continue
             t0 = time.perf_counter()
             try:
-                sample = decode(raw, modality)
+                sample = decode_raw(raw, modality, self.spec.opts)
             except Exception as e:  # PIL, numpy and soundfile raise many types on bad bytes
                 holes.append(Hole(raw["__shard__"], raw["__key__"], f"undecodable: {e}"))
                 items.append((g, None))
@@ -111,20 +114,33 @@ class Slot:
             self.cache.close()
 
 
+def decode_raw(raw: dict[str, Any], modality: str, opts: ReaderOptions) -> Sample:
+    """Raw members -> a sample: the one place slots decode (DataStream's and the mixture's)."""
+    return decode(raw, modality, text=opts.text)
+
+
 def slot_pieces(
-    spec: StreamSpec, slot: int, epoch: int, start_step: int, states: dict[int, Any]
-) -> Iterator[Piece]:
+    spec: StreamSpec,
+    slot: int,
+    epoch: int,
+    start_step: int,
+    states: dict[int, Any],
+    first: StreamSpec | None = None,
+) -> Generator[Piece, None, None]:
     """One slot's pieces from (epoch, start_step) on, epoch after epoch: a worker lives on, so
-    an epoch boundary costs no process start and local shards stay verified."""
+    an epoch boundary costs no process start and local shards stay verified. `first`: the spec
+    of the epoch in progress when it differs (a grown dataset's old prefix, whose shards are the
+    first of spec.manifest's, so one cache serves both)."""
     cache = ShardCache(spec.url, spec.manifest, spec.opts, IOStats())
+    current = first or spec
     try:
         while True:
-            s = Slot(spec, epoch, slot, states, cache)
+            s = Slot(current, epoch, slot, states, cache)
             try:
                 for step in range(start_step, s.plan.steps):
                     yield s.piece(step)
             finally:
                 s.close()
-            epoch, start_step, states = epoch + 1, 0, {}
+            epoch, start_step, states, current = epoch + 1, 0, {}, spec
     finally:
         cache.close()

@@ -1,5 +1,9 @@
 """The worker pool: a rank's slots in forked worker processes, each running ahead into a bounded
-queue, read round-robin by a receiver thread of the rank."""
+queue, read round-robin by a receiver thread of the rank.
+
+What a worker runs is a *pieces factory*: a picklable callable that, given the slot number,
+returns that slot's endless iterator of pieces (one per step): slots.slot_pieces for a
+DataStream, mixture.mixture_pieces for a MixtureStream. The pool only moves pieces."""
 
 from __future__ import annotations
 
@@ -8,12 +12,14 @@ import queue
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from darkmatter.data_pipeline.reader.options import DataError
-from darkmatter.data_pipeline.reader.slots import Piece, StreamSpec, slot_pieces
+
+# slot number -> that slot's pieces, step after step (forked: it is inherited, not sent).
+PiecesFactory = Callable[[int], Iterator[Any]]
 
 
 @dataclass(frozen=True)
@@ -21,9 +27,7 @@ class _WorkerFailure:
     message: str
 
 
-def _worker_main(
-    spec: StreamSpec, slot: int, epoch: int, step: int, states: Any, out: Any, stop: Any
-) -> None:
+def _worker_main(pieces: PiecesFactory, slot: int, out: Any, stop: Any) -> None:
     """A worker process: one slot's pieces into a bounded queue until told to stop."""
     _die_with_parent()
     # A scheduler may signal every process of the job (SLURM does, for --signal and scancel):
@@ -34,7 +38,7 @@ def _worker_main(
         signal.signal(getattr(signal, name), signal.SIG_IGN)
     last: Any = None
     try:
-        for piece in slot_pieces(spec, slot, epoch, step, states):
+        for piece in pieces(slot):
             if not _put(out, piece, stop):
                 break
     except DataError as e:
@@ -80,10 +84,7 @@ class Workers:
     filesystem cache in a forked child, and no worker inherits an open shard.
     """
 
-    def __init__(
-        self, spec: StreamSpec, rank: int, slots: int, epoch: int, step: int, states: Any,
-        depth: int = 2,
-    ):  # fmt: skip
+    def __init__(self, pieces: PiecesFactory, rank: int, slots: int, depth: int = 2):
         ctx = mp.get_context("fork")
         self.stop = ctx.Event()
         self.queues = [ctx.Queue(maxsize=depth) for _ in range(slots)]
@@ -92,8 +93,8 @@ class Workers:
                 target=_worker_main,
                 name=f"darkmatter-data-{rank}-{w}",
                 daemon=True,
-                args=(spec, rank * slots + w, epoch, step, states, self.queues[w], self.stop),
-            )  # fmt: skip
+                args=(pieces, rank * slots + w, self.queues[w], self.stop),
+            )
             for w in range(slots)
         ]
         for proc in self.procs:
@@ -101,7 +102,7 @@ class Workers:
         self._next = 0
         # A thread of the rank receives and unpickles whole steps while the training thread
         # is inside torch (which releases the GIL): a ready step then costs a deque pop.
-        self._steps: queue.Queue[list[Piece] | BaseException] = queue.Queue(maxsize=depth)
+        self._steps: queue.Queue[list[Any] | BaseException] = queue.Queue(maxsize=depth)
         self._receiver: threading.Thread | None = threading.Thread(
             target=self._receive, name=f"darkmatter-data-recv-{rank}", daemon=True
         )
@@ -122,7 +123,7 @@ class Workers:
         except BaseException as e:  # handed to the training thread, which raises it
             self._steps.put(e)
 
-    def next_step(self) -> list[Piece]:
+    def next_step(self) -> list[Any]:
         """The pieces of every worker for the next step, received ahead by the thread."""
         while True:
             try:
@@ -135,10 +136,10 @@ class Workers:
                 raise item
             return item
 
-    def __iter__(self) -> Iterator[Piece]:
+    def __iter__(self) -> Iterator[Any]:
         return self
 
-    def __next__(self) -> Piece:
+    def __next__(self) -> Any:
         w = self._next
         while True:
             try:
@@ -154,7 +155,7 @@ class Workers:
         self._next = (w + 1) % len(self.procs)
         if isinstance(item, _WorkerFailure):
             raise DataError(item.message)
-        return item  # type: ignore[no-any-return]
+        return item
 
     def close(self) -> None:
         self.stop.set()

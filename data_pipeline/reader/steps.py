@@ -1,0 +1,45 @@
+"""What every stream of the reader shares (DataStream over one dataset, MixtureStream over
+weighted sources): the checks of its shape, the cutting of a rank's step into micro-batches, and
+the I/O counters it reports."""
+
+from __future__ import annotations
+
+from darkmatter.data_pipeline.reader.cache import IOStats
+from darkmatter.data_pipeline.reader.decode import Sample
+from darkmatter.data_pipeline.reader.options import DataError
+
+
+def check_shape(
+    rank: int, world_size: int, micro_batch_size: int, grad_accum: int, partitions: int,
+    num_workers: int, seed: int,
+) -> None:  # fmt: skip
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if min(micro_batch_size, grad_accum, partitions) < 1 or num_workers < 0 or seed < 0:
+        raise ValueError(
+            "need micro_batch_size, grad_accum, partitions >= 1, num_workers, seed >= 0"
+        )
+
+
+def micro_batches(
+    samples: list[Sample | None], micro_batch_size: int, grad_accum: int, where: str, why: str
+) -> list[list[Sample]]:
+    """The step's samples, in step order (None: a hole), as grad_accum micro-batches by
+    position, holes dropped; a micro-batch left empty is an error `where` (rank, step) `why`."""
+    m = micro_batch_size
+    micro = [[s for s in samples[k * m : (k + 1) * m] if s is not None] for k in range(grad_accum)]
+    for k, batch in enumerate(micro):
+        if not batch:
+            raise DataError(f"{where}: every sample of micro-batch {k} was bad data{why}")
+    return micro
+
+
+def io_summary(s: IOStats, wait_s: float) -> dict[str, float]:
+    """The reader's cumulative counters, as the trainer logs them."""
+    out: dict[str, float] = {
+        "samples": s.samples, "bytes_read": s.bytes_read, "retries": s.retries,
+        "fetch_s": s.fetch_s, "shard_wait_s": s.wait_s, "decode_s": s.decode_s,
+        "wait_s": wait_s, "skipped": sum(s.skipped.values()),
+    }  # fmt: skip
+    out.update({f"skipped/{k}": v for k, v in s.skipped.items()})
+    return out
