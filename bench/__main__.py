@@ -51,6 +51,8 @@ BENCHMARKS = (
     Bench("tracking_overhead", "ratio", "<= 1.01"),
     Bench("trainer_overhead", "ratio", "<= 1.03"),
     Bench("zero_memory", "worst_ratio", "<= 1.15"),
+    Bench("raw_text", "ratio_jsonl", ""),
+    Bench("index_shards", "ratio", ">= 5"),
     Bench("features", "", ""),
     Bench("gpu", "mlm_mfu_vs_target", ">= 1.0", quick=("--tiny",), needs_gpu=True),
 )

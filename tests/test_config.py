@@ -12,6 +12,7 @@ from darkmatter.trainer.config import (
     ConfigError,
     ModelConfig,
     batch_plan,
+    data_sources,
     deepspeed_config,
     flatten,
     model_keys,
@@ -37,6 +38,37 @@ def test_presets_load() -> None:
     for preset in sorted((REPO / "configs").glob("*.yaml")):
         cfg = load_config(preset)
         assert cfg.train.steps > 0, preset
+    examples = {p.stem: load_config(p) for p in (REPO / "configs" / "examples").glob("*.yaml")}
+    mix = data_sources(examples["text_mixture"].data)
+    assert [(s.name, s.weight) for s in mix] == [("web", 0.5), ("wiki", 0.3), ("books", 0.2)]
+    assert [s.format for s in mix] == ["auto", "parquet", "auto"]
+    assert examples["text_mixture"].data.pack == "documents"
+    assert data_sources(examples["laion_in_place"].data)[0].url.endswith("{00000..09999}.tar")
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            "{url: a, sources: [{name: x, url: b}]}",
+            "data.url: give either data.url or data.sources",
+        ),
+        (
+            "{sources: [{name: x, url: a}, {name: x, url: b}]}",
+            "data.sources[1].name: 'x' names two",
+        ),
+        ("{sources: [{name: x, url: a, weight: 0}]}", "data.sources[0].weight: expected > 0"),
+        ("{sources: [{name: 'a b', url: a}]}", "data.sources[0].name: expected letters"),
+        ("{sources: [{name: x, url: a, format: csv}]}", "data.sources[0].format: expected one of"),
+        ("{sources: {name: x}}", "data.sources: expected a list"),
+        ("{sources: [{url: a}]}", "data.sources[0].name: required key is missing"),
+        ("{url: a, pack: rows}", "data.pack: expected one of none, documents"),
+    ],
+)
+def test_source_errors_name_the_key(tmp_path: Path, data: str, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, f"objective: mlm\ndata: {data}\ntrain: {{steps: 1}}\n"))
+    assert message in str(e.value)
     from darkmatter.evaluation.tasks import load_tasks
 
     for tasks in sorted((REPO / "configs" / "tasks").glob("*.yaml")):
@@ -64,7 +96,11 @@ def test_defaults_and_overrides(tmp_path: Path) -> None:
         (BASE, "objective=simclrr", "objective: unknown 'simclrr'"),
         (BASE, "model.mask_ratio=1.5", "model.mask_ratio: expected in (0, 1)"),
         ("objective: mlm\ndata: {url: x}\n", None, "train.steps: required key is missing"),
-        ("objective: mlm\ntrain: {steps: 1}\n", None, "data.url: give either data.url or data.sources (a mixture), not neither"),
+        (
+            "objective: mlm\ntrain: {steps: 1}\n",
+            None,
+            "data.url: give either data.url or data.sources (a mixture), not neither",
+        ),
         (BASE, "trainsteps", "expected KEY=VALUE"),
         (BASE, "train.ckpt_every=5", "train.ckpt_every: unknown key"),  # now checkpoint.every
         (BASE, "checkpoint.keep_last=0", "checkpoint.keep_last: expected >= 1, got 0"),

@@ -325,6 +325,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _check_finite(value: Any, key: str) -> None:
+    """A pass-through mapping (deepspeed:, ...) holds no NaN or infinity anywhere: NaN passes
+    every range check the library behind it makes (NaN < 0 is False)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(
+        value, list) else ()  # fmt: skip
+    for k, v in items:
+        _check_finite(v, f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; build nested dataclasses. Raises ConfigError."""
     origin = typing.get_origin(tp)
@@ -352,6 +363,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        _check_finite(value, key)
         return dict(value)
     if tp is Any:
         return value

@@ -28,14 +28,19 @@ import torch
 import yaml
 
 from darkmatter import storage
-from darkmatter.data_pipeline.prepare import Manifest
-from darkmatter.data_pipeline.reader import DataStream, ReaderOptions
-from darkmatter.storage import check_bucket, failpoints, join, read_bytes
+from darkmatter.data_pipeline.reader import DataStream, MixtureStream, ReaderOptions
+from darkmatter.storage import failpoints
 from darkmatter.trainer import checkpoint as ckpt
 from darkmatter.trainer import checkpoint_writer as ckpt_writer
+from darkmatter.trainer import datasets, environment, perf
 from darkmatter.trainer import engine as eng
-from darkmatter.trainer import environment, perf
-from darkmatter.trainer.config import Config, batch_plan, deepspeed_config, flatten, to_dict
+from darkmatter.trainer.config import (
+    Config,
+    batch_plan,
+    deepspeed_config,
+    flatten,
+    to_dict,
+)
 from darkmatter.trainer.objectives import OBJECTIVES, Objective
 from darkmatter.trainer.preemption import PREEMPTED_EXIT, Preempted, Signals, slurm_requeue
 from darkmatter.trainer.resume import Position, Resumer, truncate_metrics
@@ -45,28 +50,11 @@ log = logging.getLogger("darkmatter.train")
 
 
 def dataset_meta(cfg: Config) -> dict[str, Any]:
-    """What the model needs to know of the dataset: modality, vocabulary size, tokenizer URL and
-    the tokenizer's special-token ids (`special_tokens`: {"pad": id, ..., "mask": id})."""
-    check_bucket(cfg.data.url)
-    manifest = Manifest.load(cfg.data.url)
-    meta: dict[str, Any] = {"modality": manifest.modality, "num_samples": manifest.num_samples}
-    if manifest.tokenizer:
-        from tokenizers import Tokenizer
-
-        from darkmatter.data_pipeline.prepare import MANIFEST, SPECIAL_NAMES
-
-        tok_url = join(cfg.data.url, manifest.tokenizer)
-        tok = Tokenizer.from_str(read_bytes(tok_url).decode())
-        specials = dict(manifest.special_tokens or {})
-        # An old manifest (no ids recorded: the defaults) of a dataset prepared with another
-        # tokenizer would otherwise train with the wrong ids without a word.
-        actual = {name: tok.token_to_id(token) for name, token in SPECIAL_NAMES.items()}
-        if specials != actual:
-            raise ValueError(
-                f"{join(cfg.data.url, MANIFEST)}: special_tokens {specials} disagree "
-                f"with {tok_url} {actual}: prepare the dataset again"
-            )
-        meta.update(vocab_size=tok.get_vocab_size(), tokenizer_url=tok_url, special_tokens=specials)
+    """What the model needs to know of the run's data (trainer.datasets.dataset_meta), with the
+    resolved sources under "sources": [(name, dataset url, weight), ...]."""
+    sources = datasets.resolve_sources(cfg)
+    meta = datasets.dataset_meta(cfg, sources)
+    meta["sources"] = [(s.name, s.url, s.weight) for s in sources]
     return meta
 
 
@@ -78,8 +66,8 @@ def preflight(cfg: Config) -> Objective:
     objective = OBJECTIVES[cfg.objective](cfg, meta)
     if meta["modality"] != objective.modality:
         raise ValueError(
-            f"objective {cfg.objective!r} trains on {objective.modality} but {cfg.data.url} "
-            f"holds {meta['modality']} shards"
+            f"objective {cfg.objective!r} trains on {objective.modality} but "
+            f"{', '.join(url for _, url, _ in meta['sources'])} holds {meta['modality']} data"
         )
     if cfg.model.init_from:  # fetched here (once per process) and checked against the model
         from darkmatter.trainer import init_from
@@ -115,18 +103,30 @@ def micro_batch_generator(cfg: Config, step: int, rank: int, micro: int) -> torc
     return torch.Generator().manual_seed(hash((cfg.train.seed, step, rank, micro)) & (2**62 - 1))
 
 
-def make_stream(cfg: Config, rank: int, world_size: int) -> DataStream:
+def make_stream(
+    cfg: Config, rank: int, world_size: int, meta: dict[str, Any] | None = None
+) -> DataStream | MixtureStream:
+    """One source: a DataStream of its dataset (state format unchanged); several: a weighted
+    MixtureStream. `meta` is dataset_meta(cfg) (resolved here when not given): its sources are
+    dataset URLs (raw files already indexed), and for text its tokenizer is what raw text is
+    tokenized with on the fly."""
+    meta = meta or dataset_meta(cfg)
     d = cfg.data
     opts = ReaderOptions(
         shuffle_buffer=d.shuffle_buffer, strict=d.strict, verify=d.verify,
         max_member_bytes=int(d.max_member_mb * 2**20), readahead=d.readahead,
         retry=cfg.storage.retry, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
+        text=datasets.text_spec(meta),
     )  # fmt: skip
-    return DataStream(
-        d.url, rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
+    kw: dict[str, Any] = dict(
+        rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=cfg.train.grad_accum, num_workers=d.num_workers, seed=cfg.train.seed,
-        partitions=d.partitions, options=opts,
+        partitions=d.partitions, options=opts, allow_growth=d.allow_growth,
     )  # fmt: skip
+    sources = meta["sources"]
+    if len(sources) == 1:
+        return DataStream(sources[0][1], **kw)
+    return MixtureStream([tuple(s) for s in sources], **kw)
 
 
 class Trainer:
@@ -161,7 +161,7 @@ class Trainer:
             self._assets = ckpt_writer.input_assets(objective.meta, objective.modality, data)
             ckpt_writer.record_root(self.run_dir, self.ckpt_root)
         self.signals = Signals(cfg.faults.signals, cfg.faults.grace_s)
-        self.stream = make_stream(cfg, rank, world_size)
+        self.stream = make_stream(cfg, rank, world_size, objective.meta)
         self.pos = self.resumer.load(found, self.engine, self.stream)
         self.nodes = sorted(set(eng.all_gather(platform.node())))
         # MFU's denominator: rank 0 logs (a CPU's peak is measured, which takes a moment).
@@ -171,6 +171,7 @@ class Trainer:
             self.peak = perf.Peak(0.0, "rank 0 only")
         self.tracker = self._start_tracking() if rank == 0 else None
         self._data_seen = self.stream.summary()  # counters at the last log line
+        self._obj_counts: dict[str, float] = {}  # the objective's counts since the last line
         self._stall_s = 0.0  # training time lost to saves since the last log line
         self._norms: collections.deque[float] = collections.deque(maxlen=50)  # applied steps'
         self._skips: list[int] = []  # recently skipped steps
@@ -281,6 +282,8 @@ class Trainer:
             batch = self.objective.make_batch(samples, gen)
             tokens += self.objective.tokens(batch)
             flops += self.objective.flops(batch)
+            for k, v in self.objective.counts(batch).items():  # before to_device drops them
+                self._obj_counts[k] = self._obj_counts.get(k, 0.0) + v
             batch = self.objective.to_device(batch, self.engine.device, self.cfg.train.bf16)
             timer.mark("batch")
             out = self.engine(**batch)
@@ -367,6 +370,9 @@ class Trainer:
             delta["bytes_read"] / 2**20, delta["retries"], delta["skipped"],
         ]), strict=True))  # fmt: skip
         mem_max, neg_min = eng.all_reduce_max([perf.memory_gb(), -perf.memory_gb()])
+        # Totals of the whole job (data counters) and of the window (the objective's).
+        counts = _sum_counts(eng.all_gather({**_counts(data), **self._obj_counts}))
+        self._obj_counts = {}
         gnorm = self.engine.get_global_grad_norm()
         if gnorm is None:  # without ZeRO DeepSpeed keeps no norm; the step gate saw it
             gnorm = self._last_norm
@@ -388,6 +394,9 @@ class Trainer:
             "time/other_s": max(0.0, secs - sum(means[p] for p in PHASES)) / n,
             "memory/max_gb": mem_max, "memory/min_gb": -neg_min,  # peak so far, per rank
         }  # fmt: skip
+        rec.update({k if k.startswith("data/") else f"data/{k}": v for k, v in counts.items()})
+        if counts.get("data/pack/slots"):
+            rec["data/pack/efficiency"] = counts["data/pack/tokens"] / counts["data/pack/slots"]
         if self.objective.modality == "text":
             rec["tokens_per_s"] = means["tokens"] * self.world_size / secs
         rec["model_tflops_per_s"] = means["flops"] / secs / 1e12  # per device
@@ -507,13 +516,30 @@ class Trainer:
     def _model_meta(self) -> dict[str, Any]:
         return {
             "objective": self.cfg.objective, "step": self.pos.step,
-            "zero_stage": self.cfg.train.zero_stage, "dataset": self.cfg.data.url,
+            "zero_stage": self.cfg.train.zero_stage,
+            "dataset": self.cfg.data.url or [url for _, url, _ in self.objective.meta["sources"]],
             "tokenizer": self.objective.meta.get("tokenizer_url"),
             "mlflow_run_id": self.pos.mlflow_run_id,
             "modality": self.objective.modality,
             # What the harness and export need to make inputs as training did (url aside).
             "data": {k: v for k, v in dataclasses.asdict(self.cfg.data).items() if k != "url"},
         }  # fmt: skip
+
+
+def _counts(summary: dict[str, float]) -> dict[str, float]:
+    """A rank's cumulative counters that go to MLflow by name: samples per source, bad samples
+    by reason (the keys differ between ranks, so they travel as a dict, not a reduced vector)."""
+    return {k: v for k, v in summary.items() if k.startswith(("source/", "skipped/"))}
+
+
+def _sum_counts(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for counts in per_rank:
+        for k, v in counts.items():
+            # An epoch or a source's consumed samples is a position (the same on every rank).
+            position = k.endswith(("/epoch", "/consumed"))
+            out[k] = max(out.get(k, 0), v) if position else out.get(k, 0) + v
+    return out
 
 
 PHASES = ("data", "batch", "forward", "backward", "optimizer")  # of a step, in order
