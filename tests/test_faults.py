@@ -56,6 +56,7 @@ def fp32_weights(root: Path, tag: str) -> dict[str, torch.Tensor]:
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
 
 
+@pytest.mark.slow  # make test keeps under 20 min; CI runs it in the slow tier
 def test_rank_killed_under_max_restarts_resumes_bit_exact(text_ds: str, tmp_path: Path) -> None:
     train = {"zero_stage": 2, "steps": 30, "log_every": 1}
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"

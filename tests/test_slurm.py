@@ -65,6 +65,7 @@ def wait_for(what: str, cond: Any, c: slurm_cluster.SlurmCluster, job: int, time
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+@pytest.mark.slow  # make test keeps under 20 min; CI runs it in the slow tier
 def test_usr1_checkpoints_requeues_and_the_job_resumes_to_completion(
     slurm: slurm_cluster.SlurmCluster, stack: Any, text_ds: str, tmp_path: Path
 ) -> None:

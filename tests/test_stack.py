@@ -193,6 +193,7 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+@pytest.mark.slow  # make test keeps under 20 min; CI runs it in the slow tier
 def test_data_survives_down_up_and_a_sigkill_mid_write(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -118,6 +118,7 @@ def test_two_ranks_zero1_and_zero3_agree(text_ds: str, tmp_path: Path) -> None:
     assert not torch.equal(w1, fresh.embeddings.word_embeddings.weight)
 
 
+@pytest.mark.slow  # make test keeps under 20 min; CI runs it in the slow tier
 def test_resume_with_other_worker_count_continues_the_same_data(
     text_ds: str, tmp_path: Path
 ) -> None:
