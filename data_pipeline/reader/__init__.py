@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -50,10 +48,17 @@ from darkmatter.data_pipeline.reader.order import EpochPlan, resume_manifest
 from darkmatter.data_pipeline.reader.quarantine import Quarantine
 from darkmatter.data_pipeline.reader.shards import Hole, LocalShard, tar_members
 from darkmatter.data_pipeline.reader.slots import Piece, Slot, StreamSpec, slot_pieces
-from darkmatter.data_pipeline.reader.steps import check_shape, io_summary, micro_batches
+from darkmatter.data_pipeline.reader.steps import (
+    SAMPLE_LOG_ENV,
+    check_shape,
+    io_summary,
+    log_samples,
+    micro_batches,
+)
 from darkmatter.data_pipeline.reader.workers import Workers
 
 __all__ = [
+    "SAMPLE_LOG_ENV",
     "DataError",
     "DataStream",
     "EpochPlan",
@@ -72,26 +77,6 @@ __all__ = [
 ]
 
 STATE_VERSION = 2
-# Tests only (the chaos soak, tests/soak.py): a folder where every rank appends the keys and the
-# holes of each step it hands out, so that a soak can prove no sample is seen twice in an epoch.
-SAMPLE_LOG_ENV = "DARKMATTER_SAMPLE_LOG"
-
-
-def _log_samples(
-    rank: int, epoch: int, step: int, micro: list[list[Sample]], holes: list[Hole]
-) -> None:
-    folder = os.environ.get(SAMPLE_LOG_ENV)
-    if not folder:
-        return
-    rec = {"epoch": epoch, "step": step, "keys": [s["__key__"] for b in micro for s in b],
-           "holes": [[h.shard, h.key] for h in holes]}  # fmt: skip
-    # One O_APPEND write per line: a SIGKILL leaves whole lines (at worst a torn last one).
-    path = os.path.join(folder, f"samples-rank{rank}.jsonl")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(rec) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 class DataStream:
@@ -283,7 +268,7 @@ class DataStream:
         why = f" ({holes[-1].reason})" if holes else ""
         micro = micro_batches([s for _, s in items], self.micro_batch_size, self.grad_accum,
                               where, why)  # fmt: skip
-        _log_samples(self.rank, self.epoch, self.step, micro, holes)
+        log_samples(self.rank, self.epoch, self.step, micro, holes)
         self.step += 1
         return micro
 

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import hashlib
 import math
+import os
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
@@ -57,7 +58,13 @@ from darkmatter.data_pipeline.reader.order import (
 from darkmatter.data_pipeline.reader.quarantine import Quarantine
 from darkmatter.data_pipeline.reader.shards import Hole
 from darkmatter.data_pipeline.reader.slots import decode_raw
-from darkmatter.data_pipeline.reader.steps import check_shape, io_summary, micro_batches
+from darkmatter.data_pipeline.reader.steps import (
+    SAMPLE_LOG_ENV,
+    check_shape,
+    io_summary,
+    log_samples,
+    micro_batches,
+)
 from darkmatter.data_pipeline.reader.workers import Workers
 
 MIXTURE_STATE_VERSION = 1
@@ -455,6 +462,12 @@ class MixtureStream:
         items.sort(key=lambda it: it[0])
         micro = micro_batches([s for _, _, s in items], self.micro_batch_size, self.grad_accum,
                               f"rank {self.rank}, step {self.step}", "")  # fmt: skip
+        if os.environ.get(SAMPLE_LOG_ENV):  # keys qualified by source: two may share a key
+            names = [src.name for src in self.spec.sources]
+            log_samples(self.rank, self.epoch, self.step,
+                        [[{"__key__": f"{s['__source__']}/{s['__key__']}"} for s in b] for b in micro],
+                        [h._replace(shard=f"{names[j]}/{h.shard}") for p in pieces
+                         for j, h in p.holes])  # fmt: skip
         self.step += 1
         return micro
 

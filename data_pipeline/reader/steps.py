@@ -4,9 +4,13 @@ the I/O counters it reports."""
 
 from __future__ import annotations
 
+import json
+import os
+
 from darkmatter.data_pipeline.reader.cache import IOStats
 from darkmatter.data_pipeline.reader.decode import Sample
 from darkmatter.data_pipeline.reader.options import DataError
+from darkmatter.data_pipeline.reader.shards import Hole
 
 
 def check_shape(
@@ -43,3 +47,25 @@ def io_summary(s: IOStats, wait_s: float) -> dict[str, float]:
     }  # fmt: skip
     out.update({f"skipped/{k}": v for k, v in s.skipped.items()})
     return out
+
+
+# Tests only (the chaos soak, tests/soak.py): a folder where every rank appends the keys and the
+# holes of each step it hands out, so that a soak can prove no sample is seen twice in an epoch.
+SAMPLE_LOG_ENV = "DARKMATTER_SAMPLE_LOG"
+
+
+def log_samples(
+    rank: int, epoch: int, step: int, micro: list[list[Sample]], holes: list[Hole]
+) -> None:
+    folder = os.environ.get(SAMPLE_LOG_ENV)
+    if not folder:
+        return
+    rec = {"epoch": epoch, "step": step, "keys": [s["__key__"] for b in micro for s in b],
+           "holes": [[h.shard, h.key] for h in holes]}  # fmt: skip
+    # One O_APPEND write per line: a SIGKILL leaves whole lines (at worst a torn last one).
+    path = os.path.join(folder, f"samples-rank{rank}.jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(rec) + "\n").encode())
+    finally:
+        os.close(fd)
