@@ -100,20 +100,15 @@ class DataStream:
         options: ReaderOptions | None = None,
         allow_growth: bool = False,
     ):
-        check_shape(rank, world_size, micro_batch_size, grad_accum, partitions, num_workers, seed)
+        global_batch, n_slots = check_shape(
+            rank, world_size, micro_batch_size, grad_accum, partitions, num_workers, seed
+        )
         self.url, self.rank, self.world_size = url, rank, world_size
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.num_workers, self.slots = num_workers, max(1, num_workers)
         self.allow_growth = allow_growth
         self.opts = options or ReaderOptions()
         self.manifest = Manifest.load(url)
-        global_batch = micro_batch_size * grad_accum * world_size
-        n_slots = world_size * self.slots
-        if partitions % n_slots or global_batch % n_slots:
-            raise ValueError(
-                f"data.partitions ({partitions}) and the global batch ({global_batch}) must both "
-                f"be multiples of world_size x max(1, num_workers) = {n_slots}"
-            )
         self.spec = StreamSpec(
             url, self.manifest, seed, partitions, global_batch, n_slots, self.opts
         )

@@ -294,18 +294,13 @@ class MixtureStream:
         options: ReaderOptions | None = None,
         allow_growth: bool = False,
     ):
-        check_shape(rank, world_size, micro_batch_size, grad_accum, partitions, num_workers, seed)
+        global_batch, n_slots = check_shape(
+            rank, world_size, micro_batch_size, grad_accum, partitions, num_workers, seed
+        )
         self.rank, self.world_size, self.allow_growth = rank, world_size, allow_growth
         self.micro_batch_size, self.grad_accum = micro_batch_size, grad_accum
         self.num_workers, self.slots = num_workers, max(1, num_workers)
         self.opts = options or ReaderOptions()
-        global_batch = micro_batch_size * grad_accum * world_size
-        n_slots = world_size * self.slots
-        if partitions % n_slots or global_batch % n_slots:
-            raise ValueError(
-                f"data.partitions ({partitions}) and the global batch ({global_batch}) must both "
-                f"be multiples of world_size x max(1, num_workers) = {n_slots}"
-            )
         specs, weights = _load_sources(sources, seed, partitions)
         self.spec = MixSpec(specs, weights, partitions, global_batch, n_slots, self.opts)
         self.seed = seed

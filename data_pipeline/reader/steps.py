@@ -16,13 +16,24 @@ from darkmatter.data_pipeline.reader.shards import Hole
 def check_shape(
     rank: int, world_size: int, micro_batch_size: int, grad_accum: int, partitions: int,
     num_workers: int, seed: int,
-) -> None:  # fmt: skip
+) -> tuple[int, int]:  # fmt: skip
+    """(global batch, slots of the job): ranks x max(1, workers) slots must divide both the
+    partitions and the global batch, so that every slot owns whole partitions and takes an
+    equal share of every step."""
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if min(micro_batch_size, grad_accum, partitions) < 1 or num_workers < 0 or seed < 0:
         raise ValueError(
             "need micro_batch_size, grad_accum, partitions >= 1, num_workers, seed >= 0"
         )
+    global_batch = micro_batch_size * grad_accum * world_size
+    n_slots = world_size * max(1, num_workers)
+    if partitions % n_slots or global_batch % n_slots:
+        raise ValueError(
+            f"data.partitions ({partitions}) and the global batch ({global_batch}) must both "
+            f"be multiples of world_size x max(1, num_workers) = {n_slots}"
+        )
+    return global_batch, n_slots
 
 
 def micro_batches(
