@@ -112,7 +112,9 @@ def test_trainer_uploads_only_each_intervals_new_entries(
 
 def test_default_cache_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    c = cache_mod.ShardCache("s3://b/ds", None, ReaderOptions(), cache_mod.IOStats())  # type: ignore[arg-type]
+    c = cache_mod.ShardCache(
+        "s3://b/ds", Manifest("text", []), ReaderOptions(), cache_mod.IOStats()
+    )
     assert c._folder() == str(tmp_path / "xdg" / "darkmatter" / "shards")
     assert (tmp_path / "xdg" / "darkmatter" / "shards").is_dir()
 

@@ -77,8 +77,7 @@ class ShardCache:
 
     def __init__(self, url: str, manifest: Manifest, opts: ReaderOptions, stats: IOStats):
         self.url, self.manifest, self.opts, self.stats = url, manifest, opts, stats
-        # Where the shards lie (a test may pass no manifest: then the dataset's URL).
-        self.local = not storage.is_remote(getattr(manifest, "root", None) or url)
+        self.local = not storage.is_remote(manifest.root or url)  # where the shards lie
         self._pool: ThreadPoolExecutor | None = None
         self._futures: dict[int, Future[UnitReader]] = {}
         self._refs: Counter[int] = Counter()
@@ -89,8 +88,7 @@ class ShardCache:
         # Remote ones are on disk anyway; the index and an open file are what is kept. Raw
         # units (Parquet row groups, jsonl/text ranges) are held in memory, up to 64 MiB each:
         # keeping 64 or 256 of them idle would hold gigabytes per slot, so only a few are kept.
-        raw = any(s.format != "tar" for s in getattr(manifest, "shards", ()))
-        if raw:
+        if any(s.format != "tar" for s in manifest.shards):
             self._keep_idle = max(2, opts.readahead)
         else:
             self._keep_idle = 256 if self.local else max(64, opts.readahead)

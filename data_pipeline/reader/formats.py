@@ -17,6 +17,7 @@ count is not the manifest's (the file changed since `darkmatter index`) is `bad`
 
 from __future__ import annotations
 
+import abc
 import json
 import posixpath
 from collections.abc import Iterator
@@ -202,7 +203,7 @@ class _BadSample(Exception):
     """A sample that is a hole; the message is its reason."""
 
 
-class RawUnit:
+class RawUnit(abc.ABC):
     """A unit's samples in memory (one unit at a time: a byte range or a row group's column)."""
 
     def __init__(self, name: str, where: str, expected: int):
@@ -230,8 +231,9 @@ class RawUnit:
             return Hole(self.name, self.keys[j], str(e))
         return {"__key__": self.keys[j], "__shard__": self.name, "txt": text.encode()}
 
+    @abc.abstractmethod
     def _text(self, j: int) -> str:
-        raise NotImplementedError
+        """Sample j's document; raises _BadSample with the reason it is a hole."""
 
     def close(self) -> None:
         self.keys = []
