@@ -42,11 +42,16 @@ quickstart: venv corpora espeak
 test: venv corpora slurm espeak
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q --durations=25 -m "not slow" tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not slow and not presets" tests
 
 # What make test leaves out for its time (each a multi-process DeepSpeed job); CI runs it after.
 test-slow: venv corpora espeak
 	$(BIN)/python -m pytest -q --durations=10 -m slow tests
+
+# Every quickstart preset trained in full and probed against random init (~1.5 h): run when a
+# preset or an objective changes; the margins land in runs/presets.jsonl for docs/OBJECTIVES.md.
+test-presets: venv corpora espeak
+	DARKMATTER_PRESET_LOG=$(CURDIR)/runs/presets.jsonl $(BIN)/python -m pytest -q -s -m presets tests/test_presets.py
 
 # The chaos soak (CI's slow tier, ~10 min): kills, S3 faults, an MLflow restart and bad inputs
 # against one 2-rank job, which must end equal to an uninterrupted run (docs/RELIABILITY.md).

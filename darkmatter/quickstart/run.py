@@ -64,7 +64,8 @@ def write_parquet(rows: dict[str, list], url: str) -> None:
     write_bytes(url, buf.getvalue())
 
 
-def text_task() -> str:
+def text_task(url: str = f"{BUCKET}/tasks/fortunes_topics.parquet") -> str:
+    """The labeled Parquet of the text probe (eight balanced categories) at `url`."""
     rng = np.random.default_rng(0)
     texts, labels = [], []
     for cat in PROBE_CATEGORIES:
@@ -72,7 +73,6 @@ def text_task() -> str:
         pick = rng.permutation(len(docs))[:PER_CATEGORY]
         texts += [docs[i] for i in sorted(pick)]
         labels += [cat] * len(pick)
-    url = f"{BUCKET}/tasks/fortunes_topics.parquet"
     write_parquet({"text": texts, "label": labels}, url)
     return url
 
