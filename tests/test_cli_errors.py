@@ -78,7 +78,8 @@ def test_objective_modality_mismatch(tmp_path: Path, objective: str) -> None:
         tmp_path / "c.yaml", str(tmp_path / "ds"), tmp_path / "run", objective=objective
     )
     line = error_line(run_darkmatter("pretrain", str(cfg)))
-    assert "objective 'mae' trains on image" in line and "holds text data" in line
+    assert f"objective: '{objective}' trains on image data, but data.url" in line
+    assert "holds text data" in line
 
 
 # -- storage and MLflow out of reach, crashes, out of memory: in process, through cli.main ----

@@ -63,12 +63,14 @@ def preflight(cfg: Config) -> Objective:
     if cfg.checkpoint.root:
         storage.check_writable_root(cfg.checkpoint.root)
     meta = dataset_meta(cfg)
-    objective = OBJECTIVES[cfg.objective](cfg, meta)
-    if meta["modality"] != objective.modality:
+    wanted = OBJECTIVES[cfg.objective].modality
+    if meta["modality"] != wanted:  # before the objective is built: it may read the data's meta
+        keys = "data.url" if cfg.data.url else "data.sources"
         raise ValueError(
-            f"objective {cfg.objective!r} trains on {objective.modality} but "
-            f"{', '.join(url for _, url, _ in meta['sources'])} holds {meta['modality']} data"
+            f"objective: {cfg.objective!r} trains on {wanted} data, but {keys} "
+            f"({', '.join(url for _, url, _ in meta['sources'])}) holds {meta['modality']} data"
         )
+    objective = OBJECTIVES[cfg.objective](cfg, meta)
     if cfg.model.init_from:  # fetched here (once per process) and checked against the model
         from darkmatter.trainer import init_from
 
