@@ -31,6 +31,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from darkmatter.trainer import checkpoint_reader as reader
 from darkmatter.trainer.config import Config
+from darkmatter.trainer.objectives.teacher import PREFIX as TEACHER_PREFIX
 
 log = logging.getLogger("darkmatter.engine")
 
@@ -378,10 +379,11 @@ def load_checkpoint(engine: Any, root: str, tag: str) -> None:
 
 def _restore_outside_optimizer(engine: Any, folder: Path) -> None:
     """DeepSpeed's universal load restores the parameters its optimizer holds and nothing else:
-    frozen parameters (an EMA teacher) would silently keep their initial values, buffers (batch
+    frozen parameters would silently keep their initial values, buffers (an EMA teacher, batch
     norm statistics, wav2vec2's step count) their current ones. The converter wrote them all to
     `zero/<name>/fp32.pt`; they are copied back here, in each tensor's own dtype. A frozen
-    parameter with no file is an error; buffers without one are listed in a warning."""
+    parameter or teacher weight with no file is an error; other buffers without one are listed
+    in a warning."""
     module = engine.module
     missing: list[str] = []
     with torch.no_grad():
@@ -392,10 +394,11 @@ def _restore_outside_optimizer(engine: Any, folder: Path) -> None:
             f = folder / "zero" / name / "fp32.pt"
             if not f.is_file():
                 missing.append(name)
-                if is_param:
-                    raise RuntimeError(f"{folder}: no {f.relative_to(folder)} for the frozen "
-                                       f"parameter {name}; it cannot be resumed on another "
-                                       "number of ranks")  # fmt: skip
+                if is_param or name.startswith(TEACHER_PREFIX):
+                    what = "frozen parameter" if is_param else "EMA teacher's weight"
+                    raise RuntimeError(f"{folder}: no {f.relative_to(folder)} for the {what} "
+                                       f"{name}; it cannot be resumed on another number of "
+                                       "ranks")  # fmt: skip
                 continue
             value = reader.load_tensors(f)["param"]  # weights_only; UnsafeCheckpoint else
             tensor.copy_(value.view(tensor.shape).to(tensor.dtype))

@@ -1,22 +1,13 @@
 """What the objectives with a momentum (EMA) teacher share (byol, moco): the model with its online
-network and its teacher, the EMA update and its momentum schedule.
+network and its teacher, and the momentum schedule.
 
-The teacher is a frozen copy of the online encoder and projector inside the same module, so
-DeepSpeed saves and loads it with the model and a resumed run continues the same teacher. Two
-things DeepSpeed would get wrong are handled here:
-
-- precision: under bf16 DeepSpeed casts the whole module, teacher included, to bf16, where an EMA
-  step of (1 - m)·(online - teacher) ≈ 1e-6 is below half a bf16 ulp of a typical weight and
-  rounds away: the teacher would stop moving. `prepare_engine` puts the teacher back in fp32;
-  it is updated and run in fp32 (its forward is a third of the online network's work).
-- partitioning: under ZeRO-3 each rank would hold a shard of the teacher and DeepSpeed would
-  gather it for every forward; updating shards in place needs DeepSpeed's partition layout and
-  an fp32 copy of it, which is not done here. The config check refuses ZeRO-3 with a line naming
-  the combination (MomentumObjective.validate).
-
-The update runs after every applied optimizer step, from the online weights the step produced
-(bf16 under bf16 training: DeepSpeed keeps the fp32 masters partitioned in its optimizer), on
-every rank alike, so the teacher stays identical across ranks without a collective.
+The teacher is a copy of the online encoder and projector inside the same module, under
+`teacher.`, whose weights are persistent buffers (trainer.objectives.teacher): DeepSpeed saves
+and loads it with the model, ZeRO-3 leaves it whole on every rank, bf16 does not reach it
+(`prepare_engine` puts back in fp32 what zero.Init cast), and the optimizer never sees it. The
+update runs after every applied optimizer step, from the online weights the step produced
+(bf16 under bf16 training: DeepSpeed keeps the fp32 masters in its optimizer), on every rank
+alike, so the teacher stays identical across ranks without a collective of its own.
 """
 
 from __future__ import annotations
@@ -33,17 +24,23 @@ from transformers.utils import ModelOutput
 
 from darkmatter.trainer.config import Config, ConfigError
 from darkmatter.trainer.objectives.base import ViTSettings
-from darkmatter.trainer.objectives.contrastive import TwoViewModel, TwoViewObjective
+from darkmatter.trainer.objectives.contrastive import (
+    GlobalBatchNorm1d,
+    TwoViewModel,
+    TwoViewObjective,
+)
+from darkmatter.trainer.objectives.teacher import ema_update, frozen_copy, keep_fp32
 
 
 def mlp(sizes: list[int], last_bn: bool, last_affine: bool = True) -> nn.Sequential:
-    """Linear-BN-ReLU blocks, then a last Linear (and BN, without affine terms for MoCo v3)."""
+    """Linear-BN-ReLU blocks, then a last Linear (and BN, without affine terms for MoCo v3); BN
+    over the global batch, every rank's (MoCo v3's SyncBN)."""
     layers: list[nn.Module] = []
     for d_in, d_out in zip(sizes[:-2], sizes[1:-1], strict=True):
-        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU()]
+        layers += [nn.Linear(d_in, d_out, bias=False), GlobalBatchNorm1d(d_out), nn.ReLU()]
     layers.append(nn.Linear(sizes[-2], sizes[-1], bias=not last_bn))
     if last_bn:
-        layers.append(nn.BatchNorm1d(sizes[-1], affine=last_affine))
+        layers.append(GlobalBatchNorm1d(sizes[-1], affine=last_affine))
     return nn.Sequential(*layers)
 
 
@@ -51,14 +48,6 @@ def momentum_at(step: int, total: int, base: float) -> float:
     """BYOL's schedule (Grill et al. 2020, 3.2), which MoCo v3 also uses: the momentum rises
     from `base` at step 0 to 1 at step `total` on a half cosine."""
     return 1.0 - (1.0 - base) * (math.cos(math.pi * step / total) + 1.0) / 2.0
-
-
-@torch.no_grad()
-def ema_update(teacher: list[torch.Tensor], online: list[torch.Tensor], m: float) -> None:
-    """teacher ← m·teacher + (1 - m)·online, in the teacher's precision."""
-    src = [o.detach().to(t.dtype) for t, o in zip(teacher, online, strict=True)]
-    torch._foreach_mul_(teacher, m)
-    torch._foreach_add_(teacher, src, alpha=1.0 - m)
 
 
 @dataclass
@@ -83,9 +72,8 @@ class MomentumModel(TwoViewModel, metaclass=ABCMeta):
             }
         )
         self.post_init()
-        self.teacher["vit"].load_state_dict(self.vit.state_dict())
-        self.teacher["projector"].load_state_dict(self.projector.state_dict())
-        self.teacher.requires_grad_(False)
+        frozen_copy(self.vit, self.teacher["vit"])
+        frozen_copy(self.projector, self.teacher["projector"])
 
     @staticmethod
     @abstractmethod
@@ -103,15 +91,14 @@ class MomentumModel(TwoViewModel, metaclass=ABCMeta):
     ) -> torch.Tensor:
         """The symmetric loss of the online predictions q and the teacher's projections k (fp32)."""
 
-    def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(teacher, online) parameters in matching order."""
-        online: list[torch.Tensor] = [*self.vit.parameters(), *self.projector.parameters()]
-        return list(self.teacher.parameters()), online
+    def pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(teacher, online) modules whose weights match name by name."""
+        return [(self.teacher["vit"], self.vit), (self.teacher["projector"], self.projector)]
 
     def forward(self, pixel_values: torch.Tensor, view_params: torch.Tensor) -> TeacherOutput:
         views = self.views(pixel_values, view_params)
         q = self.predictor(self.projector(self.pooled(self.vit, views))).float()
-        with torch.no_grad():  # the teacher runs in its own precision, fp32 (see above)
+        with torch.no_grad():  # the teacher runs in its own precision, fp32
             k = self.teacher["projector"](self.pooled(self.teacher["vit"], views)).float()
         q1, q2 = q.chunk(2)
         k1, k2 = k.chunk(2)
@@ -136,18 +123,13 @@ class MomentumObjective(TwoViewObjective):
 
     settings_class = MomentumSettings
     settings: MomentumSettings
-    momentum_teacher = True  # validate() refuses ZeRO-3 for these
+    momentum_teacher = True  # its module holds an fp32 EMA teacher under `teacher.`
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
         super().validate(cfg)
         s = cfg.objective_settings
         assert isinstance(s, MomentumSettings)
-        if cfg.train.zero_stage == 3:
-            raise ConfigError(
-                f"train.zero_stage: objective {cls.name} keeps an EMA teacher, which ZeRO-3 "
-                "would partition (not supported): use zero_stage 1 or 2"
-            )
         if not 0.0 <= s.momentum < 1.0:
             raise ConfigError(f"model.momentum: expected in [0, 1), got {s.momentum}")
 
@@ -160,12 +142,11 @@ class MomentumObjective(TwoViewObjective):
 
     def prepare_engine(self, engine: Any) -> None:
         super().prepare_engine(engine)
-        engine.module.teacher.float()  # DeepSpeed cast it to bf16 with the rest; see above
+        keep_fp32(engine.module.teacher)  # after super() aligned the heads' statistics to bf16
 
     def after_step(self, engine: Any, step: int) -> None:
         m = momentum_at(step, self.cfg.train.steps, self.settings.momentum)
-        teacher, online = engine.module.pairs()
-        ema_update(teacher, online, m)
+        ema_update(engine.module.pairs(), m)
 
     @abstractmethod
     def head_weights(self) -> tuple[int, int]:
