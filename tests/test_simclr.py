@@ -1,6 +1,9 @@
 """SimCLR: the loss against a direct formula, the all-gathered loss on 2 ranks against the
-single-process loss of the concatenated batch (values and gradients; MoCo's InfoNCE too), the views' determinism,
-and that the model fits a fixed batch. Two ranks under DeepSpeed: tests/test_objectives_resume.py."""
+single-process loss of the concatenated batch (values and gradients; MoCo's InfoNCE too), the
+heads' global batch norm (nn.BatchNorm1d exactly on one process; on 2 ranks, BatchNorm1d of the
+concatenated batch), the views' determinism, and that the model fits a fixed batch. Two ranks
+under DeepSpeed ZeRO-3, a step against one rank's: tests/test_two_view_ranks.py; resumed:
+tests/test_objectives_resume.py."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from darkmatter.trainer.config import Config, DataConfig, ModelConfig, TrainConf
 from darkmatter.trainer.objectives import OBJECTIVES
 from darkmatter.trainer.objectives.contrastive import (
     N_PARAMS,
+    GlobalBatchNorm1d,
     augment,
     draw_view_params,
     info_nce,
@@ -61,9 +65,47 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     q = z1[mine].clone().requires_grad_()
     moco = info_nce(q, z2[mine], 0.2)
     moco.backward()
+    bn = _bn_run(z1[mine], _bn_weights()[mine])
     torch.save({"loss": loss.detach(), "ga": a.grad, "gb": b.grad,
-                "moco": moco.detach(), "gq": q.grad}, f"{out}/rank{rank}.pt")  # fmt: skip
+                "moco": moco.detach(), "gq": q.grad, "bn": bn}, f"{out}/rank{rank}.pt")  # fmt: skip
     dist.destroy_process_group()
+
+
+def _bn_weights() -> torch.Tensor:
+    """[8, 5]: the weights of a loss on the batch norm's outputs, so that the gradient through
+    the statistics is not zero (it is for a plain sum)."""
+    return torch.randn(8, 5, generator=torch.Generator().manual_seed(3))
+
+
+def _bn_run(x: torch.Tensor, c: torch.Tensor, bn: torch.nn.Module | None = None) -> dict:
+    """Two training steps' forwards of a batch norm with affine terms on rows x (the second on
+    2·x), the loss sum(c·y) of each backward: outputs, gradients and running statistics."""
+    bn = bn or GlobalBatchNorm1d(5)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, 5))
+        bn.bias.copy_(torch.linspace(-1.0, 1.0, 5))
+    x = x.clone().requires_grad_()
+    ys = [bn(x), bn(2 * x)]
+    sum((c * y).sum() for y in ys).backward()
+    assert x.grad is not None and bn.weight.grad is not None
+    return {"y": torch.cat([y.detach() for y in ys]), "gx": x.grad, "gw": bn.weight.grad,
+            "gb": bn.bias.grad, "mean": bn.running_mean, "var": bn.running_var,
+            "count": bn.num_batches_tracked}  # fmt: skip
+
+
+def test_global_batch_norm_on_one_process_is_batch_norm() -> None:
+    """Bit for bit nn.BatchNorm1d's forward, gradients and running statistics, in training and
+    in eval, with and without affine terms and momentum; the same state_dict keys."""
+    x, c = torch.randn(8, 5, generator=torch.Generator().manual_seed(0)), _bn_weights()
+    got, want = _bn_run(x, c), _bn_run(x, c, torch.nn.BatchNorm1d(5))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for kwargs in ({"affine": False}, {"momentum": None}):
+        ours, torchs = GlobalBatchNorm1d(5, **kwargs), torch.nn.BatchNorm1d(5, **kwargs)
+        for _ in range(3):
+            assert torch.equal(ours(x), torchs(x))
+        assert ours.state_dict().keys() == torchs.state_dict().keys()
+        assert all(torch.equal(v, torchs.state_dict()[k]) for k, v in ours.state_dict().items())
+        assert torch.equal(ours.eval()(x), torchs.eval()(x))
 
 
 def test_gathered_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_path: Path) -> None:
@@ -90,6 +132,20 @@ def test_gathered_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_path: Pat
         torch.testing.assert_close(got[r]["ga"] / 2, z1.grad[rows], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(got[r]["gb"] / 2, z2.grad[rows], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(got[r]["gq"] / 2, q.grad[rows], rtol=1e-5, atol=1e-7)
+    # Global batch norm: rank r's half of nn.BatchNorm1d on the whole batch, for the loss summed
+    # over the ranks (the gradients of the inputs flow back through the all-reduced statistics;
+    # the weights' gradients summed over the ranks are the whole batch's).
+    whole = _bn_run(torch.randn(8, 5, generator=torch.Generator().manual_seed(0)), _bn_weights(),
+                    torch.nn.BatchNorm1d(5))  # fmt: skip
+    bns = [got[r]["bn"] for r in (0, 1)]
+    for r in (0, 1):
+        rows = [*range(4 * r, 4 * r + 4), *range(8 + 4 * r, 12 + 4 * r)]  # both forwards' rows
+        torch.testing.assert_close(bns[r]["y"], whole["y"][rows], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bns[r]["gx"], whole["gx"][4 * r : 4 * r + 4])
+        for k in ("mean", "var", "count"):  # the same running statistics on every rank
+            torch.testing.assert_close(bns[r][k], whole[k])
+    for k in ("gw", "gb"):
+        torch.testing.assert_close(bns[0][k] + bns[1][k], whole[k])
 
 
 def test_views_are_a_function_of_the_generator() -> None:

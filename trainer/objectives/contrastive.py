@@ -1,6 +1,7 @@
 """What the image objectives with two views share (simclr, byol, moco): their batches, the views'
-augmentation, run batched on the model's device from parameters drawn on the CPU, and the
-contrastive losses with their negatives gathered from every rank.
+augmentation, run batched on the model's device from parameters drawn on the CPU, the heads'
+batch norm over the global batch, and the contrastive losses with their negatives gathered from
+every rank: N ranks compute what one rank computes on their concatenated batches.
 
 Augmentation (SimCLR, Chen et al. 2020, appendix A, at the small sizes of CIFAR): a random
 resized crop (scale 0.2-1, aspect ratio 3/4-4/3), a horizontal flip (p 0.5), colour jitter
@@ -17,10 +18,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from transformers import PreTrainedModel, ViTConfig, ViTModel
 
 from darkmatter.data_pipeline.transforms import images_to_unit, normalize
 from darkmatter.trainer.objectives.base import ViTObjective
+from darkmatter.trainer.objectives.teacher import module_dtype
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 # Columns of a view's parameters.
@@ -29,11 +32,12 @@ N_PARAMS = 11
 
 
 def draw_view_params(batch: int, views: int, size: int, gen: torch.Generator,
-                     min_scale: float = 0.2, flip_p: float = 0.5) -> torch.Tensor:  # fmt: skip
+                     min_scale: float = 0.2, flip_p: float = 0.5,
+                     max_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     """[batch, views, N_PARAMS] float32: one crop box and colour recipe per sample and view. A
-    crop covers min_scale to all of the image's area."""
+    crop covers min_scale to max_scale of the image's area (DINO's local crops: 0.05-0.4)."""
     u = torch.rand((batch, views, 9), generator=gen)
-    area = min_scale + (1.0 - min_scale) * u[..., 0]
+    area = min_scale + (max_scale - min_scale) * u[..., 0]
     log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[..., 1]
     w = (torch.sqrt(area * torch.exp(log_ratio)) * size).clamp(2, size)
     h = (torch.sqrt(area / torch.exp(log_ratio)) * size).clamp(2, size)
@@ -49,8 +53,16 @@ def draw_view_params(batch: int, views: int, size: int, gen: torch.Generator,
     )
 
 
-def augment(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """One view of [B, 3, S, S] pixels in [0, 1] by parameters [B, N_PARAMS]; float32 in and out."""
+def import_kornia() -> None:
+    """Import kornia before the model is built: imported first inside a forward under ZeRO-3,
+    its Generic nn.Module classes fail to be created (`type object 'ModelBase' has no attribute
+    '__parameters__'`: DeepSpeed's zero.Init leaves nn.Module's subclass hook patched)."""
+    import kornia  # noqa: F401
+
+
+def augment(x: torch.Tensor, p: torch.Tensor, out_size: int | None = None) -> torch.Tensor:
+    """One view of [B, 3, S, S] pixels in [0, 1] by parameters [B, N_PARAMS]; float32 in and out,
+    resized to [B, 3, out_size, out_size] (by default S: DINO's local crops are smaller)."""
     from kornia.color import rgb_to_grayscale
     from kornia.enhance import (
         adjust_brightness,
@@ -60,7 +72,7 @@ def augment(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     )
     from kornia.geometry.transform import crop_and_resize
 
-    size = x.shape[-1]
+    size = out_size or x.shape[-1]
     x0, y0 = p[:, X0], p[:, Y0]
     x1, y1 = x0 + p[:, W] - 1, y0 + p[:, H] - 1
     boxes = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1),
@@ -74,6 +86,58 @@ def augment(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     v = torch.where(p[:, JITTER, None, None, None] > 0, jittered, v)
     gray = rgb_to_grayscale(v).expand_as(v)
     return torch.where(p[:, GRAY, None, None, None] > 0, gray, v)
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean [C], biased variance [C], row count []) of [B, C] rows over every rank's rows, with
+    gradients: torch.distributed.nn's all_reduce all-reduces the gradient in its backward, so
+    each rank's rows receive the gradient of every rank's loss. Two reductions (the sum and
+    count, then the squared deviations from the global mean) rather than one of the sum of
+    squares, whose difference E[x²] - E[x]² cancels catastrophically."""
+    from torch.distributed.nn.functional import all_reduce
+
+    sums = all_reduce(torch.cat([x.sum(0), x.new_full((1,), float(x.shape[0]))]))
+    count = sums[-1].detach()
+    mean = sums[:-1] / count
+    var = all_reduce((x - mean).square().sum(0)) / count
+    return mean, var, count
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch: in training, with more than one rank, the statistics
+    are those of every rank's rows together (SimCLR's global BN, Chen et al. 2020, 3.2; MoCo
+    v3's SyncBN), so N ranks compute the function one rank computes on the concatenated batch.
+    torch's SyncBatchNorm refuses CPU tensors (torch 2.13), which gloo runs use. On one process
+    and in eval mode it is nn.BatchNorm1d's forward exactly; the parameter and buffer names are
+    BatchNorm1d's, so checkpoints load either way. Every rank must run every forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _world_size() > 1):
+            return super().forward(x)
+        assert x.dim() == 2, f"GlobalBatchNorm1d takes [B, C], got {tuple(x.shape)}"
+        xf = x.float()  # statistics in fp32 whatever the training dtype
+        mean, var, count = global_moments(xf)
+        if self.track_running_stats:
+            self._track(mean.detach(), var.detach() * count / (count - 1))
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.float() + self.bias.float()
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """The running statistics as nn.BatchNorm1d updates them (unbiased variance; momentum
+        None: the cumulative average), identical on every rank since the moments are."""
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        f = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        for buf, value in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            buf.mul_(1.0 - f).add_(value.to(buf.dtype), alpha=f)
 
 
 def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
@@ -126,6 +190,10 @@ class TwoViewObjective(ViTObjective):
     views per image drawn from the batch's generator; the model makes the views itself."""
 
     modality = "image"
+
+    def __init__(self, cfg: Any, dataset_meta: dict[str, Any]):
+        super().__init__(cfg, dataset_meta)
+        import_kornia()
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         d = self.cfg.data
@@ -186,6 +254,6 @@ class TwoViewModel(PreTrainedModel):  # type: ignore[misc]
     @staticmethod
     def pooled(vit: torch.nn.Module, views: torch.Tensor) -> torch.Tensor:
         """The mean of every token's final state (as the harness pools its features), in the
-        encoder's dtype."""
-        dtype = next(vit.parameters()).dtype
+        encoder's dtype (a teacher's: fp32)."""
+        dtype = module_dtype(vit)
         return vit(pixel_values=views.to(dtype)).last_hidden_state.mean(dim=1)

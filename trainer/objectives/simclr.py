@@ -1,5 +1,7 @@
 """SimCLR (Chen et al. 2020): two augmented views of every image, a ViT encoder and a projection
-MLP, and the NT-Xent loss with the negatives of every rank (trainer.objectives.contrastive).
+MLP whose batch norm takes the global batch's statistics ("global BN", section 3.2), and the
+NT-Xent loss with the negatives of every rank (trainer.objectives.contrastive): N ranks compute
+the loss one rank computes on their concatenated batches.
 
 The data workers decode; the batch carries the images once, in [0, 1], with the views' random
 parameters drawn from the batch's generator. The model makes the views on its own device
@@ -19,7 +21,12 @@ from transformers import PreTrainedModel, ViTConfig
 from transformers.utils import ModelOutput
 
 from darkmatter.trainer.objectives.base import ViTSettings
-from darkmatter.trainer.objectives.contrastive import TwoViewModel, TwoViewObjective, nt_xent
+from darkmatter.trainer.objectives.contrastive import (
+    GlobalBatchNorm1d,
+    TwoViewModel,
+    TwoViewObjective,
+    nt_xent,
+)
 
 
 @dataclass
@@ -32,9 +39,9 @@ class SimCLRModel(TwoViewModel):
     def __init__(self, config: ViTConfig):
         super().__init__(config)
         h, p = config.hidden_size, config.projection_dim
-        # SimCLR's head: Linear-BN-ReLU-Linear-BN (BatchNorm over this rank's batch).
-        self.projector = nn.Sequential(nn.Linear(h, h), nn.BatchNorm1d(h), nn.ReLU(),
-                                       nn.Linear(h, p), nn.BatchNorm1d(p))  # fmt: skip
+        # SimCLR's head: Linear-BN-ReLU-Linear-BN, BN over the global batch (every rank's).
+        bn = GlobalBatchNorm1d
+        self.projector = nn.Sequential(nn.Linear(h, h), bn(h), nn.ReLU(), nn.Linear(h, p), bn(p))
         self.post_init()
 
     def forward(self, pixel_values: torch.Tensor, view_params: torch.Tensor) -> ContrastiveOutput:
