@@ -65,6 +65,10 @@ POOLING: dict[str, tuple[str, str]] = {
                  "features = hidden.mean(1)  # [B, D]"),
 }  # fmt: skip
 POOLING["moco"] = POOLING["byol"] = POOLING["simclr"]
+POOLING["ijepa"] = POOLING["mae"]  # I-JEPA average-pools the patch tokens; [CLS] is no summary
+POOLING["video_future"] = POOLING["video"]  # a VideoMAEModel too: no [CLS], mean of the tubes
+POOLING["dino"] = ("the [CLS] token's final state (after the last layer norm), as DINO trained it",
+                  "features = hidden[:, 0]  # [B, D]")  # fmt: skip
 INPUT_CLASS = {"text": "AutoTokenizer", "image": "AutoImageProcessor",
                "video": "AutoImageProcessor", "audio": "AutoFeatureExtractor"}  # fmt: skip
 

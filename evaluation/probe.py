@@ -56,11 +56,20 @@ def split(
     return np.sort(train), np.sort(test)
 
 
+# The config attribute an objective sets on its encoder's transformers config (so it travels in
+# the checkpoint's model_config.json and an export's config.json) when its features are the
+# [CLS] token's final state rather than a mean: dino, whose loss trains [CLS] alone.
+FEATURE_POOLING = "feature_pooling"
+
+
 def pool(
-    hidden: torch.Tensor, attention_mask: torch.Tensor | None, cls: bool = True
-) -> torch.Tensor:
-    """[B, T, D] -> [B, D]: the mean over real tokens, or over patches (token 0 is [CLS] when
-    `cls`; VideoMAE's tubes have none)."""
+    hidden: torch.Tensor, attention_mask: torch.Tensor | None, cls: bool = True,
+    use_cls: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """[B, T, D] -> [B, D]: the [CLS] token's state with `use_cls`; else the mean over real
+    tokens, or over patches (token 0 is [CLS] when `cls`; VideoMAE's tubes have none)."""
+    if use_cls:
+        return hidden[:, 0]
     if attention_mask is not None:
         m = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
@@ -71,6 +80,12 @@ def has_cls(model: Any) -> bool:
     """Whether the encoder's first output is a [CLS] token: the ViTs' embeddings prepend one;
     VideoMAE's first output is a tube and wav2vec2's a frame (they have no cls_token)."""
     return hasattr(getattr(model, "embeddings", None), "cls_token")
+
+
+def pooled(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The features of `model`'s outputs, pooled as its config says (FEATURE_POOLING)."""
+    use_cls = getattr(model.config, FEATURE_POOLING, "mean") == "cls" and has_cls(model)
+    return pool(hidden, mask, has_cls(model), use_cls)
 
 
 def output_mask(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> Any:
@@ -93,7 +108,7 @@ def embed(
         chunk = {k: v[i : i + batch_size] for k, v in inputs.items()}
         hidden = model(**chunk).last_hidden_state
         mask = output_mask(model, hidden, chunk.get("attention_mask"))
-        out.append(pool(hidden, mask, has_cls(model)).float().numpy())
+        out.append(pooled(model, hidden, mask).float().numpy())
     return np.concatenate(out)
 
 
@@ -143,7 +158,7 @@ def finetune(
         chunk = {k: v[rows] for k, v in inputs.items()}
         hidden = model(**chunk).last_hidden_state
         mask = output_mask(model, hidden, chunk.get("attention_mask"))
-        return head(pool(hidden, mask, has_cls(model)))
+        return head(pooled(model, hidden, mask))
 
     model.train()
     for _ in range(epochs):

@@ -70,12 +70,18 @@ ENCODER_PREFIX = {
     "simclr": "vit.",  # SimCLRModel -> ViTModel (the projection head is dropped)
     "moco": "vit.",  # the online encoder; the heads and the momentum teacher are dropped
     "byol": "vit.",
+    "dino": "teacher.vit.",  # DINO evaluates the teacher (an EMA of the student's ViT)
     "wav2vec2": "wav2vec2.",  # Wav2Vec2ForPreTraining -> Wav2Vec2Model (quantizer dropped)
     "video": "videomae.",  # VideoMAEForPreTraining -> VideoMAEModel (the decoder is dropped)
     "span": "",  # T5ForConditionalGeneration -> T5EncoderModel keeps the names "shared.", "encoder."
+    "video_future": "teacher.videomae.",  # latent targets: the EMA target encoder (V-JEPA's)
+    "ijepa": "teacher.vit.",  # I-JEPA evaluates the target encoder (an EMA of the context's)
 }
+# Where the encoder is when the weights hold nothing under ENCODER_PREFIX: video_future with
+# pixel targets builds no target encoder, so its context encoder is the one taken.
+ENCODER_FALLBACK = {"video_future": "videomae."}
 # Weights of a pretraining model that are not its encoder's although they carry its prefix.
-NOT_ENCODER = {"span": ("decoder.", "lm_head.")}
+NOT_ENCODER = {"span": ("decoder.", "lm_head."), "dino": ("embeddings.mask_token",)}  # iBOT's
 # What the model is (objective, ZeRO stage, data settings; its transformers config): fetched
 # first, since which weight files consolidation reads depends on the ZeRO stage.
 RECORDS = ("darkmatter.json", "model_config.json")
@@ -385,11 +391,20 @@ def build_encoder(config: Any, pooler: bool = False) -> PreTrainedModel:
     return model
 
 
+def encoder_prefix(objective: str, weight_names: Iterable[str]) -> str:
+    """Where `objective`'s encoder sits among these weights: ENCODER_PREFIX, or ENCODER_FALLBACK
+    when no weight carries that prefix."""
+    prefix = ENCODER_PREFIX[objective]
+    if objective in ENCODER_FALLBACK and not any(k.startswith(prefix) for k in weight_names):
+        return ENCODER_FALLBACK[objective]
+    return prefix
+
+
 def encoder_weights(
     ref: CheckpointRef, weights: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """The encoder's part of the pretraining model's weights, under the encoder's own names."""
-    prefix = ENCODER_PREFIX[ref.meta["objective"]]
+    prefix = encoder_prefix(ref.meta["objective"], weights)
     dropped = NOT_ENCODER.get(ref.meta["objective"], ())
     return {
         k[len(prefix) :]: v
@@ -422,7 +437,7 @@ def save_heads(
     output layer tied to the embeddings) is left out; loading it loads its twin."""
     from safetensors.torch import save_file
 
-    prefix = ENCODER_PREFIX[ref.meta["objective"]]
+    prefix = encoder_prefix(ref.meta["objective"], weights)
     in_encoder = {prefix + k for k in encoder.state_dict()}
     seen = {weights[k].data_ptr() for k in in_encoder if k in weights}
     heads = {}

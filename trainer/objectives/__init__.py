@@ -21,12 +21,15 @@ from darkmatter.trainer.config import (
 from darkmatter.trainer.objectives.base import Objective
 from darkmatter.trainer.objectives.byol import BYOLObjective
 from darkmatter.trainer.objectives.clm import CLMObjective
+from darkmatter.trainer.objectives.dino import DINOObjective
+from darkmatter.trainer.objectives.ijepa import IJEPAObjective
 from darkmatter.trainer.objectives.mae import MAEObjective
 from darkmatter.trainer.objectives.mlm import MLMObjective
 from darkmatter.trainer.objectives.moco import MoCoObjective
 from darkmatter.trainer.objectives.simclr import SimCLRObjective
 from darkmatter.trainer.objectives.span import SpanObjective
 from darkmatter.trainer.objectives.video import VideoObjective
+from darkmatter.trainer.objectives.video_future import VideoFutureObjective
 from darkmatter.trainer.objectives.wav2vec2 import Wav2Vec2Objective
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -38,7 +41,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "moco": MoCoObjective,
     "byol": BYOLObjective,
     "video": VideoObjective,
+    "video_future": VideoFutureObjective,
     "wav2vec2": Wav2Vec2Objective,
+    "dino": DINOObjective,
+    "ijepa": IJEPAObjective,
 }
 
 
