@@ -209,3 +209,37 @@ def test_init_from_s3_starts_the_run_where_the_export_stopped(
     assert first["step"] == 1 and before[0]["step"] == 1
     assert first["loss"] < 0.6 * before[0]["loss"], (first["loss"], before[0]["loss"])
     assert first["loss"] < before[-1]["loss"] + 0.5, (first["loss"], before[-1]["loss"])
+
+
+def test_an_export_whose_encoder_is_the_teacher_continues_teacher_and_student(
+    tmp_path: Path,
+) -> None:
+    """ijepa (as dino and video_future) exports its EMA target encoder (`teacher.vit.`): an
+    init_from of that export puts it back in the teacher and the online encoder, from the heads
+    file, in `vit.` — both as the checkpoint had them, though they differ (momentum 0.5). The
+    export as another objective's encoder (mae's init_from) starts the teacher as the online
+    network, as a fresh start does."""
+    from darkmatter.data_pipeline.prepare import prepare
+    from darkmatter.quickstart.run import digits
+    from darkmatter.trainer import checkpoint_reader as reader
+
+    digits(tmp_path / "png", str(tmp_path / "digits.parquet"))
+    prepare([str(tmp_path / "png")], str(tmp_path / "ds"), modality="image")
+    model = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+             "patch_size": 2, "predictor_hidden_size": 32, "predictor_depth": 1,
+             "momentum": 0.5}  # fmt: skip
+    cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "ds"), tmp_path / "run",
+                       objective="ijepa", data={"image_size": 16}, model=model,
+                       train={"steps": 3, "zero_stage": 0}, checkpoint={"every": 3})  # fmt: skip
+    out = run_darkmatter("pretrain", str(cfg), env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    exp = run_darkmatter("export", str(tmp_path / "run"), str(tmp_path / "export"))
+    assert exp.returncode == 0, exp.stderr[-3000:]
+    saved = reader.consolidated_state_dict(reader.resolve(str(tmp_path / "run")))
+    key = "embeddings.patch_embeddings.projection.weight"
+    assert not torch.equal(saved["teacher.vit." + key], saved["vit." + key])
+    nxt = load_config(cfg, [f"model.init_from={tmp_path / 'export'}"])
+    _, started = _started_from(nxt)
+    weights = started.state_dict()
+    for name in ("teacher.vit." + key, "vit." + key, "teacher.vit.layernorm.weight"):
+        torch.testing.assert_close(weights[name].float(), saved[name], rtol=0, atol=0)

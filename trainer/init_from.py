@@ -39,6 +39,7 @@ import torch
 
 from darkmatter import storage
 from darkmatter.trainer.config import Config, ConfigError
+from darkmatter.trainer.objectives.teacher import PREFIX as TEACHER_PREFIX
 
 log = logging.getLogger("darkmatter.init_from")
 
@@ -180,6 +181,34 @@ def _weight_files(folder: Path) -> dict[str, Path]:
     return dict.fromkeys(_keys(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
 
 
+def _in_memory_names(folder: Path, keys: list[str]) -> dict[str, str]:
+    """Name in the export's files -> the encoder's own name for it. transformers 5 saves some
+    models under their earlier names (a ViT's `layers.0.attention.q_proj` is written as
+    `encoder.layer.0.attention.attention.query`) and renames them as it loads, by its checkpoint
+    conversion mapping; the plan maps into the model by the names it has in memory."""
+    from transformers import AutoConfig
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    from darkmatter.trainer.checkpoint_reader import encoder_class  # it imports this module
+
+    config = AutoConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        cls = encoder_class(config)
+        encoder = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+    transforms = get_model_conversion_mapping(encoder)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = {}
+    for key in keys:
+        name, converted = rename_source_key(key, renamings, converters)
+        if converted is not None:  # a tensor split or merged on load: not one-to-one
+            raise ConfigError(f"model.init_from: {folder}: {key} is converted on load "
+                              f"({converted}), which init_from does not do")  # fmt: skip
+        names[key] = name
+    return names
+
+
 def _keys(file: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -202,6 +231,13 @@ def load(model: torch.nn.Module, cfg: Config, gathered: Gathered) -> None:
     _copy(model, plan, gathered)
     loaded = {id(own[name]) for name in plan}  # a tied weight loads with its twin
     kept = [name for name, t in own.items() if id(t) not in loaded]
+    if hasattr(model, "pairs") and any(n.startswith(TEACHER_PREFIX) for n in kept):
+        # An encoder from elsewhere (another objective's export, any save_pretrained model): the
+        # EMA teacher starts as the online network it follows, as it does at a fresh start.
+        from darkmatter.trainer.objectives.teacher import ema_update
+
+        ema_update(model.pairs(), 0.0)  # type: ignore[operator]
+        kept = [n for n in kept if not n.startswith(TEACHER_PREFIX)]
     log.info("model.init_from: %d tensors from %s", len(plan), uri)
     if kept:
         log.warning(
@@ -217,11 +253,21 @@ def _plan(
     file is used when `objective` (the export's, when it is this run's) is set."""
     base = getattr(model, "base_model", model)
     prefix = "" if base is model else f"{model.base_model_prefix}."
+    if objective:
+        from darkmatter.trainer.checkpoint_reader import encoder_prefix  # it imports this module
+
+        # An export of this objective holds its encoder where ENCODER_PREFIX says (an EMA
+        # teacher's, for dino, ijepa and video_future) and everything else, the online
+        # encoder included, in the heads file.
+        prefix = encoder_prefix(objective, own)
     plan: dict[str, tuple[Path, str]] = {}
-    for key, file in _weight_files(folder).items():
-        if key.startswith("pooler.") and prefix + key not in own:
+    files = _weight_files(folder)
+    names = _in_memory_names(folder, list(files))
+    for key, file in files.items():
+        name = names[key]
+        if name.startswith("pooler.") and prefix + name not in own:
             continue  # AutoModel's BERT pooler: never trained by pretraining
-        plan[prefix + key] = (file, key)
+        plan[prefix + name] = (file, key)
     if (folder / HEADS_FILE).is_file() and objective:
         for key in _keys(folder / HEADS_FILE):
             plan.setdefault(key, (folder / HEADS_FILE, key))
