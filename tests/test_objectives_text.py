@@ -163,6 +163,30 @@ def test_noise_span_lengths_are_random_with_mean_three() -> None:
     assert counts[1] > counts[2] > counts[3] > counts[4] > 0  # cut points uniform: 1 most likely
 
 
+def test_mean_span_length_one_corrupts_single_tokens() -> None:
+    """model.mean_span_length: 1 (T5's i.i.d. corruption): every noise span is one token, so
+    the targets alternate sentinel, token; the noise count is still round(0.15 L)."""
+    obj = objective("span", seq_len=64, packing=True)
+    obj.settings.mean_span_length = 1.0
+    gen = torch.Generator().manual_seed(2)
+    for length in (20, 63, 127):
+        mask = random_spans_noise_mask(length, 0.15, gen, mean_span=1.0)
+        assert spans_of(mask) == [1] * round(0.15 * length), length
+    batch = obj.make_batch(documents(6, seed=9, lo=30, hi=60), gen)
+    for labels in batch["labels"]:
+        target = labels[labels != -100].tolist()[:-1]  # without the closing [SEP]
+        assert all(t >= VOCAB for t in target[0::2]) and all(t < VOCAB for t in target[1::2])
+
+
+def test_span_refuses_a_mean_span_below_one() -> None:
+    from darkmatter.trainer.config import ConfigError
+
+    cfg = objective("span").cfg
+    cfg.objective_settings.mean_span_length = 0.5  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="model.mean_span_length: expected >= 1, got 0.5"):
+        OBJECTIVES["span"].validate(cfg)
+
+
 def test_masks_are_a_pure_function_of_the_generator_seed() -> None:
     # Long enough for several spans each (one span sits at the end whatever the seed).
     obj, docs = objective("span", seq_len=128), documents(8, seed=5, lo=60, hi=120)

@@ -1,7 +1,8 @@
 """Span corruption (T5, Raffel et al. 2020, section 3.1.4) on an encoder-decoder T5.
 
 Of each sequence, `model.mask_ratio` of the tokens (0.15 by default, T5's noise density) are
-chosen in spans of 3 tokens on average, by T5's `random_spans_noise_mask`. The encoder sees the
+chosen in spans of `model.mean_span_length` tokens on average (3 by default, as T5), by T5's
+`random_spans_noise_mask`. The encoder sees the
 sequence with every noise span replaced by one sentinel; the decoder produces each sentinel
 followed by the tokens it replaced, then [SEP] as end of sequence:
 
@@ -45,14 +46,17 @@ from darkmatter.trainer.objectives.mlm import SpecialIds
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 NUM_SENTINELS = 100  # T5's <extra_id_0> ... <extra_id_99>
-MEAN_SPAN_LENGTH = 3.0  # T5's mean noise span length
+MEAN_SPAN_LENGTH = 3.0  # T5's mean noise span length (model.mean_span_length's default)
 
 
 @dataclass
 class SpanSettings(ObjectiveSettings):
     mask_ratio: float = 0.0
-    """Noise density: share of each sequence's tokens corrupted, in spans of 3 on average; 0:
-    T5's 0.15."""
+    """Noise density: share of each sequence's tokens corrupted, in spans of
+    mean_span_length on average; 0: T5's 0.15."""
+    mean_span_length: float = MEAN_SPAN_LENGTH
+    """Mean length of a noise span in tokens (T5's mean_noise_span_length, 3); 1 corrupts
+    single tokens, each its own sentinel (T5's i.i.d. variant)."""
 
 
 class SpanObjective(Objective):
@@ -66,7 +70,7 @@ class SpanObjective(Objective):
         super().__init__(cfg, dataset_meta)
         check_no_document_packing(cfg)
         longest = cfg.data.seq_len - 1
-        spans = noise_span_counts(longest, self.settings.mask_ratio)[1]
+        spans = noise_span_counts(longest, self.settings.mask_ratio, self.span_length)[1]
         if spans > NUM_SENTINELS:
             raise ValueError(
                 f"data.seq_len: {cfg.data.seq_len} tokens at model.mask_ratio "
@@ -78,6 +82,15 @@ class SpanObjective(Objective):
     def validate(cls, cfg: Config) -> None:
         super().validate(cfg)
         check_no_document_packing(cfg)
+        s = cfg.objective_settings
+        assert isinstance(s, SpanSettings)
+        if s.mean_span_length < 1:
+            raise ConfigError(f"model.mean_span_length: expected >= 1, got {s.mean_span_length}")
+
+    @property
+    def span_length(self) -> float:
+        """model.mean_span_length: tokens per noise span on average."""
+        return self.settings.mean_span_length
 
     @functools.cached_property  # lazy: see TextObjective.ids
     def ids(self) -> SpecialIds:
@@ -130,7 +143,9 @@ class SpanObjective(Objective):
         inputs, targets = [], []
         for seq in self.sequences(samples):
             ids = torch.from_numpy(seq)
-            mask = random_spans_noise_mask(len(ids), self.settings.mask_ratio, gen)
+            mask = random_spans_noise_mask(
+                len(ids), self.settings.mask_ratio, gen, self.span_length
+            )
             eos = torch.tensor([self.ids.sep])
             inputs.append(torch.cat([spans_to_sentinels(ids, mask, top), eos]))
             targets.append(torch.cat([spans_to_sentinels(ids, ~mask, top), eos]))
@@ -197,23 +212,28 @@ def check_no_document_packing(cfg: Config) -> None:
         )
 
 
-def noise_span_counts(length: int, density: float) -> tuple[int, int]:
+def noise_span_counts(
+    length: int, density: float, mean_span: float = MEAN_SPAN_LENGTH
+) -> tuple[int, int]:
     """(noise tokens, noise spans) of a sequence, as T5 computes them: round(length × density)
-    and round(noise / 3), at least one of each, at least one non-noise token. Python's round()
-    rounds halves to even, as tf.round does. One guard of ours: no more spans than non-noise
-    tokens (T5 fails there; it happens only at densities far above 0.5)."""
+    and round(noise / mean_span), at least one of each, at least one non-noise token. Python's
+    round() rounds halves to even, as tf.round does. One guard of ours: no more spans than
+    non-noise tokens (T5 fails there; it happens only at densities far above 0.5, or above 0.5
+    with mean_span 1)."""
     length = max(length, 2)  # T5: "increase length to avoid degeneracy"
     noise = min(max(round(length * density), 1), length - 1)
-    spans = max(round(noise / MEAN_SPAN_LENGTH), 1)
+    spans = max(round(noise / mean_span), 1)
     return noise, min(spans, length - noise)
 
 
-def random_spans_noise_mask(length: int, density: float, gen: torch.Generator) -> torch.Tensor:
+def random_spans_noise_mask(
+    length: int, density: float, gen: torch.Generator, mean_span: float = MEAN_SPAN_LENGTH
+) -> torch.Tensor:
     """T5's `random_spans_noise_mask` ([length] bool, True = noise): the noise and the non-noise
     tokens are each cut at random into as many non-empty spans as noise_span_counts says, and
     interleaved, a non-noise span first. So the first token is never noise, the last always is."""
     orig_length, length = length, max(length, 2)
-    noise, spans = noise_span_counts(length, density)
+    noise, spans = noise_span_counts(length, density, mean_span)
     noise_lengths = _random_segmentation(noise, spans, gen)
     nonnoise_lengths = _random_segmentation(length - noise, spans, gen)
     interleaved = torch.stack([nonnoise_lengths, noise_lengths], dim=1).reshape(-1)
