@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from darkmatter.quickstart.stack import free_port  # noqa: F401  (tests import it from here)
 
@@ -117,3 +118,23 @@ def toy_text_task(prefix: str, folder: Path, n: int) -> Path:
     tasks.write_text(f"tasks:\n  - {{name: toy, data: {prefix}/tasks/toy.parquet, "
                      "protocols: {linear_probe: {}, knn: {k: 10}}}\n")  # fmt: skip
     return tasks
+
+
+def fit(objective: Any, model: Any, batch: dict, steps: int, lr: float) -> list[float]:  # type: ignore[type-arg]
+    """`steps` AdamW steps of `model` on one fixed batch in process, the objective's after_step
+    (an EMA teacher's update) after each, as the trainer calls it; the losses."""
+    from types import SimpleNamespace
+
+    import torch
+
+    engine = SimpleNamespace(module=model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(1, steps + 1):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        objective.after_step(engine, step)
+        losses.append(loss.item())
+    return losses

@@ -20,6 +20,7 @@ from darkmatter.trainer.config import Config, ConfigError, DataConfig, ModelConf
 from darkmatter.trainer.objectives import OBJECTIVES, check_config
 from darkmatter.trainer.objectives.ijepa import IJEPASettings, block_size, multiblock_masks
 from darkmatter.trainer.objectives.momentum import momentum_at
+from tests.helpers import fit
 
 
 def config(image_size: int = 32, zero_stage: int = 0, **settings: Any) -> Config:
@@ -211,17 +212,7 @@ def test_fits_a_fixed_batch() -> None:
     0.6 of that (measured: 0.997 -> 0.48)."""
     obj = objective()
     batch = obj.make_batch(digits(8), torch.Generator().manual_seed(0))
-    model = model_for(obj)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    engine = SimpleNamespace(module=model)
-    losses = []
-    for step in range(1, 41):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        obj.after_step(engine, step)
-        losses.append(loss.item())
+    losses = fit(obj, model_for(obj), batch, steps=40, lr=1e-2)
     assert losses[0] == pytest.approx(1.0, abs=0.05)
     assert losses[-1] < 0.6 * losses[0], losses[::5]
 

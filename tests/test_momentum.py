@@ -26,6 +26,7 @@ from darkmatter.trainer.objectives.moco import MoCoSettings
 from darkmatter.trainer.objectives.momentum import momentum_at
 from darkmatter.trainer.objectives.simclr import SimCLRSettings
 from darkmatter.trainer.objectives.teacher import ema_update, frozen_copy
+from tests.helpers import fit
 
 SETTINGS = {"byol": BYOLSettings, "moco": MoCoSettings}
 
@@ -191,17 +192,8 @@ def test_fits_a_fixed_batch(name: str, start: float, frac: float) -> None:
     samples = digits(8)
     torch.manual_seed(0)
     model = obj.build_model()  # type: ignore[attr-defined]
-    engine = SimpleNamespace(module=model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     batch = obj.make_batch(samples, torch.Generator().manual_seed(0))  # type: ignore[attr-defined]
-    losses = []
-    for step in range(1, 41):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        obj.after_step(engine, step)  # type: ignore[attr-defined]
-        losses.append(loss.item())
+    losses = fit(obj, model, batch, steps=40, lr=3e-3)
     assert abs(losses[0] - start) < 0.3 * start, losses[0]
     assert min(losses[-5:]) < frac * losses[0], losses
 

@@ -25,6 +25,7 @@ from darkmatter.trainer.config import Config, ConfigError, DataConfig, ModelConf
 from darkmatter.trainer.objectives import OBJECTIVES, check_config
 from darkmatter.trainer.objectives.momentum import momentum_at
 from darkmatter.trainer.objectives.video_future import VideoFutureSettings
+from tests.helpers import fit
 from tests.test_video import clips, digit_clips, reconstruction_loss_by_hand
 
 
@@ -164,17 +165,7 @@ def test_fits_a_fixed_batch(target: str, frac: float) -> None:
     take the loss below `frac` of its start (measured: latent 0.80 -> 0.19, pixels 0.57 -> 0.25)."""
     obj = objective(target, steps=60)
     batch = obj.make_batch(digit_clips(4), torch.Generator().manual_seed(0))
-    model = model_for(obj).train()
-    engine = SimpleNamespace(module=model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    losses = []
-    for step in range(1, 61):
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        obj.after_step(engine, step)
-        losses.append(loss.item())
+    losses = fit(obj, model_for(obj).train(), batch, steps=60, lr=1e-2)
     assert min(losses[-5:]) < frac * losses[0], losses[::10]
 
 

@@ -39,6 +39,16 @@ def tube_mask(
     return spatial.repeat(1, time_slots)
 
 
+def init_mask_token(model: Any) -> Any:
+    """transformers leaves a VideoMAE pretrainer's mask token at zero; VideoMAE draws it
+    (truncated normal, 0.02). Under ZeRO-3 it is partitioned as built: gathered for the write."""
+    from darkmatter.trainer.engine import gathered
+
+    with torch.no_grad(), gathered([model.mask_token]):
+        torch.nn.init.trunc_normal_(model.mask_token, std=0.02)
+    return model
+
+
 class VideoMAEPretrainer(VideoMAEForPreTraining):  # type: ignore[misc]
     """VideoMAEForPreTraining whose decoder follows `set_attn_implementation`: transformers
     builds the decoder from a copy of the config, which the call never reaches, so the decoder
@@ -124,14 +134,7 @@ class VideoObjective(ViTObjective):
     def build_model(self) -> PreTrainedModel:
         # VideoMAE's sin-cos tables are plain tensors computed in __init__ (not weights), so the
         # zero-init of transformers 5 that ViT-MAE needs repaired (mae.py) does not reach them.
-        model = VideoMAEPretrainer(self.model_config())
-        # transformers leaves the mask token at zero; VideoMAE draws it (truncated normal, 0.02).
-        # Under ZeRO-3 it is partitioned as built: gathered for the write.
-        from darkmatter.trainer.engine import gathered
-
-        with torch.no_grad(), gathered([model.mask_token]):
-            torch.nn.init.trunc_normal_(model.mask_token, std=0.02)
-        return model
+        return init_mask_token(VideoMAEPretrainer(self.model_config()))
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         d = self.cfg.data

@@ -43,7 +43,7 @@ from darkmatter.trainer.config import Config, ConfigError
 from darkmatter.trainer.objectives.base import ViTObjective, ViTSettings
 from darkmatter.trainer.objectives.momentum import momentum_at
 from darkmatter.trainer.objectives.teacher import ema_update, frozen_copy, keep_fp32, module_dtype
-from darkmatter.trainer.objectives.video import VideoMAEPretrainer
+from darkmatter.trainer.objectives.video import VideoMAEPretrainer, init_mask_token
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
 TARGETS = ("latent", "pixels")
@@ -193,13 +193,7 @@ class VideoFutureObjective(ViTObjective):
         return config
 
     def build_model(self) -> PreTrainedModel:
-        model = VideoFutureModel(self.model_config())
-        # transformers leaves the mask token at zero; VideoMAE draws it (truncated normal, 0.02).
-        from darkmatter.trainer.engine import gathered
-
-        with torch.no_grad(), gathered([model.mask_token]):
-            torch.nn.init.trunc_normal_(model.mask_token, std=0.02)
-        return model
+        return init_mask_token(VideoFutureModel(self.model_config()))
 
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         d = self.cfg.data
