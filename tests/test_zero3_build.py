@@ -120,8 +120,8 @@ def _init_from_partitioned(out: Path, rank: int, meta: dict[str, Any]) -> list[s
     from safetensors.torch import save_file
 
     from darkmatter.trainer import engine as eng
+    from darkmatter.trainer.checkpoint_reader import HEADS_FILE
     from darkmatter.trainer.config import deepspeed_config
-    from darkmatter.trainer.init_from import HEADS_FILE
     from darkmatter.trainer.objectives import OBJECTIVES as REGISTRY
 
     cfg = _config("mlm", 3, out)

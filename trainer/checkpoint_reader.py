@@ -50,7 +50,6 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel, T5EncoderModel
 from darkmatter import storage
 from darkmatter.trainer import checkpoint as ckpt
 from darkmatter.trainer.checkpoint import COMMIT, CheckpointError
-from darkmatter.trainer.init_from import HEADS_FILE
 
 __all__ = [
     "ASSETS", "COMMIT", "ENCODER_PREFIX", "EXPORT_RECORD", "HEADS_FILE", "MODEL_TYPE_MODALITY",
@@ -62,6 +61,8 @@ __all__ = [
     "weights_only_loads",
 ]  # fmt: skip
 
+# An export's weights besides the encoder's (what `model.init_from` continues from).
+HEADS_FILE = "pretraining_heads.safetensors"
 # Where each objective's pretraining model keeps its encoder (the transformers attribute name).
 ENCODER_PREFIX = {
     "mlm": "bert.",

@@ -173,6 +173,7 @@ def partitioned_construction(ds_config: dict[str, Any]) -> Iterator[None]:
 
     original = PreTrainedModel.initialize_weights
     setattr(PreTrainedModel, "initialize_weights", _initialize_gathered)  # noqa: B010
+    own_hook = "__init_subclass__" in vars(torch.nn.Module)
     try:
         # zero.Init casts every floating tensor made inside it to the model's dtype, arange's
         # too: sin-cos tables built from a float64 arange would differ by an ulp.
@@ -180,6 +181,12 @@ def partitioned_construction(ds_config: dict[str, Any]) -> Iterator[None]:
             yield
     finally:
         setattr(PreTrainedModel, "initialize_weights", original)  # noqa: B010
+        if not own_hook and "__init_subclass__" in vars(torch.nn.Module):
+            # zero.Init "restores" nn.Module's subclass hook by assigning the inherited one to
+            # nn.Module itself, which hides typing.Generic's: a Generic nn.Module subclass
+            # defined afterwards (kornia's, at its import) fails with "type object ... has no
+            # attribute '__parameters__'". Remove it, as it was before.
+            delattr(torch.nn.Module, "__init_subclass__")
 
 
 def _initialize_gathered(model: PreTrainedModel) -> None:

@@ -38,12 +38,12 @@ from typing import Any
 import torch
 
 from darkmatter import storage
+from darkmatter.trainer.checkpoint_reader import HEADS_FILE, encoder_class, encoder_prefix
 from darkmatter.trainer.config import Config, ConfigError
 from darkmatter.trainer.objectives.teacher import PREFIX as TEACHER_PREFIX
 
 log = logging.getLogger("darkmatter.init_from")
 
-HEADS_FILE = "pretraining_heads.safetensors"  # written by `darkmatter export`
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded save_pretrained
 # Fields of a transformers config that fix the encoder's shapes (those the config has; GPT-2 and
@@ -186,17 +186,16 @@ def _in_memory_names(folder: Path, keys: list[str]) -> dict[str, str]:
     models under their earlier names (a ViT's `layers.0.attention.q_proj` is written as
     `encoder.layer.0.attention.attention.query`) and renames them as it loads, by its checkpoint
     conversion mapping; the plan maps into the model by the names it has in memory."""
-    from transformers import AutoConfig
-    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers import MODEL_MAPPING, AutoConfig
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    from darkmatter.trainer.checkpoint_reader import encoder_class  # it imports this module
-
     config = AutoConfig.from_pretrained(str(folder))
-    with torch.device("meta"):
-        cls = encoder_class(config)
-        encoder = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-    transforms = get_model_conversion_mapping(encoder)
+    cls = encoder_class(config)
+    class_name = (MODEL_MAPPING[type(config)] if cls.__name__ == "AutoModel" else cls).__name__
+    # As transformers looks it up (by class name, then model type), without building a model.
+    transforms = (get_checkpoint_conversion_mapping(class_name)
+                  or get_checkpoint_conversion_mapping(config.model_type) or [])  # fmt: skip
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     names = {}
@@ -254,8 +253,6 @@ def _plan(
     base = getattr(model, "base_model", model)
     prefix = "" if base is model else f"{model.base_model_prefix}."
     if objective:
-        from darkmatter.trainer.checkpoint_reader import encoder_prefix  # it imports this module
-
         # An export of this objective holds its encoder where ENCODER_PREFIX says (an EMA
         # teacher's, for dino, ijepa and video_future) and everything else, the online
         # encoder included, in the heads file.

@@ -54,9 +54,10 @@ def draw_view_params(batch: int, views: int, size: int, gen: torch.Generator,
 
 
 def import_kornia() -> None:
-    """Import kornia before the model is built: imported first inside a forward under ZeRO-3,
-    its Generic nn.Module classes fail to be created (`type object 'ModelBase' has no attribute
-    '__parameters__'`: DeepSpeed's zero.Init leaves nn.Module's subclass hook patched)."""
+    """Import kornia before any model is built: DeepSpeed's zero.Init leaves nn.Module's subclass
+    hook broken for typing.Generic subclasses, and kornia defines some at import (`type object
+    'ModelBase' has no attribute '__parameters__'`). trainer.engine repairs the hook after its
+    own ZeRO-3 builds; this covers a zero.Init entered elsewhere (DeepSpeed's engine)."""
     import kornia  # noqa: F401
 
 
