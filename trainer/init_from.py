@@ -192,7 +192,8 @@ def _in_memory_names(folder: Path, keys: list[str]) -> dict[str, str]:
 
     config = AutoConfig.from_pretrained(str(folder))
     cls = encoder_class(config)
-    class_name = (MODEL_MAPPING[type(config)] if cls.__name__ == "AutoModel" else cls).__name__
+    model_class: Any = MODEL_MAPPING[type(config)] if cls.__name__ == "AutoModel" else cls
+    class_name = model_class.__name__
     # As transformers looks it up (by class name, then model type), without building a model.
     transforms = (get_checkpoint_conversion_mapping(class_name)
                   or get_checkpoint_conversion_mapping(config.model_type) or [])  # fmt: skip
