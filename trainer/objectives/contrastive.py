@@ -229,9 +229,8 @@ class TwoViewObjective(ViTObjective):
         )
 
 
-class TwoViewModel(PreTrainedModel):  # type: ignore[misc]
-    """A ViT encoder under `vit.` (what the harness and export take) that makes the two views of
-    its images itself, on its own device; subclasses add their heads and loss."""
+class ViTHostModel(PreTrainedModel):  # type: ignore[misc]
+    """A pretraining model around a ViTModel under `vit.` (two-view objectives, dino)."""
 
     config_class = ViTConfig
     base_model_prefix = "vit"
@@ -240,6 +239,11 @@ class TwoViewModel(PreTrainedModel):  # type: ignore[misc]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+
+
+class TwoViewModel(ViTHostModel):
+    """A ViT encoder under `vit.` (what the harness and export take) that makes the two views of
+    its images itself, on its own device; subclasses add their heads and loss."""
 
     def __init__(self, config: ViTConfig):
         super().__init__(config)

@@ -44,7 +44,12 @@ from transformers.utils import ModelOutput
 from darkmatter.data_pipeline.transforms import images_to_unit, normalize
 from darkmatter.trainer.config import Config, ConfigError
 from darkmatter.trainer.objectives.base import ViTObjective, ViTSettings
-from darkmatter.trainer.objectives.contrastive import augment, draw_view_params, import_kornia
+from darkmatter.trainer.objectives.contrastive import (
+    ViTHostModel,
+    augment,
+    draw_view_params,
+    import_kornia,
+)
 from darkmatter.trainer.objectives.momentum import momentum_at
 from darkmatter.trainer.objectives.teacher import ema_update, frozen_copy, keep_fp32, module_dtype
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
@@ -147,17 +152,10 @@ class DINOOutput(ModelOutput):  # type: ignore[misc]
     teacher: torch.Tensor | None = None  # teacher logits of the 2 global crops, [2B, K]
 
 
-class DINOModel(PreTrainedModel):  # type: ignore[misc]
+class DINOModel(ViTHostModel):
     """The student (`vit.`, `head.`, with iBOT `patch_head.`), its EMA teacher (`teacher.` +
     the same names) and the loss's state: `center` (and `patch_center`) and `teacher_temp`."""
 
-    config_class = ViTConfig
-    base_model_prefix = "vit"
-    main_input_name = "pixel_values"
-    # The attention kernels are the inner ViTModel's, which supports them all.
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
     # Set from branch() and register_buffer in __init__; declared for the type checker.
     vit: ViTModel
     head: DINOHead
