@@ -57,6 +57,8 @@ class SpanSettings(ObjectiveSettings):
     mean_span_length: float = MEAN_SPAN_LENGTH
     """Mean length of a noise span in tokens (T5's mean_noise_span_length, 3); 1 corrupts
     single tokens, each its own sentinel (T5's i.i.d. variant)."""
+    decoder_layers: int = 0
+    """Decoder blocks (T5Config.num_decoder_layers); 0: model.num_layers, as T5."""
 
 
 class SpanObjective(Objective):
@@ -86,11 +88,18 @@ class SpanObjective(Objective):
         assert isinstance(s, SpanSettings)
         if s.mean_span_length < 1:
             raise ConfigError(f"model.mean_span_length: expected >= 1, got {s.mean_span_length}")
+        if s.decoder_layers < 0:
+            raise ConfigError(f"model.decoder_layers: expected >= 0, got {s.decoder_layers}")
 
     @property
     def span_length(self) -> float:
         """model.mean_span_length: tokens per noise span on average."""
         return self.settings.mean_span_length
+
+    @property
+    def decoder_layers(self) -> int:
+        """model.decoder_layers, or model.num_layers where it is 0."""
+        return self.settings.decoder_layers or self.cfg.model.num_layers
 
     @functools.cached_property  # lazy: see TextObjective.ids
     def ids(self) -> SpecialIds:
@@ -109,7 +118,7 @@ class SpanObjective(Objective):
             d_kv=m.hidden_size // m.num_heads,
             d_ff=m.intermediate_size,
             num_layers=m.num_layers,
-            num_decoder_layers=m.num_layers,
+            num_decoder_layers=self.decoder_layers,
             num_heads=m.num_heads,
             dropout_rate=m.dropout,
             # Relative attention (32 buckets, distance 128), ReLU feed-forward and tied
