@@ -272,6 +272,54 @@ def test_span_flops_match_the_counted_multiplies() -> None:
     assert obj.flops(batch) == measured_flops(obj, batch)
 
 
+def test_span_decoder_layers_reach_the_model_and_the_flops() -> None:
+    """model.decoder_layers sets T5Config.num_decoder_layers (0: num_layers, as T5), and the
+    FLOPs formula counts that many decoder blocks."""
+    obj = objective("span", seq_len=48, layers=2)
+    assert obj.model_config().num_decoder_layers == 2
+    obj.settings.decoder_layers = 1  # type: ignore[attr-defined]
+    model = model_for(obj)
+    assert (len(model.encoder.block), len(model.decoder.block)) == (2, 1)
+    assert obj.flops_inputs()["decoder_layers"] == 1
+    batch = obj.make_batch(documents(1, seed=8, lo=40, hi=41), torch.Generator().manual_seed(0))
+    assert obj.flops(batch) == measured_flops(obj, batch)
+
+
+def test_span_refuses_negative_decoder_layers() -> None:
+    from darkmatter.trainer.config import ConfigError
+
+    cfg = objective("span").cfg
+    cfg.objective_settings.decoder_layers = -1  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="model.decoder_layers: expected >= 0, got -1"):
+        OBJECTIVES["span"].validate(cfg)
+
+
+def test_span_learning_rates_follow_t5s_initialization() -> None:
+    """model.relative_lr: a weight's learning rate is train.lr times its std at T5's init (the
+    embedding's 1, q's (d·d_kv)^-1/2, wo's d_ff^-1/2 ...): each matrix as built has that std,
+    and the engine's optimizer gives each group train.lr times it (Adafactor's scaling, the
+    optimizer T5's init is made for). Without it, every weight gets train.lr."""
+    from darkmatter.trainer.engine import build_optimizer
+
+    obj = objective("span", layers=1)
+    model = model_for(obj)
+    scales = {n: obj.lr_scale(n) for n, _ in model.named_parameters()}
+    assert scales["shared.weight"] == 1.0 and scales["encoder.final_layer_norm.weight"] == 1.0
+    assert scales["encoder.block.0.layer.0.SelfAttention.q.weight"] == (32 * 16) ** -0.5
+    assert scales["decoder.block.0.layer.2.DenseReluDense.wo.weight"] == 48**-0.5
+    for name, p in model.named_parameters():
+        if p.numel() >= 1024:  # large enough for its sample std to be within 10% of the init's
+            assert p.detach().std().item() == pytest.approx(scales[name], rel=0.1), name
+    obj.cfg.train.lr = 0.01
+    groups = build_optimizer(model, obj.cfg, obj.lr_scale).param_groups
+    got = {id(p): g["lr"] for g in groups for p in g["params"]}
+    # Decayed: q, wo, the other matrices (d^-1/2), the embedding; not decayed: the norms.
+    assert len(got) == len(scales) and len(groups) == 5
+    assert all(got[id(p)] == 0.01 * scales[n] for n, p in model.named_parameters())
+    obj.settings.relative_lr = False  # type: ignore[attr-defined]
+    assert {g["lr"] for g in build_optimizer(model, obj.cfg, obj.lr_scale).param_groups} == {0.01}
+
+
 def test_span_refuses_more_spans_than_sentinels() -> None:
     with pytest.raises(ValueError, match="data.seq_len: 4096 tokens .* more than the 100"):
         objective("span", seq_len=4096)
@@ -295,8 +343,10 @@ def test_pretrain_export_and_load(
     from darkmatter.evaluation.tasks import export_text_inputs
 
     run_dir = tmp_path / "run"
+    # span's train.lr is that of a std-1 weight (model.relative_lr): its preset's 1e-2.
     cfg = write_config(tmp_path / "c.yaml", text_ds, run_dir, objective=name,  # type: ignore[arg-type]
-                       data={"packing": True}, checkpoint={"every": 6})  # fmt: skip
+                       data={"packing": True}, checkpoint={"every": 6},
+                       train={"lr": 0.01 if name == "span" else 0.002})  # fmt: skip
     out = run_darkmatter("pretrain", str(cfg), env=ONE_THREAD)
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [r["loss"] for r in metrics(run_dir)]

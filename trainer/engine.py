@@ -105,17 +105,23 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return f
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr_scale: Callable[[str], float] | None = None
+) -> list[dict[str, Any]]:
     """Decay matrices only; biases and norm weights (1-D) are not decayed. A parameter built
-    under ZeRO-3 is a 1-D placeholder: its real shape is `ds_shape`."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for p in model.parameters():
+    under ZeRO-3 is a 1-D placeholder: its real shape is `ds_shape`. With `lr_scale` (a
+    parameter's name -> its learning rate as a multiple of train.lr, the objective's), one group
+    per scale, its multiple under "lr_scale"."""
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+            decay = len(getattr(p, "ds_shape", p.shape)) >= 2
+            groups.setdefault((decay, lr_scale(name) if lr_scale else 1.0), []).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        for (decay, scale), params in sorted(
+            groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])
+        )
     ]
 
 
@@ -132,9 +138,13 @@ def set_throughput_features(model: PreTrainedModel, cfg: Config) -> None:
         )
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: Config, lr_scale: Callable[[str], float] | None = None
+) -> torch.optim.Optimizer:
     """AdamW over param_groups(); DeepSpeed's CPU Adam when the optimizer is offloaded."""
-    groups, t = param_groups(model, cfg.train.weight_decay), cfg.train
+    groups, t = param_groups(model, cfg.train.weight_decay, lr_scale), cfg.train
+    for group in groups:
+        group["lr"] = t.lr * group.pop("lr_scale")
     if t.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -226,10 +236,14 @@ def gathered(params: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContext
 
 
 def build_engine(
-    cfg: Config, ds_config: dict[str, Any], build_model: Callable[[], PreTrainedModel]
+    cfg: Config,
+    ds_config: dict[str, Any],
+    build_model: Callable[[], PreTrainedModel],
+    lr_scale: Callable[[str], float] | None = None,
 ) -> tuple[Any, HfDeepSpeedConfig]:
     """Build the model under DeepSpeed's config (partitioned as it is built under ZeRO-3; then
-    the weights of `model.init_from`, if set) and wrap it in an engine.
+    the weights of `model.init_from`, if set) and wrap it in an engine. `lr_scale`: each
+    parameter's learning rate as a multiple of train.lr (param_groups).
 
     HfDeepSpeedConfig must exist before the model is built: transformers reads it for what it
     does differently under ZeRO-3; the caller keeps the returned object alive.
@@ -245,7 +259,7 @@ def build_engine(
     set_throughput_features(model, cfg)
     # Dropout then differs across ranks but not across restarts of the same rank.
     torch.manual_seed(cfg.train.seed * 100_003 + int(os.environ.get("RANK", "0")))
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, cfg, lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config

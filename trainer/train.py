@@ -149,7 +149,9 @@ class Trainer:
                 **self.ds_config.get("checkpoint", {}),
                 "load_universal": True,
             }
-        self.engine, self._hf_ds = eng.build_engine(cfg, self.ds_config, objective.build_model)
+        self.engine, self._hf_ds = eng.build_engine(
+            cfg, self.ds_config, objective.build_model, objective.lr_scale
+        )
         objective.prepare_engine(self.engine)
         self.ckpt_engine = eng.attach_checkpoint_engine(self.engine)
         self.writer = ckpt_writer.Writer(

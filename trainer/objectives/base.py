@@ -103,6 +103,12 @@ class Objective(ABC):
         the row slots and the tokens dropped). Read before to_device, which drops host_keys."""
         return {}
 
+    def lr_scale(self, name: str) -> float:
+        """The learning rate of parameter `name` as a multiple of train.lr. An objective whose
+        model is initialized for an optimizer that scales each step to its weight's size
+        (span: T5 for Adafactor) returns that size."""
+        return 1.0  # most objectives: one learning rate for every parameter
+
     def prepare_engine(self, engine: Any) -> None:
         """Called once the DeepSpeed engine wraps the model, before a checkpoint is loaded into
         it (objectives with state DeepSpeed does not manage as it should adjust it here)."""

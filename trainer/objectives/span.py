@@ -59,6 +59,13 @@ class SpanSettings(ObjectiveSettings):
     single tokens, each its own sentinel (T5's i.i.d. variant)."""
     decoder_layers: int = 0
     """Decoder blocks (T5Config.num_decoder_layers); 0: model.num_layers, as T5."""
+    relative_lr: bool = True
+    """Each weight's learning rate is train.lr times its initial std by T5's initialization
+    (1 for the embedding and the norms, d_model^-1/2 for most matrices): AdamW's steps become
+    relative to the weight's size, as Adafactor's are (its scale_parameter), the optimizer T5's
+    initialization was made for. Without it the std-1 embedding barely moves under AdamW while
+    the query weights (std (d_model·d_kv)^-1/2) grow several times over, and span's encoder
+    learns nothing the probe can read (docs/OBJECTIVES.md)."""
 
 
 class SpanObjective(Objective):
@@ -90,6 +97,20 @@ class SpanObjective(Objective):
             raise ConfigError(f"model.mean_span_length: expected >= 1, got {s.mean_span_length}")
         if s.decoder_layers < 0:
             raise ConfigError(f"model.decoder_layers: expected >= 0, got {s.decoder_layers}")
+
+    def lr_scale(self, name: str) -> float:
+        """model.relative_lr: the initial std of weight `name` by T5's _init_weights (the
+        module it belongs to decides: q, k, v, o, wi, wo, relative_attention_bias; 1 for the
+        shared embedding, an untied lm_head and the layer norms)."""
+        if not self.settings.relative_lr:
+            return 1.0
+        m = self.cfg.model
+        d, kv, ff = m.hidden_size, m.hidden_size // m.num_heads, m.intermediate_size
+        std = {"q": (d * kv) ** -0.5, "k": d**-0.5, "v": d**-0.5, "o": (m.num_heads * kv) ** -0.5,
+               "wi": d**-0.5, "wi_0": d**-0.5, "wi_1": d**-0.5, "wo": ff**-0.5,
+               "relative_attention_bias": d**-0.5}  # fmt: skip
+        module = name.rsplit(".", 2)[-2] if name.count(".") else ""
+        return std.get(module, 1.0)
 
     @property
     def span_length(self) -> float:
@@ -173,24 +194,25 @@ class SpanObjective(Objective):
         """Training FLOPs of one sequence pair, PaLM's formula per stack (trainer.perf):
 
             encoder: sequence_flops(L·(4h² + 2hI), L, H, Q, T_in)
-            decoder: sequence_flops(L·(6h² + 2hI) + hV, L, H, Q, T_out)
+            decoder: sequence_flops(L_d·(6h² + 2hI) + hV, L_d, H, Q, T_out)
                      (self-attention Q K V O, cross-attention Q O, MLP, LM head)
-            cross-attention: 6·L·2h²·T_in (its K and V of the encoder output, per layer)
-                     + 12·L·H·Q·T_in·T_out (its scores and weighted sum)
+            cross-attention: 6·L_d·2h²·T_in (its K and V of the encoder output, per layer)
+                     + 12·L_d·H·Q·T_in·T_out (its scores and weighted sum)
 
-        h = hidden_size, I = intermediate_size, V = vocabulary with sentinels, Q = h / H."""
+        h = hidden_size, I = intermediate_size, V = vocabulary with sentinels, Q = h / H,
+        L = num_layers, L_d = decoder_layers."""
         m = self.cfg.model
         h, n_layers, heads = m.hidden_size, m.num_layers, m.num_heads
-        q, ff = h // heads, m.intermediate_size
+        q, ff, n_dec = h // heads, m.intermediate_size, self.decoder_layers
         encoder = sequence_flops(n_layers * encoder_layer_params(h, ff), n_layers, heads, q, t_in)
         decoder = sequence_flops(
-            n_layers * (encoder_layer_params(h, ff) + 2 * h * h) + h * self.vocab_size,
-            n_layers,
+            n_dec * (encoder_layer_params(h, ff) + 2 * h * h) + h * self.vocab_size,
+            n_dec,
             heads,
             q,
             t_out,
         )
-        cross = 6.0 * n_layers * 2 * h * h * t_in + 12.0 * n_layers * heads * q * t_in * t_out
+        cross = 6.0 * n_dec * 2 * h * h * t_in + 12.0 * n_dec * heads * q * t_in * t_out
         return encoder + decoder + cross
 
     def flops(self, batch: dict[str, Any]) -> float:
@@ -203,7 +225,7 @@ class SpanObjective(Objective):
     def flops_inputs(self) -> dict[str, Any]:
         m = self.cfg.model
         return {
-            "layers": m.num_layers, "decoder_layers": m.num_layers, "heads": m.num_heads,
+            "layers": m.num_layers, "decoder_layers": self.decoder_layers, "heads": m.num_heads,
             "head_dim": m.hidden_size // m.num_heads, "hidden": m.hidden_size,
             "intermediate": m.intermediate_size, "vocab": self.vocab_size,
             "seq_len": self.cfg.data.seq_len,
