@@ -136,11 +136,13 @@ tasks:
 
 def test_claims_are_exclusive_expire_and_are_taken_over(bucket: str) -> None:
     url = f"{bucket}/eval/claims/run/step00000010.json"
-    a = claims.try_claim(url, "harness-a", ttl_s=1.0)
+    # A lease long enough that a stalled machine cannot expire it between two calls.
+    a = claims.try_claim(url, "harness-a", ttl_s=60.0)
     assert a is not None
     assert claims.try_claim(url, "harness-b", ttl_s=1.0) is None  # live claim: refused
+    a.ttl_s = 0.2  # its last renewal has a short lease ...
     assert a.renew()
-    time.sleep(1.2)  # a stops renewing (it "died"): the claim expires
+    time.sleep(0.5)  # ... and a stops renewing (it "died"): the claim expires
     b = claims.try_claim(url, "harness-b", ttl_s=30.0)
     assert b is not None
     assert not a.renew() and a.lost  # the old owner finds out
