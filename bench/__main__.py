@@ -54,6 +54,7 @@ BENCHMARKS = (
     Bench("raw_text", "ratio_jsonl", ""),
     Bench("index_shards", "ratio", ">= 5"),
     Bench("features", "", ""),
+    Bench("startup", "ratio", ""),
     Bench("gpu", "mlm_mfu_vs_target", ">= 1.0", quick=("--tiny",), needs_gpu=True),
 )
 

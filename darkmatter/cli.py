@@ -216,7 +216,20 @@ def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv, debug = _take_debug(list(sys.argv[1:] if argv is None else argv))
+    """The `darkmatter` program (argv None: sys.argv), or one command called in-process."""
+    if argv is not None:
+        return _main(argv)
+    from darkmatter import startup
+
+    startup.begin()
+    try:
+        return _main(sys.argv[1:])
+    finally:
+        startup.end()
+
+
+def _main(argv: list[str]) -> int:
+    argv, debug = _take_debug(list(argv))
     if debug:  # in the environment, so torchrun's workers print tracebacks too
         os.environ["DARKMATTER_DEBUG"] = "1"
     commands = _subcommands()

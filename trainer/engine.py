@@ -235,6 +235,52 @@ def gathered(params: Iterable[torch.nn.Parameter]) -> contextlib.AbstractContext
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
 
 
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer with its kernels compiled on first use, not at import.
+
+    DeepSpeed (0.19) imports its Muon module wherever it builds a ZeRO or bf16 optimizer, only
+    to check whether the optimizer is a Muon one; that module decorates its kernels with
+    `torch.compile` at import, which imports torch._dynamo and inductor: ~4.5 s of every
+    rank's start (bench/startup.py), for kernels only Muon calls and we never build it.
+    Imported first here with the decorator deferred, the module is whole and its kernels
+    compile when first called. A DeepSpeed without this layout is left as it is.
+    """
+    if MUON in sys.modules:
+        return
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:
+        return
+    eager = getattr(compiler, "compile", None)
+    if eager is None:
+        return
+
+    def on_first_call() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+            compiled: list[Callable[..., Any]] = []
+
+            @functools.wraps(fn)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if not compiled:
+                    compiled.append(eager()(fn))
+                return compiled[0](*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    compiler.compile = on_first_call
+    try:
+        __import__(MUON)
+    except ImportError:
+        pass  # DeepSpeed without Muon: its own imports of it fail the same way, and cope
+    finally:
+        compiler.compile = eager
+
+
 def build_engine(
     cfg: Config,
     ds_config: dict[str, Any],
@@ -261,6 +307,7 @@ def build_engine(
     torch.manual_seed(cfg.train.seed * 100_003 + int(os.environ.get("RANK", "0")))
     opt = build_optimizer(model, cfg, lr_scale)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    import_muon_uncompiled()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
     )

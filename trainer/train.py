@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import yaml
 
-from darkmatter import storage
+from darkmatter import startup, storage
 from darkmatter.data_pipeline.reader import DataStream, MixtureStream, ReaderOptions
 from darkmatter.storage import failpoints
 from darkmatter.trainer import checkpoint as ckpt
@@ -623,6 +623,7 @@ def run_worker(cfg: Config) -> int:
     rank, world_size, _ = eng.init_distributed(cfg.faults.collective_timeout_s)
     with noting_oom(rank, lambda: None):
         trainer = Trainer(cfg, objective, rank, world_size)
+    startup.settle()  # the training loop's collections leave the startup heap alone
     try:
         with noting_oom(rank, lambda: trainer.pos.step + 1):  # the step being taken
             pos = trainer.train()
