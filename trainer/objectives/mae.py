@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedModel, ViTMAEConfig, ViTMAEForPreTraining
 
 from darkmatter.data_pipeline.transforms import images_to_tensor
+from darkmatter.trainer.config import Config, ConfigError
 from darkmatter.trainer.objectives.base import ViTObjective, ViTSettings
 from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 
@@ -22,6 +23,8 @@ class MAESettings(ViTSettings):
     """Width of the decoder (its feed-forward layer: 4 times that)."""
     decoder_num_layers: int = 1
     """Transformer blocks in the decoder."""
+    decoder_num_heads: int = 0
+    """Attention heads of the decoder; 0: model.num_heads (MAE's decoders: 16, 512 wide)."""
     mask_ratio: float = 0.0
     """Share of the patches hidden from the encoder; 0: MAE's 0.75."""
 
@@ -34,13 +37,26 @@ class MAEObjective(ViTObjective):
     modality = "image"
     float_inputs = ("pixel_values",)
 
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        super().validate(cfg)
+        s = cfg.objective_settings
+        assert isinstance(s, MAESettings)
+        heads = s.decoder_num_heads or cfg.model.num_heads
+        if s.decoder_num_heads < 0 or s.decoder_hidden_size % heads:
+            raise ConfigError(
+                f"model.decoder_hidden_size: {s.decoder_hidden_size} is not divisible by "
+                f"{heads} decoder heads (model.decoder_num_heads={s.decoder_num_heads}; 0 takes "
+                "model.num_heads)"
+            )
+
     def model_config(self) -> ViTMAEConfig:
         m, s = self.cfg.model, self.settings
         return ViTMAEConfig(
             **self.vit_kwargs(),
             decoder_hidden_size=s.decoder_hidden_size,
             decoder_num_hidden_layers=s.decoder_num_layers,
-            decoder_num_attention_heads=m.num_heads,
+            decoder_num_attention_heads=s.decoder_num_heads or m.num_heads,
             decoder_intermediate_size=4 * s.decoder_hidden_size,
             mask_ratio=s.mask_ratio,
             norm_pix_loss=True,

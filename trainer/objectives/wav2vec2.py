@@ -46,7 +46,6 @@ from darkmatter.trainer.perf import encoder_layer_params, sequence_flops
 # The 16 kHz input, the feature encoder's convolutions (the paper's: CONV_KERNEL, CONV_STRIDE)
 # and the clips' padding are data_pipeline.transforms', which evaluation shares.
 CODEBOOKS = 2  # the paper's G
-POS_CONV_KERNEL = 32  # the paper's 128 spans 2.5 s; the presets' clips are about 1 s
 # Gumbel temperature: from 2 down to 0.5, times 0.999995 per update (the paper; transformers'
 # example script does the same).
 GUMBEL_MAX, GUMBEL_MIN, GUMBEL_DECAY = 2.0, 0.5, 0.999995
@@ -141,6 +140,9 @@ class Wav2Vec2Settings(ObjectiveSettings):
     """Distractors per masked frame, drawn from the masked frames of the same clip."""
     codevectors: int = 320
     """Entries of each of the quantizer's 2 codebooks."""
+    pos_conv_kernel: int = 32
+    """Frames the convolutional position embedding spans (the paper: 128, 2.5 s; 32 suits the
+    quickstart's clips of about 1 s)."""
 
 
 class Wav2Vec2Objective(Objective):
@@ -157,7 +159,8 @@ class Wav2Vec2Objective(Objective):
         for key, value, least in (("model.conv_dim", m.conv_dim, 1),
                                   ("model.mask_length", m.mask_length, 1),
                                   ("model.num_negatives", m.num_negatives, 1),
-                                  ("model.codevectors", m.codevectors, 2)):  # fmt: skip
+                                  ("model.codevectors", m.codevectors, 2),
+                                  ("model.pos_conv_kernel", m.pos_conv_kernel, 1)):  # fmt: skip
             if value < least:
                 raise ConfigError(f"{key}: expected >= {least}, got {value}")
         if m.projection_dim % CODEBOOKS:
@@ -184,7 +187,7 @@ class Wav2Vec2Objective(Objective):
             # LayerNorm in every convolution and a pre-LN transformer (the "large" variant):
             # stable from scratch at any size, and padding is masked rather than fed as zeros.
             feat_extract_norm="layer", do_stable_layer_norm=True,
-            num_conv_pos_embeddings=POS_CONV_KERNEL,
+            num_conv_pos_embeddings=s.pos_conv_kernel,
             num_conv_pos_embedding_groups=math.gcd(16, m.hidden_size),
             hidden_dropout=m.dropout, attention_dropout=m.dropout, activation_dropout=0.0,
             feat_proj_dropout=m.dropout, feat_quantizer_dropout=m.dropout, layerdrop=0.0,
@@ -249,8 +252,9 @@ class Wav2Vec2Objective(Objective):
         t = frames(samples)
         # The positional convolution pads kernel // 2 on both sides (one output more for an
         # even kernel, which transformers then drops).
-        pos_out = t + 2 * (POS_CONV_KERNEL // 2) - POS_CONV_KERNEL + 1
-        pos = pos_out * h * (h // math.gcd(16, h)) * POS_CONV_KERNEL
+        kp = s.pos_conv_kernel
+        pos_out = t + 2 * (kp // 2) - kp + 1
+        pos = pos_out * h * (h // math.gcd(16, h)) * kp
         per_frame = (c * h + c * CODEBOOKS * s.codevectors + s.codevectors * p + h * p + p * p
                      + (k + 1) * p)  # fmt: skip
         layers = m.num_layers * encoder_layer_params(h, m.intermediate_size)
