@@ -161,6 +161,16 @@ def test_batch_arithmetic(tmp_path: Path) -> None:
         match=r"train.global_batch_size: 10 contradicts 4 micro × 2 accumulation × 2 ranks = 16",
     ):
         deepspeed_config(bad, 2)
+    # grad_accum 0 with a global batch: the accumulation follows the number of ranks.
+    held = load_config(write(tmp_path, BASE), ["train.grad_accum=0", "train.global_batch_size=16"])
+    assert [batch_plan(held, w).grad_accum for w in (1, 2, 4)] == [4, 2, 1]
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 16 is not a multiple of "
+                       r"4 micro × 8 ranks = 32 \(change train.micro_batch_size"):  # fmt: skip
+        batch_plan(held, 8)
+    alone = load_config(write(tmp_path, BASE), ["train.grad_accum=0"])
+    assert batch_plan(alone, 2).grad_accum == 1  # no global batch: 1
+    with pytest.raises(ConfigError, match="train.grad_accum: expected >= 0"):
+        load_config(write(tmp_path, BASE), ["train.grad_accum=-1"])
     clash = load_config(write(tmp_path, BASE), ["deepspeed.zero_optimization.stage=3"])
     with pytest.raises(ConfigError, match="deepspeed.zero_optimization.stage: 3 contradicts"):
         deepspeed_config(clash, 2)
@@ -255,7 +265,7 @@ def test_dry_run_keeps_each_settings_name_and_value(capsys: pytest.CaptureFixtur
         "  hidden_size: 128", "  num_layers: 2", "  num_heads: 2", "  intermediate_size: 512",
         "  dropout: 0.1", "  attention: sdpa", "  init_from: ''",
         "  patch_size: 4", "  decoder_hidden_size: 64", "  decoder_num_layers: 1",
-        "  mask_ratio: 0.75",
+        "  decoder_num_heads: 0", "  mask_ratio: 0.75",
     ]  # fmt: skip
 
 

@@ -167,10 +167,12 @@ class TrainConfig:
     """Optimizer steps to train for."""
     micro_batch_size: int = 8
     """Samples per rank per forward pass."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    grad_accum: int = 0
+    """Micro-batches accumulated per optimizer step; 0: what keeps train.global_batch_size at
+    this job's number of ranks (global / (micro_batch_size × ranks)), or 1 without one."""
     global_batch_size: int = 0
-    """Samples per optimizer step across all ranks; 0 derives it."""
+    """Samples per optimizer step across all ranks; 0 derives it. Given with grad_accum 0, the
+    same global batch holds at any number of ranks (the accumulation follows)."""
     lr: float = 5e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -511,8 +513,7 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage: expected 0-3, got {t.zero_stage}")
     for section, key in (
-        ("train", "steps"), ("train", "micro_batch_size"), ("train", "grad_accum"),
-        ("train", "log_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
+        ("train", "steps"), ("train", "micro_batch_size"), ("train", "log_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
         ("checkpoint", "max_failed_saves"), ("checkpoint", "universal_workers"),
         ("faults", "max_skips"), ("faults", "skip_window"), ("tracking", "max_buffer"),
         ("model", "hidden_size"), ("model", "num_heads"), ("model", "num_layers"),
@@ -522,6 +523,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"{section}.{key}: expected >= 1, got {getattr(getattr(cfg, section), key)}"
             )
+    if t.grad_accum < 0:
+        raise ConfigError(f"train.grad_accum: expected >= 0 (0: derived), got {t.grad_accum}")
     c, f = cfg.checkpoint, cfg.faults
     for key, value in (("checkpoint.keep_every", c.keep_every),
                        ("faults.grace_s", f.grace_s), ("faults.grad_norm_spike", f.grad_norm_spike),
@@ -656,10 +659,22 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
     micro = ds.get("train_micro_batch_size_per_gpu", t.micro_batch_size)
     accum = ds.get("gradient_accumulation_steps", t.grad_accum)
     for ds_key, our in _DS_BATCH_KEYS.items():
-        if ds_key in ds and our != "global_batch_size" and ds[ds_key] != getattr(t, our):
+        if our == "global_batch_size" or (our == "grad_accum" and not t.grad_accum):
+            continue
+        if ds_key in ds and ds[ds_key] != getattr(t, our):
             raise ConfigError(
                 f"deepspeed.{ds_key}: {ds[ds_key]} contradicts train.{our}={getattr(t, our)}"
             )
+    if not accum:  # derived: the global batch, whatever the number of ranks
+        key, given = next(((k, v) for k, v in (
+            ("train.global_batch_size", t.global_batch_size),
+            ("deepspeed.train_batch_size", ds.get("train_batch_size", 0))) if v), ("", 0))  # fmt: skip
+        if given % (micro * world_size):
+            raise ConfigError(
+                f"{key}: {given} is not a multiple of {micro} micro × {world_size} ranks = "
+                f"{micro * world_size} (change train.micro_batch_size, or set train.grad_accum)"
+            )
+        accum = given // (micro * world_size) or 1
     derived = micro * accum * world_size
     for key, given in (
         ("train.global_batch_size", t.global_batch_size),

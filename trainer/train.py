@@ -122,7 +122,8 @@ def make_stream(
     )  # fmt: skip
     kw: dict[str, Any] = dict(
         rank=rank, world_size=world_size, micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum=cfg.train.grad_accum, num_workers=d.num_workers, seed=cfg.train.seed,
+        grad_accum=batch_plan(cfg, world_size).grad_accum, num_workers=d.num_workers,
+        seed=cfg.train.seed,
         partitions=d.partitions, options=opts, allow_growth=d.allow_growth,
     )  # fmt: skip
     sources = meta["sources"]
