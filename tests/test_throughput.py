@@ -83,6 +83,59 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path: Pa
         torch.testing.assert_close(grads_ckpt[name], g, rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("name", ["simclr", "moco", "byol", "dino"])
+def test_activation_checkpointing_reaches_the_vit_inside_the_two_view_models(
+    name: str, tmp_path: Path
+) -> None:
+    """Their host models hold a ViTModel (and heads, a teacher): checkpointing enabled on the
+    host checkpoints the ViT's layers, and the step computes what it computes without."""
+    from darkmatter.trainer.engine import set_throughput_features
+    from darkmatter.trainer.objectives import OBJECTIVES
+
+    rng = np.random.RandomState(0)
+    images = [{"image": rng.randint(0, 255, (16, 16, 3), dtype=np.uint8)} for _ in range(4)]
+    out = {}
+    for on in (False, True):
+        path = write_config(tmp_path / "v.yaml", "unused", tmp_path / "run", objective=name,
+                            data={"image_size": 16},
+                            model={"hidden_size": 32, "num_heads": 2, "intermediate_size": 64,
+                                   "patch_size": 4})  # fmt: skip
+        cfg = load_config(path, [f"train.activation_checkpointing={str(on).lower()}"])
+        obj = OBJECTIVES[name](cfg, {"modality": "image"})
+        torch.manual_seed(0)
+        model = obj.build_model()
+        set_throughput_features(model, cfg)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.vit.modules()) is on
+        model.train()
+        loss = model(**obj.make_batch(images, torch.Generator().manual_seed(0))).loss
+        loss.backward()
+        out[on] = (
+            loss.detach(),
+            {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+        )
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-7)
+    assert out[True][1].keys() == out[False][1].keys() and out[True][1]
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_activation_checkpointing_on_a_model_without_it_fails_naming_the_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from darkmatter.trainer.objectives import OBJECTIVES
+    from darkmatter.trainer.objectives.contrastive import ViTHostModel
+    from darkmatter.trainer.train import check_activation_checkpointing
+
+    path = write_config(tmp_path / "v.yaml", "unused", tmp_path / "run", objective="simclr",
+                        data={"image_size": 16}, model={"patch_size": 4})  # fmt: skip
+    objective = OBJECTIVES["simclr"](load_config(path), {"modality": "image"})
+    check_activation_checkpointing(objective)  # supported: nothing to say
+    monkeypatch.setattr(ViTHostModel, "supports_gradient_checkpointing", False)
+    with pytest.raises(ConfigError, match=r"train.activation_checkpointing: SimCLRModel \(objective "
+                       r"simclr\) does not support activation checkpointing; set it to false"):  # fmt: skip
+        check_activation_checkpointing(objective)
+
+
 def test_sdpa_matches_eager_attention(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "model.attention=eager")
     batch = _batch(MLMObjective(cfg, META))

@@ -36,6 +36,7 @@ from darkmatter.trainer import datasets, environment, perf
 from darkmatter.trainer import engine as eng
 from darkmatter.trainer.config import (
     Config,
+    ConfigError,
     batch_plan,
     deepspeed_config,
     flatten,
@@ -71,6 +72,8 @@ def preflight(cfg: Config) -> Objective:
             f"({', '.join(url for _, url, _ in meta['sources'])}) holds {meta['modality']} data"
         )
     objective = OBJECTIVES[cfg.objective](cfg, meta)
+    if cfg.train.activation_checkpointing:
+        check_activation_checkpointing(objective)
     if cfg.model.init_from:  # fetched here (once per process) and checked against the model
         from darkmatter.trainer import init_from
 
@@ -90,6 +93,19 @@ def preflight(cfg: Config) -> Objective:
                 raise  # a new run needs the server: most likely a wrong URI
             log.warning("%s: resuming anyway, MLflow logging is buffered until it is back", e)
     return objective
+
+
+def check_activation_checkpointing(objective: Objective) -> None:
+    """train.activation_checkpointing on a model that cannot do it fails here, once, naming its
+    class (not on every rank as it is built). The model is built on the meta device: no memory,
+    no weights."""
+    with torch.device("meta"):
+        model = objective.build_model()
+    if not model.supports_gradient_checkpointing:
+        raise ConfigError(
+            f"train.activation_checkpointing: {type(model).__name__} (objective "
+            f"{objective.name}) does not support activation checkpointing; set it to false"
+        )
 
 
 def _resumable(cfg: Config) -> bool:

@@ -239,6 +239,9 @@ class ViTHostModel(PreTrainedModel):  # type: ignore[misc]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # So is activation checkpointing: enabling it here reaches the inner ViT's layers (the
+    # teacher's run under no_grad, where there is nothing to recompute).
+    supports_gradient_checkpointing = True
 
 
 class TwoViewModel(ViTHostModel):
