@@ -107,7 +107,7 @@ def pretrain_main(argv: list[str]) -> int:
         print(f"# batch: {batch_plan(cfg, world).describe()}")
         return 0
     if args.nproc and "RANK" not in os.environ:
-        from darkmatter.trainer.train import preflight
+        from darkmatter.trainer.preflight import preflight
 
         deepspeed_config(cfg, world)  # batch contradictions fail here, once
         preflight(cfg)
@@ -124,7 +124,7 @@ def _torchrun(nproc: int, max_restarts: int, faults: Any, argv: list[str]) -> in
     to the ranks and gives them faults.grace_s to checkpoint before it kills them."""
     import signal
 
-    from darkmatter.trainer.engine import _free_port
+    from darkmatter.quickstart.servers import free_port
 
     worker_args = [a for i, a in enumerate(argv) if not _is_launcher_flag(argv, i)]
     signals = ",".join(sorted({"SIGTERM", "SIGINT", *filter(None, faults.signals.split(","))}))
@@ -132,7 +132,7 @@ def _torchrun(nproc: int, max_restarts: int, faults: Any, argv: list[str]) -> in
         # c10d rendezvous, not static: each restart is a new round with fresh store keys (a
         # static rendezvous reuses them, and a restarted group can read the dead one's addresses).
         sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         f"--max-restarts={max_restarts}", f"--signals-to-handle={signals}",
         f"--shutdown-timeout={int(faults.grace_s) + 10}",
         "-m", "darkmatter.cli", "pretrain", *worker_args,

@@ -124,7 +124,7 @@ def test_activation_checkpointing_on_a_model_without_it_fails_naming_the_class(
 ) -> None:
     from darkmatter.trainer.objectives import OBJECTIVES
     from darkmatter.trainer.objectives.contrastive import ViTHostModel
-    from darkmatter.trainer.train import check_activation_checkpointing
+    from darkmatter.trainer.preflight import check_activation_checkpointing
 
     path = write_config(tmp_path / "v.yaml", "unused", tmp_path / "run", objective="simclr",
                         data={"image_size": 16}, model={"patch_size": 4})  # fmt: skip
