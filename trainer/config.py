@@ -513,7 +513,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= t.zero_stage <= 3:
         raise ConfigError(f"train.zero_stage: expected 0-3, got {t.zero_stage}")
     for section, key in (
-        ("train", "steps"), ("train", "micro_batch_size"), ("train", "log_every"), ("checkpoint", "every"), ("checkpoint", "keep_last"),
+        ("train", "steps"), ("train", "micro_batch_size"), ("train", "log_every"),
+        ("checkpoint", "every"), ("checkpoint", "keep_last"),
         ("checkpoint", "max_failed_saves"), ("checkpoint", "universal_workers"),
         ("faults", "max_skips"), ("faults", "skip_window"), ("tracking", "max_buffer"),
         ("model", "hidden_size"), ("model", "num_heads"), ("model", "num_layers"),
@@ -666,9 +667,9 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
                 f"deepspeed.{ds_key}: {ds[ds_key]} contradicts train.{our}={getattr(t, our)}"
             )
     if not accum:  # derived: the global batch, whatever the number of ranks
-        key, given = next(((k, v) for k, v in (
-            ("train.global_batch_size", t.global_batch_size),
-            ("deepspeed.train_batch_size", ds.get("train_batch_size", 0))) if v), ("", 0))  # fmt: skip
+        key, given = "train.global_batch_size", t.global_batch_size
+        if not given:
+            key, given = "deepspeed.train_batch_size", ds.get("train_batch_size", 0)
         if given % (micro * world_size):
             raise ConfigError(
                 f"{key}: {given} is not a multiple of {micro} micro × {world_size} ranks = "
