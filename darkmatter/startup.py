@@ -11,7 +11,7 @@ and ~3 s more at exit, when the interpreter collects once more (bench/startup.py
     end()      the command returned: freeze everything, so the exit collects nothing
 
 Nothing changes for a caller of `darkmatter.cli.main(argv)` in its own process (tests): only
-the program's entry point calls begin(), and settle()/end() do nothing without it.
+the program's entry point calls begin() and end(), and settle() does nothing without begin().
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ ENGINE = textwrap.dedent(
     startup.begin()
     assert gc.get_threshold() == (100_000, *default[1:]), gc.get_threshold()
     from darkmatter.trainer import engine as eng
-    from darkmatter.trainer.config import Config, deepspeed_config
-    from darkmatter.trainer.objectives import OBJECTIVES
-    from darkmatter.trainer.objectives import load_config
+    from darkmatter.trainer.config import deepspeed_config
+    from darkmatter.trainer.objectives import OBJECTIVES, load_config
     import yaml, tempfile, os
     path = os.path.join(tempfile.mkdtemp(), "c.yaml")
     with open(path, "w") as f:
