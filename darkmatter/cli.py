@@ -81,6 +81,21 @@ def pretrain_main(argv: list[str]) -> int:
         "newest one of this run (sets checkpoint.resume_from)",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and stop")
+    p.add_argument(
+        "--plan", action="store_true",
+        help="print each rank's memory (parameters, gradients, optimizer states, activations "
+        "with and without checkpointing) and whether it fits, then stop",
+    )  # fmt: skip
+    p.add_argument(
+        "--gpu-memory", default="",
+        help="with --plan: the memory of one device, e.g. 80GB or 24GiB (default: the local "
+        "GPU's, else this host's memory shared by its ranks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--world-size", type=int, default=0,
+        help="with --plan or --dry-run: the ranks the job will run on (default: --nproc, "
+        "WORLD_SIZE, or 1)",
+    )  # fmt: skip
     args = p.parse_intermixed_args(argv)
 
     from darkmatter.trainer.config import batch_plan, deepspeed_config, to_dict
@@ -94,7 +109,9 @@ def pretrain_main(argv: list[str]) -> int:
     from darkmatter.quickstart.stack import release_unless
 
     release_unless("mlflow", cfg.tracking.tracking_uri)  # the stack's credentials stay with it
-    world = args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    world = args.world_size or args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if args.plan:
+        return _plan(cfg, world, args.gpu_memory, args.nproc)
     if args.dry_run:  # secrets are shown as *** (as everywhere the config is written)
         import yaml
 
@@ -116,6 +133,40 @@ def pretrain_main(argv: list[str]) -> int:
 
     _session.worker = True
     return run_worker(cfg)
+
+
+def _plan(cfg: Any, world: int, gpu_memory: str, nproc: int) -> int:
+    """`pretrain --plan`: the memory plan of one rank (trainer.memory_plan), and a warning when
+    it does not fit. Plans with the data's meta when the data can be read from here."""
+    import torch
+
+    from darkmatter.trainer import memory_plan
+    from darkmatter.trainer.config import deepspeed_config
+    from darkmatter.trainer.objectives import OBJECTIVES
+    from darkmatter.trainer.preflight import dataset_meta
+
+    deepspeed_config(cfg, world)  # batch contradictions fail here
+    if gpu_memory:
+        capacity, where = memory_plan.parse_bytes(gpu_memory), "per device (--gpu-memory)"
+    else:  # ranks on this host: --nproc's, torchrun's, else all of them
+        here = nproc or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        capacity, where = memory_plan.local_capacity(here)
+    modality = OBJECTIVES[cfg.objective].modality
+    try:
+        meta = dataset_meta(cfg)
+    except Exception as e:  # the plan does not need the data itself: say so and go on
+        meta = memory_plan.PLANNING_META[modality]
+        vocab = f" (vocabulary {meta['vocab_size']})" if "vocab_size" in meta else ""
+        print(f"# data not read ({type(e).__name__}: {str(e).splitlines()[0][:240]}): "
+              f"planned with the configured shapes{vocab}")  # fmt: skip
+    host_is_device = not gpu_memory and not torch.cuda.is_available()
+    lines, warnings = memory_plan.render(
+        memory_plan.plan(cfg, meta, world), capacity, where, host_is_device
+    )
+    print("\n".join(lines))
+    for w in warnings:
+        print(w, file=sys.stderr)
+    return 0
 
 
 def _torchrun(nproc: int, max_restarts: int, faults: Any, argv: list[str]) -> int:
