@@ -55,6 +55,7 @@ BENCHMARKS = (
     Bench("index_shards", "ratio", ">= 5"),
     Bench("features", "", ""),
     Bench("startup", "ratio", ""),
+    Bench("memory_plan", "worst_error", "<= 0.15"),
     Bench("gpu", "mlm_mfu_vs_target", ">= 1.0", quick=("--tiny",), needs_gpu=True),
 )
 
