@@ -37,7 +37,7 @@ import copy
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,7 @@ DEEPSPEED_REDUCE_BUCKET = 500_000_000
 DEEPSPEED_MAX_LIVE = 1_000_000_000
 # Meta for planning without the data (the config's data unreachable from where the plan runs):
 # text planned with BERT's WordPiece vocabulary.
-PLANNING_META = {
+PLANNING_META: dict[str, dict[str, Any]] = {
     "text": {"modality": "text", "vocab_size": 30522,
              "special_tokens": {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}},
     "image": {"modality": "image"}, "video": {"modality": "video"}, "audio": {"modality": "audio"},
@@ -232,7 +232,8 @@ def _peak_beyond_states(cfg: Config, meta: dict[str, Any], fake: bool) -> tuple[
         with torch.device("meta"):
             model = objective.build_model()
     else:
-        model = objective.build_model().to(dtype)
+        model = objective.build_model()
+        torch.nn.Module.to(model, dtype)
     with mode:
         if isinstance(mode, FakeTensorMode):  # constants (normalization, tables) stay real
             _fake_weights(model, dtype, device)
@@ -299,7 +300,7 @@ def _fake_weights(model: torch.nn.Module, dtype: torch.dtype, device: str) -> No
         return fakes[id(t)]
 
     for module in model.modules():
-        for slots in (module._parameters, module._buffers):
+        for slots in (cast(dict[str, Any], module._parameters), module._buffers):
             for name, t in slots.items():
                 if t is not None:
                     slots[name] = fake(t)
