@@ -162,6 +162,21 @@ def pretrain_summary(config: Path, run_dir: Path, timeout: float) -> dict[str, A
     return out
 
 
+def run_ranks(n: int, script: str, args: list[str], what: str) -> None:
+    """`script --worker ARGS` on `n` local ranks (torchrun, gloo); exits naming `what` if a
+    rank fails."""
+    import subprocess
+
+    from darkmatter.quickstart.servers import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
+           "--master-port", str(free_port()), str(Path(script).resolve()), "--worker", *args]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what}: the ranks failed ({proc.returncode}):\n" + proc.stderr[-3000:])
+
+
 def emit(result: dict[str, Any]) -> None:
     """The benchmark's result: one JSON object, the last line of stdout."""
     print(json.dumps(result, sort_keys=False), flush=True)

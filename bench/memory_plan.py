@@ -23,17 +23,14 @@ during forward and backward over what it held before, with activation checkpoint
 `planned_activation_ratio` = the plan's activations with checkpointing / without.
 
     python bench/memory_plan.py           # ~4 minutes on 2 cores
-    python bench/memory_plan.py --quick   # smaller batches
+    python bench/memory_plan.py --quick   # shorter MLM sequences (256 tokens)
     python bench/memory_plan.py --jobs mlm_zero2 mae_zero3_ckpt
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 from _common import log  # noqa: E402
+from zero_memory import live_storages  # noqa: E402
 
 VOCAB = 8000
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -56,7 +54,7 @@ def jobs(quick: bool) -> dict[str, dict[str, Any]]:
            "decoder_num_heads": 4}  # fmt: skip
     train = {"steps": 4, "zero_stage": 3, "bf16": True, "warmup_steps": 1}
     mae = {"objective": "mae", "data": {"url": "unused", "image_size": 64}, "model": vit,
-           "train": {**train, "micro_batch_size": 32 if quick else 64},
+           "train": {**train, "micro_batch_size": 64},
            "tracking": {"enabled": False}}  # fmt: skip
     return {
         "mlm_zero2": {
@@ -77,23 +75,7 @@ def meta_for(objective: str) -> dict[str, Any]:
 
 def live_bytes() -> int:
     """Bytes of every tensor storage reachable from Python (a tensor or its .grad), each once."""
-    import torch
-
-    gc.collect()
-    seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        try:
-            if not isinstance(obj, torch.Tensor):
-                continue
-            for t in (obj, obj.grad):
-                if t is None or t.is_meta:
-                    continue
-                s = t.untyped_storage()
-                if s.data_ptr() and s.nbytes():
-                    seen[s.data_ptr()] = s.nbytes()
-        except (RuntimeError, ReferenceError, NotImplementedError):
-            continue  # tensors without a storage (sparse, functional wrappers)
-    return sum(seen.values())
+    return sum(nbytes for nbytes, _ in live_storages(set()).values())
 
 
 def allocated_peaks(prof: Any) -> dict[str, int]:
@@ -179,7 +161,7 @@ def planned(name: str, raw: dict[str, Any], tmp: Path, ranks: int) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smaller batches")
+    ap.add_argument("--quick", action="store_true", help="shorter MLM sequences")
     ap.add_argument("--jobs", nargs="+", choices=sorted(jobs(False)), help="some jobs only")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -188,8 +170,6 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from darkmatter.quickstart.servers import free_port
-
     n = 2
     out: dict[str, Any] = {}
     with _common.workdir("dm-bench-plan-") as tmp:
@@ -197,14 +177,8 @@ def main() -> None:
             if args.jobs and name not in args.jobs:
                 continue
             log(f"{name}: 2 steps on {n} ranks (torchrun, gloo), bf16")
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
-                   "--master-port", str(free_port()), str(Path(__file__).resolve()),
-                   "--worker", "--out", str(tmp), "--job", name]  # fmt: skip
-            env = {**os.environ, "PYTHONPATH": str(_common.REPO_ROOT)}
-            proc = subprocess.run(cmd + ["--quick"] * args.quick, capture_output=True,
-                                  text=True, env=env, timeout=900)  # fmt: skip
-            if proc.returncode != 0:
-                sys.exit(f"{name}: ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            _common.run_ranks(n, __file__, ["--out", str(tmp), "--job", name]
+                              + ["--quick"] * args.quick, name)  # fmt: skip
             ranks = [json.loads((tmp / f"{name}-rank{r}.json").read_text()) for r in range(n)]
             p = planned(name, raw, tmp, n)
             per_rank = [r["before"] + r["step_peak"] for r in ranks]

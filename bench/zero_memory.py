@@ -44,8 +44,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -244,22 +242,14 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from darkmatter.quickstart.stack import free_port
-
     n = 2
     with _common.workdir("dm-bench-zero-") as tmp:
         log(f"ZeRO stages {args.stages} on {n} ranks (torchrun, gloo), bf16")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}",
-               "--master-port", str(free_port()), str(Path(__file__).resolve()),
-               "--worker", "--out", str(tmp), "--vocab", str(args.vocab),
-               "--seq-len", str(args.seq_len), "--stages", *map(str, args.stages)]  # fmt: skip
-        cmd += ["--quick"] * args.quick + ["--deepspeed-defaults"] * args.deepspeed_defaults
-        cmd += ["--no-build"] * (not args.build)
-        env = {**os.environ, "PYTHONPATH": str(_common.REPO_ROOT)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        if proc.returncode != 0:
-            raise SystemExit(f"zero_memory: the ranks failed ({proc.returncode}):\n"
-                             + proc.stderr[-3000:])  # fmt: skip
+        args_ = ["--out", str(tmp), "--vocab", str(args.vocab), "--seq-len", str(args.seq_len),
+                 "--stages", *map(str, args.stages)]  # fmt: skip
+        args_ += ["--quick"] * args.quick + ["--deepspeed-defaults"] * args.deepspeed_defaults
+        args_ += ["--no-build"] * (not args.build)
+        _common.run_ranks(n, __file__, args_, "zero_memory")
         ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(n)]
         builds = [json.loads((tmp / f"build-rank{r}.json").read_text()) for r in range(n)
                   if args.build]  # fmt: skip
