@@ -15,19 +15,24 @@ Per rank, in bytes, for Ψ trainable and Φ frozen parameters, N ranks, mixed-pr
                  (4 Ψ / N in bf16) and, for torch's AdamW unless fused, two fp32 temporaries of
                  the partition's size
     buffers      DeepSpeed's reduce bucket (deepspeed.zero_optimization.reduce_bucket_size
-                 elements, allocated at every backward under ZeRO-1 and 2, kept under ZeRO-3,
-                 twice with overlap_comm), and under ZeRO-3 the largest module gathered whole
-                 plus the prefetch bucket
+                 elements, twice with overlap_comm): allocated when the first gradient of every
+                 backward arrives under ZeRO-1 and 2, kept under ZeRO-3; and under ZeRO-3 the
+                 weights it keeps gathered (up to stage3_max_live_parameters, at least the
+                 largest module)
     activations  measured, not guessed: the objective's own model runs forward and backward on
                  a micro-batch of the configured shape under torch's FakeTensorMode (shapes and
                  dtypes, no storage) with torch.distributed._tools.MemTracker counting what is
-                 alive at the peak beyond parameters and gradients (activations saved for
-                 backward, temporaries). It runs on 1- and 2-layer copies of the model and is
-                 extrapolated to num_layers: a block adds the same bytes at the peak, with and
-                 without checkpointing.
+                 alive beyond parameters and gradients (activations saved for backward,
+                 temporaries), at its most and when the first gradient arrives. It runs on 1-
+                 and 2-layer copies of the model and is extrapolated to num_layers: a block adds
+                 the same bytes, with and without checkpointing.
 
-The verdict compares the device total with the device's memory (`--gpu-memory 80GB`, else the
-local GPU's, else this host's memory shared by its ranks).
+    peak = weights + gradients + optimizer + ZeRO-3's buffers
+           + max(activations, at the first gradient + ZeRO-1/2's bucket, step)
+
+The verdict compares the peak with the device's memory (`--gpu-memory 80GB`, else the local
+GPU's, else this host's memory shared by its ranks, what is offloaded included).
+bench/memory_plan.py checks the plan against the measured peak at 2 ranks.
 """
 
 from __future__ import annotations
