@@ -79,20 +79,28 @@ def live_bytes() -> int:
 
 
 def allocated_peaks(prof: Any) -> dict[str, int]:
-    """The CPU allocator's highest running total (bytes allocated since `prof` started, less
-    those freed) in each phase (a `phase:` record_function) of what it recorded."""
+    """The CPU allocator's highest running total in each phase (a `phase:` record_function) of
+    what `prof` recorded, over its total when recording began (the total carries over from an
+    earlier recording in the same process)."""
     from torch._C._profiler import _EventType
 
-    peaks: dict[str, int] = {}
+    events: list[tuple[int, int, int, str]] = []  # (time, total after, size, phase)
     stack = [(n, "?") for n in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
         node, phase = stack.pop()
         if node.name.startswith("phase:"):
             phase = node.name[len("phase:") :]
-        fields = node.extra_fields
-        if node.tag == _EventType.Allocation and fields.device.type == "cpu":
-            peaks[phase] = max(peaks.get(phase, 0), int(fields.total_allocated))
+        f = node.extra_fields
+        if node.tag == _EventType.Allocation and f.device.type == "cpu":
+            events.append((node.start_time_ns, int(f.total_allocated), int(f.alloc_size), phase))
         stack.extend((c, phase) for c in node.children)
+    if not events:
+        return {}
+    _, total, size, _ = min(events)
+    base = total - size  # the running total before the first event
+    peaks: dict[str, int] = {}
+    for _, total, _, phase in events:
+        peaks[phase] = max(peaks.get(phase, 0), total - base)
     return peaks
 
 
