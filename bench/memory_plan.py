@@ -42,7 +42,6 @@ from _common import log  # noqa: E402
 from zero_memory import live_storages  # noqa: E402
 
 VOCAB = 8000
-SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
 
 def jobs(quick: bool) -> dict[str, dict[str, Any]]:
@@ -68,8 +67,10 @@ def jobs(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 def meta_for(objective: str) -> dict[str, Any]:
+    from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
+
     if objective in ("mlm", "clm", "span"):
-        return {"modality": "text", "vocab_size": VOCAB, "special_tokens": SPECIAL}
+        return {"modality": "text", "vocab_size": VOCAB, "special_tokens": DEFAULT_SPECIAL_IDS}
     return {"modality": "image"}
 
 

@@ -12,6 +12,7 @@ import torch
 
 from darkmatter.trainer.checkpoint_reader import build_encoder
 from darkmatter.trainer.config import ConfigError
+from darkmatter.trainer.memory_plan import PLANNING_META
 from darkmatter.trainer.objectives import OBJECTIVES, load_config
 from tests.helpers import REPO_ROOT
 
@@ -29,13 +30,6 @@ PUBLISHED = {
     "wav2vec2_base": 95e6,  # Baevski et al. 2020
     "wav2vec2_large": 317e6,
 }
-# What `darkmatter prepare` puts in a dataset's meta: BERT's WordPiece vocabulary for text.
-META = {
-    "text": {"modality": "text", "vocab_size": 30522,
-             "special_tokens": {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}},
-    "image": {"modality": "image"},
-    "audio": {"modality": "audio"},
-}  # fmt: skip
 
 
 def test_every_large_preset_has_its_published_figure() -> None:
@@ -45,7 +39,7 @@ def test_every_large_preset_has_its_published_figure() -> None:
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_the_model_has_the_published_parameter_count(name: str) -> None:
     cfg = load_config(LARGE / f"{name}.yaml")
-    objective = OBJECTIVES[cfg.objective](cfg, META[OBJECTIVES[cfg.objective].modality])
+    objective = OBJECTIVES[cfg.objective](cfg, PLANNING_META[OBJECTIVES[cfg.objective].modality])
     with torch.device("meta"):
         encoder = build_encoder(objective.model_config(), pooler=True)
         full = objective.build_model()  # the whole pretraining model builds as configured
@@ -90,7 +84,7 @@ def per_rank_plan(name: str, *overrides: str) -> float:
 
     path, *rest = large_job(name, *overrides)
     cfg = load_config(path, rest)
-    p = mp.plan(cfg, mp.PLANNING_META[OBJECTIVES[cfg.objective].modality], 2)
+    p = mp.plan(cfg, PLANNING_META[OBJECTIVES[cfg.objective].modality], 2)
     return p.device_total + p.host_optimizer
 
 

@@ -47,6 +47,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from darkmatter.data_pipeline.transforms import SAMPLE_RATE
 from darkmatter.trainer.config import Config, deepspeed_config
 from darkmatter.trainer.objectives import OBJECTIVES, Objective
 from darkmatter.trainer.objectives.teacher import PREFIX as TEACHER_PREFIX
@@ -209,9 +210,9 @@ def synthetic_samples(objective: Objective, cfg: Config, n: int) -> list[dict[st
         return [{"frames": rng.integers(0, 256, (t, d.image_size, d.image_size, 3),
                                         dtype=np.uint8)} for _ in range(n)]  # fmt: skip
     if modality == "audio":
-        length = round(d.audio_seconds * 16000)
-        return [{"audio": rng.standard_normal(length).astype(np.float32), "sample_rate": 16000}
-                for _ in range(n)]  # fmt: skip
+        length = round(d.audio_seconds * SAMPLE_RATE)
+        return [{"audio": rng.standard_normal(length).astype(np.float32),
+                 "sample_rate": SAMPLE_RATE} for _ in range(n)]  # fmt: skip
     raise ValueError(f"objective {cfg.objective}: no synthetic samples for {modality} data")
 
 
@@ -232,20 +233,17 @@ def _peak_beyond_states(cfg: Config, meta: dict[str, Any], fake: bool) -> tuple[
     # Kernels differ by device (SDPA's flash kernels keep no [seq, seq] scores): on a GPU host
     # the fake tensors are CUDA tensors, so the figure is the GPU's.
     device = "cuda" if fake and torch.cuda.is_available() else "cpu"
-    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    if fake:
-        with torch.device("meta"):
-            model = objective.build_model()
-    else:
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = fake_mode if fake else contextlib.nullcontext()
+    with torch.device("meta") if fake else contextlib.nullcontext():
         model = objective.build_model()
+    if not fake:
         torch.nn.Module.to(model, dtype)
     with mode:
-        if isinstance(mode, FakeTensorMode):  # constants (normalization, tables) stay real
+        if fake:  # constants (normalization, tables) stay real
             _fake_weights(model, dtype, device)
-            batch = {
-                k: mode.from_tensor(v).to(device) if torch.is_tensor(v) else v
-                for k, v in batch.items()
-            }
+            batch = {k: fake_mode.from_tensor(v).to(device) if torch.is_tensor(v) else v
+                     for k, v in batch.items()}  # fmt: skip
         set_throughput_features(model, cfg)
         model.train()
         tracker = _tracker_class()()
