@@ -25,17 +25,20 @@ Algorithm:
      file (plan.py) that the later passes re-read.
   3. Resume. The fingerprint is the input list (URL, size, version) plus every option that
      shapes the output. If `_progress/plan.json` holds the same fingerprint and the output's
-     tokenizer.json still has the sha256 recorded there, that tokenizer is reused: training is
-     not reproducible here (`--tokenizer-only` is: see below), and resumed units must share
-     one tokenizer. The run id hashes the fingerprint with the tokenizer's sha256.
+     tokenizer.json still has the sha256 recorded there, that tokenizer is reused (training it
+     again would give the same bytes, but costs two passes), and resumed units must share one
+     tokenizer. The run id hashes the fingerprint with the tokenizer's sha256.
   4. Dedup (optional). A parallel pass hashes every item (sha256 of the document's UTF-8, or of
      the file bytes, before any decode check: a copy of an undecodable file counts as a
      duplicate) into sorted runs of (hash, unit, item) records on disk; their k-way merge keeps
      the first occurrence of each hash in (unit, item) order and tells each unit which of its
      item numbers to drop (dedup.py).
-  5. Tokenizer (text, without --tokenizer, unless resumed): WordPiece trained in the parent in
-     one pass over the kept documents (BERT normalizer and pre-tokenizer; [PAD]=0 [UNK]=1
-     [CLS]=2 [SEP]=3 [MASK]=4). A given tokenizer may number them otherwise (BERT's WordPiece
+  5. Tokenizer (text, without --tokenizer, unless resumed): WordPiece trained in the parent
+     over the kept documents (BERT normalizer and pre-tokenizer; [PAD]=0 [UNK]=1 [CLS]=2
+     [SEP]=3 [MASK]=4), in two passes: the first collects the word-continuing characters,
+     whose ids then come first in sorted order, so training is deterministic
+     (tokenizer.continuing_alphabet): the same inputs and options give a byte-identical
+     tokenizer.json, shards and manifest digest, with any number of workers. A given tokenizer may number them otherwise (BERT's WordPiece
      vocabulary has [CLS]=101) but must have all five; the manifest records their ids.
   6. Output. manifest.json is removed (from here on the dataset is incomplete); unless resumed,
      plan.json is removed, the tokenizer files are written, then the new plan.json.
@@ -396,10 +399,11 @@ def _train(
     lowercase: bool,
     show: bool,
 ) -> Any:
-    """The single training pass, in the parent, over the documents that will be written."""
+    """Training, in the parent, over the documents that will be written: two passes, the first
+    fixes the ids that make training deterministic (continuing_alphabet)."""
 
-    def documents() -> Iterator[str]:
-        with progress_bar(show, "tokenizer", "doc") as bar:
+    def documents(desc: str) -> Iterator[str]:
+        with progress_bar(show, desc, "doc") as bar:
             for unit in units:
                 drop = dropped.get(unit.index, frozenset())
                 for i, item in enumerate(unit_items(unit, opts)):
@@ -407,7 +411,8 @@ def _train(
                         bar.update(1)
                         yield str(item.data)
 
-    return train_tokenizer(documents(), vocab_size, lowercase)
+    seeded = continuing_alphabet(documents("alphabet"), lowercase)
+    return train_tokenizer(documents("tokenizer"), vocab_size, lowercase, seeded)
 
 
 def prepare_tokenizer(
