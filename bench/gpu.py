@@ -10,7 +10,8 @@ bf16 peak), peak memory, step time and the share of it spent waiting for data; t
 used go into the JSON too. `mlm_mfu_vs_target` = BERT-large MFU / 0.50.
 
 Settings: bf16, ZeRO-1, SDPA attention (flash kernels on the GPU), fused AdamW; `--compile`
-adds torch.compile, `--activation-checkpointing` recomputation, `--attention` another kernel.
+adds torch.compile, `--activation-checkpointing` recomputation, `--attention` another kernel,
+`--deterministic` train.deterministic (run with and without it: its cost).
 
     python bench/gpu.py            # on a GPU machine, about 5 minutes on an H100/H200
     python bench/gpu.py --tiny     # tiny models, a few steps, on a CPU (a smoke test)
@@ -66,7 +67,8 @@ def _config(tmp: Path, name: str, objective: str, data: dict[str, Any], model: d
                   "bf16": True, "log_every": log_every, "warmup_steps": 5,
                   "run_dir": str(tmp / f"run-{name}"), "adamw_impl": features["adamw_impl"],
                   "compile": features["compile"],
-                  "activation_checkpointing": features["activation_checkpointing"]},
+                  "activation_checkpointing": features["activation_checkpointing"],
+                  "deterministic": features["deterministic"]},
         "checkpoint": {"every": 10**9},
         "tracking": {"enabled": False},
     }  # fmt: skip
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="data workers (default: cores / 2)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the models")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="train.deterministic: what reproducible losses cost")  # fmt: skip
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "eager", "flash_attention_2"))
     args = ap.parse_args()
     size = "tiny" if args.tiny else "full"
@@ -98,6 +102,7 @@ def main() -> None:
     features = {
         "attention": args.attention, "compile": args.compile,
         "activation_checkpointing": args.activation_checkpointing,
+        "deterministic": args.deterministic,
         "adamw_impl": "fused" if torch.cuda.is_available() else "foreach",
     }  # fmt: skip
     result: dict[str, Any] = {"benchmark": "gpu", "machine": _common.machine(), "size": size,

@@ -182,6 +182,9 @@ def _crash_then_resume(stage: int, root: str, text_ds: str, tmp_path: Path) -> d
     finally:
         kill_job(proc)
     assert proc.returncode == -signal.SIGKILL
+    # Two fresh runs of one config: the same losses up to the kill (tests/test_reproducible.py).
+    crashed = losses(tmp_path / "run")
+    assert set(range(1, 7)) <= set(crashed) and all(crashed[s] == reference[s] for s in crashed)
 
     fresh = tmp_path / "elsewhere"  # a rescheduled job on a new node: only S3 has the work
     cfg2 = write_config(tmp_path / "c2.yaml", text_ds, fresh, train=train,

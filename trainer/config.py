@@ -203,6 +203,12 @@ class TrainConfig:
     devices (ZeRO stage 1-3)."""
     seed: int = 0
     """Seed of model init, data order and masking."""
+    deterministic: bool = False
+    """Deterministic kernels on GPUs (torch.use_deterministic_algorithms, cuDNN without
+    autotuning, a fixed cuBLAS workspace): two runs of one config, seed, data and world size give
+    identical losses. An op with no deterministic kernel then fails the job with an error naming
+    it. Costs speed on GPUs (PyTorch's reproducibility notes); CPU runs are deterministic
+    without it."""
     log_every: int = 10
     """Steps between logged metrics."""
     run_dir: str = "runs/default"

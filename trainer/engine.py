@@ -36,6 +36,19 @@ from darkmatter.trainer.objectives.teacher import PREFIX as TEACHER_PREFIX
 log = logging.getLogger("darkmatter.engine")
 
 
+def use_deterministic_algorithms(on: bool) -> None:
+    """train.deterministic: on, PyTorch picks deterministic kernels or raises for ops without
+    one; cuDNN stops autotuning (its choice may differ between runs); cuBLAS gets the fixed
+    workspace it needs for deterministic results (the variable is read when its first handle
+    is made, so this runs before anything touches the GPU). Off: PyTorch's defaults."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, int]:
     """Join the process group of a launcher (torchrun, deepspeed, srun), or make one of size 1.
 

@@ -570,6 +570,7 @@ def noting_oom(rank: int, step: Callable[[], int | None]) -> Iterator[None]:
 
 def run_worker(cfg: Config) -> int:
     """Entry point of one rank."""
+    eng.use_deterministic_algorithms(cfg.train.deterministic)
     objective = preflight(cfg)
     rank, world_size, _ = eng.init_distributed(cfg.faults.collective_timeout_s)
     with noting_oom(rank, lambda: None):
