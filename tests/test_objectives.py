@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from darkmatter.data_pipeline.prepare import DEFAULT_SPECIAL_IDS
@@ -29,6 +32,48 @@ def test_mlm_masking_follows_80_10_10() -> None:
     assert abs(kept.sum().item() / n - 0.1) < 0.02  # (a random swap to the same id is ~0.1%)
     assert torch.equal(labels[chosen], ids[chosen])
     assert torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_whole_word_masking_chooses_every_piece_of_a_word(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from darkmatter.data_pipeline.prepare.tokenizer import train_tokenizer
+    from darkmatter.trainer.config import ConfigError
+    from darkmatter.trainer.objectives.mlm import continuation_lookup
+    from tests.helpers import synthetic_corpus
+
+    docs = synthetic_corpus(tmp_path / "c.txt").read_text().splitlines()
+    tok = train_tokenizer(iter(docs), 60)  # small: most words are several pieces
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    vocab = tok.get_vocab_size()
+    cont = continuation_lookup(str(tmp_path / "tokenizer.json"), vocab)
+    rows = [e.ids[:48] for e in tok.encode_batch(docs[:512])]
+    ids = torch.tensor([r + [IDS.pad] * (48 - len(r)) for r in rows])
+    assert 0.2 < cont[ids].float().mean() < 0.8  # many words are split
+
+    def split_words(chosen: torch.Tensor) -> int:
+        """Words of which some pieces are chosen and some are not."""
+        word = (~cont[ids]).cumsum(1)
+        split = 0
+        for b in range(len(ids)):
+            for w in word[b].unique():
+                picked = chosen[b][word[b] == w]
+                split += int(picked.any() and not picked.all())
+        return split
+
+    gen = torch.Generator().manual_seed(0)
+    inputs, labels = mask_tokens(ids, 0.3, IDS.mask, IDS.lookup(vocab), gen, cont)
+    chosen = labels != -100
+    assert split_words(chosen) == 0
+    real = ~IDS.lookup(vocab)[ids]
+    assert abs(chosen[real].float().mean().item() - 0.3) < 0.03  # about the same share of tokens
+    gen = torch.Generator().manual_seed(0)
+    _, token_labels = mask_tokens(ids, 0.3, IDS.mask, IDS.lookup(vocab), gen)
+    assert split_words(token_labels != -100) > 100  # token-level masking splits words
+
+    bpe = json.loads(tok.to_str())
+    bpe["model"]["type"] = "BPE"
+    (tmp_path / "bpe.json").write_text(json.dumps(bpe))
+    with pytest.raises(ConfigError, match=r"whole_word_masking needs a WordPiece tokenizer; .*bpe"):
+        continuation_lookup(str(tmp_path / "bpe.json"), vocab)
 
 
 def test_truncation_keeps_the_closing_sep() -> None:

@@ -138,6 +138,10 @@ def check_pack(cfg: Config) -> None:
 class MLMSettings(ObjectiveSettings):
     mask_ratio: float = 0.0
     """Share of the non-special tokens chosen for prediction; 0: BERT's 0.15."""
+    whole_word_masking: bool = False
+    """Choose whole words: a word's pieces ("##" continuations of a WordPiece tokenizer) are
+    masked together, so a word is never guessed from its own other pieces (BERT's later
+    release, Cui et al. 2019). mask_ratio then chooses words, about the same share of tokens."""
 
 
 class MLMObjective(TextObjective):
@@ -169,11 +173,25 @@ class MLMObjective(TextObjective):
     def build_model(self) -> PreTrainedModel:
         return BertForMaskedLM(self.model_config())
 
+    def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
+        super().__init__(cfg, dataset_meta)
+        if dataset_meta.get("modality") == "text":
+            self.is_continuation  # noqa: B018  (a tokenizer of another kind fails here, at preflight)
+
+    @functools.cached_property
+    def is_continuation(self) -> torch.Tensor | None:
+        """[V] bool, True at the tokens that continue a word; None without whole-word masking
+        (or without a tokenizer: a memory plan's stand-in meta)."""
+        if not self.settings.whole_word_masking or "tokenizer_url" not in self.meta:
+            return None
+        return continuation_lookup(str(self.meta["tokenizer_url"]), int(self.meta["vocab_size"]))
+
     def make_batch(self, samples: list[dict[str, Any]], gen: torch.Generator) -> dict[str, Any]:
         batch = self.text_inputs(samples)
         batch["input_ids"], batch["labels"] = mask_tokens(
-            batch["input_ids"], self.settings.mask_ratio, self.ids.mask, self.is_special, gen
-        )
+            batch["input_ids"], self.settings.mask_ratio, self.ids.mask, self.is_special, gen,
+            self.is_continuation,
+        )  # fmt: skip
         return batch
 
     def matmul_params(self) -> int:
@@ -312,20 +330,48 @@ def pack_documents(
     }
 
 
+def continuation_lookup(tokenizer_url: str, vocab_size: int) -> torch.Tensor:
+    """[V] bool: the WordPiece tokens that continue a word (the model's continuing-subword
+    prefix, "##"). ConfigError for a tokenizer of another kind, whose words cannot be told."""
+    import json
+
+    from darkmatter import storage
+
+    model = json.loads(storage.read_bytes(tokenizer_url))["model"]
+    if model.get("type") != "WordPiece":
+        raise ConfigError(
+            f"model.whole_word_masking needs a WordPiece tokenizer; {tokenizer_url} is "
+            f"{model.get('type')}"
+        )
+    prefix = model.get("continuing_subword_prefix") or "##"
+    out = torch.zeros(vocab_size, dtype=torch.bool)
+    out[[i for t, i in model["vocab"].items() if t.startswith(prefix) and i < vocab_size]] = True
+    return out
+
+
 def mask_tokens(
     ids: torch.Tensor,
     ratio: float,
     mask_id: int,
     is_special: torch.Tensor,
     gen: torch.Generator,
+    is_continuation: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's 80/10/10 rule on ids [B, T]; is_special is [V] bool (SpecialIds.lookup). Returns
     (inputs, labels) with labels -100 where nothing is predicted.
 
     A special token is never chosen, and the random replacements are drawn uniformly from the
     non-special ids only (BERT's collator draws from the whole vocabulary): a [PAD] or [SEP]
-    inside a document would teach the model a boundary that is not there."""
-    chosen = (torch.rand(ids.shape, generator=gen) < ratio) & ~is_special[ids]
+    inside a document would teach the model a boundary that is not there.
+
+    With is_continuation ([V] bool), each token takes the draw of the token that starts its
+    word, so a word's pieces are chosen together (the 80/10/10 roll stays per token)."""
+    draw = torch.rand(ids.shape, generator=gen)
+    if is_continuation is not None:
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        starts = torch.where(is_continuation[ids], 0, positions).cummax(dim=1).values
+        draw = draw.gather(1, starts)
+    chosen = (draw < ratio) & ~is_special[ids]
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     roll = torch.rand(ids.shape, generator=gen)
     inputs = ids.clone()
