@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from darkmatter.trainer.config import (
     ConfigError,
@@ -69,11 +70,17 @@ def test_source_errors_name_the_key(tmp_path: Path, data: str, message: str) -> 
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, f"objective: mlm\ndata: {data}\ntrain: {{steps: 1}}\n"))
     assert message in str(e.value)
+
+
+def test_task_files_load() -> None:
     from darkmatter.evaluation.tasks import load_tasks
 
+    names = []
     for tasks in sorted((REPO / "configs" / "tasks").glob("*.yaml")):
-        (spec,) = load_tasks(str(tasks))
-        assert set(spec.protocols) == {"linear_probe", "knn"}, tasks
+        for spec in load_tasks(str(tasks)):
+            assert set(spec.protocols) == {"linear_probe", "knn"}, tasks
+            names.append(spec.name)
+    assert {"wordnet_supersenses", "fortunes_topics", "digits"} <= set(names)
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
@@ -209,7 +216,8 @@ def test_each_objective_takes_its_own_model_keys(tmp_path: Path) -> None:
         load_config(write(tmp_path, BASE), ["model.momentum=0.99"])
     assert str(e.value).startswith(
         "model.momentum: unknown key for objective mlm (known here: attention, dropout, "
-        "hidden_size, init_from, intermediate_size, mask_ratio, num_heads, num_layers)"
+        "hidden_size, init_from, intermediate_size, mask_ratio, num_heads, num_layers, "
+        "whole_word_masking)"
     )
     byol = BASE.replace("objective: mlm", "objective: byol") + "model: {momentum: 0.99}\n"
     cfg = load_config(write(tmp_path, byol), ["model.num_layers=3"])
@@ -221,6 +229,13 @@ def test_each_objective_takes_its_own_model_keys(tmp_path: Path) -> None:
         load_config(write(tmp_path, byol), ["model.momentum=1.5"])
     with pytest.raises(ConfigError, match="model.momentum: expected a number, got 'high'"):
         load_config(write(tmp_path, byol), ["model.momentum=high"])
+    # `lr: 1e-3` is a string to PyYAML (YAML 1.1 wants 1.0e-3); a number here, as users mean it.
+    text = byol.replace("grad_accum: 2}", "grad_accum: 2, lr: 1e-3}")
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"
+    cfg = load_config(write(tmp_path, text), ["model.momentum=9.9E-1"])
+    assert cfg.train.lr == 0.001 and cfg.objective_settings.momentum == 0.99  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-3x'"):
+        load_config(write(tmp_path, byol), ["train.lr=1e-3x"])
 
 
 def test_settings_are_dataclasses_beside_their_objectives() -> None:

@@ -344,6 +344,9 @@ def _check_finite(value: Any, key: str) -> None:
         _check_finite(v, f"{key}.{k}" if isinstance(value, dict) else f"{key}[{k}]")
 
 
+_EXPONENT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; build nested dataclasses. Raises ConfigError."""
     origin = typing.get_origin(tp)
@@ -384,6 +387,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-3 as a string, YAML 1.2 a number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
