@@ -27,7 +27,7 @@ PRESETS = sorted(p.name for p in (REPO_ROOT / "configs").glob("quickstart_*.yaml
 # where one point is 5-11 of them.
 MIN_MARGIN = 0.01
 # The quickstart's downstream task for each modality (configs/tasks/), re-pointed at local data.
-TASK = {"text": "fortunes.yaml", "image": "digits.yaml", "audio": "spoken_digits.yaml",
+TASK = {"text": "text.yaml", "image": "digits.yaml", "audio": "spoken_digits.yaml",
         "video": None}  # fmt: skip
 
 
@@ -41,7 +41,8 @@ def _tasks_file(folder: Path, modality: str, parquet: Path) -> Path:
                            "metrics": ["accuracy"]}]}  # fmt: skip
     else:
         spec = yaml.safe_load((REPO_ROOT / "configs" / "tasks" / TASK[modality]).read_text())
-        spec["tasks"][0]["data"] = str(parquet)
+        for task in spec["tasks"]:  # text: the other-source task first, then the fortunes
+            task["data"] = str(parquet.with_name(f"{task['name']}.parquet"))
     out = folder / "tasks.yaml"
     out.write_text(yaml.safe_dump(spec))
     return out
@@ -54,9 +55,10 @@ def _prepare(modality: str, folder: Path) -> tuple[Path, Path]:
 
     parquet = folder / "task.parquet"
     if modality == "text":
-        files = [str(p) for p in run.fortune_files()]
+        files = run.text_corpus(folder / "raw")
         prepare(files, str(folder / "ds"), modality="text", vocab_size=run.VOCAB_SIZE)
-        run.text_task(str(parquet))
+        run.wordnet_task(str(folder / "wordnet_supersenses.parquet"))
+        run.text_task(str(folder / "fortunes_topics.parquet"))
     elif modality == "image":
         run.digits(folder / "raw", str(parquet))
         prepare([str(folder / "raw")], str(folder / "ds"), modality="image")

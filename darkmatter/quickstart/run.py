@@ -3,9 +3,10 @@ MLflow → the evaluation harness (linear probe and kNN on every checkpoint, log
 for MLM (text) and MAE (images), ending with `darkmatter runs show` for each run and one table.
 
 Real, human-made data that installs offline:
-- text: Debian's fortune-cookie files (package `fortunes`), one category per file. Every file is
-  pretraining text (labels unused); a balanced labeled subset of eight categories (335 each) is
-  the probe's downstream task.
+- text (text_corpora.py): Webster's 1913 dictionary (GCIDE), the prose of Python's
+  documentation and Debian's fortune-cookie files are the pretraining text (labels unused). Two
+  downstream tasks: WordNet's noun definitions by supersense, a source the model never saw, and
+  a balanced subset of eight fortune categories (335 each).
 - images: the 1,797 handwritten digits bundled with scikit-learn (8×8, upscaled by the model).
 
 Every step goes through the `darkmatter` command a user would type.
@@ -62,6 +63,24 @@ def write_parquet(rows: dict[str, list], url: str) -> None:
     buf = io.BytesIO()
     pq.write_table(pa.table(rows), buf)
     write_bytes(url, buf.getvalue())
+
+
+def text_corpus(folder: Path) -> list[str]:
+    """The pretraining text's inputs for prepare: a JSON-lines file of Webster's senses and
+    Python's documentation written into `folder`, and the fortune files."""
+    from darkmatter.quickstart.text_corpora import write_pretraining_jsonl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_pretraining_jsonl(folder / "webster_and_python_docs.jsonl")
+    return [str(folder / "webster_and_python_docs.jsonl"), *(str(p) for p in fortune_files())]
+
+
+def wordnet_task(url: str = f"{BUCKET}/tasks/wordnet_supersenses.parquet") -> str:
+    """The labeled Parquet of the other-source text task (eight WordNet supersenses) at `url`."""
+    from darkmatter.quickstart.text_corpora import wordnet_task as rows
+
+    write_parquet(rows(), url)
+    return url
 
 
 def text_task(url: str = f"{BUCKET}/tasks/fortunes_topics.parquet") -> str:
@@ -165,23 +184,24 @@ def main() -> int:
     if not load_env_defaults() and not os.environ.get("AWS_ENDPOINT_URL"):
         raise SystemExit("the local stack is not running: darkmatter stack up")
     WORK.mkdir(parents=True, exist_ok=True)
-    files = [str(p) for p in fortune_files()]
+    files = text_corpus(WORK / "raw" / "text")
     darkmatter(
         "prepare",
         *files,
         "--output",
-        f"{BUCKET}/fortunes",
+        f"{BUCKET}/text",
         "--modality",
         "text",
         "--vocab-size",
         str(VOCAB_SIZE),
     )
-    text_task()  # the Parquet files configs/tasks/*.yaml name
+    wordnet_task()  # the Parquet files configs/tasks/*.yaml name
+    text_task()
     digit_folder, digits_url = WORK / "raw" / "digits", f"{BUCKET}/tasks/digits.parquet"
     digits(digit_folder, digits_url)
     darkmatter("prepare", str(digit_folder), "--output", f"{BUCKET}/digits", "--modality", "image")
     rows = [
-        train_and_probe("configs/quickstart_mlm.yaml", "configs/tasks/fortunes.yaml"),
+        train_and_probe("configs/quickstart_mlm.yaml", "configs/tasks/text.yaml"),
         train_and_probe("configs/quickstart_mae.yaml", "configs/tasks/digits.yaml"),
     ]
     (WORK / "summary.json").write_text(json.dumps(rows, indent=1))
