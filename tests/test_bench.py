@@ -60,3 +60,28 @@ def test_bench_runner_quick_gpu_tiny_and_zero_memory(tmp_path: Path) -> None:
     assert result["mlm"]["tokens_per_s"] == pytest.approx(result["mlm"]["samples_per_s"] * seq,
                                                           rel=1e-3)  # fmt: skip
     assert result["mlm_mfu_vs_target"] == pytest.approx(result["mlm"]["mfu"] / 0.5, rel=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_text_transfer_quick_measures_margins_against_random_init() -> None:
+    """The seed-sweep benchmark end to end at smoke size: prepare, a 2-rank MLM run, evaluate
+    on both text tasks; the summary is the per-run figures' difference."""
+    proc = subprocess.run([sys.executable, "bench/text_transfer.py", "--quick"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=580)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    run = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert result["runs"] == 1 and run["objective"] == "mlm" and run["steps"] == 20
+    for task in ("wordnet_supersenses", "fortunes_topics"):
+        for protocol in ("linear_probe", "knn"):
+            pretrained, random_init = run[f"{task}/{protocol}"]
+            assert 0.125 / 2 < random_init < 1 and 0 < pretrained < 1  # eight classes
+            entry = result["mlm"][f"{task}/{protocol}"]
+            assert entry["margin_mean"] == round(100 * (pretrained - random_init), 2)
+            assert entry["margin_std"] is None  # one seed
+    assert (
+        result["wordnet_probe_margin"]
+        == result["mlm"]["wordnet_supersenses/linear_probe"]["margin_mean"]
+    )
