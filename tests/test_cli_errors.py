@@ -272,7 +272,10 @@ def test_out_of_memory_names_rank_step_and_memory(
     monkeypatch.setattr(train.eng, "init_distributed", lambda timeout_s: (3, 4, 3))
     monkeypatch.setattr(train.eng, "shutdown", lambda: None)
     monkeypatch.setattr(train, "Trainer", FakeTrainer)
-    cfg = SimpleNamespace(faults=SimpleNamespace(collective_timeout_s=60.0))
+    cfg = SimpleNamespace(
+        faults=SimpleNamespace(collective_timeout_s=60.0),
+        train=SimpleNamespace(deterministic=False),
+    )
     monkeypatch.setattr(cli, "pretrain_main", lambda argv: train.run_worker(cfg))  # type: ignore[arg-type]
     code, line = main_line(["pretrain", "cfg.yaml"], capsys)
     assert code == 1
