@@ -41,7 +41,7 @@ def test_whole_word_masking_chooses_every_piece_of_a_word(tmp_path) -> None:  # 
     from tests.helpers import synthetic_corpus
 
     docs = synthetic_corpus(tmp_path / "c.txt").read_text().splitlines()
-    tok = train_tokenizer(iter(docs), 60)  # small: most words are several pieces
+    tok = train_tokenizer(lambda _: iter(docs), 60)  # small: most words are several pieces
     (tmp_path / "tokenizer.json").write_text(tok.to_str())
     vocab = tok.get_vocab_size()
     cont = continuation_lookup(str(tmp_path / "tokenizer.json"), vocab)

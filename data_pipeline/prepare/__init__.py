@@ -38,8 +38,9 @@ Algorithm:
      [SEP]=3 [MASK]=4), in two passes: the first collects the word-continuing characters,
      whose ids then come first in sorted order, so training is deterministic
      (tokenizer.continuing_alphabet): the same inputs and options give a byte-identical
-     tokenizer.json, shards and manifest digest, with any number of workers. A given tokenizer may number them otherwise (BERT's WordPiece
-     vocabulary has [CLS]=101) but must have all five; the manifest records their ids.
+     tokenizer.json, shards and manifest digest, with any number of workers. A given
+     tokenizer may number them otherwise (BERT's WordPiece vocabulary has [CLS]=101) but must
+     have all five; the manifest records their ids.
   6. Output. manifest.json is removed (from here on the dataset is incomplete); unless resumed,
      plan.json is removed, the tokenizer files are written, then the new plan.json.
   7. Units. A unit whose record `_progress/unit-UUUUUU.json` carries this run id and whose shards
@@ -137,7 +138,6 @@ from darkmatter.data_pipeline.prepare.sources import (
     unit_items,
 )
 from darkmatter.data_pipeline.prepare.tokenizer import (
-    continuing_alphabet,
     load_tokenizer,
     special_token_ids,
     tokenizer_configs,
@@ -399,8 +399,7 @@ def _train(
     lowercase: bool,
     show: bool,
 ) -> Any:
-    """Training, in the parent, over the documents that will be written: two passes, the first
-    fixes the ids that make training deterministic (continuing_alphabet)."""
+    """Training, in the parent, over the documents that will be written (two passes)."""
 
     def documents(desc: str) -> Iterator[str]:
         with progress_bar(show, desc, "doc") as bar:
@@ -411,8 +410,7 @@ def _train(
                         bar.update(1)
                         yield str(item.data)
 
-    seeded = continuing_alphabet(documents("alphabet"), lowercase)
-    return train_tokenizer(documents("tokenizer"), vocab_size, lowercase, seeded)
+    return train_tokenizer(documents, vocab_size, lowercase)
 
 
 def prepare_tokenizer(
@@ -460,11 +458,9 @@ def prepare_tokenizer(
                     bar.update(1)
                     yield doc
 
-        # Two passes over the sample: the first fixes the ids that make training deterministic.
-        seeded = continuing_alphabet(documents("alphabet"), lowercase)
+        tok = train_tokenizer(documents, vocab_size, lowercase)
         if taken[0] == 0:
             raise PrepareError(f"no text documents found in {where}")
-        tok = train_tokenizer(documents("tokenizer"), vocab_size, lowercase, seeded)
     storage.makedirs(output_url)
     storage.write_bytes(storage.join(output_url, TOKENIZER), _tokenizer_json(tok))
     _write_configs(output_url, lowercase)

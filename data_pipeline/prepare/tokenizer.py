@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from darkmatter import storage
@@ -15,12 +15,15 @@ from darkmatter.data_pipeline.manifest import SPECIAL_NAMES, SPECIAL_TOKENS, Pre
 
 
 def train_tokenizer(
-    documents: Iterable[str], vocab_size: int, lowercase: bool = True, seeded: Sequence[str] = ()
+    documents: Callable[[str], Iterable[str]], vocab_size: int, lowercase: bool = True
 ) -> Any:
-    """A BERT-style WordPiece tokenizer trained on a stream of documents; deterministic when
-    `seeded` is the documents' continuing_alphabet."""
+    """A BERT-style WordPiece tokenizer trained on a stream of documents, deterministically:
+    `documents(name)` is called twice, for a pass named "alphabet" (continuing_alphabet) and
+    one named "tokenizer" (the training), and must give the same documents both times."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import WordPieceTrainer
+
+    seeded = continuing_alphabet(documents("alphabet"), lowercase)
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
@@ -29,9 +32,8 @@ def train_tokenizer(
     trainer = WordPieceTrainer(
         vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, *seeded], show_progress=False
     )
-    tok.train_from_iterator(documents, trainer=trainer)
-    if seeded:
-        tok = _unmark(tok, seeded)
+    tok.train_from_iterator(documents("tokenizer"), trainer=trainer)
+    tok = _unmark(tok, seeded)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -46,7 +48,7 @@ def continuing_alphabet(documents: Iterable[str], lowercase: bool = True) -> lis
     The trainer gives these tokens ids in hash-map order, which changes from process to process,
     and breaks ties between merges of equal count by id, so the same documents can give another
     vocabulary (huggingface/tokenizers#1794). Given to train_tokenizer, they get fixed ids first
-    and training is deterministic.
+    and training is deterministic (train_tokenizer does both passes).
     """
     from tokenizers import normalizers, pre_tokenizers
 
