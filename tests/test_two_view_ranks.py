@@ -103,7 +103,7 @@ def main(out: str) -> None:
     if rank == 0:
         torch.save(results, Path(out) / f"world{world}.pt")
     eng.barrier()
-    eng.shutdown()
+    eng.shutdown(together=True)
 
 
 def _launch(out: Path, nproc: int) -> dict[str, dict[str, object]]:

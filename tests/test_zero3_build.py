@@ -6,6 +6,7 @@ partitioned model."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 from pathlib import Path
@@ -57,6 +58,7 @@ def _worker(rank: int, port: int, out: str, text_meta: dict[str, Any]) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
+    faulthandler.enable()  # a native abort prints where each thread was
     import deepspeed
 
     from darkmatter.trainer import engine as eng
@@ -109,7 +111,7 @@ def _worker(rank: int, port: int, out: str, text_meta: dict[str, Any]) -> None:
         del engine, hf_ds
     results["init_from"] = _init_from_partitioned(Path(out), rank, text_meta)
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
-    eng.shutdown()
+    eng.shutdown(together=True)
 
 
 def _init_from_partitioned(out: Path, rank: int, meta: dict[str, Any]) -> list[str]:

@@ -637,6 +637,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Release the process group. `together` (a normal end, every rank here): first a barrier,
+    so that no rank tears its gloo connections down while a peer still has traffic in flight on
+    them (the peer's C++ runtime then aborts, exit -6); not after an error, when a peer may be
+    gone and the barrier would wait for it."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()

@@ -610,5 +610,5 @@ def run_worker(cfg: Config) -> int:
     if rank == 0:
         print(json.dumps({"event": "done", "step": pos.step, "run_dir": str(trainer.run_dir),
                           "mlflow_run_id": pos.mlflow_run_id}))  # fmt: skip
-    eng.shutdown()
+    eng.shutdown(together=True)
     return 0
