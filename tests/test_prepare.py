@@ -9,6 +9,7 @@ import io
 import json
 import re
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +253,12 @@ def test_images_keep_their_original_bytes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "modality,what", [("text", "text documents"), ("image", "images"), ("audio", "audio files")]
 )
-def test_empty_folder_and_missing_path(tmp_path: Path, modality: str, what: str) -> None:
+def test_empty_folder_and_missing_path(
+    tmp_path: Path, modality: str, what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spools = tmp_path / "tmp"  # where the plan spools its units
+    spools.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spools))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(PrepareError, match=f"no {what} found in {empty}"):
@@ -261,6 +267,7 @@ def test_empty_folder_and_missing_path(tmp_path: Path, modality: str, what: str)
     with pytest.raises(PrepareError, match=f"input not found: {missing}"):
         prepare([str(missing)], str(tmp_path / "ds"), modality=modality)
     assert not (tmp_path / "ds").exists()
+    assert list(spools.iterdir()) == []  # a failed plan leaves no spool behind
 
 
 def test_manifest_load_without_dataset(tmp_path: Path) -> None:

@@ -42,10 +42,14 @@ class Plan:
         )
         self._offsets = array("Q")
         fd, self._path = tempfile.mkstemp(prefix="darkmatter-plan-")
-        with os.fdopen(fd, "wb") as spool:
-            for unit in plan_units(self._count(files), opts, text_format):
-                self._offsets.append(spool.tell())
-                pickle.dump(unit, spool, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            with os.fdopen(fd, "wb") as spool:
+                for unit in plan_units(self._count(files), opts, text_format):
+                    self._offsets.append(spool.tell())
+                    pickle.dump(unit, spool, protocol=pickle.HIGHEST_PROTOCOL)
+        except BaseException:  # bad input: the error stands, the spool goes
+            self.close()
+            raise
         self.fingerprint = self._sha.hexdigest()
 
     def _count(self, files: Iterable[InputFile]) -> Iterator[InputFile]:
