@@ -57,6 +57,7 @@ BENCHMARKS = (
     Bench("startup", "ratio", ""),
     Bench("memory_plan", "worst_error", "<= 0.15"),
     Bench("text_transfer", "wordnet_probe_margin", ">= 10"),
+    Bench("mlm_head", "ratio", ">= 1.2"),
     Bench("gpu", "mlm_mfu_vs_target", ">= 1.0", quick=("--tiny",), needs_gpu=True),
 )
 

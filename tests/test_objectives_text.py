@@ -124,6 +124,49 @@ def test_clm_flops_match_the_counted_multiplies() -> None:
     assert obj.flops(batch) == measured_flops(obj, batch)
 
 
+# --- mlm -----------------------------------------------------------------------------------------
+
+
+def test_mlm_head_at_the_chosen_positions_only_gives_transformers_loss_and_gradients() -> None:
+    """The head scores only the chosen tokens; the loss and every gradient are those of
+    transformers' BertForMaskedLM, which scores every position and ignores the rest."""
+    from transformers import BertForMaskedLM
+
+    obj = objective("mlm", layers=2)
+    batch = obj.make_batch(documents(4, seed=6), torch.Generator().manual_seed(0))
+    chosen = batch["labels"] != -100
+    assert batch["chosen_positions"].tolist() == chosen.flatten().nonzero().flatten().tolist()
+    model = model_for(obj)
+    reference = BertForMaskedLM(model.config)
+    reference.load_state_dict(model.state_dict())
+    out = model(**batch)
+    ref = reference(**{k: v for k, v in batch.items() if k != "chosen_positions"})
+    assert out.logits.shape == (int(chosen.sum()), VOCAB) and ref.logits.shape == (4, 32, VOCAB)
+    torch.testing.assert_close(out.logits, ref.logits[chosen], rtol=1e-5, atol=1e-5)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
+    out.loss.backward()
+    ref.loss.backward()
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Without chosen positions it is transformers' model: logits at every position.
+    with torch.no_grad():
+        assert model(input_ids=batch["input_ids"]).logits.shape == (4, 32, VOCAB)
+    # Nothing chosen: a zero loss, not NaN.
+    nothing = torch.full_like(batch["labels"], -100)
+    none = model(input_ids=batch["input_ids"], labels=nothing,
+                 chosen_positions=torch.zeros(0, dtype=torch.long))  # fmt: skip
+    assert none.loss.item() == 0.0
+
+
+def test_mlm_flops_match_the_counted_multiplies() -> None:
+    """The encoder on every real token plus the head on the chosen ones: torch's count."""
+    obj = objective("mlm", seq_len=24, layers=2)
+    batch = obj.make_batch(documents(1, seed=4, lo=22, hi=23), torch.Generator().manual_seed(1))
+    assert int(batch["attention_mask"].sum()) == 24 and 0 < len(batch["chosen_positions"]) < 24
+    assert obj.flops(batch) == measured_flops(obj, batch)
+
+
 # --- span ----------------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
 
 from darkmatter.trainer.config import Config, ConfigError, ObjectiveSettings
 from darkmatter.trainer.objectives.base import TokenFlops
@@ -171,7 +172,7 @@ class MLMObjective(TextObjective):
         )
 
     def build_model(self) -> PreTrainedModel:
-        return BertForMaskedLM(self.model_config())
+        return BertForMaskedPositions(self.model_config())
 
     def __init__(self, cfg: Config, dataset_meta: dict[str, Any]):
         super().__init__(cfg, dataset_meta)
@@ -192,14 +193,59 @@ class MLMObjective(TextObjective):
             batch["input_ids"], self.settings.mask_ratio, self.ids.mask, self.is_special, gen,
             self.is_continuation,
         )  # fmt: skip
+        batch["chosen_positions"] = chosen_positions(batch["labels"])
         return batch
 
     def matmul_params(self) -> int:
-        """Encoder blocks, plus the MLM head (transform h×h, decoder h×V), which transformers
-        applies at every position, masked or not."""
+        """The encoder blocks, which every real token goes through."""
         m = self.cfg.model
-        h, vocab = m.hidden_size, int(self.meta["vocab_size"])
-        return m.num_layers * encoder_layer_params(h, m.intermediate_size) + h * h + h * vocab
+        return m.num_layers * encoder_layer_params(m.hidden_size, m.intermediate_size)
+
+    def head_params(self) -> int:
+        """The MLM head's multiplies (transform h×h, decoder h×V), on the chosen tokens only."""
+        h = self.cfg.model.hidden_size
+        return h * h + h * int(self.meta["vocab_size"])
+
+    def flops(self, batch: dict[str, Any]) -> float:
+        chosen = len(batch["chosen_positions"])
+        return super().flops(batch) + 6.0 * self.head_params() * chosen
+
+    def flops_inputs(self) -> dict[str, Any]:
+        return {**super().flops_inputs(), "head_params": self.head_params(),
+                "head_counted": "the tokens chosen for prediction"}  # fmt: skip
+
+
+class BertForMaskedPositions(BertForMaskedLM):
+    """BertForMaskedLM whose head scores the chosen positions only.
+
+    transformers' model applies the head (an h×h transform and the h×V decoder) at every
+    position and then ignores all but the 15-30% chosen; at a small width and a vocabulary of
+    thousands that head is most of a step's multiplies (bench/mlm_head.py measures the two side
+    by side). Here the encoder's states are gathered at the chosen positions first, as BERT's
+    original code (masked_lm_positions) and MosaicBERT do. `chosen_positions` ([n] int64, flat
+    indices into the [B, T] rows: what `chosen_positions()` makes of the labels, on the host)
+    keeps every shape known before the forward, so the memory plan's FakeTensorMode and
+    torch.compile see no data-dependent size. The loss is the same mean cross-entropy over the
+    chosen tokens (0, not NaN, when none is chosen); `logits` are then [n, V]. Without
+    `chosen_positions` it is BertForMaskedLM, logits [B, T, V]. The weights and their names are
+    BertForMaskedLM's: checkpoints and exports do not change."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+        chosen_positions: torch.Tensor | None = None, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        if chosen_positions is None or labels is None:
+            return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        hidden = self.bert(input_ids=input_ids, **kwargs)[0]
+        scores = self.cls(hidden.flatten(0, 1).index_select(0, chosen_positions))
+        targets = labels.flatten().index_select(0, chosen_positions)
+        loss = torch.nn.functional.cross_entropy(scores.float(), targets, reduction="sum")
+        return MaskedLMOutput(loss=loss / max(len(chosen_positions), 1), logits=scores)
+
+
+def chosen_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[n] int64: the flat indices of labels [B, T] that are predicted (not -100)."""
+    return (labels.flatten() != -100).nonzero().squeeze(1)
 
 
 def text_rows(
