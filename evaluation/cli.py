@@ -26,6 +26,7 @@ import darkmatter.trainer.checkpoint_reader as reader
 from darkmatter import storage
 from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, is_export
 from darkmatter.evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
+from darkmatter.evaluation.probe import resolve_device
 from darkmatter.evaluation.runs import check_reachable
 from darkmatter.evaluation.tasks import TaskSpec, load_tasks
 
@@ -67,7 +68,8 @@ def one_shot(args: argparse.Namespace) -> int:
         ref = ExportRef(Path(args.target))
     else:
         ref = reader.fetch(reader.locate(args.target), args.cache_dir)
-    outcome = evaluate_checkpoint(ref, specs, args.state)
+    resolve_device(args.device)  # a GPU asked for and absent fails before anything is read
+    outcome = evaluate_checkpoint(ref, specs, args.state, device=args.device)
     run_id = ref.meta.get("mlflow_run_id")
     client = None if args.no_mlflow or not run_id else _client(required=False)
     if client is not None and run_id:
@@ -108,7 +110,7 @@ def watch(args: argparse.Namespace) -> int:
         raise ValueError("--watch needs --tasks TASKS.yaml")
     harness = Harness(_client(required=True), load_tasks(args.tasks), args.state, args.cache_dir,
                       owner=args.id, ttl_s=args.claim_ttl_s, order=args.order,
-                      trusted_roots=tuple(args.trusted_root))  # fmt: skip
+                      trusted_roots=tuple(args.trusted_root), device=args.device)  # fmt: skip
 
     def stop(signum: int, frame: Any) -> None:
         harness.stop.set()
@@ -147,6 +149,9 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluation.trusted_roots: read checkpoints only under this root "
                         "(repeatable; default: each run's own checkpoint root and artifact "
                         "root). A run's index pointing elsewhere is refused")  # fmt: skip
+    p.add_argument("--device", default="auto",
+                   help="evaluation.device: auto (the GPU when there is one), cpu, cuda or "
+                        "cuda:N; bf16 inference on a GPU")  # fmt: skip
     p.add_argument("--cache-dir", default="", help="where remote checkpoints are downloaded")
     return p
 

@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,17 @@ import darkmatter.trainer.checkpoint_reader as reader
 from darkmatter import storage
 from darkmatter.evaluation import claims as cl
 from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, encoder_config, load_encoder
-from darkmatter.evaluation.probe import embed, finetune, knn, linear_probe, split
+from darkmatter.evaluation.probe import (
+    Batches,
+    FeatureFile,
+    Features,
+    embed,
+    finetune,
+    knn,
+    linear_probe,
+    resolve_device,
+    split,
+)
 from darkmatter.evaluation.runs import search_all_runs
 from darkmatter.evaluation.tasks import (
     LabeledSet,
@@ -50,6 +60,7 @@ from darkmatter.evaluation.tasks import (
     export_text_inputs,
     image_inputs,
     load_labeled,
+    load_tokenizer,
     text_inputs,
     video_inputs,
 )
@@ -68,37 +79,50 @@ class Outcome:
     metrics: dict[str, float]  # eval/<task>/<protocol>/<metric>[_random_init] -> value
     rows: list[dict[str, Any]]  # one per (task, protocol, metric), for the results table
     plots: dict[str, bytes]  # artifact path -> PNG
+    timings: dict[str, float] = field(default_factory=dict)  # <task>/features_per_s
 
 
-def _text_inputs(ref: EncoderRef, texts: list[str]) -> dict[str, Any]:
+# (items, the task's index of items[0]) -> the encoder's inputs for them
+Make = Callable[[list[Any], int], dict[str, Any]]
+
+
+def _text_inputs(ref: EncoderRef) -> Make:
     if isinstance(ref, ExportRef):
-        return export_text_inputs(texts, ref.path)
-    return text_inputs(texts, ref.tokenizer_url, int(ref.meta["data"]["seq_len"]))
+        from transformers import AutoTokenizer
+
+        export_tok = AutoTokenizer.from_pretrained(str(ref.path))
+        return lambda texts, first: export_text_inputs(texts, export_tok)
+    tok = load_tokenizer(ref.tokenizer_url, int(ref.meta["data"]["seq_len"]))
+    return lambda texts, first: text_inputs(texts, tok)
 
 
-def _image_inputs(ref: EncoderRef, images: list[bytes]) -> dict[str, Any]:
+def _image_inputs(ref: EncoderRef) -> Make:
     if isinstance(ref, ExportRef):
-        return image_inputs(images, int(encoder_config(ref).image_size))
-    return image_inputs(images, int(ref.meta["data"]["image_size"]))
+        size = int(encoder_config(ref).image_size)
+    else:
+        size = int(ref.meta["data"]["image_size"])
+    return lambda images, first: image_inputs(images, size)
 
 
-def _audio_inputs(ref: EncoderRef, clips: list[Any]) -> dict[str, Any]:
+def _audio_inputs(ref: EncoderRef) -> Make:
     from darkmatter.trainer.config import DataConfig
 
-    seconds = ref.meta.get("data", {}).get("audio_seconds", DataConfig.audio_seconds)
-    return audio_inputs(clips, float(seconds), int(encoder_config(ref).mask_time_length))
+    seconds = float(ref.meta.get("data", {}).get("audio_seconds", DataConfig.audio_seconds))
+    mask_length = int(encoder_config(ref).mask_time_length)
+    return lambda clips, first: audio_inputs(clips, seconds, mask_length, first)
 
 
-def _video_inputs(ref: EncoderRef, clips: list[Any]) -> dict[str, Any]:
+def _video_inputs(ref: EncoderRef) -> Make:
     from darkmatter.trainer.config import DataConfig
 
     config, data = encoder_config(ref), ref.meta.get("data", {})
     stride = int(data.get("frame_stride", DataConfig.frame_stride))
-    return video_inputs(clips, int(config.num_frames), stride, int(config.image_size))
+    frames, size = int(config.num_frames), int(config.image_size)
+    return lambda clips, first: video_inputs(clips, frames, stride, size, first)
 
 
 # How each kind of labeled input becomes an encoder's inputs (keys: evaluation.tasks.KINDS).
-INPUTS: dict[str, Callable[[EncoderRef, list[Any]], dict[str, Any]]] = {
+INPUTS: dict[str, Callable[[EncoderRef], Make]] = {
     "text": _text_inputs,
     "image": _image_inputs,
     "audio": _audio_inputs,
@@ -106,34 +130,39 @@ INPUTS: dict[str, Callable[[EncoderRef, list[Any]], dict[str, Any]]] = {
 }
 
 
-def _inputs(ref: EncoderRef, data: LabeledSet) -> dict[str, Any]:
+def _inputs(ref: EncoderRef, data: LabeledSet) -> Batches:
+    """The labeled set's encoder inputs, made a batch at a time (the tokenizer or sizes read
+    once)."""
     if data.kind != ref.modality:
         raise ValueError(f"{ref.path}: task {data.name} has {data.kind} inputs but this is "
                          f"{'an' if ref.modality[0] in 'aeiou' else 'a'} {ref.modality} encoder")  # fmt: skip
-    return INPUTS[data.kind](ref, data.items)
+    make, items = INPUTS[data.kind](ref), data.items
+    return Batches(len(items), lambda rows: make([items[i] for i in rows], int(rows[0])))
 
 
 Weights = dict[str, Any]  # a checkpoint's consolidated state dict (None: an export's own)
 
 
 def _protocols(
-    spec: TaskSpec, ref: EncoderRef, pretrained: bool, feats: np.ndarray,
-    inputs: dict[str, Any], data: LabeledSet, train: np.ndarray, test: np.ndarray,
+    spec: TaskSpec, ref: EncoderRef, pretrained: bool, feats: Features, inputs: Batches,
+    data: LabeledSet, train: np.ndarray, test: np.ndarray, device: Any,
     weights: Weights | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     out = {}
     for protocol in spec.protocols:
         opts = spec.options(protocol)
         if protocol == "linear_probe":
-            out[protocol] = linear_probe(feats, data.labels, train, test, C=float(opts["C"]))
+            out[protocol] = linear_probe(feats, data.labels, train, test, C=float(opts["C"]),
+                                         device=device)  # fmt: skip
         elif protocol == "knn":
             out[protocol] = knn(feats, data.labels, train, test, k=int(opts["k"]),
-                                temperature=float(opts["temperature"]))  # fmt: skip
+                                temperature=float(opts["temperature"]), device=device)  # fmt: skip
         else:
             model = load_encoder(ref, pretrained=pretrained, seed=spec.seed, state_dict=weights)
             out[protocol] = finetune(
                 model, inputs, data.labels, train, test, epochs=int(opts["epochs"]),
                 lr=float(opts["lr"]), batch_size=int(opts["batch_size"]), seed=spec.seed,
+                device=device,
             )  # fmt: skip
     return out
 
@@ -146,27 +175,47 @@ def _baseline_key(ref: EncoderRef, spec: TaskSpec) -> str:
     return hashlib.sha256(arch + desc.encode()).hexdigest()[:20]
 
 
+PLOTTED = 5000  # test examples at most in the PCA plot (a seeded sample of a larger test set)
+
+
 def evaluate_checkpoint(
     ref: EncoderRef, specs: list[TaskSpec], state: str = "", should_stop: Any = None,
-    weights: Weights | None = None,
+    weights: Weights | None = None, device: str = "auto",
 ) -> Outcome:  # fmt: skip
     """Every task's protocols on `ref`'s encoder, and on its random-init twin (cached under
     `state`/baselines when a state folder is given). `weights`: a checkpoint's consolidated
-    state dict, when the caller has it (else it is consolidated here): once for every task."""
+    state dict, when the caller has it (else it is consolidated here): once for every task.
+    `device`: evaluation.device (probe.resolve_device). The features live in a temporary
+    .npy file per task and encoder, memory-mapped: memory does not grow with the task's size."""
+    dev = resolve_device(device)
     if weights is None and isinstance(ref, CheckpointRef):
         weights = reader.consolidated_state_dict(ref)
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     plots: dict[str, bytes] = {}
+    timings: dict[str, float] = {}
     for spec in specs:
         if should_stop and should_stop():
             raise InterruptedError("stopping")
         data = load_labeled(spec)
         inputs = _inputs(ref, data)
         train, test = split(data.labels, spec.test_fraction, spec.seed, data.test_mask)
-        feats = embed(load_encoder(ref, pretrained=True, state_dict=weights), inputs)
-        results = _protocols(spec, ref, True, feats, inputs, data, train, test, weights)
-        baseline = _baseline(ref, spec, state, inputs, data, train, test)
+        with tempfile.TemporaryDirectory(prefix="darkmatter-features-") as tmp:
+            encoder = load_encoder(ref, pretrained=True, state_dict=weights)
+            t0 = time.perf_counter()
+            feats = embed(encoder, inputs, device=dev, out=Path(tmp, "pretrained.npy"))
+            timings[f"{spec.name}/features_per_s"] = len(inputs) / (time.perf_counter() - t0)
+            del encoder
+            try:
+                results = _protocols(spec, ref, True, feats, inputs, data, train, test, dev,
+                                     weights)  # fmt: skip
+                baseline = _baseline(ref, spec, state, inputs, data, train, test, dev, Path(tmp))
+                shown = test
+                if len(test) > PLOTTED:
+                    shown = np.sort(np.random.default_rng(spec.seed).choice(test, PLOTTED, False))
+                projection = projection_png(feats[shown], data.labels[shown], data, spec, ref.step)
+            finally:
+                _close(feats)
         for protocol, r in results.items():
             for m in spec.metrics:
                 key = f"eval/{spec.name}/{protocol}/{m}"
@@ -178,21 +227,30 @@ def evaluate_checkpoint(
         first = next(iter(results))
         folder = f"eval/{spec.name}/{ref.tag}"
         plots[f"{folder}/confusion_{first}.png"] = confusion_png(results[first], data, spec, first)
-        plots[f"{folder}/embedding_pca.png"] = projection_png(feats[test], data.labels[test],
-                                                              data, spec, ref.step)  # fmt: skip
-    return Outcome(ref.step, metrics, rows, plots)
+        plots[f"{folder}/embedding_pca.png"] = projection
+    return Outcome(ref.step, metrics, rows, plots, timings)
+
+
+def _close(feats: Features) -> None:
+    if isinstance(feats, FeatureFile):
+        feats.close()
 
 
 def _baseline(
-    ref: EncoderRef, spec: TaskSpec, state: str, inputs: dict[str, Any], data: LabeledSet,
-    train: np.ndarray, test: np.ndarray,
+    ref: EncoderRef, spec: TaskSpec, state: str, inputs: Batches, data: LabeledSet,
+    train: np.ndarray, test: np.ndarray, device: Any, tmp: Path,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     url = storage.join(state, "baselines", f"{spec.name}-{_baseline_key(ref, spec)}.json")
     if state and storage.exists(url):
         cached: dict[str, dict[str, float]] = json.loads(storage.read_bytes(url))
         return cached
-    feats = embed(load_encoder(ref, pretrained=False, seed=spec.seed), inputs)
-    results = _protocols(spec, ref, False, feats, inputs, data, train, test)
+    encoder = load_encoder(ref, pretrained=False, seed=spec.seed)
+    feats = embed(encoder, inputs, device=device, out=tmp / "random_init.npy")
+    del encoder
+    try:
+        results = _protocols(spec, ref, False, feats, inputs, data, train, test, device)
+    finally:
+        _close(feats)
     out = {p: r.metrics(spec.metrics) for p, r in results.items()}
     if state:  # another harness may have written it meanwhile: the same numbers, either wins
         storage.write_if(url, json.dumps(out).encode(), None)
@@ -305,14 +363,16 @@ class Harness:
     owner: this harness's name in claims. ttl_s: a claim not renewed for this long is taken
     over. order: "oldest" or "newest" first. trusted_roots (evaluation.trusted_roots): the only
     roots checkpoints are read from; empty: each run's own checkpoint root and artifact root.
+    device: evaluation.device (auto, cpu, cuda, cuda:N).
     """
 
     def __init__(
         self, client: Any, specs: list[TaskSpec], state: str = "", cache_dir: str = "",
         owner: str = "", ttl_s: float = 300.0, order: str = "oldest",
-        trusted_roots: tuple[str, ...] = (),
+        trusted_roots: tuple[str, ...] = (), device: str = "auto",
     ):  # fmt: skip
-        self.client, self.specs, self.state = client, specs, state
+        resolve_device(device)  # a GPU asked for and absent fails at start
+        self.client, self.specs, self.state, self.device = client, specs, state, device
         self.cache_dir, self.ttl_s, self.order = cache_dir, ttl_s, order
         self.trusted_roots = tuple(trusted_roots)
         self.owner = owner or cl.harness_id()
@@ -411,7 +471,7 @@ class Harness:
                 claim.complete()
                 return verdict
             outcome = evaluate_checkpoint(ref, self.specs, self._state(p), self.stop.is_set,
-                                          weights)  # fmt: skip
+                                          weights, self.device)  # fmt: skip
             if claim.lost or not claim.renew():
                 log.warning("lost the claim on %s: not reporting", p.uri)
                 return "claimed elsewhere"

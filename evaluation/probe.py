@@ -8,19 +8,27 @@
 Features are mean-pooled last hidden states (over real tokens for text, over patches for
 images, over the frames of real samples for audio). The split is stratified and seeded, so a
 pretrained encoder and its random-init baseline are scored on exactly the same examples.
+
+Everything runs a batch at a time on one device (`evaluation.device`: a GPU when there is one,
+bf16 autocast there), so memory is bounded by a batch, not by the labeled set: the encoder's
+inputs are made per batch (`Batches`), the features go into an array that can live on disk (a
+memory-mapped .npy), kNN keeps a running top-k over blocks of the training features, and the
+linear probe's L-BFGS sums its loss and gradient over mini-batches of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
 from transformers import PreTrainedModel
 
 
@@ -97,83 +105,269 @@ def output_mask(model: Any, hidden: torch.Tensor, mask: torch.Tensor | None) -> 
     return model._get_feature_vector_attention_mask(hidden.shape[1], mask)
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """evaluation.device: `auto` (the GPU when torch sees one, else the CPU), `cpu`, `cuda` or
+    `cuda:N`; ValueError for a GPU that is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
+        raise ValueError(f"evaluation.device: {name!r} is not auto, cpu, cuda or cuda:N")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise ValueError(f"evaluation.device: {name} asked for, but torch sees no GPU")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on a GPU (the encoder's matmuls in bf16, its norms and softmax in fp32);
+    nothing on the CPU, whose bf16 matmuls are slower than its fp32 ones."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Batches:
+    """The encoder inputs of a labeled set, made a batch at a time: `batches(rows)` is the
+    inputs of those rows (a dict of tensors). `of` wraps inputs already made."""
+
+    n: int
+    make: Callable[[np.ndarray], dict[str, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.make(np.asarray(rows))
+
+    @classmethod
+    def of(cls, inputs: Batches | Mapping[str, torch.Tensor]) -> Batches:
+        if isinstance(inputs, Batches):
+            return inputs
+        tensors = dict(inputs)
+        n = next(iter(tensors.values())).shape[0]
+        return cls(n, lambda rows: {k: v[torch.as_tensor(rows)] for k, v in tensors.items()})
+
+
+Inputs = Batches | Mapping[str, torch.Tensor]
+
+
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class FeatureFile:
+    """[N, D] float32 features in a file (an .npy that np.load reads), written a batch at a
+    time and read by rows with plain reads, not a memory map: pages already read or written
+    stay in the page cache, not in the evaluator's resident memory, so the features of a set
+    of any size cost the evaluator only the rows it is using. `features[rows]` (sorted or not)
+    reads the span the rows lie in, a block at a time."""
+
+    def __init__(self, path: str | Path, n: int, dim: int):
+        self.path, self.shape = Path(path), (n, dim)
+        header = {"descr": "<f4", "fortran_order": False, "shape": self.shape}
+        with open(self.path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            self.offset = f.tell()
+            f.truncate(self.offset + n * dim * 4)
+        self._file = open(self.path, "r+b")  # noqa: SIM115  (closed by close())
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self._file.seek(self.offset + start * self.shape[1] * 4)
+        self._file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        self._file.flush()  # for reads by os.pread and np.load
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        idx = np.arange(self.shape[0])[rows]
+        if idx.size == 0:
+            return np.empty((0, self.shape[1]), dtype=np.float32)
+        lo, hi, width = int(idx.min()), int(idx.max()) + 1, self.shape[1] * 4
+        span = os.pread(self._file.fileno(), (hi - lo) * width, self.offset + lo * width)
+        block = np.frombuffer(span, dtype="<f4").reshape(hi - lo, self.shape[1])
+        return block[idx - lo]
+
+    def close(self) -> None:
+        self._file.close()
+
+
+Features = np.ndarray | FeatureFile
+
+
 @torch.no_grad()
 def embed(
-    model: PreTrainedModel, inputs: dict[str, torch.Tensor], batch_size: int = 128
-) -> np.ndarray:
-    """[N, D] features of the frozen encoder."""
-    n = next(iter(inputs.values())).shape[0]
-    out = []
-    for i in range(0, n, batch_size):
-        chunk = {k: v[i : i + batch_size] for k, v in inputs.items()}
-        hidden = model(**chunk).last_hidden_state
+    model: PreTrainedModel, inputs: Inputs, batch_size: int = 128, device: Any = "cpu",
+    out: str | Path | None = None,
+) -> Features:  # fmt: skip
+    """[N, D] float32 features of the frozen encoder, computed a batch at a time on `device`.
+    `out`: a file to hold them (a FeatureFile; the caller closes and removes it), for a set
+    whose features should not live in memory."""
+    batches, dev = Batches.of(inputs), torch.device(device)
+    if len(batches) == 0:
+        raise ValueError("no examples to embed")
+    torch.nn.Module.to(model, dev)
+    feats: Features | None = None
+    for start in range(0, len(batches), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(batches)))
+        chunk = _on(batches(rows), dev)
+        with autocast(dev):
+            hidden = model(**chunk).last_hidden_state
         mask = output_mask(model, hidden, chunk.get("attention_mask"))
-        out.append(pooled(model, hidden, mask).float().numpy())
-    return np.concatenate(out)
+        f = pooled(model, hidden, mask).float().cpu().numpy()
+        if feats is None:
+            n = len(batches)
+            feats = FeatureFile(out, n, f.shape[1]) if out else np.empty((n, f.shape[1]), "f4")
+        if isinstance(feats, FeatureFile):
+            feats.write(start, f)
+        else:
+            feats[start : start + len(rows)] = f
+    assert feats is not None
+    return feats
+
+
+def _blocks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _rows(features: Features, rows: np.ndarray, device: torch.device,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """features[rows] on `device`."""
+    return torch.from_numpy(np.ascontiguousarray(features[rows])).to(device, dtype)
 
 
 def linear_probe(
-    features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, C: float = 1.0
-) -> ProtocolResult:
-    scaler = StandardScaler().fit(features[train])
-    clf = LogisticRegression(max_iter=3000, C=C)
-    clf.fit(scaler.transform(features[train]), labels[train])
-    pred = clf.predict(scaler.transform(features[test]))
+    features: Features, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
+    C: float = 1.0, batch_size: int = 65536, device: Any = "cpu", max_iter: int = 3000,
+) -> ProtocolResult:  # fmt: skip
+    """A multinomial logistic regression on standardized features: scikit-learn's
+    LogisticRegression(C) objective, mean cross-entropy + ||W||² / (2·C·n), intercept
+    unpenalized, minimized by L-BFGS whose every evaluation sums the loss and its gradient over
+    mini-batches of `batch_size` training rows. Strictly convex: the same optimum as
+    scikit-learn's, in memory bounded by a mini-batch. fp64 on the CPU, fp32 on a GPU."""
+    dev = torch.device(device)
+    dtype = torch.float64 if dev.type == "cpu" else torch.float32
+    train_blocks = list(_blocks(train, batch_size))
+    # The standardization: mean and population std of the training rows, 1 where constant.
+    total = torch.zeros(features.shape[1], dtype=torch.float64, device=dev)
+    squares = torch.zeros_like(total)
+    for rows in train_blocks:
+        x = _rows(features, rows, dev, torch.float64)
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+    mean = total / len(train)
+    std = (squares / len(train) - mean * mean).clamp(min=0).sqrt()
+    std = torch.where(std > 1e-12 * mean.abs().clamp(min=1), std, torch.ones_like(std))
+    mean, std = mean.to(dtype), std.to(dtype)
+    y_all = torch.as_tensor(labels, device=dev)
+
+    def standardized(rows: np.ndarray) -> torch.Tensor:
+        return (_rows(features, rows, dev, dtype) - mean) / std
+
+    # One block (most sets): standardized once and kept; more: read again at each evaluation.
+    kept = standardized(train_blocks[0]) if len(train_blocks) == 1 else None
+
+    n_classes = int(labels.max()) + 1
+    W = torch.zeros(n_classes, features.shape[1], dtype=dtype, device=dev, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=dtype, device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=1e-6,
+                            tolerance_change=1e-12, history_size=20,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad()
+        value = torch.zeros((), dtype=dtype, device=dev)
+        for rows in train_blocks:
+            x = kept if kept is not None else standardized(rows)
+            logits = x @ W.T + b
+            loss = torch.nn.functional.cross_entropy(logits, y_all[rows], reduction="sum")
+            (loss / len(train)).backward()
+            value += loss.detach() / len(train)
+        reg = (W * W).sum() / (2 * C * len(train))
+        reg.backward()
+        return value + reg.detach()
+
+    opt.step(objective)  # type: ignore[no-untyped-call]
+    with torch.no_grad():
+        pred = np.concatenate([
+            (standardized(rows) @ W.T + b).argmax(1).cpu().numpy()
+            for rows in _blocks(test, batch_size)
+        ])  # fmt: skip
     return scored(labels[test], pred, len(train))
 
 
+@torch.no_grad()
 def knn(
-    features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-    k: int = 20, temperature: float = 0.07,
+    features: Features, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
+    k: int = 20, temperature: float = 0.07, block: int = 8192, device: Any = "cpu",
 ) -> ProtocolResult:  # fmt: skip
-    """Weighted kNN vote on cosine similarity."""
-    f = features / np.linalg.norm(features, axis=1, keepdims=True).clip(min=1e-12)
-    sim = f[test] @ f[train].T  # [n_test, n_train]
+    """Weighted kNN vote on cosine similarity, by blocks: for `block` test rows at a time, the
+    similarities to `block` training rows at a time, merged into a running top-k
+    (torch.topk), so no N×M matrix is ever made."""
+    dev = torch.device(device)
     k = min(k, len(train))
-    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # the k most similar, any order
-    top_sim = np.take_along_axis(sim, top, axis=1)
-    weights = np.exp(top_sim / temperature)
     n_classes = int(labels.max()) + 1
-    votes = np.zeros((len(test), n_classes))
-    np.add.at(votes, (np.arange(len(test))[:, None], labels[train][top]), weights)
-    return scored(labels[test], votes.argmax(1), len(train))
+    train_labels = torch.as_tensor(labels[train], device=dev)
+
+    def unit(rows: np.ndarray) -> torch.Tensor:
+        x = _rows(features, rows, dev)
+        return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+    preds = []
+    for queries in _blocks(test, block):
+        q = unit(queries)
+        best = torch.empty(len(queries), 0, device=dev)
+        where = torch.empty(len(queries), 0, dtype=torch.long, device=dev)
+        for start in range(0, len(train), block):
+            keys = train[start : start + block]
+            sims = q @ unit(keys).T
+            index = torch.arange(start, start + len(keys), device=dev).expand(len(queries), -1)
+            merged, merged_at = torch.cat([best, sims], 1), torch.cat([where, index], 1)
+            best, pos = merged.topk(min(k, merged.shape[1]), dim=1)
+            where = merged_at.gather(1, pos)
+        votes = torch.zeros(len(queries), n_classes, dtype=torch.float64, device=dev)
+        votes.scatter_add_(1, train_labels[where], torch.exp(best.double() / temperature))
+        preds.append(votes.argmax(1).cpu().numpy())
+    return scored(labels[test], np.concatenate(preds), len(train))
 
 
 def finetune(
-    model: PreTrainedModel, inputs: dict[str, torch.Tensor], labels: np.ndarray,
+    model: PreTrainedModel, inputs: Inputs, labels: np.ndarray,
     train: np.ndarray, test: np.ndarray, epochs: int = 2, lr: float = 1e-4,
-    batch_size: int = 32, seed: int = 0,
+    batch_size: int = 32, seed: int = 0, device: Any = "cpu",
 ) -> ProtocolResult:  # fmt: skip
     """Train encoder + linear head on the train split (AdamW, cross-entropy), score the test
-    split. The model is changed in place: pass a fresh copy."""
+    split, on `device` (bf16 autocast on a GPU). The model is changed in place: pass a fresh
+    copy."""
     torch.manual_seed(seed)
+    batches, dev = Batches.of(inputs), torch.device(device)
     n_classes = int(labels.max()) + 1
-    head = torch.nn.Linear(model.config.hidden_size, n_classes)
+    torch.nn.Module.to(model, dev)
+    head = torch.nn.Linear(model.config.hidden_size, n_classes).to(dev)
     params = [*model.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    y = torch.as_tensor(labels)
+    y = torch.as_tensor(labels, device=dev)
     gen = torch.Generator().manual_seed(seed)
 
     def logits(rows: np.ndarray) -> torch.Tensor:
-        chunk = {k: v[rows] for k, v in inputs.items()}
-        hidden = model(**chunk).last_hidden_state
+        chunk = _on(batches(rows), dev)
+        with autocast(dev):
+            hidden = model(**chunk).last_hidden_state
         mask = output_mask(model, hidden, chunk.get("attention_mask"))
-        return head(pooled(model, hidden, mask))
+        return head(pooled(model, hidden, mask).float())
 
     model.train()
     for _ in range(epochs):
         order = train[torch.randperm(len(train), generator=gen).numpy()]
-        for i in range(0, len(order), batch_size):
-            rows = order[i : i + batch_size]
+        for rows in _blocks(order, batch_size):
             loss = torch.nn.functional.cross_entropy(logits(rows), y[rows])
             opt.zero_grad()
             loss.backward()
             opt.step()
     model.eval()
     with torch.no_grad():
-        pred = np.concatenate([
-            logits(test[i : i + 128]).argmax(1).numpy() for i in range(0, len(test), 128)
-        ])  # fmt: skip
+        pred = np.concatenate([logits(rows).argmax(1).cpu().numpy() for rows in _blocks(test, 128)])
     return scored(labels[test], pred, len(train))
 
 

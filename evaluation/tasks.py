@@ -240,12 +240,18 @@ def load_webdataset(shards: list[str], name: str, label_key: str = "cls") -> Lab
     return LabeledSet(name, labels, _one_kind(kinds, shards[0]), items, classes=classes)
 
 
-def text_inputs(texts: list[str], tokenizer_url: str, seq_len: int) -> dict[str, torch.Tensor]:
+def load_tokenizer(tokenizer_url: str, seq_len: int) -> Any:
+    """A run's tokenizer (prepare's tokenizer.json), truncating and padding to seq_len."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(read_bytes(tokenizer_url).decode())
     tok.enable_truncation(seq_len)
     tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=seq_len)
+    return tok
+
+
+def text_inputs(texts: list[str], tok: Any) -> dict[str, torch.Tensor]:
+    """Tokenized with a run's tokenizer (load_tokenizer)."""
     enc = tok.encode_batch(texts)
     return {
         "input_ids": torch.tensor([e.ids for e in enc]),
@@ -253,11 +259,16 @@ def text_inputs(texts: list[str], tokenizer_url: str, seq_len: int) -> dict[str,
     }
 
 
-def export_text_inputs(texts: list[str], folder: Path) -> dict[str, torch.Tensor]:
-    """Tokenized with the export's own tokenizer, padded to its model_max_length."""
+def export_text_inputs(
+    texts: list[str], folder_or_tokenizer: Path | Any
+) -> dict[str, torch.Tensor]:
+    """Tokenized with the export's own tokenizer (its folder, or the tokenizer loaded from it),
+    padded to its model_max_length."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = folder_or_tokenizer
+    if isinstance(tok, (str, Path)):
+        tok = AutoTokenizer.from_pretrained(str(tok))
     enc = tok(texts, padding="max_length", truncation=True, max_length=tok.model_max_length,
               return_tensors="pt")  # fmt: skip
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -271,14 +282,17 @@ def image_inputs(images: list[bytes], size: int) -> dict[str, Any]:
     return {"pixel_values": images_to_tensor(arrs, size)}
 
 
-def video_inputs(clips: list[Any], num_frames: int, stride: int, size: int) -> dict[str, Any]:
+def video_inputs(
+    clips: list[Any], num_frames: int, stride: int, size: int, first: int = 0
+) -> dict[str, Any]:
     """Clip bytes (animated GIF/WebP, or what PyAV decodes; or {"bytes": …} structs) decoded
     and made into inputs as the video objective's training batches are, with the centred
-    window of frames where training draws its offset."""
+    window of frames where training draws its offset. `first`: the task's index of clips[0],
+    for the error line."""
     from darkmatter.data_pipeline.prepare import read_clip
 
     frames = []
-    for i, clip in enumerate(clips):
+    for i, clip in enumerate(clips, start=first):
         data = clip.get("bytes") if isinstance(clip, dict) else clip
         if not isinstance(data, bytes):
             raise TaskError(f"video item {i} of the task: {type(data).__name__}, not clip bytes")
@@ -289,14 +303,17 @@ def video_inputs(clips: list[Any], num_frames: int, stride: int, size: int) -> d
     return {"pixel_values": transforms.clips_to_tensor(frames, num_frames, stride, size)}
 
 
-def audio_inputs(clips: list[Any], seconds: float, mask_length: int) -> dict[str, torch.Tensor]:
+def audio_inputs(
+    clips: list[Any], seconds: float, mask_length: int, first: int = 0
+) -> dict[str, torch.Tensor]:
     """WAV/FLAC bytes (or Hugging Face's {"bytes": …} audio structs) decoded, channels averaged,
     and made into inputs as the wav2vec2 objective's training batches are (resampled to 16 kHz,
-    normalized, padded), from the start of each clip where training crops at random."""
+    normalized, padded), from the start of each clip where training crops at random. `first`:
+    the task's index of clips[0], for the error line."""
     import soundfile
 
     waves, rates = [], []
-    for i, clip in enumerate(clips):
+    for i, clip in enumerate(clips, start=first):
         data = clip.get("bytes") if isinstance(clip, dict) else clip
         try:
             wave, rate = soundfile.read(io.BytesIO(data or b""), dtype="float32", always_2d=True)
@@ -306,5 +323,5 @@ def audio_inputs(clips: list[Any], seconds: float, mask_length: int) -> dict[str
             ) from None
         waves.append(wave.mean(axis=1))
         rates.append(int(rate))
-    where = [f"audio item {i} of the task" for i in range(len(clips))]
+    where = [f"audio item {i} of the task" for i in range(first, first + len(clips))]
     return transforms.audio_inputs(waves, rates, seconds, mask_length, where)

@@ -28,12 +28,13 @@ from darkmatter.evaluation.tasks import TaskError, TaskSpec, load_labeled, load_
 from tests.helpers import REPO_ROOT, toy_text_task, write_config
 
 
-def test_knn_is_the_weighted_cosine_vote() -> None:
+@pytest.mark.parametrize("block", [8192, 7])  # one block; blocks of 7 test and 7 train rows
+def test_knn_is_the_weighted_cosine_vote(block: int) -> None:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(60, 8))
     labels = rng.integers(0, 3, size=60)
     train, test = np.arange(40), np.arange(40, 60)
-    got = knn(feats, labels, train, test, k=5, temperature=0.1)
+    got = knn(feats, labels, train, test, k=5, temperature=0.1, block=block)
     f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     want = []
     for i in test:  # the definition, one test example at a time
@@ -45,6 +46,64 @@ def test_knn_is_the_weighted_cosine_vote() -> None:
         want.append(int(np.argmax(votes)))
     assert got.y_pred.tolist() == want
     assert got.accuracy == pytest.approx(np.mean(np.array(want) == labels[test]))
+
+
+@pytest.mark.parametrize("batch_size", [65536, 50])  # the train rows in one block; in 9
+def test_linear_probe_reaches_scikit_learns_optimum(batch_size: int) -> None:
+    """The same objective as LogisticRegression(C) on standardized features, minimized to a
+    tight tolerance: the same predictions as scikit-learn's solver run to that tolerance, on
+    features of very different scales, with the mini-batches summed or not."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from darkmatter.evaluation.probe import linear_probe
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=600)
+    centers = rng.normal(size=(4, 32)) * 0.3
+    scales = rng.uniform(0.1, 10, size=32)
+    feats = ((centers[labels] + rng.normal(size=(600, 32))) * scales).astype(np.float32)
+    feats[:, 5] = 3.0  # a constant feature: scaled by 1, as scikit-learn does
+    train, test = np.arange(420), np.arange(420, 600)
+    scaler = StandardScaler().fit(feats[train])
+    clf = LogisticRegression(C=0.5, tol=1e-8, max_iter=10000)
+    want = clf.fit(scaler.transform(feats[train]), labels[train]).predict(
+        scaler.transform(feats[test])
+    )
+    got = linear_probe(feats, labels, train, test, C=0.5, batch_size=batch_size)
+    assert got.y_pred.tolist() == want.tolist()
+    assert (got.n_train, got.n_test) == (420, 180) and 0.5 < got.accuracy < 1.0
+
+
+def test_features_stream_into_a_file_a_batch_at_a_time(tmp_path: Path) -> None:
+    """embed makes each batch's inputs when it needs them and can write the features to an
+    .npy file: the same features as from inputs made up front, read back by rows."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from darkmatter.evaluation.probe import Batches, FeatureFile, embed
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=16, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64)).eval()  # fmt: skip
+    ids = torch.randint(1, 16, (50, 6))
+    asked: list[int] = []
+
+    def make(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        asked.append(len(rows))
+        return {
+            "input_ids": ids[rows],
+            "attention_mask": torch.ones(len(rows), 6, dtype=torch.long),
+        }
+
+    streamed = embed(model, Batches(50, make), batch_size=16, out=tmp_path / "f.npy")
+    whole = embed(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert asked == [16, 16, 16, 2] and isinstance(streamed, FeatureFile)
+    assert isinstance(whole, np.ndarray)
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy"), whole, rtol=1e-5, atol=1e-6)
+    rows = np.array([40, 3, 17, 17, 49])  # any rows, in any order, read from the file
+    np.testing.assert_allclose(streamed[rows], whole[rows], rtol=1e-5, atol=1e-6)
+    streamed.close()
 
 
 def test_finetune_trains_the_encoder_and_its_head() -> None:
