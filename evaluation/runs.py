@@ -1,8 +1,9 @@
-"""`darkmatter runs list | show RUN | compare RUN RUN`: training runs in MLflow, from the terminal.
+"""`darkmatter runs list | show RUN | compare RUN RUN…`: training runs in MLflow, from the terminal.
 
 RUN is a run id, a run name, or a run folder (its `mlflow_run.json`). `show` says where a step's
-time went and how healthy the run is; `compare` diffs two runs' configs and last metrics;
-`--plot FILE.png` draws loss and throughput against step.
+time went and how healthy the run is; `compare` sets two runs or more side by side: config
+differences, last metrics, the latest evaluation of each task and protocol. `--plot FILE.png`
+draws loss, throughput and the linear probe's accuracy against step, one line per run.
 """
 
 from __future__ import annotations
@@ -267,44 +268,83 @@ def _health(s: Summary) -> list[str]:
     return out
 
 
-def compare_runs(ref_a: str, ref_b: str) -> list[str]:
+def compare_runs(*refs: str) -> list[str]:
+    """Two runs or more: their config differences, their last metrics (with the deltas of B
+    against A when there are two), and the latest evaluation of each task and protocol."""
+    if len(refs) < 2:
+        raise ValueError("runs compare: name two runs or more")
     client = _client()
-    a, b = find_run(client, ref_a), find_run(client, ref_b)
-    lines = [f"A = {a.info.run_id} {a.info.run_name} ({a.info.status})",
-             f"B = {b.info.run_id} {b.info.run_name} ({b.info.status})", "config (A → B)"]  # fmt: skip
-    pa, pb = a.data.params, b.data.params
+    found = [find_run(client, ref) for ref in refs]
+    names = [chr(ord("A") + i) if i < 26 else f"R{i}" for i in range(len(found))]
+    lines = [f"{n} = {r.info.run_id} {r.info.run_name} ({r.info.status})"
+             for n, r in zip(names, found, strict=True)]  # fmt: skip
+    lines.append(f"config ({' → '.join(names)})")
+    params = [r.data.params for r in found]
     skip = ("train.run_dir", "checkpoint.root", "tracking.run_name", "mfu.peak_flops")
-    diff = [k for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k) and k not in skip]
-    lines += [f"  {k}: {pa.get(k, '-')} → {pb.get(k, '-')}" for k in diff] or ["  identical"]
-    sa, sb = summarize(client, a, history=False), summarize(client, b, history=False)
-    lines.append(f"last metrics (A at step {sa.step}, B at step {sb.step})")
-    keys = ["loss", "samples_per_s", "tokens_per_s", "mfu", "time/step_s", "data_wait_fraction",
-            "memory/max_gb", "checkpoint/stall_s", *sorted(set(sa.evals) | set(sb.evals))]  # fmt: skip
-    ma, mb = a.data.metrics, b.data.metrics
-    width = max(len(k) for k in keys)
-    for k in keys:
-        if k not in ma and k not in mb:
+    keys = sorted(set().union(*params))
+    diff = [k for k in keys if len({p.get(k) for p in params}) > 1 and k not in skip]
+    lines += [f"  {k}: {' → '.join(p.get(k, '-') for p in params)}" for k in diff] or [
+        "  identical"
+    ]
+    summaries = [summarize(client, r, history=False) for r in found]
+    at = ", ".join(f"{n} at step {s.step}" for n, s in zip(names, summaries, strict=True))
+    lines.append(f"last metrics ({at})")
+    metric_keys = ["loss", "samples_per_s", "tokens_per_s", "mfu", "time/step_s",
+                   "data_wait_fraction", "memory/max_gb", "checkpoint/stall_s"]  # fmt: skip
+    values = [r.data.metrics for r in found]
+    width = max(len(k) for k in metric_keys)
+    for k in metric_keys:
+        if all(k not in v for v in values):
             continue
-        va, vb = ma.get(k), mb.get(k)
+        row = [v.get(k) for v in values]
         delta = ""
-        if va is not None and vb is not None:
+        if len(row) == 2 and row[0] is not None and row[1] is not None:
+            va, vb = row[0], row[1]
             rel = f" ({100 * (vb - va) / abs(va):+.1f}%)" if va else ""
-            delta = f"{vb - va:+.4g}{rel}"
-        lines.append(f"  {k:<{width}}  {_fmt(va):>10}  {_fmt(vb):>10}  {delta}")
+            delta = f"  {vb - va:+.4g}{rel}"
+        lines.append(f"  {k:<{width}}" + "".join(f"  {_fmt(v):>10}" for v in row) + delta)
+    lines += _eval_table(names, summaries)
     return lines
 
 
+def _eval_table(names: list[str], summaries: list[Summary]) -> list[str]:
+    """The latest value of every eval metric (task/protocol/metric) of each run, with its
+    step: "-" where a run has none."""
+    keys = sorted(set().union(*(s.evals for s in summaries)))
+    if not keys:
+        return ["evaluation: none logged (darkmatter evaluate --watch)"]
+    rows = [k.removeprefix("eval/") for k in keys]
+    width = max(len(r) for r in rows)
+    out = ["evaluation, latest value @ step (task/protocol/metric)",
+           f"  {'':<{width}}" + "".join(f"  {n:>12}" for n in names)]  # fmt: skip
+    for key, row in zip(keys, rows, strict=True):
+        cells = []
+        for s in summaries:
+            got = s.evals.get(key)
+            cells.append(f"{got[1]:.4f}@{got[0]}" if got else "-")
+        out.append(f"  {row:<{width}}" + "".join(f"  {c:>12}" for c in cells))
+    return out
+
+
+PROBE = "/linear_probe/accuracy"  # what the comparison plot draws against step, per task
+
+
 def plot(refs: list[str], path: str) -> str:
-    """Loss and throughput against step for each run, one PNG."""
+    """Loss and throughput against step for each run, and, when the runs have evaluations,
+    the linear probe's accuracy against step (one line per run and task; the random init's,
+    dashed, for reference): one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     client = _client()
-    fig, (ax_loss, ax_rate) = plt.subplots(1, 2, figsize=(11, 4))
-    for ref in refs:
-        run = find_run(client, ref)
+    found = [find_run(client, ref) for ref in refs]
+    probes = sorted({k for r in found for k in r.data.metrics
+                     if k.startswith("eval/") and k.endswith(PROBE)})  # fmt: skip
+    fig, axes = plt.subplots(1, 3 if probes else 2, figsize=(16 if probes else 11, 4))
+    ax_loss, ax_rate = axes[0], axes[1]
+    for run in found:
         label = f"{run.info.run_name} ({run.info.run_id[:8]})"
         rate_key = "tokens_per_s" if "tokens_per_s" in run.data.metrics else "samples_per_s"
         for ax, key in ((ax_loss, "loss"), (ax_rate, rate_key)):
@@ -312,9 +352,24 @@ def plot(refs: list[str], path: str) -> str:
             ax.plot([x.step for x in hist], [x.value for x in hist], label=label)
             ax.set_xlabel("step")
             ax.set_ylabel(key)
+        for key in probes:
+            if key not in run.data.metrics:
+                continue
+            task = key.removeprefix("eval/").removesuffix(PROBE)
+            for suffix, style in (("", "-o"), ("_random_init", "--")):
+                hist = sorted(client.get_metric_history(run.info.run_id, key + suffix),
+                              key=lambda x: x.step)  # fmt: skip
+                if hist:
+                    axes[2].plot([x.step for x in hist], [x.value for x in hist], style,
+                                 label=f"{label} {task}{' random init' if suffix else ''}")  # fmt: skip
     ax_loss.set_title("loss")
     ax_rate.set_title("throughput")
     ax_loss.legend(fontsize="small")
+    if probes:
+        axes[2].set_title("linear probe accuracy")
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("accuracy")
+        axes[2].legend(fontsize="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -335,21 +390,25 @@ def cli(argv: list[str]) -> int:
                           "how healthy it is.")  # fmt: skip
     show.add_argument("run", help="run id, run name or run folder")
     show.add_argument("--plot", metavar="PNG", help="also draw loss and throughput vs step")
-    cmp = sub.add_parser("compare", help="two runs: config differences and metric deltas",
-                         description="Two runs: their config differences and the deltas of "
-                         "their last metrics.")  # fmt: skip
-    cmp.add_argument("run_a", help="run id, run name or run folder")
-    cmp.add_argument("run_b", help="the run to compare it with (same forms)")
-    cmp.add_argument("--plot", metavar="PNG", help="also draw both runs' loss and throughput")
+    cmp = sub.add_parser("compare", help="runs side by side: config, metrics, evaluations",
+                         description="Two runs or more: their config differences, their last "
+                         "metrics (with deltas for two), and the latest evaluation of each "
+                         "task and protocol.")  # fmt: skip
+    cmp.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run ids, run names or run folders (two or more)"
+    )
+    cmp.add_argument(
+        "--plot", metavar="PNG", help="also draw loss, throughput and probe accuracy against step"
+    )
     args = p.parse_args(argv)
     if args.cmd == "list":
         lines = list_runs(args.experiment)
     elif args.cmd == "show":
         lines = show_run(args.run)
     else:
-        lines = compare_runs(args.run_a, args.run_b)
+        lines = compare_runs(*args.runs)
     if getattr(args, "plot", None):
-        refs = [args.run] if args.cmd == "show" else [args.run_a, args.run_b]
+        refs = [args.run] if args.cmd == "show" else args.runs
         lines.append(f"plot: {plot(refs, args.plot)}")
     print("\n".join(lines))
     return 0

@@ -130,8 +130,9 @@ def _fake_run(tracker: Tracker, lr: float, forward_s: float) -> None:
             "checkpoint/stall_s": 0.01, "memory/max_gb": 1.5, "memory/min_gb": 1.25,
             "skipped_steps": 2.0,
         })  # fmt: skip
-    tracker.log_metrics(20, {"eval/topics/linear_probe/accuracy": 0.6 + lr,
-                             "eval/topics/linear_probe/accuracy_random_init": 0.3})  # fmt: skip
+    for step in (10, 20):  # as the harness logs them: at the checkpoint's step
+        tracker.log_metrics(step, {"eval/topics/linear_probe/accuracy": 0.5 + step / 200 + lr,
+                                   "eval/topics/linear_probe/accuracy_random_init": 0.3})  # fmt: skip
     tracker.finish()
 
 
@@ -155,16 +156,38 @@ def test_runs_show_compare_list_and_plot(stack: Any, tmp_path: Path) -> None:
     assert "train.lr: 0.001 → 0.002" in compared and "train.steps" not in compared
     rows = {ln.split()[0]: ln.split()[1:] for ln in compared.splitlines() if ln.startswith("  ")}
     assert rows["samples_per_s"] == ["2000", "2000", "+0", "(+0.0%)"]
-    assert rows["eval/topics/linear_probe/accuracy"] == ["0.601", "0.602", "+0.001", "(+0.2%)"]
+    assert rows["topics/linear_probe/accuracy"] == ["0.6010@20", "0.6020@20"]
 
     listed = runs.list_runs("runs-cli")
     assert listed[0].split()[:3] == ["RUN", "NAME", "STATUS"]
     assert [ln.split()[1] for ln in listed[1:]] == ["run-b", "run-a"]  # newest first
     assert "topics/linear_probe/accuracy=0.602@20" in listed[1]
 
-    png = runs.plot([a.run_id, b.run_id], str(tmp_path / "p.png"))
+    # Three runs, one never evaluated: the latest evaluation of each, side by side.
+    c = Tracker(stack.mlflow_uri, "runs-cli", "run-c")
+    c.log_params({"train.lr": 0.004, "train.steps": 20, "train.zero_stage": 2})
+    c.log_metrics(10, {"loss": 4.0, "samples_per_s": 50.0})
+    c.finish()
+    three = runs.compare_runs("run-a", "run-b", "run-c")
+    assert "  train.lr: 0.001 → 0.002 → 0.004" in three
+    header = three.index("evaluation, latest value @ step (task/protocol/metric)")
+    assert three[header + 1].split() == ["A", "B", "C"]
+    assert three[header + 2].split() == ["topics/linear_probe/accuracy", "0.6010@20",
+                                         "0.6020@20", "-"]  # fmt: skip
+    assert [ln.split()[:4] for ln in three if ln.startswith("  samples_per_s")] == [
+        ["samples_per_s", "2000", "2000", "50"]]  # fmt: skip
+    with pytest.raises(ValueError, match="two runs or more"):
+        runs.compare_runs("run-a")
+
+    # The plot: loss, throughput and, evaluations logged, the probe's accuracy against step.
+    import matplotlib.image
+
+    png = runs.plot([a.run_id, b.run_id, c.run_id], str(tmp_path / "p.png"))
     data = Path(png).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert matplotlib.image.imread(png).shape[1] == 1600  # three panels, 16 inches at 100 dpi
+    two = matplotlib.image.imread(runs.plot([c.run_id], str(tmp_path / "c.png")))
+    assert two.shape[1] == 1100  # no evaluation: loss and throughput only
     with pytest.raises(ValueError, match="no run folder, run id or run name matches"):
         runs.show_run("no-such-run")
 
