@@ -58,6 +58,7 @@ BENCHMARKS = (
     Bench("memory_plan", "worst_error", "<= 0.15"),
     Bench("text_transfer", "wordnet_probe_margin", ">= 10"),
     Bench("mlm_head", "ratio", ">= 1.2"),
+    Bench("eval_memory", "peak_ratio", "<= 1.3"),
     Bench("gpu", "mlm_mfu_vs_target", ">= 1.0", quick=("--tiny",), needs_gpu=True),
 )
 

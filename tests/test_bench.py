@@ -85,3 +85,19 @@ def test_text_transfer_quick_measures_margins_against_random_init() -> None:
         result["wordnet_probe_margin"]
         == result["mlm"]["wordnet_supersenses/linear_probe"]["margin_mean"]
     )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eval_memory_quick_does_not_grow_with_the_labeled_set() -> None:
+    """The evaluator on 320 and on 3,200 definitions: its peak over the baseline stays within
+    1.3x of what embedding one batch costs, and the ratio does not grow with the set."""
+    proc = subprocess.run([sys.executable, "bench/eval_memory.py", "--quick"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["examples_1x"], result["examples_10x"]) == (320, 3200)
+    assert result["one_batch_mb_10x"] > result["model_fp32_mb"] > 0  # the model is in it
+    assert result["peak_ratio"] <= 1.3, result
+    assert result["peak_ratio"] <= result["peak_ratio_1x"] + 0.1, result
+    assert result["features_per_s"] > 0
