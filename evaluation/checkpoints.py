@@ -2,7 +2,9 @@
 
 A committed checkpoint is read through the trainer's checkpoint-reading API
 (darkmatter.trainer.checkpoint_reader: locate, fetch, consolidate, build the encoder); nothing
-else of the trainer is imported. An export folder (`darkmatter export`, or any `save_pretrained`
+else of the trainer is imported. Its weights are read once (`evaluation_weights`): the module's
+own, without optimizer states, kept as one safetensors file in the cache, keyed by the digest of
+the checkpoint's commit record, which every task, protocol and later evaluation reuses. An export folder (`darkmatter export`, or any `save_pretrained`
 encoder with its tokenizer or image processor) is loaded with `from_pretrained` (T5's encoder
 with `T5EncoderModel`, `checkpoint_reader.encoder_class`; BERT and ViT without the pooler that
 AutoModel would add untrained), once it is known complete (`ExportRef` refuses a folder that
@@ -11,7 +13,9 @@ lacks a file its record lists).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel
 
 import darkmatter.trainer.checkpoint_reader as reader
+from darkmatter import storage
 from darkmatter.trainer.checkpoint_reader import CheckpointRef
 
 # Tests and scripts import these from here.
@@ -121,10 +126,11 @@ def _weight_names(folder: Path) -> list[str]:
 
 def load_encoder(
     ref: EncoderRef, pretrained: bool = True, seed: int = 0,
-    state_dict: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None, share: bool = False,
 ) -> PreTrainedModel:  # fmt: skip
     """The checkpoint's encoder (pretrained=True) or the same architecture freshly initialized;
-    `state_dict`: the checkpoint's consolidated weights, when the caller has them already."""
+    `state_dict`: the checkpoint's consolidated weights, when the caller has them already;
+    `share`: the encoder holds state_dict's tensors, not copies (for a frozen encoder)."""
     torch.manual_seed(seed)
     if pretrained and isinstance(ref, ExportRef):
         export = from_pretrained(ref.path)
@@ -136,4 +142,55 @@ def load_encoder(
     if not pretrained:
         return reader.build_encoder(encoder_config(ref)).eval()
     assert isinstance(ref, CheckpointRef)
-    return reader.encoder(ref, state_dict)
+    return reader.encoder(ref, state_dict, share=share)
+
+
+WEIGHTS_CACHE = "weights"  # in the cache folder: <commit digest>.safetensors
+ALIASES = "aliases"  # the safetensors metadata key: {name: the name of the tensor it shares}
+
+
+def commit_digest(loc: reader.Location) -> str:
+    """The checkpoint's identity: the sha256 of its commit record (every file's size and
+    sha256), so a rewritten checkpoint under the same tag is another one."""
+    return hashlib.sha256(json.dumps(loc.record, sort_keys=True).encode()).hexdigest()
+
+
+def evaluation_weights(
+    loc: reader.Location, ref: CheckpointRef, cache_dir: str = ""
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The checkpoint's module weights (checkpoint_reader.module_state_dict), read once: the
+    first call fetches the module files (no optimizer state under ZeRO 0-2), writes the weights
+    to CACHE/weights/<commit digest>.safetensors (atomically) and removes the downloaded files;
+    every later call, from any task file or harness sharing the cache, reads that file and
+    fetches nothing. `ref`: the checkpoint's records, fetched (reader.fetch, weights="none")."""
+    from safetensors.torch import load_file, save_file
+
+    folder = reader.cache_folder(loc, cache_dir) / WEIGHTS_CACHE
+    path = folder / f"{commit_digest(loc)}.safetensors"
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            recorded = json.loads((f.metadata() or {}).get(ALIASES, "{}"))
+        weights = load_file(str(path))
+        weights.update({alias: weights[name] for alias, name in recorded.items()})
+        return weights
+    reader.fetch(loc, cache_dir, weights="module")
+    weights = reader.module_state_dict(ref)
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple[int, torch.Size, tuple[int, ...]], str] = {}
+    for name, tensor in weights.items():  # tied weights once, the others as aliases
+        key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key], unique[name] = name, tensor.contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(unique, str(tmp), metadata={ALIASES: json.dumps(aliases)})
+    os.replace(tmp, path)
+    if storage.is_remote(loc.root):  # the downloaded module files: the cache file replaces them
+        for name in reader.module_files(loc.record["files"], int(ref.meta.get("zero_stage", 0))):
+            (ref.path / name).unlink(missing_ok=True)
+    return weights

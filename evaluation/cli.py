@@ -24,7 +24,7 @@ from typing import Any
 
 import darkmatter.trainer.checkpoint_reader as reader
 from darkmatter import storage
-from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, is_export
+from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, evaluation_weights, is_export
 from darkmatter.evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
 from darkmatter.evaluation.probe import resolve_device
 from darkmatter.evaluation.runs import check_reachable
@@ -63,13 +63,16 @@ def _specs(args: argparse.Namespace) -> list[TaskSpec]:
 
 def one_shot(args: argparse.Namespace) -> int:
     specs = _specs(args)
+    resolve_device(args.device)  # a GPU asked for and absent fails before anything is read
     ref: EncoderRef
+    weights = None
     if is_export(args.target):
         ref = ExportRef(Path(args.target))
     else:
-        ref = reader.fetch(reader.locate(args.target), args.cache_dir)
-    resolve_device(args.device)  # a GPU asked for and absent fails before anything is read
-    outcome = evaluate_checkpoint(ref, specs, args.state, device=args.device)
+        loc = reader.locate(args.target)
+        ref = reader.fetch(loc, args.cache_dir, weights="none")
+        weights = evaluation_weights(loc, ref, args.cache_dir)
+    outcome = evaluate_checkpoint(ref, specs, args.state, weights=weights, device=args.device)
     run_id = ref.meta.get("mlflow_run_id")
     client = None if args.no_mlflow or not run_id else _client(required=False)
     if client is not None and run_id:

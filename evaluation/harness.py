@@ -40,7 +40,13 @@ import numpy as np
 import darkmatter.trainer.checkpoint_reader as reader
 from darkmatter import storage
 from darkmatter.evaluation import claims as cl
-from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, encoder_config, load_encoder
+from darkmatter.evaluation.checkpoints import (
+    EncoderRef,
+    ExportRef,
+    encoder_config,
+    evaluation_weights,
+    load_encoder,
+)
 from darkmatter.evaluation.probe import (
     Batches,
     FeatureFile,
@@ -189,7 +195,7 @@ def evaluate_checkpoint(
     .npy file per task and encoder, memory-mapped: memory does not grow with the task's size."""
     dev = resolve_device(device)
     if weights is None and isinstance(ref, CheckpointRef):
-        weights = reader.consolidated_state_dict(ref)
+        weights = reader.module_state_dict(ref)
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
     plots: dict[str, bytes] = {}
@@ -201,7 +207,7 @@ def evaluate_checkpoint(
         inputs = _inputs(ref, data)
         train, test = split(data.labels, spec.test_fraction, spec.seed, data.test_mask)
         with tempfile.TemporaryDirectory(prefix="darkmatter-features-") as tmp:
-            encoder = load_encoder(ref, pretrained=True, state_dict=weights)
+            encoder = load_encoder(ref, pretrained=True, state_dict=weights, share=True)
             t0 = time.perf_counter()
             feats = embed(encoder, inputs, device=dev, out=Path(tmp, "pretrained.npy"))
             timings[f"{spec.name}/features_per_s"] = len(inputs) / (time.perf_counter() - t0)
@@ -437,8 +443,8 @@ class Harness:
 
     # -- one checkpoint
     def process(self, p: Pending) -> str:
-        """Claim it; locate, fetch and consolidate the checkpoint (once: every task and protocol
-        reuses the weights); run every task; report. Returns what happened: done, completed (a
+        """Claim it; locate and fetch the checkpoint and read its weights (the module's, once:
+        cached by commit digest, every task and protocol reuses them); run every task; report. Returns what happened: done, completed (a
         predecessor's metrics were there: plots, table and tag added), corrupt, skipped, claimed
         elsewhere, already done, refused (outside the trusted roots: nothing read), stopped."""
         if p.refused:
@@ -453,7 +459,8 @@ class Harness:
             # and only the plots, the table and the tag are made here.
             logged = self._metrics_logged(p)
             try:
-                ref = reader.fetch(reader.locate(p.uri), self.cache_dir)
+                loc = reader.locate(p.uri)
+                ref = reader.fetch(loc, self.cache_dir, weights="none")
             except (CheckpointError, FileNotFoundError) as e:
                 verdict = self._unusable(p, e)
                 claim.complete()
@@ -465,8 +472,8 @@ class Harness:
             log.info("evaluating %s (step %d) of run %s", p.tag, p.step, p.run_id)
             t0 = time.perf_counter()
             try:  # a file refused as unsafe (it would run code) is unusable, not fatal
-                weights = reader.consolidated_state_dict(ref)
-            except CheckpointError as e:
+                weights = evaluation_weights(loc, ref, self.cache_dir)
+            except (CheckpointError, FileNotFoundError) as e:
                 verdict = self._unusable(p, e)
                 claim.complete()
                 return verdict

@@ -130,8 +130,8 @@ def install_fakes(setattr: Any, label: str, counts: str, stall: dict[int, str], 
         return harness.Outcome(ref.step, metrics, [], {})
 
     setattr(harness.reader, "locate", locate)
-    setattr(harness.reader, "fetch", lambda loc, cache_dir="": loc)
-    setattr(harness.reader, "consolidated_state_dict", lambda ref: {})
+    setattr(harness.reader, "fetch", lambda loc, cache_dir="", weights="master": loc)
+    setattr(harness, "evaluation_weights", lambda loc, ref, cache_dir="": {})
     setattr(harness, "evaluate_checkpoint", evaluate)
 
 

@@ -48,7 +48,10 @@ def trained(stack: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     prepare([str(synthetic_corpus(tmp / "corpus.txt"))], data, modality="text", vocab_size=200,
             shard_bytes=100_000)  # fmt: skip
     run_dir = tmp / "run"
-    cfg = write_config(tmp / "c.yaml", data, run_dir)
+    # Hidden 128 (~200k weights, 0.8 MB): DeepSpeed's module file adds ~10 kB of records to the
+    # weights, which at hidden 32 would be a fifth of them and here is 1%.
+    cfg = write_config(tmp / "c.yaml", data, run_dir,
+                       model={"hidden_size": 128, "intermediate_size": 256})  # fmt: skip
     out = run_darkmatter("pretrain", str(cfg))
     assert out.returncode == 0, out.stderr[-3000:]
     texts = [f"the red fox number {i} jumps" if i % 2 else f"the blue owl near the river {i}"
@@ -286,3 +289,53 @@ def test_image_video_and_audio_checkpoints_carry_their_processor_settings(
         assert processor.image_mean == pytest.approx([0.485, 0.456, 0.406])
     else:
         assert processor.sampling_rate == 16_000
+
+
+def test_an_evaluation_reads_the_module_weights_once_without_optimizer_states(
+    trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ZeRO-2 checkpoint in S3, evaluated: of its weights only DeepSpeed's module file is
+    downloaded (<= 1.1x the model's fp32 bytes; the optimizer states, twice that, are not), its
+    weights are the fp32 masters an export reads (an fp32 run), kept as one safetensors file
+    keyed by the commit record; a second evaluation downloads no weight file."""
+    import torch
+
+    from darkmatter.evaluation.checkpoints import commit_digest, evaluation_weights
+
+    src = trained["run_dir"] / "checkpoints" / TAG
+    root = f"{trained['bucket']}/evaluated"
+    for f in sorted(src.iterdir()):
+        storage.write_bytes(f"{root}/{TAG}/{f.name}", f.read_bytes())
+    got: list[tuple[str, int]] = []
+    download = storage.get_file
+
+    def counting(url: str, path: str) -> None:
+        download(url, path)
+        got.append((url.rsplit("/", 1)[1], Path(path).stat().st_size))
+
+    monkeypatch.setattr(storage, "get_file", counting)
+    cache = str(tmp_path / "cache")
+    loc = reader.locate(root)
+    ref = reader.fetch(loc, cache, weights="none")
+    assert ref.meta["zero_stage"] == 2 and all(name in reader.RECORDS + reader.ASSETS
+                                               for name, _ in got)  # fmt: skip
+    got.clear()
+    weights = evaluation_weights(loc, ref, cache)
+    masters = reader.consolidated_state_dict(reader.resolve(str(src)))
+    model_bytes = sum(4 * v.numel() for v in {v.data_ptr(): v for v in masters.values()}.values())
+    assert [name for name, _ in got] == [reader.ZERO0_WEIGHTS]
+    assert sum(size for _, size in got) <= 1.1 * model_bytes, (got, model_bytes)
+    assert sum(f.stat().st_size for f in src.glob("*optim_states.pt")) > 2 * model_bytes
+    assert weights.keys() == masters.keys()
+    assert all(torch.equal(weights[k], masters[k]) for k in masters)
+    [cached] = Path(cache).rglob("*.safetensors")
+    assert cached.stem == commit_digest(loc)
+    assert not (ref.path / reader.ZERO0_WEIGHTS).exists()  # the cache file replaced it
+
+    got.clear()
+    again = evaluation_weights(loc, reader.fetch(loc, cache, weights="none"), cache)
+    assert got == []  # records verified in the cache, weights from the safetensors file
+    assert again.keys() == masters.keys()
+    assert all(torch.equal(again[k], masters[k]) for k in masters)
+    tied = ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
+    assert again[tied[0]].data_ptr() == again[tied[1]].data_ptr()  # the tie, kept

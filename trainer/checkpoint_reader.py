@@ -9,7 +9,10 @@ and `darkmatter export` use (they import nothing else of the trainer but its con
    folder and verified against the commit record, size and sha256 (`fetch`; `resolve` = locate
    + fetch).
 3. consolidate: the pretraining model's full fp32 state dict, whatever the ZeRO stage it was
-   trained with (`consolidated_state_dict`: DeepSpeed's own `zero_to_fp32` under ZeRO).
+   trained with (`consolidated_state_dict`: DeepSpeed's own `zero_to_fp32` under ZeRO, from
+   the fp32 masters, for an export); or the module's own weights, which under ZeRO 0-2 are in
+   DeepSpeed's module file alone (`module_state_dict`, what an evaluation reads: `fetch` with
+   weights="module" downloads no optimizer state).
 4. model: the encoder, built with transformers from the `model_config.json` the trainer saved
    (`AutoModel.from_config`; T5's `T5EncoderModel`) and given the encoder's part of the weights
    (`encoder`, or `build_encoder` for the same architecture freshly initialized); the rest of
@@ -55,10 +58,10 @@ __all__ = [
     "ASSETS", "COMMIT", "ENCODER_PREFIX", "EXPORT_RECORD", "HEADS_FILE", "MODEL_TYPE_MODALITY",
     "NOT_ENCODER", "PREPROCESSOR_FILE", "ROOT_RECORD", "TOKENIZER_FILE", "CheckpointError",
     "CheckpointRef", "Location", "UnsafeCheckpoint", "allow_deepspeed_records", "build_encoder",
-    "consolidated_state_dict", "encoder", "encoder_class", "encoder_config", "encoder_weights",
-    "fetch", "load_tensors", "locate", "missing_export_files", "pooler_kwargs", "preprocessor",
-    "refused_file", "resolve", "run_root", "save_heads", "unsafe", "weights_only_env",
-    "weights_only_loads",
+    "cache_folder", "consolidated_state_dict", "encoder", "encoder_class", "encoder_config",
+    "encoder_weights", "fetch", "load_tensors", "locate", "missing_export_files",
+    "module_files", "module_state_dict", "pooler_kwargs", "preprocessor", "refused_file",
+    "resolve", "run_root", "save_heads", "unsafe", "weights_only_env", "weights_only_loads",
 ]  # fmt: skip
 
 # An export's weights besides the encoder's (what `model.init_from` continues from).
@@ -199,19 +202,29 @@ def run_root(run_dir: str) -> str:
 # -- 2. fetch --------------------------------------------------------------------------------
 
 
-def fetch(loc: Location, cache_dir: str = "") -> CheckpointRef:
+def cache_folder(loc: Location, cache_dir: str = "") -> Path:
+    """Where `fetch` puts `loc`'s files: `cache_dir` (default: a per-user folder in the temp
+    folder), one subfolder per checkpoint root."""
+    cache = Path(cache_dir or Path(tempfile.gettempdir()) / f"darkmatter-checkpoints-{os.getuid()}")
+    return cache / hashlib.sha256(loc.root.encode()).hexdigest()[:16]
+
+
+def fetch(loc: Location, cache_dir: str = "", weights: str = "master") -> CheckpointRef:
     """The files of `loc` that the records and the weights need, present and verified against
     its commit record (CorruptCheckpoint naming the file otherwise). A remote checkpoint is
-    downloaded to `cache_dir` (default: a per-user folder in the temp folder); a local one is
-    read in place."""
-    cache = Path(cache_dir or Path(tempfile.gettempdir()) / f"darkmatter-checkpoints-{os.getuid()}")
-    dest = cache / hashlib.sha256(loc.root.encode()).hexdigest()[:16]
+    downloaded to `cache_dir` (cache_folder); a local one is read in place. `weights`: "master"
+    (what consolidated_state_dict reads: the fp32 master weights, optimizer states included),
+    "module" (what module_state_dict reads: under ZeRO 0-2 the module file alone) or "none"
+    (the records and input files only)."""
+    dest = cache_folder(loc, cache_dir)
     files = loc.record["files"]
     local = ckpt.fetch(loc.root, loc.tag, dest, record=loc.record,
                        names=[n for n in (*RECORDS, *ASSETS) if n in files])  # fmt: skip
     ref = CheckpointRef(local, loc.tag)
-    ckpt.fetch(loc.root, loc.tag, dest, record=loc.record,
-               names=weight_files(files, int(ref.meta.get("zero_stage", 0))))  # fmt: skip
+    stage = int(ref.meta.get("zero_stage", 0))
+    if weights != "none":
+        names = weight_files(files, stage) if weights == "master" else module_files(files, stage)
+        ckpt.fetch(loc.root, loc.tag, dest, record=loc.record, names=names)
     return ref
 
 
@@ -221,6 +234,16 @@ def weight_files(files: dict[str, Any], zero_stage: int) -> list[str]:
     if zero_stage == 0:
         return [n for n in files if n == ZERO0_WEIGHTS]
     return sorted(n for n in files if n.endswith(("_model_states.pt", "_optim_states.pt")))
+
+
+def module_files(files: dict[str, Any], zero_stage: int) -> list[str]:
+    """What module_state_dict reads: under ZeRO 0-2, DeepSpeed's module file, which holds every
+    weight of the module as it trained (no optimizer state: about the model's bytes); under
+    ZeRO-3 that file's tensors are empty placeholders and the weights exist only as the
+    optimizer's fp32 partitions, so weight_files' model and optimizer states."""
+    if zero_stage < 3:
+        return [n for n in files if n == ZERO0_WEIGHTS]
+    return weight_files(files, zero_stage)
 
 
 def resolve(target: str, cache_dir: str = "") -> CheckpointRef:
@@ -235,14 +258,24 @@ def consolidated_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """Full fp32 weights of the pretraining model, whatever the ZeRO stage it was trained with.
     UnsafeCheckpoint when a file holds more than tensors and plain data."""
     if int(ref.meta.get("zero_stage", 0)) == 0:
-        # Without ZeRO, DeepSpeed keeps the whole module in one file (with non-tensor metadata).
-        blob = load_tensors(ref.path / ZERO0_WEIGHTS)
-        return {k: v.float() for k, v in blob["module"].items()}
+        return module_state_dict(ref)  # without ZeRO, the module's weights are the masters
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with weights_only_loads(ref.path):  # zero_to_fp32 itself passes weights_only=False
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
     return dict(sd)
+
+
+def module_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The pretraining model's weights as its module held them at the save, in fp32: what an
+    evaluation needs. Under ZeRO 0-2 from DeepSpeed's module file alone (module_files: no
+    optimizer state is read; a bf16 run's weights are then its bf16 copies, not the fp32
+    masters consolidated_state_dict gives an export); under ZeRO-3 consolidated_state_dict's.
+    UnsafeCheckpoint when a file holds more than tensors and plain data."""
+    if int(ref.meta.get("zero_stage", 0)) >= 3:
+        return consolidated_state_dict(ref)
+    blob = load_tensors(ref.path / ZERO0_WEIGHTS)  # with DeepSpeed's non-tensor records
+    return {k: v.float() for k, v in blob["module"].items()}
 
 
 # DeepSpeed's only non-tensor, non-plain-data objects in its model and optimizer states: inert
@@ -415,13 +448,15 @@ def encoder_weights(
 
 
 def encoder(
-    ref: CheckpointRef, state_dict: dict[str, torch.Tensor] | None = None
+    ref: CheckpointRef, state_dict: dict[str, torch.Tensor] | None = None, share: bool = False
 ) -> PreTrainedModel:
     """The checkpoint's encoder with its weights, in eval mode; `state_dict`: the checkpoint's
-    consolidated weights, when the caller has them already (else they are consolidated here)."""
+    consolidated weights, when the caller has them already (else they are consolidated here).
+    `share`: the encoder's parameters are state_dict's tensors themselves, not copies (one copy
+    of the weights in memory; training the encoder would then change state_dict)."""
     sd = encoder_weights(ref, state_dict or consolidated_state_dict(ref))
     model = build_encoder(encoder_config(ref.config_file), any(k.startswith("pooler.") for k in sd))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=share)
     if missing or unexpected:
         raise ValueError(
             f"{ref.path}: weights do not fit the encoder: missing {missing[:3]}, unexpected {unexpected[:3]}"
