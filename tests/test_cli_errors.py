@@ -64,6 +64,23 @@ def test_unreachable_mlflow(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
+@pytest.mark.parametrize(
+    ("device", "says"),
+    [("cuda", "evaluation.device: cuda asked for, but torch sees no GPU"),
+     ("tpu", "evaluation.device: 'tpu' is not auto, cpu, cuda or cuda:N")],
+)  # fmt: skip
+def test_evaluation_device_that_is_not_there(tmp_path: Path, device: str, says: str) -> None:
+    """Before anything is read (the checkpoint named does not even exist)."""
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+    out = run_darkmatter("evaluate", str(tmp_path / "nothing"), "--task", "t.parquet",
+                         "--device", device)  # fmt: skip
+    assert says in error_line(out)
+
+
 def test_dataset_not_prepared(tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "c.yaml", str(tmp_path / "nothing"), tmp_path / "run")
     line = error_line(run_darkmatter("pretrain", str(cfg)))

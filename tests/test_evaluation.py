@@ -361,6 +361,9 @@ def test_deployments_speak_the_cli(tmp_path: Path) -> None:
             assert a[2:-1] in env, a
     ns = parser().parse_args(args[1:])
     assert ns.watch == "$(EXPERIMENT)" and ns.id == "$(POD_NAME)" and ns.tasks.endswith(".yaml")
+    # Evaluating on the GPU, the pod asks for one (and for a node that has one).
+    assert ns.device == "cuda" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert deploy["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.present"] == "true"
     tasks_cm = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["tasks.yaml"]
     (tmp_path / "tasks.yaml").write_text(tasks_cm)
     assert load_tasks(str(tmp_path / "tasks.yaml"))[0].name == "topics"
@@ -375,6 +378,10 @@ def test_deployments_speak_the_cli(tmp_path: Path) -> None:
     assert argv[0] == "evaluate"
     ns = parser().parse_args(argv[1:])
     assert (ns.watch, ns.tasks, ns.id, ns.state) == ("exp", "t.yaml", "slurm-42", "s3://b/state")
+    assert ns.device == "cuda" and "#SBATCH --gres=gpu:1" in script.read_text()
+    on_cpu = subprocess.run(["bash", str(script)], env={**env_vars, "DEVICE": "cpu"},
+                            capture_output=True, text=True)  # fmt: skip
+    assert parser().parse_args(on_cpu.stdout.split()[1:]).device == "cpu"
     missing = subprocess.run(["bash", str(script)], env={**env_vars, "EXPERIMENT": ""},
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode != 0 and "set EXPERIMENT" in missing.stderr
