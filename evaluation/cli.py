@@ -28,7 +28,7 @@ from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, evaluation_
 from darkmatter.evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
 from darkmatter.evaluation.probe import resolve_device
 from darkmatter.evaluation.runs import check_reachable
-from darkmatter.evaluation.tasks import TaskSpec, load_tasks
+from darkmatter.evaluation.tasks import TaskSpec, load_tasks, preflight
 
 
 def _client(required: bool) -> Any:
@@ -63,6 +63,8 @@ def _specs(args: argparse.Namespace) -> list[TaskSpec]:
 
 def one_shot(args: argparse.Namespace) -> int:
     specs = _specs(args)
+    for spec in specs:  # a task's data that cannot work fails before any checkpoint is read
+        preflight(spec)
     resolve_device(args.device)  # a GPU asked for and absent fails before anything is read
     ref: EncoderRef
     weights = None
@@ -111,7 +113,10 @@ def one_shot(args: argparse.Namespace) -> int:
 def watch(args: argparse.Namespace) -> int:
     if not args.tasks:
         raise ValueError("--watch needs --tasks TASKS.yaml")
-    harness = Harness(_client(required=True), load_tasks(args.tasks), args.state, args.cache_dir,
+    specs = load_tasks(args.tasks)
+    for spec in specs:
+        preflight(spec)
+    harness = Harness(_client(required=True), specs, args.state, args.cache_dir,
                       owner=args.id, ttl_s=args.claim_ttl_s, order=args.order,
                       trusted_roots=tuple(args.trusted_root), device=args.device)  # fmt: skip
 

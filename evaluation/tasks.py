@@ -136,6 +136,66 @@ def load_tasks(path: str) -> list[TaskSpec]:
     return specs
 
 
+def preflight(spec: TaskSpec) -> None:
+    """What can be checked of the task's data without reading it all, before any checkpoint is
+    fetched: a Parquet file's columns (its schema alone: the label, the split column, an input
+    column), a WebDataset's first sample (its label and input members), a folder's first
+    CLASS/FILE. TaskError naming the file and what it lacks."""
+    url = spec.data.rstrip("/")
+    if url.endswith(".parquet"):
+        try:
+            with open_url(url) as f:
+                cols = set(pq.read_schema(f).names)
+        except FileNotFoundError:
+            raise TaskError(f"{url}: no such file (task {spec.name})") from None
+        except pa.ArrowInvalid as e:
+            raise TaskError(f"{url}: not a readable Parquet file (task {spec.name}): {e}") from None
+        for col in filter(None, (spec.label, spec.split_column)):
+            if col not in cols:
+                raise TaskError(f"{url}: no column {col!r} (columns: {sorted(cols)})")
+        if not cols & set(KINDS):
+            wanted = " or ".join(repr(k) for k in KINDS)
+            raise TaskError(f"{url}: expected a column {wanted} (columns: {sorted(cols)})")
+        return
+    files = storage.list_files(url)
+    if not files:
+        raise TaskError(f"{url}: no such file or folder (task {spec.name})")
+    shards = sorted(f for f in files if f.endswith(".tar"))
+    if shards:
+        _check_first_sample(shards[0], "cls" if spec.label == "label" else spec.label)
+    elif not any(
+        len(rel := f[len(url) :].strip("/").split("/")) == 2 and kind_of(rel[-1]) for f in files
+    ):
+        suffixes = "|".join(s.lstrip(".") for k in KINDS.values() for s in k)
+        raise TaskError(f"{url}: no CLASS/FILE.{suffixes} files")
+
+
+def _check_first_sample(shard: str, label_key: str) -> None:
+    """The first sample of a labeled shard has the label member and an input member."""
+    import tarfile
+
+    members: list[str] = []
+    key = None
+    with open_url(shard) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile() or "." not in Path(info.name).name:
+                continue
+            stem, ext = Path(info.name).name.split(".", 1)
+            sample = str(Path(info.name).parent / stem)
+            if key is None:
+                key = sample
+            if sample != key:
+                break
+            members.append(ext)
+    if key is None:
+        raise TaskError(f"{shard}: an empty shard (no samples)")
+    if label_key not in members:
+        raise TaskError(f"{shard}: sample {key} has no .{label_key} member (the task's label); "
+                        f"it has {', '.join('.' + m for m in members)}")  # fmt: skip
+    if not any(m != label_key and kind_of(m) for m in members):
+        raise TaskError(f"{shard}: sample {key} has no input member (.txt, an image…)")
+
+
 def load_labeled(spec: TaskSpec) -> LabeledSet:
     """The task's labeled set, from whichever form its data takes."""
     url = spec.data.rstrip("/")

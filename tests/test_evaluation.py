@@ -193,6 +193,49 @@ tasks:
         load_labeled(TaskSpec(name="junk", data=str(tmp_path / "junk.parquet")))
 
 
+def test_preflight_names_the_missing_label_and_the_file(bucket: str, tmp_path: Path) -> None:
+    """Each kind of labeled data, in object storage: what a task needs is checked from the
+    schema or the first sample, and a `darkmatter evaluate` of a task that lacks it fails
+    before the checkpoint (here none) is looked for."""
+    import webdataset as wds
+
+    from darkmatter.evaluation.tasks import preflight
+
+    pq.write_table(pa.table({"text": ["a", "b"], "topic": ["x", "y"]}), tmp_path / "t.parquet")
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        sink.write({"__key__": "s0", "txt": "text", "cls": "0"})
+    with wds.TarWriter(str(tmp_path / "unlabeled.tar")) as sink:
+        sink.write({"__key__": "s0", "txt": "text", "json": b"{}"})
+    root = f"{bucket}/preflight"
+    for name in ("t.parquet", "s.tar", "unlabeled.tar"):
+        folder = {"t.parquet": "", "s.tar": "wds/", "unlabeled.tar": "bare/"}[name]
+        storage.write_bytes(f"{root}/{folder}{name}", (tmp_path / name).read_bytes())
+
+    preflight(TaskSpec(name="ok", data=f"{root}/t.parquet", label="topic"))
+    preflight(TaskSpec(name="ok", data=f"{root}/wds"))
+    cases = [
+        (TaskSpec(name="a", data=f"{root}/t.parquet"),
+         f"{root}/t.parquet: no column 'label' (columns: ['text', 'topic'])"),
+        (TaskSpec(name="b", data=f"{root}/t.parquet", label="topic", split_column="split"),
+         f"{root}/t.parquet: no column 'split'"),
+        (TaskSpec(name="c", data=f"{root}/wds", label="topic"),
+         f"{root}/wds/s.tar: sample s0 has no .topic member (the task's label); it has .cls, .txt"),
+        (TaskSpec(name="d", data=f"{root}/bare"),
+         f"{root}/bare/unlabeled.tar: sample s0 has no .cls member"),
+    ]  # fmt: skip
+    for spec, message in cases:
+        with pytest.raises(TaskError) as e:
+            preflight(spec)
+        assert message in str(e.value), (str(e.value), message)
+    out = subprocess.run(
+        [sys.executable, "-m", "darkmatter.cli", "evaluate", str(tmp_path / "no-run"),
+         "--task", f"{root}/t.parquet", "--label-column", "category"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert f"{root}/t.parquet: no column 'category'" in out.stderr.strip().splitlines()[-1]
+
+
 def test_claims_are_exclusive_expire_and_are_taken_over(bucket: str) -> None:
     url = f"{bucket}/eval/claims/run/step00000010.json"
     # A lease long enough that a stalled machine cannot expire it between two calls.
