@@ -293,7 +293,7 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
         run_dir = tmp_path / "run"
         cfg = write_config(
             tmp_path / "c.yaml", text_ds, run_dir,
-            train={"steps": 30, "log_every": 5, "zero_stage": 0},
+            train={"steps": 40, "log_every": 5, "zero_stage": 0},
             checkpoint={"every": 10, "root": root, "keep_last": 10},
             tracking={"enabled": True, "experiment": exp, "run_name": "watched"},
         )  # fmt: skip
@@ -312,22 +312,22 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
 
         def done() -> list[str]:
             tags = client.get_run(run_id).data.tags
-            marks = [tags.get(f"eval.step{s:08d}") for s in (10, 20, 30)]
+            marks = [tags.get(f"eval.step{s:08d}") for s in (10, 20, 30, 40)]
             return marks if all(marks) else []
 
-        assert _wait("all three checkpoints evaluated", done) == ["done"] * 3
+        assert _wait("all four checkpoints evaluated", done) == ["done"] * 4
 
         # A torn checkpoint (no commit record) and a corrupt one appear in the index.
-        step30 = storage.join(root, "step00000030")
-        for name in ("step00000040", "step00000050"):
-            for url in storage.list_files(step30):
-                dest = url.replace("step00000030", name)
+        step40 = storage.join(root, "step00000040")
+        for name in ("step00000050", "step00000060"):
+            for url in storage.list_files(step40):
+                dest = url.replace("step00000040", name)
                 storage.write_bytes(dest, storage.read_bytes(url))
-        storage.delete(f"{root}/step00000050/COMMIT.json")  # torn
-        record = json.loads(storage.read_bytes(f"{root}/step00000040/COMMIT.json"))
-        record.update(tag="step00000040", step=40)  # a committed copy, then a flipped byte
-        storage.write_bytes(f"{root}/step00000040/COMMIT.json", json.dumps(record).encode())
-        victim = f"{root}/step00000040/mp_rank_00_model_states.pt"
+        storage.delete(f"{root}/step00000060/COMMIT.json")  # torn
+        record = json.loads(storage.read_bytes(f"{root}/step00000050/COMMIT.json"))
+        record.update(tag="step00000050", step=50)  # a committed copy, then a flipped byte
+        storage.write_bytes(f"{root}/step00000050/COMMIT.json", json.dumps(record).encode())
+        victim = f"{root}/step00000050/mp_rank_00_model_states.pt"
         data = bytearray(storage.read_bytes(victim))
         data[len(data) // 2] ^= 0xFF
         storage.write_bytes(victim, bytes(data))
@@ -335,7 +335,7 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
         got = client.download_artifacts(run_id, "checkpoints/index.json", str(tmp_path / "index"))
         index = json.loads(Path(got).read_text())
         last = index["checkpoints"][-1]
-        for step in (40, 50):
+        for step in (50, 60):
             tag = f"step{step:08d}"
             index["checkpoints"].append({**last, "step": step, "tag": tag,
                                          "uri": storage.join(root, tag)})  # fmt: skip
@@ -343,7 +343,7 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
 
         def marked() -> list[str]:
             tags = client.get_run(run_id).data.tags
-            marks = [tags.get("eval.step00000040", ""), tags.get("eval.step00000050", "")]
+            marks = [tags.get("eval.step00000050", ""), tags.get("eval.step00000060", "")]
             return marks if all(marks) else []
 
         corrupt, torn = _wait("the corrupt and the torn checkpoint reported", marked)
@@ -363,11 +363,11 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
     assert json.loads(again.stdout.strip().splitlines()[-1])["event"] == "stopped"
     assert "done" not in json.loads(again.stdout.strip().splitlines()[-1])
 
-    # Exactly once per checkpoint, at its own step, for every metric; nothing for 40 and 50.
+    # Exactly once per checkpoint, at its own step, for every metric; nothing for 50 and 60.
     for key in ("eval/toy/linear_probe/accuracy", "eval/toy/knn/macro_f1",
                 "eval/toy/linear_probe/accuracy_random_init"):  # fmt: skip
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
-        assert steps == [10, 20, 30], (key, steps)
+        assert steps == [10, 20, 30, 40], (key, steps)
     history = client.get_metric_history(run_id, "eval/toy/linear_probe/accuracy")
     assert all(0.0 <= m.value <= 1.0 for m in history)
     stopped = [json.loads(ln) for p in logs.values() for ln in p.read_text().splitlines()
@@ -377,13 +377,13 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
     assert sum(s.get("completed", 0) for s in stopped) == 1
     arts = client.download_artifacts(run_id, "eval", str(tmp_path / "arts"))
     table = pq.read_table(os.path.join(arts, "results.parquet")).to_pylist()
-    assert sorted({r["step"] for r in table}) == [10, 20, 30]
-    assert len(table) == 3 * 8  # 3 steps x (2 protocols x 2 metrics, each with random init)
-    for tag in ("step00000010", "step00000020", "step00000030"):
+    assert sorted({r["step"] for r in table}) == [10, 20, 30, 40]
+    assert len(table) == 4 * 8  # 4 steps x (2 protocols x 2 metrics, each with random init)
+    for tag in ("step00000010", "step00000020", "step00000030", "step00000040"):
         assert (Path(arts) / "toy" / tag / "confusion_linear_probe.png").stat().st_size > 1000
         assert (Path(arts) / "toy" / tag / "embedding_pca.png").stat().st_size > 1000
     assert sorted(p.name for p in Path(arts, "toy").iterdir()) == [
-        "step00000010", "step00000020", "step00000030"]  # fmt: skip
+        "step00000010", "step00000020", "step00000030", "step00000040"]  # fmt: skip
 
 
 def test_deployments_speak_the_cli(tmp_path: Path) -> None:
