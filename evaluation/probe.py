@@ -179,14 +179,29 @@ class FeatureFile:
         self._file.write(np.ascontiguousarray(rows, dtype="<f4").tobytes())
         self._file.flush()  # for reads by os.pread and np.load
 
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        idx = np.arange(self.shape[0])[rows]
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        """The features of `rows` (row numbers, any order, repeats allowed), [len(rows), D]."""
+        idx = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(idx), self.shape[1]), dtype=np.float32)
         if idx.size == 0:
-            return np.empty((0, self.shape[1]), dtype=np.float32)
-        lo, hi, width = int(idx.min()), int(idx.max()) + 1, self.shape[1] * 4
-        span = os.pread(self._file.fileno(), (hi - lo) * width, self.offset + lo * width)
-        block = np.frombuffer(span, dtype="<f4").reshape(hi - lo, self.shape[1])
-        return block[idx - lo]
+            return out
+        if idx.min() < 0 or idx.max() >= self.shape[0]:
+            raise IndexError(f"{self.path}: rows out of range 0..{self.shape[0] - 1}")
+        lo, hi = int(idx.min()), int(idx.max()) + 1
+        if hi - lo <= 2 * len(idx):  # dense enough: the span in one read
+            return self._read(lo, hi)[idx - lo]
+        order = np.argsort(idx, kind="stable")  # sparse: each run of consecutive rows
+        sorted_idx = idx[order]
+        breaks = np.flatnonzero(np.diff(sorted_idx) > 1) + 1
+        for run in np.split(np.arange(len(idx)), breaks):
+            start, stop = int(sorted_idx[run[0]]), int(sorted_idx[run[-1]]) + 1
+            out[order[run]] = self._read(start, stop)[sorted_idx[run] - start]
+        return out
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        width = self.shape[1] * 4
+        data = os.pread(self._file.fileno(), (hi - lo) * width, self.offset + lo * width)
+        return np.frombuffer(data, dtype="<f4").reshape(hi - lo, self.shape[1])
 
     def close(self) -> None:
         self._file.close()

@@ -101,8 +101,11 @@ def test_features_stream_into_a_file_a_batch_at_a_time(tmp_path: Path) -> None:
     assert asked == [16, 16, 16, 2] and isinstance(streamed, FeatureFile)
     assert isinstance(whole, np.ndarray)
     np.testing.assert_allclose(np.load(tmp_path / "f.npy"), whole, rtol=1e-5, atol=1e-6)
-    rows = np.array([40, 3, 17, 17, 49])  # any rows, in any order, read from the file
-    np.testing.assert_allclose(streamed[rows], whole[rows], rtol=1e-5, atol=1e-6)
+    for rows in ([40, 3, 17, 17, 49], [5, 6, 7, 8, 6], [], [49]):  # sparse, dense, none, last
+        got = streamed[np.array(rows, dtype=np.int64)]
+        np.testing.assert_allclose(got, whole[rows], rtol=1e-5, atol=1e-6)
+    with pytest.raises(IndexError, match="rows out of range"):
+        streamed[np.array([50])]
     streamed.close()
 
 
