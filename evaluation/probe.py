@@ -254,16 +254,18 @@ def _rows(features: Features, rows: np.ndarray, device: torch.device,
 
 def linear_probe(
     features: Features, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-    C: float = 1.0, batch_size: int = 65536, device: Any = "cpu", max_iter: int = 3000,
+    C: float = 1.0, block_bytes: int = 16 << 20, device: Any = "cpu", max_iter: int = 3000,
 ) -> ProtocolResult:  # fmt: skip
     """A multinomial logistic regression on standardized features: scikit-learn's
     LogisticRegression(C) objective, mean cross-entropy + ||W||² / (2·C·n), intercept
     unpenalized, minimized by L-BFGS whose every evaluation sums the loss and its gradient over
-    mini-batches of `batch_size` training rows. Strictly convex: the same optimum as
-    scikit-learn's, in memory bounded by a mini-batch. fp64 on the CPU, fp32 on a GPU."""
+    mini-batches of training rows, `block_bytes` of features each (read again from `features`
+    at each evaluation; kept when one block holds them all). Strictly convex: the same optimum
+    as scikit-learn's, in memory bounded by a mini-batch. fp64 on the CPU, fp32 on a GPU."""
     dev = torch.device(device)
     dtype = torch.float64 if dev.type == "cpu" else torch.float32
-    train_blocks = list(_blocks(train, batch_size))
+    rows_per_block = max(256, block_bytes // (features.shape[1] * dtype.itemsize))
+    train_blocks = list(_blocks(train, rows_per_block))
     # The standardization: mean and population std of the training rows, 1 where constant.
     total = torch.zeros(features.shape[1], dtype=torch.float64, device=dev)
     squares = torch.zeros_like(total)
@@ -271,6 +273,7 @@ def linear_probe(
         x = _rows(features, rows, dev, torch.float64)
         total += x.sum(0)
         squares += (x * x).sum(0)
+        del x
     mean = total / len(train)
     std = (squares / len(train) - mean * mean).clamp(min=0).sqrt()
     std = torch.where(std > 1e-12 * mean.abs().clamp(min=1), std, torch.ones_like(std))
@@ -280,7 +283,7 @@ def linear_probe(
     def standardized(rows: np.ndarray) -> torch.Tensor:
         return (_rows(features, rows, dev, dtype) - mean) / std
 
-    # One block (most sets): standardized once and kept; more: read again at each evaluation.
+    # One block: standardized once and kept; more: read again at each evaluation.
     kept = standardized(train_blocks[0]) if len(train_blocks) == 1 else None
 
     n_classes = int(labels.max()) + 1
@@ -307,7 +310,7 @@ def linear_probe(
     with torch.no_grad():
         pred = np.concatenate([
             (standardized(rows) @ W.T + b).argmax(1).cpu().numpy()
-            for rows in _blocks(test, batch_size)
+            for rows in _blocks(test, rows_per_block)
         ])  # fmt: skip
     return scored(labels[test], pred, len(train))
 
@@ -315,11 +318,12 @@ def linear_probe(
 @torch.no_grad()
 def knn(
     features: Features, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-    k: int = 20, temperature: float = 0.07, block: int = 8192, device: Any = "cpu",
+    k: int = 20, temperature: float = 0.07, queries: int = 1024, keys: int = 4096,
+    device: Any = "cpu",
 ) -> ProtocolResult:  # fmt: skip
-    """Weighted kNN vote on cosine similarity, by blocks: for `block` test rows at a time, the
-    similarities to `block` training rows at a time, merged into a running top-k
-    (torch.topk), so no N×M matrix is ever made."""
+    """Weighted kNN vote on cosine similarity, by blocks: for `queries` test rows at a time,
+    the similarities to `keys` training rows at a time (16 MiB of them by default), merged into
+    a running top-k (torch.topk), so no N×M matrix is ever made."""
     dev = torch.device(device)
     k = min(k, len(train))
     n_classes = int(labels.max()) + 1
@@ -330,18 +334,18 @@ def knn(
         return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
     preds = []
-    for queries in _blocks(test, block):
-        q = unit(queries)
-        best = torch.empty(len(queries), 0, device=dev)
-        where = torch.empty(len(queries), 0, dtype=torch.long, device=dev)
-        for start in range(0, len(train), block):
-            keys = train[start : start + block]
-            sims = q @ unit(keys).T
-            index = torch.arange(start, start + len(keys), device=dev).expand(len(queries), -1)
+    for asked in _blocks(test, queries):
+        q = unit(asked)
+        best = torch.empty(len(asked), 0, device=dev)
+        where = torch.empty(len(asked), 0, dtype=torch.long, device=dev)
+        for start in range(0, len(train), keys):
+            known = train[start : start + keys]
+            sims = q @ unit(known).T
+            index = torch.arange(start, start + len(known), device=dev).expand(len(asked), -1)
             merged, merged_at = torch.cat([best, sims], 1), torch.cat([where, index], 1)
             best, pos = merged.topk(min(k, merged.shape[1]), dim=1)
             where = merged_at.gather(1, pos)
-        votes = torch.zeros(len(queries), n_classes, dtype=torch.float64, device=dev)
+        votes = torch.zeros(len(asked), n_classes, dtype=torch.float64, device=dev)
         votes.scatter_add_(1, train_labels[where], torch.exp(best.double() / temperature))
         preds.append(votes.argmax(1).cpu().numpy())
     return scored(labels[test], np.concatenate(preds), len(train))

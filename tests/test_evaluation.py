@@ -28,13 +28,13 @@ from darkmatter.evaluation.tasks import TaskError, TaskSpec, load_labeled, load_
 from tests.helpers import REPO_ROOT, toy_text_task, write_config
 
 
-@pytest.mark.parametrize("block", [8192, 7])  # one block; blocks of 7 test and 7 train rows
-def test_knn_is_the_weighted_cosine_vote(block: int) -> None:
+@pytest.mark.parametrize("blocks", [(1024, 4096), (7, 5)])  # one block; 7 test x 5 train rows
+def test_knn_is_the_weighted_cosine_vote(blocks: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(60, 8))
     labels = rng.integers(0, 3, size=60)
     train, test = np.arange(40), np.arange(40, 60)
-    got = knn(feats, labels, train, test, k=5, temperature=0.1, block=block)
+    got = knn(feats, labels, train, test, k=5, temperature=0.1, queries=blocks[0], keys=blocks[1])
     f = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     want = []
     for i in test:  # the definition, one test example at a time
@@ -48,8 +48,8 @@ def test_knn_is_the_weighted_cosine_vote(block: int) -> None:
     assert got.accuracy == pytest.approx(np.mean(np.array(want) == labels[test]))
 
 
-@pytest.mark.parametrize("batch_size", [65536, 50])  # the train rows in one block; in 9
-def test_linear_probe_reaches_scikit_learns_optimum(batch_size: int) -> None:
+@pytest.mark.parametrize("block_bytes", [16 << 20, 256 * 32 * 8])  # 1 block; 2 (256 + 164 rows)
+def test_linear_probe_reaches_scikit_learns_optimum(block_bytes: int) -> None:
     """The same objective as LogisticRegression(C) on standardized features, minimized to a
     tight tolerance: the same predictions as scikit-learn's solver run to that tolerance, on
     features of very different scales, with the mini-batches summed or not."""
@@ -70,7 +70,7 @@ def test_linear_probe_reaches_scikit_learns_optimum(batch_size: int) -> None:
     want = clf.fit(scaler.transform(feats[train]), labels[train]).predict(
         scaler.transform(feats[test])
     )
-    got = linear_probe(feats, labels, train, test, C=0.5, batch_size=batch_size)
+    got = linear_probe(feats, labels, train, test, C=0.5, block_bytes=block_bytes)
     assert got.y_pred.tolist() == want.tolist()
     assert (got.n_train, got.n_test) == (420, 180) and 0.5 < got.accuracy < 1.0
 
