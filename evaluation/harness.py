@@ -212,6 +212,7 @@ def evaluate_checkpoint(
             feats = embed(encoder, inputs, device=dev, out=Path(tmp, "pretrained.npy"))
             timings[f"{spec.name}/features_per_s"] = len(inputs) / (time.perf_counter() - t0)
             del encoder
+            release_memory()
             try:
                 results = _protocols(spec, ref, True, feats, inputs, data, train, test, dev,
                                      weights)  # fmt: skip
@@ -237,6 +238,18 @@ def evaluate_checkpoint(
     return Outcome(ref.step, metrics, rows, plots, timings)
 
 
+def release_memory() -> None:
+    """Give freed memory back to the system (glibc keeps a freed encoder's pages in its heap:
+    the next encoder then comes on top of them, bench/eval_memory.py)."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _close(feats: Features) -> None:
     if isinstance(feats, FeatureFile):
         feats.close()
@@ -253,6 +266,7 @@ def _baseline(
     encoder = load_encoder(ref, pretrained=False, seed=spec.seed)
     feats = embed(encoder, inputs, device=device, out=tmp / "random_init.npy")
     del encoder
+    release_memory()
     try:
         results = _protocols(spec, ref, False, feats, inputs, data, train, test, device)
     finally:
