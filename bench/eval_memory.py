@@ -8,7 +8,8 @@ The encoder is an export folder (`save_pretrained`, as `darkmatter export` write
 hidden 512, 1 layer, WordPiece vocabulary trained on the definitions (~16k), 16 tokens; its
 weights are most of its bytes, as in a large encoder, and a CPU embeds 64,000 definitions
 (pretrained and random init) in minutes. Each figure comes from a fresh process that first
-imports everything the evaluator uses and loads the task, then measures the growth of its peak
+imports everything the evaluator uses, sets up its memory as `darkmatter evaluate` does
+(harness.return_freed_memory_promptly) and loads the task, then measures the growth of its peak
 resident memory (Linux's VmHWM, reset through /proc/self/clear_refs) over that baseline:
 
   * one_batch: the encoder loaded and one batch (128 definitions) embedded: the least an
@@ -107,11 +108,16 @@ def child(mode: str, export: str, task: str) -> None:
     import torch
 
     from darkmatter.evaluation.checkpoints import ExportRef, load_encoder
-    from darkmatter.evaluation.harness import _inputs, evaluate_checkpoint
+    from darkmatter.evaluation.harness import (
+        _inputs,
+        evaluate_checkpoint,
+        return_freed_memory_promptly,
+    )
     from darkmatter.evaluation.probe import embed
     from darkmatter.evaluation.tasks import TaskSpec, load_labeled
 
     torch.set_num_threads(2)
+    return_freed_memory_promptly()  # as `darkmatter evaluate` does first, in both modes
     ref = ExportRef(Path(export))
     spec = TaskSpec(name="wordnet", data=task, protocols={"linear_probe": {}, "knn": {}})
     data = load_labeled(spec)

@@ -25,7 +25,13 @@ from typing import Any
 import darkmatter.trainer.checkpoint_reader as reader
 from darkmatter import storage
 from darkmatter.evaluation.checkpoints import EncoderRef, ExportRef, evaluation_weights, is_export
-from darkmatter.evaluation.harness import DONE_PREFIX, Harness, Pending, evaluate_checkpoint
+from darkmatter.evaluation.harness import (
+    DONE_PREFIX,
+    Harness,
+    Pending,
+    evaluate_checkpoint,
+    return_freed_memory_promptly,
+)
 from darkmatter.evaluation.probe import resolve_device
 from darkmatter.evaluation.runs import check_reachable
 from darkmatter.evaluation.tasks import TaskSpec, load_tasks, preflight
@@ -166,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return_freed_memory_promptly()
     p = parser()
     args = p.parse_args(argv)
     if args.watch:
