@@ -68,10 +68,10 @@ def _specs(args: argparse.Namespace) -> list[TaskSpec]:
 
 
 def one_shot(args: argparse.Namespace) -> int:
+    resolve_device(args.device)  # a GPU asked for and absent fails before anything is read
     specs = _specs(args)
     for spec in specs:  # a task's data that cannot work fails before any checkpoint is read
         preflight(spec)
-    resolve_device(args.device)  # a GPU asked for and absent fails before anything is read
     ref: EncoderRef
     weights = None
     if is_export(args.target):
