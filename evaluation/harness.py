@@ -181,7 +181,7 @@ def _baseline_key(ref: EncoderRef, spec: TaskSpec) -> str:
     return hashlib.sha256(arch + desc.encode()).hexdigest()[:20]
 
 
-PLOTTED = 5000  # test examples at most in the PCA plot (a seeded sample of a larger test set)
+PLOTTED = 2000  # test examples at most in the PCA plot (a seeded sample of a larger test set)
 
 
 def evaluate_checkpoint(
@@ -325,7 +325,7 @@ def projection_png(feats: np.ndarray, labels: np.ndarray, data: LabeledSet, spec
     import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
-    xy = PCA(n_components=2, random_state=0).fit_transform(feats)
+    xy = PCA(n_components=2, svd_solver="randomized", random_state=0).fit_transform(feats)
     fig, ax = plt.subplots(figsize=(6, 5))
     for c in np.unique(labels):
         pts = xy[labels == c]

@@ -28,7 +28,7 @@ from darkmatter.evaluation.tasks import TaskError, TaskSpec, load_labeled, load_
 from tests.helpers import REPO_ROOT, toy_text_task, write_config
 
 
-@pytest.mark.parametrize("blocks", [(1024, 4096), (7, 5)])  # one block; 7 test x 5 train rows
+@pytest.mark.parametrize("blocks", [(512, 4096), (7, 5)])  # one block; 7 test x 5 train rows
 def test_knn_is_the_weighted_cosine_vote(blocks: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(60, 8))
