@@ -141,8 +141,13 @@ def test_storage_out_of_reach_is_one_line_per_command(
     commands = {
         "prepare": ["prepare", str(corpus), "--output", "s3://dm-data/x", "--modality", "text"],
         "pretrain": ["pretrain", str(cfg), "--nproc", "2"],  # the launcher's checks, no ranks
-        "evaluate": ["evaluate", "s3://dm-data/run", "--task", "s3://dm-data/t.parquet",
-                     "--no-mlflow"],  # the task is checked first: on the same storage
+        "evaluate": [
+            "evaluate",
+            "s3://dm-data/run",
+            "--task",
+            "s3://dm-data/t.parquet",
+            "--no-mlflow",
+        ],  # the task is checked first: on the same storage
         "export": ["export", "s3://dm-data/run", str(cli_env / "out")],
     }
     for name, argv in commands.items():
