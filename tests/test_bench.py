@@ -97,7 +97,7 @@ def test_eval_memory_quick_does_not_grow_with_the_labeled_set() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (result["examples_1x"], result["examples_10x"]) == (320, 3200)
-    assert result["one_batch_mb_10x"] > result["model_fp32_mb"] > 0  # the model is in it
+    assert result["one_batch_mb"] > result["model_fp32_mb"] > 0  # the model is in it
     assert result["peak_ratio"] <= 1.3, result
     assert result["peak_ratio"] <= result["peak_ratio_1x"] + 0.1, result
     assert result["features_per_s"] > 0
