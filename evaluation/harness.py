@@ -181,7 +181,7 @@ def _baseline_key(ref: EncoderRef, spec: TaskSpec) -> str:
     return hashlib.sha256(arch + desc.encode()).hexdigest()[:20]
 
 
-PLOTTED = 2000  # test examples at most in the PCA plot (a seeded sample of a larger test set)
+PLOTTED = 1000  # test examples at most in the PCA plot (a seeded sample of a larger test set)
 
 
 def evaluate_checkpoint(

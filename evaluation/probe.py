@@ -254,7 +254,7 @@ def _rows(features: Features, rows: np.ndarray, device: torch.device,
 
 def linear_probe(
     features: Features, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-    C: float = 1.0, block_bytes: int = 8 << 20, device: Any = "cpu", max_iter: int = 3000,
+    C: float = 1.0, block_bytes: int = 4 << 20, device: Any = "cpu", max_iter: int = 3000,
 ) -> ProtocolResult:  # fmt: skip
     """A multinomial logistic regression on standardized features: scikit-learn's
     LogisticRegression(C) objective, mean cross-entropy + ||W||² / (2·C·n), intercept
@@ -318,11 +318,11 @@ def linear_probe(
 @torch.no_grad()
 def knn(
     features: Features, labels: np.ndarray, train: np.ndarray, test: np.ndarray,
-    k: int = 20, temperature: float = 0.07, queries: int = 512, keys: int = 4096,
+    k: int = 20, temperature: float = 0.07, queries: int = 256, keys: int = 2048,
     device: Any = "cpu",
 ) -> ProtocolResult:  # fmt: skip
     """Weighted kNN vote on cosine similarity, by blocks: for `queries` test rows at a time,
-    the similarities to `keys` training rows at a time (8 MiB of them by default), merged into
+    the similarities to `keys` training rows at a time (2 MiB of them by default), merged into
     a running top-k (torch.topk), so no N×M matrix is ever made."""
     dev = torch.device(device)
     k = min(k, len(train))

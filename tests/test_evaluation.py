@@ -28,7 +28,7 @@ from darkmatter.evaluation.tasks import TaskError, TaskSpec, load_labeled, load_
 from tests.helpers import REPO_ROOT, toy_text_task, write_config
 
 
-@pytest.mark.parametrize("blocks", [(512, 4096), (7, 5)])  # one block; 7 test x 5 train rows
+@pytest.mark.parametrize("blocks", [(256, 2048), (7, 5)])  # one block; 7 test x 5 train rows
 def test_knn_is_the_weighted_cosine_vote(blocks: tuple[int, int]) -> None:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(60, 8))
@@ -48,7 +48,7 @@ def test_knn_is_the_weighted_cosine_vote(blocks: tuple[int, int]) -> None:
     assert got.accuracy == pytest.approx(np.mean(np.array(want) == labels[test]))
 
 
-@pytest.mark.parametrize("block_bytes", [16 << 20, 256 * 32 * 8])  # 1 block; 2 (256 + 164 rows)
+@pytest.mark.parametrize("block_bytes", [4 << 20, 256 * 32 * 8])  # 1 block; 2 (256 + 164 rows)
 def test_linear_probe_reaches_scikit_learns_optimum(block_bytes: int) -> None:
     """The same objective as LogisticRegression(C) on standardized features, minimized to a
     tight tolerance: the same predictions as scikit-learn's solver run to that tolerance, on
