@@ -202,7 +202,9 @@ def test_an_incomplete_export_is_refused_naming_the_missing_file(
     (partial / lost).unlink()
     with pytest.raises(ValueError, match=f"incomplete export: {lost} is missing"):
         ExportRef(partial)
-    assert main(["evaluate", str(partial), "--task", "unused.parquet", "--no-mlflow"]) == 2
+    task = tmp_path / "task.parquet"  # a task that passes preflight: the export is what fails
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), task)
+    assert main(["evaluate", str(partial), "--task", str(task), "--no-mlflow"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"darkmatter evaluate: error: {partial}: incomplete export: {lost} is "
                     "missing (export it again)"), last  # fmt: skip
