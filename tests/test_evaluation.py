@@ -376,7 +376,7 @@ def test_two_harnesses_evaluate_each_checkpoint_once(
     stopped = [json.loads(ln) for p in logs.values() for ln in p.read_text().splitlines()
                if ln.startswith('{"event": "stopped"')]  # fmt: skip
     # The killed a never printed its count; whoever took step 10 over only completed it.
-    assert sum(s.get("done", 0) for s in stopped) <= 2
+    assert sum(s.get("done", 0) for s in stopped) <= 3  # steps 20, 30 and 40
     assert sum(s.get("completed", 0) for s in stopped) == 1
     arts = client.download_artifacts(run_id, "eval", str(tmp_path / "arts"))
     table = pq.read_table(os.path.join(arts, "results.parquet")).to_pylist()
