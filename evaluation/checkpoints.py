@@ -4,8 +4,10 @@ A committed checkpoint is read through the trainer's checkpoint-reading API
 (darkmatter.trainer.checkpoint_reader: locate, fetch, consolidate, build the encoder); nothing
 else of the trainer is imported. Its weights are read once (`evaluation_weights`): the module's
 own, without optimizer states, kept as one safetensors file in the cache, keyed by the digest of
-the checkpoint's commit record, which every task, protocol and later evaluation reuses. An export folder (`darkmatter export`, or any `save_pretrained`
-encoder with its tokenizer or image processor) is loaded with `from_pretrained` (T5's encoder
+the checkpoint's commit record, which every task, protocol and later evaluation reuses.
+
+An export folder (`darkmatter export`, or any `save_pretrained` encoder with its tokenizer or
+image processor) is loaded with `from_pretrained` (T5's encoder
 with `T5EncoderModel`, `checkpoint_reader.encoder_class`; BERT and ViT without the pooler that
 AutoModel would add untrained), once it is known complete (`ExportRef` refuses a folder that
 lacks a file its record lists).
