@@ -160,6 +160,20 @@ def test_failed_saves_stop_every_rank_and_a_resume_rides_out_faults(
     assert len(others) + 1 == 3 * w + len(shared) + 1, names
     assert names.count(ckpt.COMMIT) > len(faults)
 
+    # The evaluator reads this 2-rank ZeRO-2 checkpoint from S3 through the module file alone:
+    # the weights every rank's fp32 partitions consolidate to (an fp32 run), no optimizer state.
+    import torch
+
+    from darkmatter.evaluation.checkpoints import evaluation_weights
+    from darkmatter.trainer import checkpoint_reader as reader
+
+    loc = reader.locate(f"{root}/step00000004")
+    ref = reader.fetch(loc, str(tmp_path / "eval-cache"), weights="none")
+    got = evaluation_weights(loc, ref, str(tmp_path / "eval-cache"))
+    masters = reader.consolidated_state_dict(reader.fetch(loc, str(tmp_path / "export-cache")))
+    assert reader.module_files(loc.record["files"], 2) == [reader.ZERO0_WEIGHTS]
+    assert got.keys() == masters.keys() and all(torch.equal(got[k], masters[k]) for k in got)
+
 
 def _crash_then_resume(stage: int, root: str, text_ds: str, tmp_path: Path) -> dict[int, float]:
     """Reference run, a run whose every process is SIGKILLed after step 7 (checkpoint 6 in
