@@ -90,6 +90,9 @@ NOT_ENCODER = {"span": ("decoder.", "lm_head."), "dino": ("embeddings.mask_token
 # first, since which weight files consolidation reads depends on the ZeRO stage.
 RECORDS = ("darkmatter.json", "model_config.json")
 ZERO0_WEIGHTS = "mp_rank_00_model_states.pt"  # without ZeRO, DeepSpeed's whole module
+# Under ZeRO-3 (checkpoint.module_weights), the module's state dict gathered from every rank at
+# the save: what an evaluation reads instead of every rank's optimizer states.
+MODULE_WEIGHTS = "module_weights.pt"
 # What a checkpoint carries to make its encoder's inputs (rank 0 writes them at every save;
 # darkmatter.json lists those present under "assets").
 TOKENIZER_FILE = "tokenizer.json"  # text: the dataset's tokenizer, byte for byte
@@ -238,11 +241,14 @@ def weight_files(files: dict[str, Any], zero_stage: int) -> list[str]:
 
 def module_files(files: dict[str, Any], zero_stage: int) -> list[str]:
     """What module_state_dict reads: under ZeRO 0-2, DeepSpeed's module file, which holds every
-    weight of the module as it trained (no optimizer state: about the model's bytes); under
-    ZeRO-3 that file's tensors are empty placeholders and the weights exist only as the
-    optimizer's fp32 partitions, so weight_files' model and optimizer states."""
+    weight of the module as it trained (no optimizer state: about the model's bytes). Under
+    ZeRO-3 that file's tensors are empty placeholders: the weights the trainer gathered at the
+    save (MODULE_WEIGHTS), or, for a checkpoint without them (checkpoint.module_weights off),
+    weight_files' model and optimizer states, whose fp32 partitions are then consolidated."""
     if zero_stage < 3:
         return [n for n in files if n == ZERO0_WEIGHTS]
+    if MODULE_WEIGHTS in files:
+        return [MODULE_WEIGHTS]
     return weight_files(files, zero_stage)
 
 
@@ -273,9 +279,22 @@ def module_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     masters consolidated_state_dict gives an export); under ZeRO-3 consolidated_state_dict's.
     UnsafeCheckpoint when a file holds more than tensors and plain data."""
     if int(ref.meta.get("zero_stage", 0)) >= 3:
-        return consolidated_state_dict(ref)
-    blob = load_tensors(ref.path / ZERO0_WEIGHTS)  # with DeepSpeed's non-tensor records
-    return {k: v.float() for k, v in blob["module"].items()}
+        if not (ref.path / MODULE_WEIGHTS).exists():  # saved without checkpoint.module_weights
+            return consolidated_state_dict(ref)
+        module = load_tensors(ref.path / MODULE_WEIGHTS)
+    else:
+        module = load_tensors(ref.path / ZERO0_WEIGHTS)["module"]  # beside DeepSpeed's records
+    return _as_float(module)
+
+
+def _as_float(module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fp32 copies of the tensors, a tie (one storage, two names) staying one tensor."""
+    out: dict[tuple[Any, ...], torch.Tensor] = {}
+    return {k: out.setdefault(_view_of(v), v.float()) for k, v in module.items()}
+
+
+def _view_of(t: torch.Tensor) -> tuple[Any, ...]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
 
 
 # DeepSpeed's only non-tensor, non-plain-data objects in its model and optimizer states: inert

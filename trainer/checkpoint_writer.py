@@ -133,8 +133,10 @@ class Job:
     # Per file, the snapshot buffers of the previous save, free again once it has finished.
     pools: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
-    def add_torch(self, name: str, obj: Any) -> None:
-        if self.copy:
+    def add_torch(self, name: str, obj: Any, owned: bool = False) -> None:
+        """`owned`: tensors nothing else holds or changes (a fresh gather), written as they are
+        rather than copied first."""
+        if self.copy and not owned:
             obj = snapshot(obj, self.pools.setdefault(name, []))
         self.items.append((name, "torch", obj))
 

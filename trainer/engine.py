@@ -443,6 +443,15 @@ def save_checkpoint(engine: Any, root: str, tag: str, client_state: dict[str, An
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
 
 
+def gathered_module_weights(engine: Any) -> dict[str, torch.Tensor] | None:
+    """Under ZeRO-3, the module's whole state dict (weights and buffers, ties kept) on rank 0,
+    None on the others: gathered a layer at a time from every rank's partitions, in the dtype
+    they train in, onto the CPU (what DeepSpeed's save_16bit_model writes). Every rank must
+    call it."""
+    weights: dict[str, torch.Tensor] | None = engine._zero3_consolidated_16bit_state_dict()
+    return weights
+
+
 def load_checkpoint(engine: Any, root: str, tag: str) -> None:
     """Load a checkpoint folder into the engine; every file is unpickled with weights_only=True
     (DeepSpeed's own loaders pass weights_only=False; reader.weights_only_loads overrides them):

@@ -31,6 +31,7 @@ from darkmatter import startup, storage
 from darkmatter.data_pipeline.reader import DataStream, MixtureStream, ReaderOptions
 from darkmatter.storage import failpoints
 from darkmatter.trainer import checkpoint as ckpt
+from darkmatter.trainer import checkpoint_reader as reader
 from darkmatter.trainer import checkpoint_writer as ckpt_writer
 from darkmatter.trainer import datasets, environment, perf
 from darkmatter.trainer import engine as eng
@@ -404,6 +405,10 @@ class Trainer:
             str(Path(path).relative_to(folder)), sd
         )
         eng.save_checkpoint(self.engine, str(self.writer.local_root), tag, {"step": self.pos.step})
+        if self.cfg.checkpoint.module_weights and self.engine.zero_optimization_stage() == 3:
+            weights = eng.gathered_module_weights(self.engine)  # a collective: every rank
+            if weights is not None:
+                job.add_torch(reader.MODULE_WEIGHTS, weights, owned=True)
         ckpt_writer.rank_state(job, self.rank, self._rank_state())
         if self.rank == 0:
             job.add_bytes(
