@@ -158,8 +158,9 @@ def _protocols(
     for protocol in spec.protocols:
         opts = spec.options(protocol)
         if protocol == "linear_probe":
-            out[protocol] = linear_probe(feats, data.labels, train, test, C=float(opts["C"]),
-                                         device=device)  # fmt: skip
+            C = opts["C"] if opts["C"] == "auto" else float(opts["C"])
+            out[protocol] = linear_probe(feats, data.labels, train, test, C=C, device=device,
+                                         seed=spec.seed)  # fmt: skip
         elif protocol == "knn":
             out[protocol] = knn(feats, data.labels, train, test, k=int(opts["k"]),
                                 temperature=float(opts["temperature"]), device=device)  # fmt: skip
@@ -171,6 +172,12 @@ def _protocols(
                 device=device,
             )  # fmt: skip
     return out
+
+
+def _reported(spec: TaskSpec, protocol: str) -> tuple[str, ...]:
+    """The task's metrics, and the linear probe's C where it was chosen (C: auto)."""
+    chosen = protocol == "linear_probe" and spec.options(protocol)["C"] == "auto"
+    return (*spec.metrics, "C") if chosen else spec.metrics
 
 
 def _baseline_key(ref: EncoderRef, spec: TaskSpec) -> str:
@@ -224,7 +231,7 @@ def evaluate_checkpoint(
             finally:
                 _close(feats)
         for protocol, r in results.items():
-            for m in spec.metrics:
+            for m in _reported(spec, protocol):
                 key = f"eval/{spec.name}/{protocol}/{m}"
                 metrics[key] = float(getattr(r, m))
                 metrics[key + "_random_init"] = baseline[protocol][m]
@@ -287,7 +294,7 @@ def _baseline(
         results = _protocols(spec, ref, False, feats, inputs, data, train, test, device)
     finally:
         _close(feats)
-    out = {p: r.metrics(spec.metrics) for p, r in results.items()}
+    out = {p: r.metrics(_reported(spec, p)) for p, r in results.items()}
     if state:  # another harness may have written it meanwhile: the same numbers, either wins
         storage.write_if(url, json.dumps(out).encode(), None)
     return out

@@ -8,7 +8,7 @@ tasks:
     label: label          # label column (Parquet) or member extension (WebDataset: cls)
     split: {test_fraction: 0.3, seed: 0}    # or {column: split}: rows "train" / "test"
     protocols:            # any of these, with their options (defaults shown)
-      linear_probe: {C: 1.0}
+      linear_probe: {C: 1.0}  # or C: auto, cross-validated on the training rows (probe.py)
       knn: {k: 20, temperature: 0.07}
       finetune: {epochs: 2, lr: 1.0e-4, batch_size: 32}
     metrics: [accuracy, macro_f1]
@@ -120,6 +120,10 @@ def load_tasks(path: str) -> list[TaskSpec]:
                 raise TaskError(f"{where}.protocols.{p}: unknown (known: {', '.join(PROTOCOLS)})")
             if bad := set(opts or {}) - set(PROTOCOLS[p]):
                 raise TaskError(f"{where}.protocols.{p}.{sorted(bad)[0]}: unknown option")
+            c = (opts or {}).get("C", 1.0) if p == "linear_probe" else 1.0
+            if c != "auto" and (isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0):
+                raise TaskError(f"{where}.protocols.linear_probe.C: expected a positive number "
+                                f"or auto, got {c!r}")  # fmt: skip
         metrics = tuple(t.get("metrics") or METRICS)
         if bad_m := [m for m in metrics if m not in METRICS]:
             raise TaskError(f"{where}.metrics: unknown {bad_m[0]!r} (known: {', '.join(METRICS)})")

@@ -75,6 +75,33 @@ def test_linear_probe_reaches_scikit_learns_optimum(block_bytes: int) -> None:
     assert (got.n_train, got.n_test) == (420, 180) and 0.5 < got.accuracy < 1.0
 
 
+def test_linear_probe_C_auto_is_scikit_learns_cross_validated_choice() -> None:
+    """C: auto on features where C=1 overfits (few examples, many noise dimensions): the C of
+    the grid with scikit-learn's best cross-validated accuracy on the same stratified folds of
+    the training rows (the test rows unseen), a far smaller one, and a better test score."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from darkmatter.evaluation.probe import C_FOLDS, C_GRID, linear_probe
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=450)
+    feats = rng.normal(size=(450, 120)).astype(np.float32)
+    feats[:, :3] += 1.2 * np.eye(3, dtype=np.float32)[labels]  # 3 informative dimensions
+    train, test = np.arange(150), np.arange(150, 450)
+    folds = StratifiedKFold(C_FOLDS, shuffle=True, random_state=7)
+    scores = [cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(
+        C=c, tol=1e-8, max_iter=10000)), feats[train], labels[train], cv=folds).mean()
+        for c in C_GRID]  # fmt: skip
+    want = C_GRID[int(np.argmax(np.round(scores, 9)))]
+    auto = linear_probe(feats, labels, train, test, C="auto", seed=7)
+    fixed = linear_probe(feats, labels, train, test, C=1.0)
+    assert auto.C == want and want <= 0.03, (scores, auto.C)
+    assert fixed.C == 1.0 and auto.accuracy > fixed.accuracy + 0.03, (auto.accuracy, fixed.accuracy)
+
+
 def test_features_stream_into_a_file_a_batch_at_a_time(tmp_path: Path) -> None:
     """embed makes each batch's inputs when it needs them and can write the features to an
     .npy file: the same features as from inputs made up front, read back by rows."""
