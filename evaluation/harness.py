@@ -20,6 +20,7 @@ them at the next look and adds only the plots, the table and the tag.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -142,8 +143,8 @@ def _inputs(ref: EncoderRef, data: LabeledSet) -> Batches:
     if data.kind != ref.modality:
         raise ValueError(f"{ref.path}: task {data.name} has {data.kind} inputs but this is "
                          f"{'an' if ref.modality[0] in 'aeiou' else 'a'} {ref.modality} encoder")  # fmt: skip
-    make, items = INPUTS[data.kind](ref), data.items
-    return Batches(len(items), lambda rows: make([items[i] for i in rows], int(rows[0])))
+    make = INPUTS[data.kind](ref)
+    return Batches(len(data.items), lambda rows: make(data.take(rows), int(rows[0])))
 
 
 Weights = dict[str, Any]  # a checkpoint's consolidated state dict (None: an export's own)
@@ -213,7 +214,9 @@ def evaluate_checkpoint(
         data = load_labeled(spec)
         inputs = _inputs(ref, data)
         train, test = split(data.labels, spec.test_fraction, spec.seed, data.test_mask)
-        with tempfile.TemporaryDirectory(prefix="darkmatter-features-") as tmp:
+        with contextlib.closing(data), tempfile.TemporaryDirectory(
+            prefix="darkmatter-features-"
+        ) as tmp:  # fmt: skip
             encoder = load_encoder(ref, pretrained=True, state_dict=weights, share=True)
             t0 = time.perf_counter()
             feats = embed(encoder, inputs, device=dev, out=Path(tmp, "pretrained.npy"))

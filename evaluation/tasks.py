@@ -21,10 +21,14 @@ column named after it (`text`, `image`, …), WebDataset members and class-folde
 
 from __future__ import annotations
 
+import contextlib
 import io
+import tarfile
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +47,7 @@ PROTOCOLS = {
     "finetune": {"epochs": 2, "lr": 1.0e-4, "batch_size": 32},
 }
 METRICS = ("accuracy", "macro_f1")
+Rows = Sequence[int] | np.ndarray  # indices into a labeled set
 # Input kinds (an encoder's modality) and the file suffixes / WebDataset members that hold them.
 KINDS: dict[str, tuple[str, ...]] = {
     "text": (".txt",),
@@ -82,9 +87,134 @@ class LabeledSet:
     name: str
     labels: np.ndarray  # [N] int
     kind: str  # a key of KINDS
-    items: list[Any]  # [N]: str for text, the encoded file's bytes otherwise
+    items: Sequence[Any]  # [N]: str for text, the encoded file's bytes otherwise (Items)
     test_mask: np.ndarray | None = None  # [N] bool, when the data says which rows are test
     classes: list[str] = field(default_factory=list)  # label names, index = label id
+
+    def take(self, rows: Rows) -> list[Any]:
+        """The inputs of `rows` (task indices), read now if the set reads them lazily."""
+        if isinstance(self.items, Items):
+            return self.items.take(rows)
+        return [self.items[i] for i in rows]
+
+    def close(self) -> None:
+        """Remove what the set downloaded to read its inputs from (its shards, its file)."""
+        if isinstance(self.items, Items):
+            self.items.close()
+
+
+class Items(Sequence[Any]):
+    """A labeled set's inputs, read when a batch asks for them (`take`): its memory is what one
+    batch's inputs take (and one Parquet row group's), not the set's size. The set's labels
+    are read up front; a remote file or shard is downloaded once to a temporary folder (disk,
+    not memory), removed by close()."""
+
+    def __init__(self, n: int, tmp: tempfile.TemporaryDirectory[str] | None = None):
+        self.n, self._tmp = n, tmp
+
+    def __len__(self) -> int:
+        return self.n
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Any]: ...
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(self.n)))
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        return self.take([i % self.n])[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        for start in range(0, self.n, 256):
+            yield from self.take(range(start, min(self.n, start + 256)))
+
+    def take(self, rows: Rows) -> list[Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _local_copy(url: str, name: str) -> tuple[str, tempfile.TemporaryDirectory[str] | None]:
+    """`url` as a local path: itself, or a download into a temporary folder (returned)."""
+    if not storage.is_remote(url):
+        return url, None
+    tmp = tempfile.TemporaryDirectory(prefix="darkmatter-task-")
+    path = str(Path(tmp.name, name))
+    storage.get_file(url, path)
+    return path, tmp
+
+
+class ParquetItems(Items):
+    """One column of a Parquet file, read a row group at a time (the last two kept)."""
+
+    def __init__(self, path: str, column: str, tmp: tempfile.TemporaryDirectory[str] | None):
+        self.file = pq.ParquetFile(path)
+        meta = self.file.metadata
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.column = column
+        self._groups: dict[int, pa.ChunkedArray] = {}
+        super().__init__(int(self.starts[-1]), tmp)
+
+    def _group(self, g: int) -> pa.ChunkedArray:
+        if g not in self._groups:
+            if len(self._groups) >= 2:
+                del self._groups[next(iter(self._groups))]
+            self._groups[g] = self.file.read_row_group(g, columns=[self.column]).column(0)
+        return self._groups[g]
+
+    def take(self, rows: Rows) -> list[Any]:
+        index = np.asarray(rows, dtype=np.int64)
+        groups = np.searchsorted(self.starts, index, side="right") - 1
+        out: list[Any] = [None] * len(index)
+        for g in dict.fromkeys(groups.tolist()):  # each group once, in the order first asked
+            where = np.flatnonzero(groups == g)
+            picked = self._group(g).take(pa.array(index[where] - self.starts[g])).to_pylist()
+            for k, value in zip(where.tolist(), picked, strict=True):
+                out[k] = value
+        return out
+
+    def close(self) -> None:
+        self._groups.clear()
+        super().close()
+
+
+class MemberItems(Items):
+    """One member of each sample of tar shards (downloaded), read at its offset."""
+
+    def __init__(self, paths: list[str], shard: np.ndarray, offset: np.ndarray,
+                 size: np.ndarray, text: bool, tmp: tempfile.TemporaryDirectory[str] | None):  # fmt: skip
+        self.paths, self.shard, self.offset, self.size, self.text = paths, shard, offset, size, text
+        super().__init__(len(shard), tmp)
+
+    def take(self, rows: Rows) -> list[Any]:
+        out: list[Any] = []
+        with contextlib.ExitStack() as stack:
+            handles: dict[int, Any] = {}
+            for i in rows:
+                s = int(self.shard[i])
+                if s not in handles:
+                    handles[s] = stack.enter_context(open(self.paths[s], "rb"))
+                handles[s].seek(int(self.offset[i]))
+                data = handles[s].read(int(self.size[i]))
+                out.append(data.decode("utf-8", errors="replace") if self.text else data)
+        return out
+
+
+class FileItems(Items):
+    """The files of a class-folder set, read (from storage) when asked."""
+
+    def __init__(self, urls: list[str], text: bool):
+        self.urls, self.text = urls, text
+        super().__init__(len(urls))
+
+    def take(self, rows: Rows) -> list[Any]:
+        datas = [read_bytes(self.urls[i]) for i in rows]
+        return [d.decode("utf-8", errors="replace") if self.text else d for d in datas]
 
 
 def load_tasks(path: str) -> list[TaskSpec]:
@@ -224,27 +354,41 @@ def _encode(values: list[Any], where: str) -> tuple[np.ndarray, list[str]]:
 def load_parquet(
     url: str, name: str, label_column: str = "label", split_column: str = ""
 ) -> LabeledSet:
+    """The labels (and split) read whole; the input column a row group at a time (ParquetItems)
+    from a local copy of a remote file."""
+    tmp = None
     try:
-        with open_url(url) as f:
-            table = pq.read_table(f)
+        path, tmp = _local_copy(url, "task.parquet")
+        cols = set(pq.read_schema(path).names)
+        for col in filter(None, (label_column, split_column)):
+            if col not in cols:
+                raise TaskError(f"{url}: no column {col!r} (columns: {sorted(cols)})")
+        kind = next((k for k in KINDS if k in cols), None)
+        if kind is None:
+            wanted = " or ".join(repr(k) for k in KINDS)
+            raise TaskError(f"{url}: expected a column {wanted} (columns: {sorted(cols)})")
+        table = pq.read_table(path, columns=list(dict.fromkeys(filter(None, (label_column,
+                                                                             split_column)))))  # fmt: skip
+        labels, classes = _encode(table.column(label_column).to_pylist(), url)
+        test = None
+        if split_column:
+            test = np.asarray([str(v) == "test" for v in table.column(split_column).to_pylist()])
+        items = ParquetItems(path, kind, tmp)
     except FileNotFoundError:
+        _cleanup(tmp)
         raise TaskError(f"{url}: no such file (task {name})") from None
     except pa.ArrowInvalid as e:
+        _cleanup(tmp)
         raise TaskError(f"{url}: not a readable Parquet file (task {name}): {e}") from None
-    cols = set(table.column_names)
-    for col in filter(None, (label_column, split_column)):
-        if col not in cols:
-            raise TaskError(f"{url}: no column {col!r} (columns: {sorted(cols)})")
-    labels, classes = _encode(table.column(label_column).to_pylist(), url)
-    test = None
-    if split_column:
-        test = np.asarray([str(s) == "test" for s in table.column(split_column).to_pylist()])
-    for kind in KINDS:
-        if kind in cols:
-            items = table.column(kind).to_pylist()
-            return LabeledSet(name, labels, kind, items, test_mask=test, classes=classes)
-    wanted = " or ".join(repr(k) for k in KINDS)
-    raise TaskError(f"{url}: expected a column {wanted} (columns: {sorted(cols)})")
+    except BaseException:
+        _cleanup(tmp)
+        raise
+    return LabeledSet(name, labels, kind, items, test_mask=test, classes=classes)
+
+
+def _cleanup(tmp: tempfile.TemporaryDirectory[str] | None) -> None:
+    if tmp is not None:
+        tmp.cleanup()
 
 
 def _one_kind(kinds: set[str], where: str) -> str:
@@ -255,53 +399,87 @@ def _one_kind(kinds: set[str], where: str) -> str:
 
 def load_folder(url: str, files: list[str], name: str) -> LabeledSet:
     """URL/CLASS/FILE: the folder name is the label; files of one kind (.txt, images, …)."""
-    values, items, kinds = [], [], set()
+    values, urls, kinds = [], [], set()
     for f in files:
         rel = f[len(url) :].strip("/").split("/")
         kind = kind_of(rel[-1])
         if len(rel) != 2 or kind is None:
             continue  # not CLASS/FILE of a known kind
-        data = read_bytes(f)
-        items.append(data.decode("utf-8", errors="replace") if kind == "text" else data)
+        urls.append(f)
         values.append(rel[0])
         kinds.add(kind)
     if not values:
         suffixes = "|".join(s.lstrip(".") for k in KINDS.values() for s in k)
         raise TaskError(f"{url}: no CLASS/FILE.{suffixes} files")
     labels, classes = _encode(values, url)
-    return LabeledSet(name, labels, _one_kind(kinds, url), items, classes=classes)
+    kind = _one_kind(kinds, url)
+    return LabeledSet(name, labels, kind, FileItems(urls, kind == "text"), classes=classes)
 
 
 def load_webdataset(shards: list[str], name: str, label_key: str = "cls") -> LabeledSet:
-    """Labeled WebDataset shards (local or in object storage), read with webdataset: each
-    sample has a label member (`.cls` unless `label:` says otherwise) and one input member (`.txt`,
-    an image, … by KINDS)."""
-    import tempfile
-
-    import webdataset as wds
-
+    """Labeled WebDataset shards (local or in object storage, as webdataset's ShardWriter and
+    img2dataset write them): each sample, the tar members that share its key, has a label member
+    (`.cls` unless `label:` says otherwise) and an input member (`.txt`, an image, … by KINDS;
+    the first by name). The shards are downloaded once (local ones read in place) and indexed:
+    labels read, inputs left in the shards at their offsets (MemberItems)."""
     label_key = "cls" if label_key == "label" else label_key
-    values, items, kinds = [], [], set()
-    with tempfile.TemporaryDirectory() as tmp:
-        local = []
-        for i, url in enumerate(shards):
-            path = f"{tmp}/{i:06d}.tar"
-            storage.get_file(url, path)
-            local.append(path)
-        for sample in wds.WebDataset(local, shardshuffle=False, empty_check=False):
-            key = sample.get("__key__")
-            if label_key not in sample:
-                raise TaskError(f"{shards[0]}: sample {key} has no .{label_key} member")
-            values.append(sample[label_key].decode().strip())
-            found = [(m, k) for m in sorted(sample) if m != label_key and (k := kind_of(m))]
-            if not found:
-                raise TaskError(f"{shards[0]}: sample {key} has no input member (.txt, an image…)")
-            member, kind = found[0]
-            data = sample[member]
-            items.append(data.decode("utf-8", errors="replace") if kind == "text" else data)
-            kinds.add(kind)
-    labels, classes = _encode(values, shards[0])
-    return LabeledSet(name, labels, _one_kind(kinds, shards[0]), items, classes=classes)
+    tmp = tempfile.TemporaryDirectory(prefix="darkmatter-task-")
+    try:
+        paths: list[str] = []
+        values: list[str] = []
+        kinds: set[str] = set()
+        where: list[tuple[int, int, int]] = []  # per sample: (shard, offset, size)
+        for s, url in enumerate(shards):
+            path = url
+            if storage.is_remote(url):
+                path = f"{tmp.name}/{s:06d}.tar"
+                storage.get_file(url, path)
+            paths.append(path)
+            with tarfile.open(path, mode="r") as tar:
+                for key, members in _samples(tar):
+                    if label_key not in members:
+                        raise TaskError(f"{url}: sample {key} has no .{label_key} member")
+                    info = members[label_key]
+                    label = tar.extractfile(info)
+                    values.append(label.read().decode().strip() if label else "")
+                    found = [(m, k) for m in sorted(members)
+                             if m != label_key and (k := kind_of(m))]  # fmt: skip
+                    if not found:
+                        raise TaskError(f"{url}: sample {key} has no input member (.txt, an "
+                                        "image…)")  # fmt: skip
+                    member, kind = found[0]
+                    kinds.add(kind)
+                    where.append((s, members[member].offset_data, members[member].size))
+        if not values:
+            raise TaskError(f"{shards[0]}: no samples in {len(shards)} shard(s) (task {name})")
+        labels, classes = _encode(values, shards[0])
+        kind = _one_kind(kinds, shards[0])
+        index = np.asarray(where, dtype=np.int64)
+        items = MemberItems(paths, index[:, 0], index[:, 1], index[:, 2], kind == "text", tmp)
+    except BaseException:
+        tmp.cleanup()
+        raise
+    return LabeledSet(name, labels, kind, items, classes=classes)
+
+
+def _samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """A shard's samples as webdataset groups them: consecutive files whose names share the
+    part before the first dot of the base name (the key); {extension: member} each."""
+    key: str | None = None
+    members: dict[str, tarfile.TarInfo] = {}
+    for info in tar:
+        name = Path(info.name).name
+        if not info.isfile() or "." not in name or name.startswith("__"):
+            continue
+        stem, ext = name.split(".", 1)
+        sample = str(Path(info.name).parent / stem)
+        if sample != key and key is not None:
+            yield key, members
+            members = {}
+        key = sample
+        members[ext.lower()] = info
+    if key is not None:
+        yield key, members
 
 
 def load_tokenizer(tokenizer_url: str, seq_len: int) -> Any:
