@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig, PreTrainedModel
@@ -32,6 +33,8 @@ from darkmatter.trainer.checkpoint_reader import CheckpointRef
 # Tests and scripts import these from here.
 from darkmatter.trainer.checkpoint_reader import consolidated_state_dict as consolidated_state_dict
 from darkmatter.trainer.checkpoint_reader import resolve as resolve
+
+log = logging.getLogger("darkmatter.evaluation")
 
 
 @dataclass
@@ -157,26 +160,64 @@ def commit_digest(loc: reader.Location) -> str:
     return hashlib.sha256(json.dumps(loc.record, sort_keys=True).encode()).hexdigest()
 
 
+class WeightsStore(Protocol):
+    """A second home for the weights cache files, shared beyond one machine's cache folder
+    (the training run's MLflow artifacts: harness.RunArtifacts)."""
+
+    def fetch(self, name: str, dest: Path) -> bool:
+        """Put the stored file `name` at `dest`; False when it has none."""
+
+    def publish(self, path: Path) -> None:
+        """Store the file at `path` under its name (a failure is logged, not raised)."""
+
+
 def evaluation_weights(
-    loc: reader.Location, ref: CheckpointRef, cache_dir: str = ""
+    loc: reader.Location, ref: CheckpointRef, cache_dir: str = "",
+    store: WeightsStore | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """The checkpoint's module weights (checkpoint_reader.module_state_dict), read once: the
     first call fetches the module files (no optimizer state under ZeRO 0-2), writes the weights
     to CACHE/weights/<commit digest>.safetensors (atomically) and removes the downloaded files;
     every later call, from any task file or harness sharing the cache, reads that file and
-    fetches nothing. `ref`: the checkpoint's records, fetched (reader.fetch, weights="none")."""
-    from safetensors.torch import load_file, save_file
-
+    fetches nothing. `ref`: the checkpoint's records, fetched (reader.fetch, weights="none").
+    `store`: where another machine's harness may have put that file already (it is taken from
+    there before any checkpoint file is fetched), and where a file made here is published."""
     folder = reader.cache_folder(loc, cache_dir) / WEIGHTS_CACHE
     path = folder / f"{commit_digest(loc)}.safetensors"
     if path.is_file():
-        from safetensors import safe_open
+        return _cached(path)
+    if store is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        if store.fetch(path.name, path):
+            try:
+                return _cached(path)
+            except Exception as e:  # noqa: BLE001  (torn or foreign: made again from the checkpoint)
+                log.warning("%s from the weights store is unreadable (%s): reading the "
+                            "checkpoint instead", path.name, e)  # fmt: skip
+                path.unlink(missing_ok=True)
+    weights = _consolidate_to(path, loc, ref, cache_dir)
+    if store is not None:
+        store.publish(path)
+    return weights
 
-        with safe_open(str(path), framework="pt") as f:
-            recorded = json.loads((f.metadata() or {}).get(ALIASES, "{}"))
-        weights = load_file(str(path))
-        weights.update({alias: weights[name] for alias, name in recorded.items()})
-        return weights
+
+def _cached(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        recorded = json.loads((f.metadata() or {}).get(ALIASES, "{}"))
+    weights = load_file(str(path))
+    weights.update({alias: weights[name] for alias, name in recorded.items()})
+    return weights
+
+
+def _consolidate_to(
+    path: Path, loc: reader.Location, ref: CheckpointRef, cache_dir: str
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    from safetensors.torch import save_file
+
+    folder = path.parent
     reader.fetch(loc, cache_dir, weights="module")
     weights = reader.module_state_dict(ref)
     unique: dict[str, torch.Tensor] = {}

@@ -124,7 +124,8 @@ def watch(args: argparse.Namespace) -> int:
         preflight(spec)
     harness = Harness(_client(required=True), specs, args.state, args.cache_dir,
                       owner=args.id, ttl_s=args.claim_ttl_s, order=args.order,
-                      trusted_roots=tuple(args.trusted_root), device=args.device)  # fmt: skip
+                      trusted_roots=tuple(args.trusted_root), device=args.device,
+                      weights_artifact=args.weights_artifact)  # fmt: skip
 
     def stop(signum: int, frame: Any) -> None:
         harness.stop.set()
@@ -167,6 +168,10 @@ def parser() -> argparse.ArgumentParser:
                    help="evaluation.device: auto (the GPU when there is one), cpu, cuda or "
                         "cuda:N; bf16 inference on a GPU")  # fmt: skip
     p.add_argument("--cache-dir", default="", help="where remote checkpoints are downloaded")
+    p.add_argument("--weights-artifact", action="store_true",
+                   help="with --watch: publish each checkpoint's weights (one safetensors file) "
+                        "as an artifact of its run, and take them from there when another "
+                        "harness has: one download instead of the checkpoint's files")  # fmt: skip
     return p
 
 

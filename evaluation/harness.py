@@ -401,6 +401,39 @@ def _refusal(tag: str, uris: list[str], roots: list[str]) -> str:
     return ""
 
 
+class RunArtifacts:
+    """The training run's MLflow artifacts, folder eval/weights, as a WeightsStore
+    (--weights-artifact): the first harness to read a checkpoint's weights publishes its cache
+    file there, and a harness on another machine downloads that one file instead of the
+    checkpoint's (under ZeRO-3 without checkpoint.module_weights: instead of every rank's
+    optimizer states and their consolidation)."""
+
+    FOLDER = "eval/weights"
+
+    def __init__(self, client: Any, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def fetch(self, name: str, dest: Path) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            try:
+                got = self.client.download_artifacts(self.run_id, f"{self.FOLDER}/{name}", tmp)
+            except (MlflowException, OSError):
+                return False  # not published (yet)
+            os.replace(got, dest)
+        log.info("weights %s from run %s's artifacts", name, self.run_id)
+        return True
+
+    def publish(self, path: Path) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_artifact(self.run_id, str(path), self.FOLDER)
+        except (MlflowException, OSError) as e:  # the next harness reads the checkpoint instead
+            log.warning("could not publish %s to run %s: %s", path.name, self.run_id, e)
+
+
 class Harness:
     """Watches MLflow runs and evaluates their committed checkpoints.
 
@@ -409,16 +442,18 @@ class Harness:
     owner: this harness's name in claims. ttl_s: a claim not renewed for this long is taken
     over. order: "oldest" or "newest" first. trusted_roots (evaluation.trusted_roots): the only
     roots checkpoints are read from; empty: each run's own checkpoint root and artifact root.
-    device: evaluation.device (auto, cpu, cuda, cuda:N).
+    device: evaluation.device (auto, cpu, cuda, cuda:N). weights_artifact: share each
+    checkpoint's weights cache file through the run's artifacts (RunArtifacts).
     """
 
     def __init__(
         self, client: Any, specs: list[TaskSpec], state: str = "", cache_dir: str = "",
         owner: str = "", ttl_s: float = 300.0, order: str = "oldest",
-        trusted_roots: tuple[str, ...] = (), device: str = "auto",
+        trusted_roots: tuple[str, ...] = (), device: str = "auto", weights_artifact: bool = False,
     ):  # fmt: skip
         resolve_device(device)  # a GPU asked for and absent fails at start
         self.client, self.specs, self.state, self.device = client, specs, state, device
+        self.weights_artifact = weights_artifact
         self.cache_dir, self.ttl_s, self.order = cache_dir, ttl_s, order
         self.trusted_roots = tuple(trusted_roots)
         self.owner = owner or cl.harness_id()
@@ -512,7 +547,8 @@ class Harness:
             log.info("evaluating %s (step %d) of run %s", p.tag, p.step, p.run_id)
             t0 = time.perf_counter()
             try:  # a file refused as unsafe (it would run code) is unusable, not fatal
-                weights = evaluation_weights(loc, ref, self.cache_dir)
+                store = RunArtifacts(self.client, p.run_id) if self.weights_artifact else None
+                weights = evaluation_weights(loc, ref, self.cache_dir, store)
             except (CheckpointError, FileNotFoundError) as e:
                 verdict = self._unusable(p, e)
                 claim.complete()

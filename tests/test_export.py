@@ -341,3 +341,55 @@ def test_an_evaluation_reads_the_module_weights_once_without_optimizer_states(
     assert all(torch.equal(again[k], masters[k]) for k in masters)
     tied = ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
     assert again[tied[0]].data_ptr() == again[tied[1]].data_ptr()  # the tie, kept
+
+
+def test_a_second_machine_takes_the_weights_from_the_runs_artifacts(
+    stack: Any, trained: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--weights-artifact (RunArtifacts, the MLflow server over HTTP): the first harness
+    publishes its weights cache file to the run; a harness with an empty cache downloads that
+    one file and no checkpoint file, and gets the same weights. A torn artifact is not used: the
+    weights come from the checkpoint again."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from darkmatter.evaluation.checkpoints import commit_digest, evaluation_weights
+    from darkmatter.evaluation.harness import RunArtifacts
+
+    src = trained["run_dir"] / "checkpoints" / TAG
+    root = f"{trained['bucket']}/shared"
+    for f in sorted(src.iterdir()):
+        storage.write_bytes(f"{root}/{TAG}/{f.name}", f.read_bytes())
+    client = MlflowClient(tracking_uri=stack.mlflow_uri)
+    exp = client.create_experiment(f"weights-{uuid.uuid4().hex[:8]}")
+    run_id = client.create_run(exp).info.run_id
+    store = RunArtifacts(client, run_id)
+    loc = reader.locate(root)
+    first = evaluation_weights(loc, reader.fetch(loc, str(tmp_path / "a"), weights="none"),
+                               str(tmp_path / "a"), store)  # fmt: skip
+    name = f"{commit_digest(loc)}.safetensors"
+    assert [a.path for a in client.list_artifacts(run_id, RunArtifacts.FOLDER)] == [
+        f"{RunArtifacts.FOLDER}/{name}"
+    ]
+
+    got: list[str] = []
+    download = storage.get_file
+    monkeypatch.setattr(storage, "get_file",
+                        lambda url, path: (got.append(url.rsplit("/", 1)[1]), download(url, path)))  # fmt: skip
+    ref = reader.fetch(loc, str(tmp_path / "b"), weights="none")
+    got.clear()
+    second = evaluation_weights(loc, ref, str(tmp_path / "b"), store)
+    assert got == []  # no checkpoint file: the artifact alone
+    assert second.keys() == first.keys()
+    assert all(torch.equal(second[k], first[k]) for k in first)
+
+    # A torn artifact (a harness died mid-upload, a bad copy): unreadable, so not used.
+    torn = tmp_path / "torn" / name
+    torn.parent.mkdir()
+    torn.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    client.log_artifact(run_id, str(torn), RunArtifacts.FOLDER)
+    ref = reader.fetch(loc, str(tmp_path / "c"), weights="none")
+    got.clear()
+    third = evaluation_weights(loc, ref, str(tmp_path / "c"), store)
+    assert got == [reader.ZERO0_WEIGHTS]
+    assert all(torch.equal(third[k], first[k]) for k in first)
