@@ -201,6 +201,19 @@ def evaluation_weights(
     return weights
 
 
+def forget_weights(loc: reader.Location, ref: CheckpointRef, cache_dir: str = "") -> None:
+    """Remove what evaluation_weights and reader.fetch cached of `loc` (its weights file; for a
+    remote root, its downloaded records too): a watching harness does this once a checkpoint is
+    evaluated, since it evaluates each once, so its cache holds one checkpoint's weights at a
+    time rather than every checkpoint's of every run it watches."""
+    import shutil
+
+    path = reader.cache_folder(loc, cache_dir) / WEIGHTS_CACHE / f"{commit_digest(loc)}.safetensors"
+    path.unlink(missing_ok=True)
+    if storage.is_remote(loc.root):
+        shutil.rmtree(ref.path, ignore_errors=True)
+
+
 def _cached(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -46,6 +46,7 @@ from darkmatter.evaluation.checkpoints import (
     ExportRef,
     encoder_config,
     evaluation_weights,
+    forget_weights,
     load_encoder,
 )
 from darkmatter.evaluation.probe import (
@@ -553,8 +554,12 @@ class Harness:
                 verdict = self._unusable(p, e)
                 claim.complete()
                 return verdict
-            outcome = evaluate_checkpoint(ref, self.specs, self._state(p), self.stop.is_set,
-                                          weights, self.device)  # fmt: skip
+            try:
+                outcome = evaluate_checkpoint(ref, self.specs, self._state(p),
+                                              self.stop.is_set, weights, self.device)  # fmt: skip
+            finally:  # evaluated once: its cached files are not read again here
+                del weights
+                forget_weights(loc, ref, self.cache_dir)
             if claim.lost or not claim.renew():
                 log.warning("lost the claim on %s: not reporting", p.uri)
                 return "claimed elsewhere"

@@ -131,7 +131,8 @@ def install_fakes(setattr: Any, label: str, counts: str, stall: dict[int, str], 
 
     setattr(harness.reader, "locate", locate)
     setattr(harness.reader, "fetch", lambda loc, cache_dir="", weights="master": loc)
-    setattr(harness, "evaluation_weights", lambda loc, ref, cache_dir="": {})
+    setattr(harness, "evaluation_weights", lambda loc, ref, cache_dir="", store=None: {})
+    setattr(harness, "forget_weights", lambda loc, ref, cache_dir="": None)
     setattr(harness, "evaluate_checkpoint", evaluate)
 
 

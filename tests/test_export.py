@@ -349,11 +349,15 @@ def test_a_second_machine_takes_the_weights_from_the_runs_artifacts(
     """--weights-artifact (RunArtifacts, the MLflow server over HTTP): the first harness
     publishes its weights cache file to the run; a harness with an empty cache downloads that
     one file and no checkpoint file, and gets the same weights. A torn artifact is not used: the
-    weights come from the checkpoint again."""
+    weights come from the checkpoint again. forget_weights then empties that cache."""
     import torch
     from mlflow.tracking import MlflowClient
 
-    from darkmatter.evaluation.checkpoints import commit_digest, evaluation_weights
+    from darkmatter.evaluation.checkpoints import (
+        commit_digest,
+        evaluation_weights,
+        forget_weights,
+    )
     from darkmatter.evaluation.harness import RunArtifacts
 
     src = trained["run_dir"] / "checkpoints" / TAG
@@ -393,3 +397,8 @@ def test_a_second_machine_takes_the_weights_from_the_runs_artifacts(
     third = evaluation_weights(loc, ref, str(tmp_path / "c"), store)
     assert got == [reader.ZERO0_WEIGHTS]
     assert all(torch.equal(third[k], first[k]) for k in first)
+
+    # What a watching harness does once the checkpoint is evaluated: its cache is emptied.
+    assert list(Path(tmp_path / "c").rglob("*.safetensors")) and ref.path.is_dir()
+    forget_weights(loc, ref, str(tmp_path / "c"))
+    assert not list(Path(tmp_path / "c").rglob("*.safetensors")) and not ref.path.exists()
