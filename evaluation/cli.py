@@ -80,7 +80,8 @@ def one_shot(args: argparse.Namespace) -> int:
         loc = reader.locate(args.target)
         ref = reader.fetch(loc, args.cache_dir, weights="none")
         weights = evaluation_weights(loc, ref, args.cache_dir)
-    outcome = evaluate_checkpoint(ref, specs, args.state, weights=weights, device=args.device)
+    outcome = evaluate_checkpoint(ref, specs, args.state, weights=weights, device=args.device,
+                                  workers=args.workers)  # fmt: skip
     run_id = ref.meta.get("mlflow_run_id")
     client = None if args.no_mlflow or not run_id else _client(required=False)
     if client is not None and run_id:
@@ -125,7 +126,7 @@ def watch(args: argparse.Namespace) -> int:
     harness = Harness(_client(required=True), specs, args.state, args.cache_dir,
                       owner=args.id, ttl_s=args.claim_ttl_s, order=args.order,
                       trusted_roots=tuple(args.trusted_root), device=args.device,
-                      weights_artifact=args.weights_artifact)  # fmt: skip
+                      weights_artifact=args.weights_artifact, workers=args.workers)  # fmt: skip
 
     def stop(signum: int, frame: Any) -> None:
         harness.stop.set()
@@ -167,6 +168,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="evaluation.device: auto (the GPU when there is one), cpu, cuda or "
                         "cuda:N; bf16 inference on a GPU")  # fmt: skip
+    p.add_argument("--workers", type=int, default=None,
+                   help="evaluation.workers: processes that read and decode the inputs while "
+                        "the encoder runs (default: none on the CPU; on a GPU one per core but "
+                        "one, up to 8)")  # fmt: skip
     p.add_argument("--cache-dir", default="", help="where remote checkpoints are downloaded")
     p.add_argument("--weights-artifact", action="store_true",
                    help="with --watch: publish each checkpoint's weights (one safetensors file) "

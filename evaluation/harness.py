@@ -195,12 +195,13 @@ PLOTTED = 1000  # test examples at most in the PCA plot (a seeded sample of a la
 
 def evaluate_checkpoint(
     ref: EncoderRef, specs: list[TaskSpec], state: str = "", should_stop: Any = None,
-    weights: Weights | None = None, device: str = "auto",
+    weights: Weights | None = None, device: str = "auto", workers: int | None = None,
 ) -> Outcome:  # fmt: skip
     """Every task's protocols on `ref`'s encoder, and on its random-init twin (cached under
     `state`/baselines when a state folder is given). `weights`: a checkpoint's consolidated
     state dict, when the caller has it (else it is consolidated here): once for every task.
-    `device`: evaluation.device (probe.resolve_device). The features live in a temporary
+    `device`: evaluation.device (probe.resolve_device); `workers`: evaluation.workers, the
+    processes that make the inputs (probe.loader_workers). The features live in a temporary
     .npy file per task and encoder, memory-mapped: memory does not grow with the task's size."""
     dev = resolve_device(device)
     if weights is None and isinstance(ref, CheckpointRef):
@@ -220,14 +221,16 @@ def evaluate_checkpoint(
         ) as tmp:  # fmt: skip
             encoder = load_encoder(ref, pretrained=True, state_dict=weights, share=True)
             t0 = time.perf_counter()
-            feats = embed(encoder, inputs, device=dev, out=Path(tmp, "pretrained.npy"))
+            feats = embed(encoder, inputs, device=dev, out=Path(tmp, "pretrained.npy"),
+                          workers=workers)  # fmt: skip
             timings[f"{spec.name}/features_per_s"] = len(inputs) / (time.perf_counter() - t0)
             del encoder
             release_memory()
             try:
                 results = _protocols(spec, ref, True, feats, inputs, data, train, test, dev,
                                      weights)  # fmt: skip
-                baseline = _baseline(ref, spec, state, inputs, data, train, test, dev, Path(tmp))
+                baseline = _baseline(ref, spec, state, inputs, data, train, test, dev, Path(tmp),
+                                     workers)  # fmt: skip
                 shown = test
                 if len(test) > PLOTTED:
                     shown = np.sort(np.random.default_rng(spec.seed).choice(test, PLOTTED, False))
@@ -284,14 +287,14 @@ def _close(feats: Features) -> None:
 
 def _baseline(
     ref: EncoderRef, spec: TaskSpec, state: str, inputs: Batches, data: LabeledSet,
-    train: np.ndarray, test: np.ndarray, device: Any, tmp: Path,
+    train: np.ndarray, test: np.ndarray, device: Any, tmp: Path, workers: int | None = None,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     url = storage.join(state, "baselines", f"{spec.name}-{_baseline_key(ref, spec)}.json")
     if state and storage.exists(url):
         cached: dict[str, dict[str, float]] = json.loads(storage.read_bytes(url))
         return cached
     encoder = load_encoder(ref, pretrained=False, seed=spec.seed)
-    feats = embed(encoder, inputs, device=device, out=tmp / "random_init.npy")
+    feats = embed(encoder, inputs, device=device, out=tmp / "random_init.npy", workers=workers)
     del encoder
     release_memory()
     try:
@@ -443,7 +446,8 @@ class Harness:
     owner: this harness's name in claims. ttl_s: a claim not renewed for this long is taken
     over. order: "oldest" or "newest" first. trusted_roots (evaluation.trusted_roots): the only
     roots checkpoints are read from; empty: each run's own checkpoint root and artifact root.
-    device: evaluation.device (auto, cpu, cuda, cuda:N). weights_artifact: share each
+    device: evaluation.device (auto, cpu, cuda, cuda:N). workers: evaluation.workers (None:
+    probe.loader_workers' default). weights_artifact: share each
     checkpoint's weights cache file through the run's artifacts (RunArtifacts).
     """
 
@@ -451,10 +455,11 @@ class Harness:
         self, client: Any, specs: list[TaskSpec], state: str = "", cache_dir: str = "",
         owner: str = "", ttl_s: float = 300.0, order: str = "oldest",
         trusted_roots: tuple[str, ...] = (), device: str = "auto", weights_artifact: bool = False,
+        workers: int | None = None,
     ):  # fmt: skip
         resolve_device(device)  # a GPU asked for and absent fails at start
         self.client, self.specs, self.state, self.device = client, specs, state, device
-        self.weights_artifact = weights_artifact
+        self.weights_artifact, self.workers = weights_artifact, workers
         self.cache_dir, self.ttl_s, self.order = cache_dir, ttl_s, order
         self.trusted_roots = tuple(trusted_roots)
         self.owner = owner or cl.harness_id()
@@ -556,7 +561,8 @@ class Harness:
                 return verdict
             try:
                 outcome = evaluate_checkpoint(ref, self.specs, self._state(p),
-                                              self.stop.is_set, weights, self.device)  # fmt: skip
+                                              self.stop.is_set, weights, self.device,
+                                              self.workers)  # fmt: skip
             finally:  # evaluated once: its cached files are not read again here
                 del weights
                 forget_weights(loc, ref, self.cache_dir)

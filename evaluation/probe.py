@@ -212,22 +212,52 @@ class FeatureFile:
 Features = np.ndarray | FeatureFile
 
 
+class _BatchesDataset(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Batch k of `batches` (rows k·size …), for a DataLoader that makes them in its workers."""
+
+    def __init__(self, batches: Batches, size: int):
+        self.batches, self.size = batches, size
+
+    def __len__(self) -> int:
+        return -(-len(self.batches) // self.size)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return self.batches(np.arange(k * self.size, min((k + 1) * self.size, len(self.batches))))
+
+
+def loader_workers(device: torch.device, workers: int | None = None) -> int:
+    """evaluation.workers: DataLoader processes that read and decode the inputs while the
+    encoder runs. Default: none on the CPU (the encoder uses every core), on a GPU one per core
+    but one, up to 8 (decoding JPEGs on one core cannot keep a GPU busy)."""
+    if workers is not None:
+        return workers
+    return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 @torch.no_grad()
 def embed(
     model: PreTrainedModel, inputs: Inputs, batch_size: int = 128, device: Any = "cpu",
-    out: str | Path | None = None,
+    out: str | Path | None = None, workers: int | None = None,
 ) -> Features:  # fmt: skip
-    """[N, D] float32 features of the frozen encoder, computed a batch at a time on `device`.
-    `out`: a file to hold them (a FeatureFile; the caller closes and removes it), for a set
-    whose features should not live in memory."""
+    """[N, D] float32 features of the frozen encoder, computed a batch at a time on `device`,
+    in order. The batches come through a DataLoader: made in `workers` processes
+    (loader_workers), two ahead each, pinned for a GPU. `out`: a file to hold the features (a
+    FeatureFile; the caller closes and removes it), for a set whose features should not live
+    in memory."""
     batches, dev = Batches.of(inputs), torch.device(device)
     if len(batches) == 0:
         raise ValueError("no examples to embed")
     torch.nn.Module.to(model, dev)
+    n_workers = loader_workers(dev, workers)
+    loader = torch.utils.data.DataLoader(
+        _BatchesDataset(batches, batch_size), batch_size=None, num_workers=n_workers,
+        pin_memory=dev.type == "cuda", prefetch_factor=2 if n_workers else None,
+    )  # fmt: skip
     feats: Features | None = None
-    for start in range(0, len(batches), batch_size):
+    for k, made in enumerate(loader):
+        start = k * batch_size
         rows = np.arange(start, min(start + batch_size, len(batches)))
-        chunk = _on(batches(rows), dev)
+        chunk = _on(made, dev)
         with autocast(dev):
             hidden = model(**chunk).last_hidden_state
         mask = output_mask(model, hidden, chunk.get("attention_mask"))

@@ -75,6 +75,43 @@ def test_linear_probe_reaches_scikit_learns_optimum(block_bytes: int) -> None:
     assert (got.n_train, got.n_test) == (420, 180) and 0.5 < got.accuracy < 1.0
 
 
+def test_features_made_by_loader_workers_are_those_made_in_process(tmp_path: Path) -> None:
+    """embed(workers=2): two DataLoader processes read a lazily loaded Parquet set and make the
+    inputs (the encoder's process makes none), and the features are the same, in the same
+    order, as made in process."""
+    import os
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from darkmatter.evaluation.probe import Batches, embed
+
+    texts = [f"row {i} " + "ab" * (i % 5) for i in range(70)]
+    pq.write_table(pa.table({"text": texts, "label": [i % 2 for i in range(70)]}),
+                   tmp_path / "t.parquet", row_group_size=16)  # fmt: skip
+    data = load_labeled(TaskSpec(name="t", data=str(tmp_path / "t.parquet")))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=64)).eval()  # fmt: skip
+    makers = tmp_path / "pids"
+    makers.mkdir()
+
+    def make(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        (makers / str(os.getpid())).touch()
+        ids = torch.tensor([[1 + ord(c) % 63 for c in (t + " " * 8)[:8]] for t in data.take(rows)])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    here = embed(model, Batches(70, make), batch_size=16, workers=0)
+    assert [p.name for p in makers.iterdir()] == [str(os.getpid())]
+    for p in makers.iterdir():
+        p.unlink()
+    there = embed(model, Batches(70, make), batch_size=16, workers=2)
+    pids = {p.name for p in makers.iterdir()}
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    np.testing.assert_array_equal(np.asarray(here), np.asarray(there))
+    data.close()
+
+
 def test_linear_probe_C_auto_is_scikit_learns_cross_validated_choice() -> None:
     """C: auto on features where C=1 overfits (few examples, many noise dimensions): the C of
     the grid with scikit-learn's best cross-validated accuracy on the same stratified folds of
