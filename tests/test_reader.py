@@ -252,3 +252,30 @@ def test_two_ranks_two_workers_interrupted_at_first_middle_last_batch(
     whole, _ = run_layout(dataset, 2, 2, steps + 1)
     assert [x + y for x, y in zip(before, after, strict=True)] == whole
     assert global_sequence(before + after) == seq[: steps * B + B]
+
+
+def _large_pieces(slot: int) -> Any:
+    """Endless 8 MB pieces (a step of decoded images): each takes a worker's queue feeder
+    thread many pipe writes, so a stop arrives while one is half-written."""
+    import itertools
+
+    return (bytes([slot]) * (8 << 20) for _ in itertools.count())
+
+
+def test_close_returns_while_a_worker_was_writing_a_large_piece() -> None:
+    """Workers.close right after a step, workers running ahead with large pieces: it returns
+    within seconds every time (it used to wait forever on a half-written piece: the receiver
+    read on, and this process's own copy of the pipe's write end kept it from seeing EOF)."""
+    import threading
+
+    from darkmatter.data_pipeline.reader.workers import Workers
+
+    for _ in range(6):
+        pool = Workers(_large_pieces, rank=0, slots=2)
+        step = pool.next_step()
+        assert [len(p) for p in step] == [8 << 20, 8 << 20] and step[1][:1] == b"\x01"
+        closing = threading.Thread(target=pool.close, daemon=True)
+        closing.start()
+        closing.join(timeout=20)
+        assert not closing.is_alive(), "close() is stuck"
+        assert not any(p.is_alive() for p in pool.procs)

@@ -121,7 +121,8 @@ class Workers:
         except StopIteration:
             return
         except BaseException as e:  # handed to the training thread, which raises it
-            self._steps.put(e)
+            if not self.stop.is_set():  # closing: nobody takes it, and _steps may be full
+                self._steps.put(e)
 
     def next_step(self) -> list[Any]:
         """The pieces of every worker for the next step, received ahead by the thread."""
@@ -158,14 +159,22 @@ class Workers:
         return item
 
     def close(self) -> None:
+        """Stop the workers, then the receiver. In that order: a worker told to stop exits
+        without finishing the piece its queue's feeder thread was writing (a step of images is
+        megabytes), and the receiver, reading that piece, would wait for the rest forever,
+        since this process holds a write end of every queue's pipe too. With the workers gone,
+        closing that write end turns the half-read piece into an EOFError, which ends the
+        receiver."""
         self.stop.set()
-        if self._receiver is not None:
-            self._receiver.join()
         for proc in self.procs:
             proc.join(timeout=2.0)
             if proc.is_alive():
                 proc.kill()  # it ignores SIGTERM (see _worker_main) and holds nothing to save
                 proc.join()
+        for q in self.queues:
+            q._writer.close()  # type: ignore[attr-defined]  # multiprocessing's pipe end
+        if self._receiver is not None:
+            self._receiver.join()
         for q in self.queues:
             q.close()
             q.cancel_join_thread()
