@@ -101,3 +101,52 @@ def test_eval_memory_quick_does_not_grow_with_the_labeled_set() -> None:
     assert result["peak_ratio"] <= 1.3, result
     assert result["peak_ratio"] <= result["peak_ratio_1x"] + 0.1, result
     assert result["features_per_s"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_peer_loaders_quick_reports_every_library_and_counts_the_2_to_1_resume(bucket: str) -> None:
+    """bench/peer_loaders.py at smoke size (200 images, on the session's stack; every installed
+    peer, the others being benchmark extras): stdout is one JSON line per library and the
+    summary last; every figure is there and positive; the 2 -> 1 resume's repeats and skips add
+    up against the key sets, and ours resumes exactly once."""
+    from importlib.util import find_spec
+
+    extras = {"mosaicml-streaming": "streaming", "litdata": "litdata"}
+    libs = ["ours", "webdataset"] + [lib for lib, module in extras.items() if find_spec(module)]
+    proc = subprocess.run([sys.executable, "bench/peer_loaders.py", "--quick", "--bucket", bucket,
+                           "--libraries", *libs],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    *rows, summary = lines
+    assert [r["library"] for r in rows] == libs and summary["summary"] is True
+    for r in rows:
+        name = r["library"]
+        assert r["samples"] in (192, 200), r  # ours and litdata drop the last partial batch
+        for key in ("samples_per_s", "epoch_samples_per_s", "first_batch_s", "resume_s",
+                    "cpu_ms_per_sample", "peak_pss_mib"):  # fmt: skip
+            assert r[key] > 0, (name, key, r[key])
+        assert r["peak_rss_mib"] >= r["peak_pss_mib"], r
+        assert r["format"]["objects"] >= 8, r  # shards of at most 1/8 of the set
+        req = r["requests"]
+        assert req["epoch"]["data_objects"] == r["format"]["objects"], (name, req)
+        assert req["epoch"]["data_gets"] >= req["epoch"]["data_objects"], (name, req)
+        # (A resume may fetch a shard twice: the reader's cache lock race, documented there.)
+        assert 0 < req["resume"]["data_objects"] <= r["format"]["objects"], (name, req)
+        e = r["elastic_2_to_1"]
+        assert e["reference_unique"] <= e["reference_samples"] <= 200, e
+        if e["result"] == "unsupported":
+            assert name != "ours" and e["error"], e
+            continue
+        # Keys seen = the reference, plus what was read again, less what was never read.
+        seen = e["before_resume"] + e["after_resume"]
+        assert seen == e["reference_samples"] + e["repeats"] - e["skips"], e
+        assert (e["result"] == "exactly once") == (e["repeats"] == e["skips"] == 0), e
+    ours = rows[0]
+    assert ours["resume_exact"] and ours["elastic_2_to_1"]["result"] == "exactly once", ours
+    peers = rows[1:]
+    best = max(p["samples_per_s"] for p in peers)
+    assert summary["ratio_vs_best_peer"] == round(ours["samples_per_s"] / best, 3), summary
+    fastest = min(p["resume_s"] for p in peers)
+    assert summary["resume_vs_best_peer"] == round(ours["resume_s"] / fastest, 3), summary
+    assert set(summary["elastic_2_to_1"]) == set(libs) and summary["samples"] == 200
