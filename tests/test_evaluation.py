@@ -135,7 +135,7 @@ def test_linear_probe_C_auto_is_scikit_learns_cross_validated_choice() -> None:
     want = C_GRID[int(np.argmax(np.round(scores, 9)))]
     auto = linear_probe(feats, labels, train, test, C="auto", seed=7)
     fixed = linear_probe(feats, labels, train, test, C=1.0)
-    assert auto.C == want and want <= 0.03, (scores, auto.C)
+    assert want == auto.C and want <= 0.03, (scores, auto.C)
     assert fixed.C == 1.0 and auto.accuracy > fixed.accuracy + 0.03, (auto.accuracy, fixed.accuracy)
 
 
