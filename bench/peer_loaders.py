@@ -64,6 +64,7 @@ extra); `--libraries` picks some.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import importlib
@@ -316,17 +317,20 @@ def close_iterator(it: Any) -> None:
     gc.collect()
 
 
-class Loader:
+class Loader(abc.ABC):
     """One library's loader for one run: batches of (keys, images) and its state after them."""
 
+    @abc.abstractmethod
     def __iter__(self) -> Iterator[Batch]:
-        raise NotImplementedError
+        """The epoch's batches, from where the loader was restored."""
 
+    @abc.abstractmethod
     def state(self) -> Any:
-        raise NotImplementedError
+        """What restores a loader to here (the library's own state)."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        pass
+        """Release the library's workers and files."""
 
 
 class OursLoader(Loader):

@@ -21,6 +21,7 @@ column named after it (`text`, `image`, …), WebDataset members and class-folde
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import tarfile
@@ -130,8 +131,9 @@ class Items(Sequence[Any]):
         for start in range(0, self.n, 256):
             yield from self.take(range(start, min(self.n, start + 256)))
 
+    @abc.abstractmethod
     def take(self, rows: Rows) -> list[Any]:
-        raise NotImplementedError
+        """The inputs of `rows`, in their order."""
 
     def close(self) -> None:
         if self._tmp is not None:
