@@ -51,7 +51,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from darkmatter import storage
+from darkmatter.data_pipeline import offsets
 from darkmatter.data_pipeline.manifest import MANIFEST, TOKENIZER, Manifest, PrepareError, ShardInfo
 from darkmatter.data_pipeline.reader.shards import TarCursor, _split_name, parse_window
 from darkmatter.storage.fs import reaching
@@ -93,6 +96,7 @@ class TarScan:
     gets: int = 0  # ranged reads it took
     truncated_at: int | None = None  # offset of the header whose member runs past the end
     corrupt: str | None = None  # a bad header after some good ones
+    starts: list[int] = field(default_factory=lambda: [0])  # sample byte ranges (offsets.py)
 
 
 # -- listing ------------------------------------------------------------------------------------
@@ -227,7 +231,7 @@ def scan_tar(
     """Walk a tar shard header to header with ranged reads (see the module docstring); with
     `max_gets`, stop after that many reads (the samples are then the shard's first ones)."""
     fs, path = storage.filesystem(url)
-    cur, scan, grow, key = TarCursor(), TarScan(), window, None
+    cur, scan, grow, key, end = TarCursor(), TarScan(), window, None, 0
     while not cur.ended and cur.pos + 512 <= size and scan.gets != max_gets:
         start = cur.pos
         buf = _read_range(fs, path, url, start, min(size, start + grow))
@@ -236,9 +240,12 @@ def scan_tar(
             for name, offset, length in parse_window(buf, start, cur):
                 k, ext = _split_name(name)
                 if k != key:
+                    if key is not None:
+                        scan.starts.append(end)
                     key = k
                     scan.samples.append([])
                 scan.samples[-1].append(ext)
+                end = offset + (length + 511) // 512 * 512
                 if offset + length > size and scan.truncated_at is None:
                     scan.truncated_at = offset - 512
         except ValueError as e:  # TarFormatError, or a number field that is not one
@@ -256,6 +263,8 @@ def scan_tar(
             grow = window
     if scan.truncated_at is None and not cur.ended and cur.pos < size and max_gets is None:
         scan.truncated_at = cur.pos  # a header cut short
+    if key is not None:
+        scan.starts.append(end)
     if size == 0:
         raise PrepareError(f"{url}: not a tar file: empty")
     return scan
@@ -495,7 +504,7 @@ def index(
                         "(pass --rebuild to apply them)", out)  # fmt: skip
         return old
     mapping = {**DEFAULT_EXTENSIONS, **(extensions or {})}
-    done = _index_files(listed[keep:], names[keep:], checksum, text_field, counting, workers)
+    done = _index_files(listed[keep:], names[keep:], checksum, text_field, counting, workers, out)
     kept = set(names[:keep])
     reused = [s for s in (old.shards if old else []) if s.name in kept]
     shards = reused + [s for infos, _ in done for s in infos]
@@ -506,11 +515,12 @@ def index(
 
 def _index_files(
     listed: list[Listed], names: list[str], checksum: bool, text_field: str, counting: str,
-    workers: int,
+    workers: int, out: str,
 ) -> list[tuple[list[ShardInfo], TarScan | None]]:  # fmt: skip
     """Each file's units, and a tar shard's scan where its headers were walked. The first tar
     shard is always walked (the modality and member extensions come from it) and checks the
-    sidecar counts: where it disagrees with its sidecar, every shard is walked."""
+    sidecar counts: where it disagrees with its sidecar, every shard is walked. A walked
+    shard's sample offsets are written under `out` (offsets.py)."""
     tars = [x for x in listed if x.fmt == "tar"]
     # --checksum reads every byte anyway: walking the headers costs nothing more.
     counts = sidecar_counts(tars) if tars and counting != "walk" and not checksum else {}
@@ -518,7 +528,7 @@ def _index_files(
 
     def one(item: Listed, name: str) -> tuple[list[ShardInfo], TarScan | None]:
         count = None if item.url == first else counts.get(item.url)
-        return _index_one(item, name, checksum, text_field, count, counting)
+        return _index_one(item, name, checksum, text_field, count, counting, out)
 
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="darkmatter-index") as pool:
         done = list(pool.map(one, listed, names))  # the first shard's walk beside the others
@@ -557,7 +567,7 @@ def _log_counting(n_tars: int, sources: list[str], counting: str) -> None:
 
 def _index_one(
     item: Listed, name: str, checksum: bool, text_field: str,
-    count: tuple[int, str] | None, counting: str,
+    count: tuple[int, str] | None, counting: str, out: str,
 ) -> tuple[list[ShardInfo], TarScan | None]:  # fmt: skip
     if item.fmt == "tar" and count is not None:
         if counting == "sidecar":  # one ranged read: a tar (else PrepareError naming it)
@@ -565,6 +575,9 @@ def _index_one(
         return [ShardInfo(name, count[0], item.size, None, version=item.version)], None
     if item.fmt == "tar":
         info, scan = _index_tar(item, name, checksum)
+        if scan.truncated_at is None and not scan.corrupt and info.samples and item.version:
+            starts = np.asarray(scan.starts, np.uint64)
+            offsets.write(out, offsets.SampleOffsets(info.identity, item.version, starts))
         return [info], scan
     from darkmatter.data_pipeline.reader.formats import index_raw_file
 
@@ -606,6 +619,7 @@ def _build(
     if tars:  # how each tar shard was counted: a sidecar's count has no members recorded
         sidecar = sum(s.members is None for s in tars)
         m.stats = {"counted_by_sidecar": sidecar, "walked": len(tars) - sidecar}
+        m.offsets = sidecar < len(tars)  # each walked shard's offsets were written
     if tokenizer:
         _add_tokenizer(m, tokenizer, out)
     elif old is not None and old.tokenizer:

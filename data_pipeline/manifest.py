@@ -122,6 +122,10 @@ class Manifest:
     history: list[dict[str, Any]] = field(default_factory=list)
     """Earlier versions of a dataset that grew, oldest first: {digest, shards, num_samples},
     each the first `shards` entries of this one."""
+    offsets: bool = field(default=False, compare=False)
+    """Sample offsets lie beside the manifest (offsets.py) for its tar shards, or for those
+    `index` walked: the reader may then fetch a few samples by range (reader/ranged.py). Not
+    part of what the dataset is: manifests of one content compare equal with or without it."""
 
     def __post_init__(self) -> None:
         self.num_samples = sum(s.samples for s in self.shards)
@@ -169,6 +173,8 @@ class Manifest:
                 d[key] = getattr(self, key)
         if self.history:
             d["history"] = self.history
+        if self.offsets:
+            d["offsets"] = True
         return json.dumps(d, indent=1) + "\n"
 
     def save(self, url: str) -> None:
@@ -215,6 +221,7 @@ class Manifest:
             raise PrepareError(f"{where}: num_samples/digest do not match its shard list")
         if isinstance(d.get("stats"), dict):
             m.stats = d["stats"]
+        m.offsets = d.get("offsets") is True
         if problem := _history_problem(m):
             raise PrepareError(f"{where}: {problem}")
         return m

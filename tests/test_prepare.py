@@ -20,8 +20,9 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from darkmatter import storage
+from darkmatter.data_pipeline import offsets
 from darkmatter.data_pipeline.prepare import Manifest, PrepareError, cli, prepare
-from darkmatter.data_pipeline.reader import DataStream, iter_dataset
+from darkmatter.data_pipeline.reader import DataStream, iter_dataset, tar_members
 
 
 def read_tar(path: Path) -> list[dict[str, bytes | str]]:
@@ -307,6 +308,35 @@ def test_s3_round_trip(bucket: str, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [s.name for s in m.shards] == [n for n in names if n.endswith(".tar")]
     for s in m.shards:
         assert hashlib.sha256(storage.read_bytes(f"{url}/{s.name}")).hexdigest() == s.sha256
+    # Each shard's sample offsets beside it, with the object's ETag and each sample's CRC-32;
+    # a local prepare writes none.
+    assert m.offsets and not prepare([str(corpus)], str(tmp_path / "local"), modality="text",
+                                     vocab_size=80, shard_bytes=32 * 1024).offsets  # fmt: skip
+    assert not (tmp_path / "local" / offsets.FOLDER).exists()
+    for s in m.shards:
+        data = storage.read_bytes(f"{url}/{s.name}")
+        found = offsets.decode(
+            storage.read_bytes(offsets.url(url, s.identity)), s.identity, s.samples
+        )
+        assert found is not None and found.crc32 is not None
+        fs, path = storage.filesystem(f"{url}/{s.name}")
+        assert found.etag == offsets.etag_of(fs.info(path)) != ""
+        (tmp_path / "shard.tar").write_bytes(data)
+        with open(tmp_path / "shard.tar", "rb") as f:
+            members = list(tar_members(f))
+        assert found.starts.tolist() == offsets.from_members(members).tolist()
+        by_key: dict[str, list[bytes]] = {}
+        for name, at, size in members:
+            by_key.setdefault(name.split(".")[0], []).append(data[at : at + size])
+        assert found.crc32.tolist() == [offsets.crc32(parts) for parts in by_key.values()]
+
+    # A prepare of other data into the same place leaves only its own shards' offsets.
+    corpus.write_text("".join(f"another sample {i}\n" for i in range(60)))
+    m2 = prepare([str(corpus)], url, modality="text", vocab_size=80, shard_bytes=32 * 1024)
+    listed = sorted(u.rsplit("/", 1)[1] for u in storage.list_files(f"{url}/{offsets.FOLDER}"))
+    assert listed == sorted(f"{s.identity}.bin" for s in m2.shards)
+    corpus.write_text("".join(f"sample number {i}\n" for i in range(150)))
+    m = prepare([str(corpus)], url, modality="text", vocab_size=80, shard_bytes=32 * 1024)
 
     # The parent process has used s3fs; forked DataLoader workers must still read the shards.
     keys: list[str] = []

@@ -115,7 +115,9 @@ def run_part(
         "skipped": sum(r.skipped for r in ordered),
         "duplicates": sum(r.duplicates for r in ordered),
     }
-    manifest = Manifest(modality, [s for r in ordered for s in r.shards], stats=stats)
+    shards = [s for r in ordered for s in r.shards]
+    remote = storage.is_remote(ctx.output_url)
+    manifest = Manifest(modality, shards, stats=stats, offsets=remote)
     examples = [e for r in ordered for e in r.skipped_examples][:SKIPPED_EXAMPLES]
     manifest.run = PrepareRun(len(ordered), reused, len(ordered) - reused, examples)
     return manifest

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from darkmatter import storage
+from darkmatter.data_pipeline import offsets
 from darkmatter.data_pipeline.manifest import (
     PLAN,
     PROGRESS,
@@ -109,11 +110,14 @@ def remove_stale(output_url: str, shards: list[ShardInfo], units: int) -> None:
     """Delete shards and unit records of our naming that this dataset no longer lists (left by
     an earlier prepare into the same output): nothing unlisted survives next to the manifest."""
     keep = {s.name for s in shards}
+    sample_offsets = {f"{s.identity}.bin" for s in shards}
     for url in storage.list_files(output_url):
         name = posixpath.basename(url)
         parent = posixpath.basename(posixpath.dirname(url))
         if parent != PROGRESS and _SHARD_NAME.fullmatch(name) and name not in keep:
             storage.delete(storage.join(output_url, name))
+        if parent == offsets.FOLDER and name not in sample_offsets:
+            storage.delete(storage.join(output_url, offsets.FOLDER, name))
         match = _RECORD_NAME.fullmatch(name)
         if parent == PROGRESS and match and int(match.group(1)) >= units:
             storage.delete(storage.join(output_url, PROGRESS, name))
@@ -162,7 +166,14 @@ def write_manifest(
         "duplicates": sum(r.duplicates for r in records),
     }
     tokenizer = TOKENIZER if modality == "text" else None
-    manifest = Manifest(modality, shards, tokenizer, stats=stats, special_tokens=specials)
+    manifest = Manifest(
+        modality,
+        shards,
+        tokenizer,
+        stats=stats,
+        special_tokens=specials,
+        offsets=storage.is_remote(output_url),
+    )
     if manifest.num_samples == 0:
         raise PrepareError(
             f"no usable {modality} samples in {where} "

@@ -1,6 +1,7 @@
 """The tar shard writer: samples become `key.ext` members with fixed headers (mtime 0, fixed
 owner), so the bytes of a shard depend on its samples only; each shard is hashed as it streams
-out, and a new one starts at `shard_bytes` of tar or `max_samples` samples.
+out, and a new one starts at `shard_bytes` of tar or `max_samples` samples. Each shard's sample
+offsets and CRC-32s go beside it (offsets.py), for the reader's ranged reads.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import io
 import tarfile
 from typing import Any
 
+import numpy as np
+
 from darkmatter import storage
+from darkmatter.data_pipeline import offsets
 from darkmatter.data_pipeline.manifest import ShardInfo
 
 TAR_BLOCK = 512
@@ -39,21 +43,25 @@ def _member_bytes(sample: dict[str, Any]) -> int:
     return sum(TAR_BLOCK + -(-n // TAR_BLOCK) * TAR_BLOCK for n in sizes)
 
 
-def _add_sample(tar: tarfile.TarFile, sample: dict[str, Any]) -> None:
+def _add_sample(tar: tarfile.TarFile, sample: dict[str, Any]) -> int:
     """Members `key.ext` in sorted order, with the fixed headers webdataset's TarWriter writes
-    with mtime=0: the tar bytes depend on the sample only."""
+    with mtime=0: the tar bytes depend on the sample only. Returns the CRC-32 of the data."""
     key = sample["__key__"]
+    datas = []
     for ext in sorted(k for k in sample if not k.startswith("_")):
         data = sample[ext]
         info = tarfile.TarInfo(f"{key}.{ext}")
         info.size, info.mtime, info.mode = len(data), 0, 0o444
         info.uname = info.gname = "bigdata"
         tar.addfile(info, io.BytesIO(data))
+        datas.append(data)
+    return offsets.crc32(datas)
 
 
 class ShardWriter:
     """Writes samples into `{prefix}KKKKKK.tar` files under a URL, rolling over at
-    `shard_bytes` of tar or `max_samples` samples."""
+    `shard_bytes` of tar or `max_samples` samples, and each shard's offsets under the URL's
+    offsets/ folder."""
 
     def __init__(
         self,
@@ -70,6 +78,8 @@ class ShardWriter:
         self._hasher: _HashingWriter | None = None
         self._tar: tarfile.TarFile | None = None
         self._samples = self._size = 0
+        self._starts: list[int] = []
+        self._crcs: list[int] = []
 
     def _name(self) -> str:
         return f"{self.prefix}{len(self.shards):06d}.tar"
@@ -82,13 +92,15 @@ class ShardWriter:
         fmt = tarfile.USTAR_FORMAT  # as webdataset's TarWriter
         self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=fmt)  # noqa: SIM115
         self._samples = self._size = 0
+        self._starts, self._crcs = [], []
 
     def write(self, sample: dict[str, Any]) -> None:
         if self._tar is None:
             self._open()
         assert self._tar is not None and self._hasher is not None
         before = self._hasher.bytes
-        _add_sample(self._tar, sample)
+        self._starts.append(self._tar.offset)
+        self._crcs.append(_add_sample(self._tar, sample))
         self.bytes_written += self._hasher.bytes - before
         self._samples += 1
         self._size += _member_bytes(sample)
@@ -100,12 +112,19 @@ class ShardWriter:
             return
         assert self._hasher is not None
         before = self._hasher.bytes
+        self._starts.append(self._tar.offset)
         self._tar.close()  # end-of-archive blocks; a caller's file object stays open
         self._file.close()  # the upload happens here for object stores
         self.bytes_written += self._hasher.bytes - before
-        self.shards.append(
-            ShardInfo(self._name(), self._samples, self._hasher.bytes, self._hasher.sha.hexdigest())
+        info = ShardInfo(
+            self._name(), self._samples, self._hasher.bytes, self._hasher.sha.hexdigest()
         )
+        if storage.is_remote(self.url):  # the ETag that proves the object to a ranged read
+            fs, path = storage.filesystem(storage.join(self.url, info.name))
+            etag = offsets.etag_of(fs.info(path))
+            starts, crcs = np.asarray(self._starts, np.uint64), np.asarray(self._crcs, np.uint32)
+            offsets.write(self.url, offsets.SampleOffsets(info.identity, etag, starts, crcs))
+        self.shards.append(info)
         self._tar = self._hasher = self._file = None
         self._samples = self._size = 0
 
