@@ -138,3 +138,13 @@ def fit(objective: Any, model: Any, batch: dict, steps: int, lr: float) -> list[
         objective.after_step(engine, step)
         losses.append(loss.item())
     return losses
+
+
+def small_spans(monkeypatch: Any) -> None:
+    """Range reads (reader/ranged.py) for a test's small shards, in spans of a few samples.
+    The reader's workers fork, so they see it too."""
+    from darkmatter.data_pipeline.reader import ranged
+
+    monkeypatch.setattr(ranged, "MIN_SHARD", 0)
+    monkeypatch.setattr(ranged, "AHEAD", 4096)
+    monkeypatch.setattr(ranged, "GAP", 1024)

@@ -19,10 +19,12 @@ import numpy as np
 import pytest
 
 from darkmatter import storage
+from darkmatter.data_pipeline import offsets
 from darkmatter.data_pipeline.index import cli, ensure_manifest, index, scan_tar
 from darkmatter.data_pipeline.manifest import Manifest, PrepareError, ShardInfo
 from darkmatter.data_pipeline.reader import DataStream, ReaderOptions, tar_members
 from darkmatter.data_pipeline.reader.shards import Hole, LocalShard
+from tests import helpers
 from tests.helpers import REPO_ROOT
 
 
@@ -155,7 +157,12 @@ def test_windowed_walk_matches_the_whole_parse(tmp_path: Path) -> None:
 
 
 # -- img2dataset shards, trained on --------------------------------------------------------
-def test_index_on_s3_two_ranks_exactly_once_and_resume(bucket: str, tmp_path: Path) -> None:
+def test_index_on_s3_two_ranks_exactly_once_and_resume(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read by range where a stream starts or resumes (the offsets index wrote for its walked
+    shards; spans of a few samples), and whole shards after: the same as whole shards give."""
+    helpers.small_spans(monkeypatch)
     local = write_shards(tmp_path / "shards")
     for f in sorted(local.iterdir()):
         storage.put_file(str(f), f"{bucket}/laion/part-a/{f.name}")
@@ -166,6 +173,15 @@ def test_index_on_s3_two_ranks_exactly_once_and_resume(bucket: str, tmp_path: Pa
     assert m.shards[0].members == {"jpg": 10, "json": 10, "txt": 10}
     assert m.extensions == {"jpg": "image", "json": "metadata", "txt": "text"}
     assert all(s.sha256 is None and s.version for s in m.shards)
+    assert m.offsets
+    for s in m.shards:  # each sample's byte range, as the whole tar's headers say
+        found = offsets.decode(
+            storage.read_bytes(offsets.url(out, s.identity)), s.identity, s.samples
+        )
+        with open(local / s.name, "rb") as f:
+            want = offsets.from_members(tar_members(f))
+        assert found is not None and found.etag == s.version and found.crc32 is None
+        assert found.starts.tolist() == want.tolist() and len(want) == 11
 
     streams = two_ranks(out, tmp_path / "cache")
     keys = steps(streams, streams[0].steps_per_epoch)
@@ -343,6 +359,10 @@ def test_img2dataset_stats_count_on_s3_and_wrong_counts_become_holes(
     assert m.stats == {"counted_by_sidecar": 3, "walked": 1}
     assert m.shards[0].members == {"jpg": 10, "json": 10, "txt": 10}
     assert [s.members for s in m.shards[1:]] == [None] * 3
+    # Offsets only where the headers were walked.
+    assert [storage.exists(offsets.url(f"{bucket}/idx", s.identity)) for s in m.shards] == [
+        True, False, False, False,
+    ]  # fmt: skip
     # The first shard walked to its end, then one read of each of the others.
     assert reads.count("00000.tar") == scan_tar(str(local / "00000.tar"), m.shards[0].bytes).gets
     assert [reads.count(f"0000{i}.tar") for i in (1, 2, 3)] == [1, 1, 1]

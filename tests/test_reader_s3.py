@@ -14,6 +14,7 @@ from darkmatter import storage
 from darkmatter.data_pipeline.prepare import Manifest, prepare
 from darkmatter.data_pipeline.reader import DataError, DataStream, ReaderOptions
 from darkmatter.storage import Retry
+from tests import helpers
 from tests.faultproxy import FaultProxy
 
 
@@ -136,3 +137,116 @@ def test_shard_cache_is_shared_verified_and_bounded(s3_dataset: str, tmp_path: P
     assert {p.name.removesuffix(".lock") for p in (tmp_path / "small").glob("*.lock")} <= tars
     assert len(tars) < len(DataStream(s3_dataset, rank=0, world_size=1, micro_batch_size=16,
                                       partitions=8).manifest.shards)  # fmt: skip
+
+
+@pytest.fixture
+def small_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    helpers.small_spans(monkeypatch)
+
+
+def stream(
+    url: str, cache: str, workers: int = 0, rank: int = 0, world: int = 1, **opts: Any
+) -> DataStream:
+    return DataStream(
+        url, rank=rank, world_size=world, micro_batch_size=16 // world, num_workers=workers,
+        seed=2, partitions=8, options=ReaderOptions(shuffle_buffer=8, cache_dir=cache, **opts),
+    )  # fmt: skip
+
+
+def keys_of(s: DataStream, steps: int) -> list[str]:
+    return [x["__key__"] for _ in range(steps) for x in s.next_step()[0]]
+
+
+def test_ranged_reads_start_and_resume_with_the_whole_shards_samples(
+    s3_dataset: str, tmp_path: Path, small_spans: None
+) -> None:
+    """Starts and resumes read the samples their first step needs by range (prepare wrote the
+    offsets), at 2 ranks with 2 workers each and across a 2 -> 1 resume: the same samples in
+    the same order as whole shards give, the first step fetching a fraction of the dataset."""
+    m = Manifest.load(s3_dataset)
+    assert m.offsets and storage.exists(f"{s3_dataset}/offsets/{m.shards[0].sha256}.bin")
+    size = sum(s.bytes for s in m.shards)
+    whole = stream(s3_dataset, str(tmp_path / "whole"), range_reads=False)
+    steps = whole.steps_per_epoch
+    clean = keys_of(whole, steps)
+    whole.close()
+
+    def both(ranks: list[DataStream], n: int) -> list[str]:
+        """The global batches of n steps: rank 0's micro-batch, then rank 1's."""
+        out: list[str] = []
+        for _ in range(n):
+            out += [k for r in ranks for k in keys_of(r, 1)]
+        return out
+
+    # Two ranks, two workers each, each rank's cache its own (as on two machines).
+    at = steps * 2 // 5
+    ranks = [stream(s3_dataset, str(tmp_path / f"r{r}"), 2, r, 2) for r in (0, 1)]
+    assert sorted(both(ranks, at)) == sorted(clean[: at * 16])
+    states = [r.state_dict() for r in ranks]
+    rest = both(ranks, steps - at)
+    for r in ranks:
+        r.close()
+    assert sorted(rest) == sorted(clean[at * 16 :])
+
+    # 2 -> 1 at 40% of the epoch, from a cold cache, workers in this process: the first step's
+    # pieces carry only what was read by range before the whole shards were let go.
+    one = stream(s3_dataset, str(tmp_path / "one"))
+    one.load_state_dict(states)
+    got = keys_of(one, 1)
+    fetched = one.summary()["bytes_read"]
+    got += keys_of(one, steps - at - 1)
+    one.close()
+    assert sorted(got) == sorted(rest) and len(set(got)) == len(got)
+    assert 0 < fetched < size / 2, (fetched, size)
+    # ...and 2 -> 2, each rank's next step exactly the uninterrupted one.
+    again = [stream(s3_dataset, str(tmp_path / f"again{r}"), 2, r, 2) for r in (0, 1)]
+    for r in again:
+        r.load_state_dict(states)
+    assert both(again, steps - at) == rest
+    for r in again:
+        r.close()
+
+
+def test_ranged_reads_in_doubt_read_the_whole_shard(
+    s3_dataset: str, tmp_path: Path, small_spans: None
+) -> None:
+    """A torn offsets file, and a shard replaced by other bytes of the same size (its ETag
+    changed; one sample's data differs): read by range while the whole shards are held back,
+    every sample is what the whole shard gives, holes included."""
+    from darkmatter.data_pipeline import offsets
+    from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
+    from darkmatter.data_pipeline.reader.ranged import RangedShard
+
+    copy = "s3://reader-faults/doubt"
+    for url in storage.list_files(s3_dataset):
+        storage.write_bytes(copy + url[len(s3_dataset) :], storage.read_bytes(url))
+    m = Manifest.load(copy)
+    torn = offsets.url(copy, m.shards[0].identity)
+    storage.write_bytes(torn, storage.read_bytes(torn)[:-1])
+    changed = m.shards[1]
+    found = offsets.decode(
+        storage.read_bytes(offsets.url(copy, changed.identity)), changed.identity, changed.samples
+    )
+    assert found is not None
+    data = bytearray(storage.read_bytes(f"{copy}/{changed.name}"))
+    data[int(found.starts[3]) + 512] ^= 0xFF  # sample 3's first member's first data byte
+    storage.write_bytes(f"{copy}/{changed.name}", bytes(data))
+
+    def samples(shard: int, **opts: Any) -> tuple[list[Any], bool]:
+        o = ReaderOptions(cache_dir=str(tmp_path / f"{shard}{opts}"), **opts)
+        cache = ShardCache(copy, m, o, IOStats())
+        cache.hold()  # whole shards wait, as for a slot's first piece
+        try:
+            unit = cache.acquire(shard)
+            out = [unit.read(j) for j in range(m.shards[shard].samples)]
+        finally:
+            cache.close()
+        return [(x.key, x.reason) if hasattr(x, "reason") else x for x in out], isinstance(
+            unit, RangedShard
+        )
+
+    for shard in (0, 1, 2):
+        whole, _ = samples(shard, range_reads=False)
+        ranged, view = samples(shard)
+        assert view and ranged == whole, shard
+    assert all(r.startswith("sha256 mismatch") for _, r in samples(1, range_reads=False)[0])

@@ -89,6 +89,9 @@ class DataConfig:
     """A tar member larger than this is refused: its sample is skipped."""
     readahead: int = 2
     """Shards fetched ahead per partition, so decoding never waits on the network."""
+    range_reads: bool = True
+    """At a start or resume, read each partition's first samples of a remote shard by range
+    while the whole shard is fetched, where the manifest has sample offsets (docs/DATA.md)."""
     cache_dir: str = ""
     """Folder for fetched shards, shared by every process of a machine and kept across runs
     (shards are named by their sha256); empty: $XDG_CACHE_HOME/darkmatter/shards, or

@@ -68,6 +68,7 @@ def make_stream(
     opts = ReaderOptions(
         shuffle_buffer=d.shuffle_buffer, strict=d.strict, verify=d.verify,
         max_member_bytes=int(d.max_member_mb * 2**20), readahead=d.readahead,
+        range_reads=d.range_reads,
         retry=cfg.storage.retry, cache_dir=d.cache_dir, cache_bytes=int(d.cache_gb * 2**30),
         text=datasets.text_spec(meta),
     )  # fmt: skip

@@ -33,7 +33,9 @@ from typing import Any
 
 from darkmatter import storage
 from darkmatter.data_pipeline.manifest import Manifest, ShardInfo
+from darkmatter.data_pipeline.reader import ranged
 from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions, default_cache_dir
+from darkmatter.data_pipeline.reader.ranged import RangedShard
 from darkmatter.data_pipeline.reader.shards import Hole, LocalShard, UnitReader, reason_kind
 
 
@@ -94,6 +96,15 @@ class ShardCache:
             self._keep_idle = 256 if self.local else max(64, opts.readahead)
         self._shipped = IOStats()
         self._lock = threading.Lock()
+        # Ranged reads (ranged.py) of shards with sample offsets, while the whole shard comes.
+        self._ranged = (
+            opts.range_reads and manifest.offsets and not self.local
+            and storage.is_remote(manifest.root or url)
+        )  # fmt: skip
+        self._views: dict[int, RangedShard] = {}
+        self._range_pool: ThreadPoolExecutor | None = None
+        self._go = threading.Event()  # whole-shard fetches may start (see hold)
+        self._go.set()
 
     def _folder(self) -> str:
         root = self.opts.cache_dir or default_cache_dir()
@@ -133,9 +144,72 @@ class ShardCache:
 
     def prefetch(self, shard: int) -> None:
         self._future(shard)
+        self._view(shard)  # its offsets on their way
+
+    def hold(self) -> None:
+        """Hold whole-shard fetches of shards that can be read by range back until go(): a
+        starting or resuming slot's first piece then gets the network to itself."""
+        if self._ranged:
+            self._go.clear()
+
+    def go(self) -> None:
+        self._go.set()
+
+    def submit_range(self, fn: Any, *args: Any) -> Future[Any]:
+        with self._lock:
+            if self._range_pool is None:
+                self._range_pool = ThreadPoolExecutor(
+                    RANGE_THREADS, thread_name_prefix="darkmatter-range"
+                )
+            return self._range_pool.submit(fn, *args)
+
+    def _view(self, shard: int) -> RangedShard | None:
+        """The shard read by range, where it can be and is not here whole yet."""
+        info = self.manifest.shards[shard]
+        if not self._rangeable(info):
+            return None
+        with self._lock:
+            view = self._views.get(shard)
+            fut = self._futures.get(shard)
+        if view is None and fut is not None and not fut.done():
+            url = self.manifest.shard_url(self.url, info)
+            view = RangedShard(self, info, url, fut)
+            with self._lock:
+                view = self._views.setdefault(shard, view)
+        return view
+
+    def _rangeable(self, info: ShardInfo) -> bool:
+        """Whether the shard may be read by range: a remote tar shard with sample offsets, too
+        large to just fetch whole before its first sample, and not in the shared cache."""
+        return (
+            self._ranged and info.format == "tar" and info.bytes > ranged.MIN_SHARD
+            and not os.path.exists(self._cache_path(info))
+        )  # fmt: skip
+
+    def _cache_path(self, info: ShardInfo) -> str:
+        """The shard's file in the shared cache folder."""
+        verified = self.opts.verify and info.sha256 is not None
+        return os.path.join(
+            self._folder(), f"{info.identity}{'' if verified else '.unverified'}.tar"
+        )
+
+    def want(self, shard: int, samples: list[int], ahead_from: int | None = None) -> None:
+        """Fetch these samples of the shard by range now, if it is read by range (ranged.py)."""
+        view = self._view(shard)
+        if view is not None:
+            view.want(samples, ahead_from)
 
     def acquire(self, shard: int) -> UnitReader:
         fut = self._future(shard)
+        view = self._view(shard) if not fut.done() else None
+        if view is not None:
+            with self._lock:
+                self._refs[shard] += 1
+                if shard in self._idle:
+                    self._idle.remove(shard)
+            return view
+        if not fut.done():
+            self.go()  # never wait for a fetch that waits for go()
         t0 = time.perf_counter()
         local = fut.result()
         self._count(wait_s=time.perf_counter() - t0)
@@ -154,14 +228,28 @@ class ShardCache:
             self._idle.append(shard)
             if len(self._idle) <= self._keep_idle:
                 return
-            fut = self._futures.pop(self._idle.popleft(), None)
+            gone = self._idle.popleft()
+            fut = self._futures.pop(gone, None)
+            view = self._views.pop(gone, None)
+        if view is not None:
+            view.close()
         if fut is not None:
+            fut.add_done_callback(self._discard_done)  # at once if done; else when it is
+
+    def _discard_done(self, fut: Future[UnitReader]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
             self._discard(fut.result())
 
     def _discard(self, local: UnitReader) -> None:
         local.close()  # the file stays in the shared cache until evicted
 
     def close(self) -> None:
+        self._go.set()
+        if self._range_pool is not None:
+            self._range_pool.shutdown(wait=True, cancel_futures=True)
+        for view in self._views.values():
+            view.close()
+        self._views.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         for fut in self._futures.values():
@@ -178,6 +266,8 @@ class ShardCache:
             from darkmatter.data_pipeline.reader.formats import open_unit
 
             return open_unit(url, info, self.manifest, self.opts)
+        if self._rangeable(info):  # a slot's first piece is read by range first (hold)
+            self._go.wait()
         # Another process may evict the shard between its fetch and its opening (a cache too
         # small for what the machine reads at once): fetch it again, a few times at most.
         for _ in range(_REOPENS):
@@ -234,8 +324,7 @@ class ShardCache:
     def _cached(self, url: str, info: ShardInfo) -> tuple[str | None, str | None]:
         """(path in the shared cache, None), or (None, why the shard is bad)."""
         root = self._folder()
-        verified = self.opts.verify and info.sha256 is not None
-        path = os.path.join(root, f"{info.identity}{'' if verified else '.unverified'}.tar")
+        path = self._cache_path(info)
         if _fresh(path, info.bytes):
             return path, None
         try:
@@ -319,6 +408,7 @@ class ShardCache:
 
 
 _CHUNK = 8 << 20
+RANGE_THREADS = 16  # a slot's ranged GETs in flight (ranged.py)
 _REOPENS = 5  # fetches of one shard that another process may evict before it is opened
 
 

@@ -57,7 +57,7 @@ from darkmatter.data_pipeline.reader.order import (
 )
 from darkmatter.data_pipeline.reader.quarantine import Quarantine
 from darkmatter.data_pipeline.reader.shards import Hole
-from darkmatter.data_pipeline.reader.slots import decode_raw
+from darkmatter.data_pipeline.reader.slots import decode_raw, transform
 from darkmatter.data_pipeline.reader.steps import (
     SAMPLE_LOG_ENV,
     check_shape,
@@ -251,6 +251,7 @@ class MixSlot:
             return k, Hole(raw["__shard__"], raw["__key__"], f"undecodable: {e}")
         finally:
             source.cache._count(decode_s=time.perf_counter() - t0)
+        sample = transform(sample, raw, self.spec.opts)
         sample["__index__"], sample["__source__"] = k, source.src.name
         return k, sample
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from darkmatter.storage import Retry
 
@@ -73,6 +75,9 @@ class ReaderOptions:
     """A member larger than this is refused (the sample becomes a hole)."""
     readahead: int = 2
     """Shards per partition fetched ahead of the one being read."""
+    range_reads: bool = True
+    """Read the samples a remote shard is first needed for by range while the whole shard is
+    fetched, where the manifest has sample offsets (reader/ranged.py)."""
     retry: Retry = field(default_factory=Retry)
     """The retry budget of each shard fetch (config `storage.retry`); 403s, refused
     credentials and a missing bucket fail at once."""
@@ -85,3 +90,8 @@ class ReaderOptions:
     and every entry reaches the trainer's quarantine log."""
     text: TextSpec | None = None
     """The tokenizer for text read raw (data.tokenizer); None: such a sample is undecodable."""
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """A per-sample function run on each decoded sample where it was decoded (in the reader's
+    worker processes, which fork: any callable works), before it is batched: a resize or crop
+    there ships less and runs beside the decode. It must be deterministic in the sample (it
+    runs again on a resume's buffer). Its exception stops the stream, naming the sample."""

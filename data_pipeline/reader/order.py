@@ -123,11 +123,28 @@ class EpochPlan:
 
 def needed_shards(plan: EpochPlan, p: int, state: dict[str, Any] | None) -> list[int]:
     """The shards partition p reads first: its buffer's (from a state) and its next input's."""
+    return list(first_reads(plan, p, state, 1))
+
+
+def first_reads(
+    plan: EpochPlan, p: int, state: dict[str, Any] | None, buffer: int
+) -> dict[int, tuple[list[int], int | None]]:
+    """What partition p reads before its first output, by shard: the samples its buffer held
+    (from a state) and the inputs that fill a buffer of `buffer` samples, plus one; with the
+    sample of the last of those inputs where the shard holds it (reading goes on from there)."""
     start = int(state["next_in"]) if state else 0
-    shards = [plan.locate(p, int(i))[0] for i in state["buf"]] if state else []
-    if start < plan.part_len:
-        shards.append(plan.locate(p, start)[0])
-    return list(dict.fromkeys(shards))
+    held = [int(i) for i in state["buf"]] if state else []
+    stop = min(plan.part_len, start + max(1, buffer) - len(held) + 1)
+    out: dict[int, tuple[list[int], int | None]] = {}
+    for i in held:
+        shard, j = plan.locate(p, i)
+        out.setdefault(shard, ([], None))[0].append(j)
+    for i in range(start, stop):
+        shard, j = plan.locate(p, i)
+        js, _ = out.setdefault(shard, ([], None))
+        js.append(j)
+        out[shard] = (js, j)
+    return out
 
 
 class PartitionStream:

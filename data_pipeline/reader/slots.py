@@ -21,7 +21,7 @@ from darkmatter.data_pipeline.manifest import Manifest
 from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
 from darkmatter.data_pipeline.reader.decode import Sample, decode
 from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.reader.order import EpochPlan, PartitionStream, needed_shards
+from darkmatter.data_pipeline.reader.order import EpochPlan, PartitionStream, first_reads
 from darkmatter.data_pipeline.reader.shards import Hole
 
 
@@ -68,10 +68,18 @@ class Slot:
         self.cache = cache or ShardCache(spec.url, spec.manifest, spec.opts, IOStats())
         owned = range(slot % spec.n_slots, spec.partitions, spec.n_slots)
         # Ask for every shard the partitions start with (and their buffers, on a resume) before
-        # any partition blocks on one: the fetch threads then work in parallel.
-        for p in owned:
-            for shard in needed_shards(self.plan, p, states.get(p)):
+        # any partition blocks on one: the fetch threads then work in parallel. Where shards
+        # can be read by range, the samples the first piece needs come first and the whole
+        # shards after it (cache.hold).
+        self.cache.hold()
+        buffer = spec.opts.shuffle_buffer
+        first = {p: first_reads(self.plan, p, states.get(p), buffer) for p in owned}
+        for reads in first.values():
+            for shard in reads:
                 self.cache.prefetch(shard)
+        for reads in first.values():
+            for shard, (js, last) in reads.items():
+                self.cache.want(shard, js, last)
         self.parts = {
             p: PartitionStream(self.plan, p, self.cache, spec.opts, states.get(p)) for p in owned
         }
@@ -98,6 +106,7 @@ class Slot:
                 continue
             finally:
                 self.cache._count(decode_s=time.perf_counter() - t0)
+            sample = transform(sample, raw, self.spec.opts)
             sample["__index__"] = g
             items.append((g, sample))
         if holes and self.spec.opts.strict:
@@ -105,7 +114,9 @@ class Slot:
             raise DataError(f"shard {h.shard}, sample {h.key}: {h.reason} (data.strict is on)")
         self.cache.count_samples(len(items) - len(holes), holes)
         states = {p: part.state() for p, part in self.parts.items()}
-        return Piece(self.epoch, step, self.slot, items, states, holes, self.cache.take_stats())
+        piece = Piece(self.epoch, step, self.slot, items, states, holes, self.cache.take_stats())
+        self.cache.go()  # the first piece is out: the whole shards may come now (cache.hold)
+        return piece
 
     def close(self) -> None:
         for part in self.parts.values():
@@ -117,6 +128,21 @@ class Slot:
 def decode_raw(raw: dict[str, Any], modality: str, opts: ReaderOptions) -> Sample:
     """Raw members -> a sample: the one place slots decode (DataStream's and the mixture's)."""
     return decode(raw, modality, text=opts.text)
+
+
+def transform(sample: Sample, raw: dict[str, Any], opts: ReaderOptions) -> Sample:
+    """The user's per-sample transform (ReaderOptions.transform), run where the sample was
+    decoded. Its error is not a bad sample but a bug to see: DataError naming the sample."""
+    if opts.transform is None:
+        return sample
+    try:
+        return opts.transform(sample)
+    except Exception as e:
+        name = getattr(opts.transform, "__qualname__", type(opts.transform).__name__)
+        raise DataError(
+            f"shard {raw['__shard__']}, sample {raw['__key__']}: data transform {name} "
+            f"failed: {type(e).__name__}: {e}"
+        ) from e
 
 
 def slot_pieces(

@@ -1,0 +1,254 @@
+"""A remote tar shard read by ranged GETs of its samples until the whole shard is in the cache.
+
+A partition starting or resuming needs a few samples of each shard it reads (its shuffle
+buffer's, then its next inputs), but the cache fetches whole shards: with many partitions over
+few shards, the first step waited for the whole dataset. Where the manifest has sample offsets
+(offsets.py, written by prepare and index), ShardCache.acquire hands out a RangedShard instead
+while the whole shard is still on its way:
+
+  * `want(js, ahead_from)`: ranged GETs of the samples js (what a partition reads before its
+    first output: its buffer's samples and the inputs that fill it), nearby ones coalesced
+    into one *span* (gaps up to GAP bytes, at most SPAN_MAX). Spans are fetched by the cache's
+    range threads, in the order they were wanted.
+  * `read(j)`: the whole shard once it is here (every read after that), else sample j from its
+    span (a new span of AHEAD bytes from j if none holds it). Once half of the span holding
+    `ahead_from`, or of one made by a read, is read, the AHEAD bytes after it are fetched. The cache holds the whole-shard fetches back until the slot's first piece is out
+    (ShardCache.hold), so they do not compete with the spans the first step needs.
+
+Checks: the offsets file must name this shard and be whole, and one HEAD must find the object
+it was written for (its ETag and the manifest's size), so the object is the one the manifest's
+sha256 or identity describes; where the offsets carry each sample's CRC-32, every sample read
+by range must match it. Any doubt (a missing or foreign offsets file, a changed object, a
+header, key or CRC that does not match, a member the whole-shard reader would refuse, a failed
+GET) sends that read to the whole shard: its checks decide what a bad sample is, so ranged reads
+change when samples arrive, not which samples or holes a step gets.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from darkmatter import storage
+from darkmatter.data_pipeline import offsets as sample_offsets
+from darkmatter.data_pipeline.manifest import ShardInfo
+from darkmatter.data_pipeline.reader.shards import (
+    PICKLE_EXTENSIONS,
+    Hole,
+    TarCursor,
+    TarFormatError,
+    UnitReader,
+    _split_name,
+    parse_window,
+)
+
+if TYPE_CHECKING:
+    from darkmatter.data_pipeline.reader.cache import ShardCache
+
+GAP = 256 << 10  # wanted samples at most this far apart share one GET (a GET costs more)
+SPAN_MAX = 8 << 20  # and one GET holds at most this much
+AHEAD = 1 << 20  # a partition's next inputs: one GET of about this much at a time
+MIN_SHARD = 4 << 20  # smaller shards are fetched whole at once: a span would be most of one
+
+
+class _Span:
+    """Samples [lo, hi) of the shard, fetched as one ranged GET."""
+
+    def __init__(self, lo: int, hi: int, fut: Future[bytes], ahead: bool):
+        self.lo, self.hi, self.fut, self.ahead = lo, hi, fut, ahead
+        self.left = hi - lo  # samples not yet read: at 0 the bytes are dropped
+
+
+class RangedShard:
+    """UnitReader of a remote tar shard: ranged reads of its samples until `whole` is done."""
+
+    def __init__(self, cache: ShardCache, info: ShardInfo, url: str, whole: Future[UnitReader]):
+        self.cache, self.info, self.url, self.whole = cache, info, url, whole
+        self.name = info.name
+        self.bad: str | None = None  # never set: a bad shard is the whole reader's to name
+        self._lock = threading.Lock()
+        self._spans: dict[int, _Span] = {}  # by first sample
+        self._los: list[int] = []  # their first samples, sorted
+        self._offsets: Future[sample_offsets.SampleOffsets | None] = cache.submit_range(
+            self._load_offsets
+        )
+
+    # -- the offsets and the object's identity ----------------------------------------------
+    def _load_offsets(self) -> sample_offsets.SampleOffsets | None:
+        """The shard's offsets, once one HEAD finds the object they were written for (its ETag
+        and the manifest's size); None otherwise, and the whole-shard fetch then decides."""
+        info, retry = self.info, self.cache.opts.retry
+        where = sample_offsets.url(self.cache.url, info.identity)
+        try:
+            data = storage.with_retries(
+                lambda: storage.read_bytes(where), f"read of {where}", retry
+            )
+            found = sample_offsets.decode(data, info.identity, info.samples)
+            if found is None or not found.etag:
+                return None
+            fs, path = storage.filesystem(self.url)
+            head = storage.with_retries(lambda: fs.info(path), f"fetch of {self.url}", retry)
+        except Exception:  # noqa: BLE001 - missing, unreadable, refused: the whole shard decides
+            return None
+        if head.get("size") != info.bytes or sample_offsets.etag_of(head) != found.etag:
+            return None
+        return found
+
+    def _ready(self) -> sample_offsets.SampleOffsets | None:
+        t0 = time.perf_counter()
+        found = self._offsets.result()
+        self.cache._count(wait_s=time.perf_counter() - t0)
+        return found
+
+    def _done(self) -> UnitReader | None:
+        """The whole shard, if it has arrived (its spans are then dropped)."""
+        if not self.whole.done():
+            return None
+        if self._spans:
+            with self._lock:
+                self._spans.clear()
+                self._los.clear()
+        return self.whole.result()
+
+    # -- spans ------------------------------------------------------------------------------
+    def want(self, js: list[int], ahead_from: int | None = None) -> None:
+        """Fetch samples js by range, nearby ones in one GET; the span holding `ahead_from`
+        (a partition's last input before its first output) reads ahead once half read."""
+        if self._done() is not None or not js:
+            return
+        off = self._ready()
+        if off is None:
+            return
+        starts = off.starts
+        js = sorted(j for j in set(js) if not self._holding(j))
+        groups: list[list[int]] = []
+        for j in js:
+            if not groups or (
+                int(starts[j]) - int(starts[groups[-1][-1] + 1]) > GAP
+                or int(starts[j + 1]) - int(starts[groups[-1][0]]) > SPAN_MAX
+            ):
+                groups.append([])
+            groups[-1].append(j)
+        for group in groups:
+            self._span(group[0], group[-1] + 1, ahead=ahead_from in group, wanted=group)
+
+    @staticmethod
+    def _end_of(off: sample_offsets.SampleOffsets, lo: int, nbytes: int) -> int:
+        """The first sample at or after `nbytes` past sample lo's start (at least lo + 1)."""
+        target = int(off.starts[lo]) + nbytes
+        hi = bisect.bisect_left(off.starts, target, lo + 1)
+        return min(max(hi, lo + 1), off.samples)
+
+    def _holding(self, j: int) -> _Span | None:
+        k = bisect.bisect_right(self._los, j) - 1
+        if k >= 0:
+            span = self._spans[self._los[k]]
+            if j < span.hi:
+                return span
+        return None
+
+    def _span(
+        self, lo: int, hi: int, ahead: bool = False, wanted: list[int] | None = None
+    ) -> _Span:
+        with self._lock:
+            if (held := self._holding(lo)) is not None:
+                return held
+            off = self._offsets.result()
+            assert off is not None
+            a, b = int(off.starts[lo]), int(off.starts[hi])
+            span = _Span(lo, hi, self.cache.submit_range(self._get, a, b), ahead)
+            if wanted is not None:
+                span.left = len(wanted)
+            self._spans[lo] = span
+            bisect.insort(self._los, lo)
+            return span
+
+    def _get(self, start: int, end: int) -> bytes:
+        t0 = time.perf_counter()
+        fs, path = storage.filesystem(self.url)
+        data: bytes = storage.with_retries(
+            lambda: fs.cat_file(path, start=start, end=end), f"read of {self.url}",
+            self.cache.opts.retry, on_retry=lambda: self.cache._count(retries=1),
+        )  # fmt: skip
+        self.cache._count(bytes_read=len(data), fetch_s=time.perf_counter() - t0)
+        return data
+
+    def _drop(self, span: _Span) -> None:
+        with self._lock:
+            if self._spans.get(span.lo) is span:
+                del self._spans[span.lo]
+                self._los.remove(span.lo)
+
+    # -- UnitReader -------------------------------------------------------------------------
+    def read(self, j: int) -> dict[str, Any] | Hole:
+        whole = self._done()
+        if whole is not None:
+            return whole.read(j)
+        off = self._ready()
+        if off is None:
+            return self._whole().read(j)
+        span = self._holding(j) or self._span(j, self._end_of(off, j, AHEAD), ahead=True)
+        t0 = time.perf_counter()
+        try:
+            data = span.fut.result()
+        except Exception:  # a failed GET: the whole-shard fetch retries, or names the error
+            return self._whole().read(j)
+        finally:
+            self.cache._count(wait_s=time.perf_counter() - t0)
+        raw = self._sample(off, j, data, int(off.starts[span.lo]))
+        span.left -= 1
+        if span.left <= 0:
+            self._drop(span)
+        if span.ahead and j + 1 >= (span.lo + span.hi) / 2 and span.hi < off.samples:
+            self._span(span.hi, self._end_of(off, span.hi, AHEAD), ahead=True)
+        return raw if raw is not None else self._whole().read(j)
+
+    def _sample(
+        self, off: sample_offsets.SampleOffsets, j: int, data: bytes, base: int
+    ) -> dict[str, Any] | None:
+        """Sample j from its span's bytes, or None where anything is in doubt."""
+        lo, hi = int(off.starts[j]), int(off.starts[j + 1])
+        buf = data[lo - base : hi - base]
+        cur = TarCursor(pos=lo)
+        try:
+            members = list(parse_window(buf, lo, cur))
+        except (TarFormatError, ValueError, IndexError):
+            return None
+        if not members or cur.pos != hi:
+            return None
+        key = _split_name(members[0][0])[0]
+        raw: dict[str, Any] = {"__key__": key, "__shard__": self.name}
+        parts = []
+        for name, offset, size in members:
+            k, ext = _split_name(name)
+            if (
+                k != key
+                or ext in raw
+                or ext.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS
+                or size > self.cache.opts.max_member_bytes
+                or offset + size > hi
+            ):
+                return None  # the whole-shard reader decides what such a sample is
+            raw[ext] = buf[offset - lo : offset - lo + size]
+            parts.append(raw[ext])
+        if off.crc32 is not None and sample_offsets.crc32(parts) != int(off.crc32[j]):
+            return None
+        return raw
+
+    def _whole(self) -> UnitReader:
+        self.cache.go()  # a read that needs the whole shard must not wait behind the hold
+        t0 = time.perf_counter()
+        whole = self.whole.result()
+        self.cache._count(wait_s=time.perf_counter() - t0)
+        return whole
+
+    def key(self, j: int) -> str:
+        return self._whole().key(j)
+
+    def close(self) -> None:
+        with self._lock:
+            self._spans.clear()
+            self._los.clear()
