@@ -8,6 +8,7 @@ they yield with an uninterrupted single-rank run.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from darkmatter.data_pipeline.prepare import prepare
 from darkmatter.data_pipeline.reader import (
+    DataError,
     DataStream,
     EpochPlan,
     LocalShard,
@@ -279,3 +281,79 @@ def test_close_returns_while_a_worker_was_writing_a_large_piece() -> None:
         closing.join(timeout=20)
         assert not closing.is_alive(), "close() is stuck"
         assert not any(p.is_alive() for p in pool.procs)
+
+
+def _count_tokens(sample: dict[str, Any]) -> dict[str, Any]:
+    if sample["__key__"].endswith("7"):
+        raise ValueError("no sevens")
+    sample["tokens"] = len(sample["input_ids"])
+    return sample
+
+
+def test_a_transform_runs_in_the_workers_and_its_error_names_the_sample(dataset: str) -> None:
+    """ReaderOptions.transform runs on each decoded sample where it was decoded (in the worker
+    processes here); its exception stops the stream with one line naming the sample."""
+    import os
+
+    def where(sample: dict[str, Any]) -> dict[str, Any]:
+        sample["pid"] = os.getpid()
+        return sample
+
+    s = open_rank(dataset, 0, 1, 2, transform=where)
+    try:
+        pids = {x["pid"] for x in s.next_step()[0]}
+    finally:
+        s.close()
+    assert len(pids) == 2 and os.getpid() not in pids
+    s = open_rank(dataset, 0, 1, 2, transform=_count_tokens)
+    try:
+        with pytest.raises(DataError) as e:
+            for _ in range(s.steps_per_epoch):
+                for x in s.next_step()[0]:
+                    assert x["tokens"] == len(x["input_ids"])
+    finally:
+        s.close()
+    assert re.fullmatch(
+        r"shard \S+\.tar, sample \S+7: data transform _count_tokens failed: "
+        r"ValueError: no sevens",
+        str(e.value),
+    ), str(e.value)
+
+
+def test_arena_moves_large_arrays_and_pickles_the_rest() -> None:
+    """A piece's large arrays go through the worker's shared arena (any dtype, layout and
+    shape, copied back out as the rank's own arrays); small ones, object arrays and what does
+    not fit in a slot stay in the piece as they were."""
+    import pickle
+
+    import numpy as np
+
+    from darkmatter.data_pipeline.reader import workers
+    from darkmatter.data_pipeline.reader.cache import IOStats
+    from darkmatter.data_pipeline.reader.slots import Piece
+
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    wave = rng.standard_normal(40_000).astype(np.float32)
+    strided = rng.standard_normal((300, 200))[:, ::2]  # float64, not contiguous
+    huge = np.zeros(workers.ARENA_SLOT_BYTES // 8 + 1, np.float64)  # over a slot: pickled
+    small = np.arange(10)
+    arena = workers.Arena(3)
+    sent = []
+    for k in range(5):  # around the slots more than once
+        items = [(0, {"image": big + k, "ids": small}), (1, None),
+                 (2, {"audio": wave * k, "x": strided, "huge": huge})]  # fmt: skip
+        piece = Piece(0, k, 0, items, {}, [], IOStats())
+        packed = pickle.loads(pickle.dumps(arena.pack(piece)))  # as the queue sends it
+        assert len(pickle.dumps(packed)) < huge.nbytes + 4096  # only `huge` travels inline
+        assert isinstance(packed.items[0][1]["image"], workers._InArena)
+        assert isinstance(packed.items[2][1]["huge"], np.ndarray)
+        got = arena.unpack(packed)
+        sent.append(got)
+        assert np.array_equal(got.items[0][1]["image"], big + k)
+        assert np.array_equal(got.items[0][1]["ids"], small) and got.items[1][1] is None
+        assert got.items[2][1]["audio"].dtype == np.float32
+        assert np.array_equal(got.items[2][1]["audio"], wave * k)
+        assert np.array_equal(got.items[2][1]["x"], strided)
+    # Received arrays are copies: later pieces in the same slot do not change them.
+    assert all(np.array_equal(p.items[0][1]["image"], big + k) for k, p in enumerate(sent))
