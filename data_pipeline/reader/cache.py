@@ -345,8 +345,9 @@ class ShardCache:
                     return None, changed
                 tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
                 try:
-                    size, digest = self._download(url, tmp, info.bytes)
-                    bad = self._check(size, digest if self.opts.verify else None, info)
+                    check = self.opts.verify and info.sha256 is not None
+                    size, digest = self._download(url, tmp, info.bytes, check)
+                    bad = self._check(size, digest, info)
                     if bad:
                         return None, bad
                     os.replace(tmp, path)
@@ -371,11 +372,14 @@ class ShardCache:
             return f"changed since indexed: ETag {etag}, the manifest says {info.version}"
         return None
 
-    def _download(self, url: str, tmp: str, expected: int) -> tuple[int, str]:
+    def _download(
+        self, url: str, tmp: str, expected: int, checksum: bool
+    ) -> tuple[int, str | None]:
         """Copy the object to `tmp` within the storage.retry budget, each retry resuming where
-        the body broke off. A missing object raises FileNotFoundError (the shard is a hole);
-        a 403, refused credentials, a missing bucket or a spent budget raise DataError."""
-        sha = hashlib.sha256()
+        the body broke off; its sha256 with `checksum` (else None: nothing to check it by). A
+        missing object raises FileNotFoundError (the shard is a hole); a 403, refused
+        credentials, a missing bucket or a spent budget raise DataError."""
+        sha = hashlib.sha256() if checksum else None
         with open(tmp, "wb") as out:
             try:
                 done = storage.with_retries(
@@ -384,7 +388,7 @@ class ShardCache:
                 )  # fmt: skip
             except storage.StorageError as e:
                 raise DataError(str(e)) from None
-        return done, sha.hexdigest()
+        return done, sha.hexdigest() if sha is not None else None
 
     def _copy(self, url: str, out: Any, sha: Any, expected: int) -> int:
         """Append the object's bytes from offset `out.tell()` on to `out`; returns the new
@@ -396,7 +400,8 @@ class ShardCache:
                 f.seek(done)
             while chunk := f.read(_CHUNK):
                 out.write(chunk)
-                sha.update(chunk)
+                if sha is not None:
+                    sha.update(chunk)
                 done += len(chunk)
                 self._count(bytes_read=len(chunk))
         if 0 < done < expected:
