@@ -16,10 +16,10 @@ Reading. Every library reads with the same number of loader worker processes (`-
 default 2), the same global batch (64), the shuffling it offers turned on, an empty local cache,
 and the same work per sample: Pillow's JPEG decode and bilinear resize to 224 x 224 (uint8),
 the batch stacked by numpy (channels first as a torch view). The peers decode and resize in
-their DataLoader workers. Ours decodes in its workers (DataStream's own decode) and resizes in
-the training process, where a trainer does it: DataStream has no per-sample transform in its
-workers (`--profile` adds a row with the resize moved there, by replacing the reader's decode
-function: what such an option would give).
+their DataLoader workers; ours decodes in its workers (DataStream's own decode) and resizes
+there too (ReaderOptions.transform), and reads a start's or resume's first samples by range.
+`--profile` adds ours as it was before each of those: `ours-resize-here` (no transform: the
+training process resizes what the workers ship) and `ours-whole-shards` (range_reads off).
 Per library and repetition, in a fresh process (peak memory is per process tree):
   * `samples_per_s`: samples after the first batch over the time from the first batch to the
     last of one epoch (steady state; `epoch_samples_per_s` counts from building the loader);
@@ -88,6 +88,7 @@ from _common import log  # noqa: E402
 
 LIBRARIES = ("ours", "webdataset", "mosaicml-streaming", "litdata")
 PEERS = LIBRARIES[1:]
+PROFILE_ROWS = ("ours-resize-here", "ours-whole-shards")  # `--profile`: ours as it was before
 BATCH = 64  # the global batch: 64 at world size 1, 32 per rank at world size 2
 IMAGE_SIZE = 256  # the stored JPEGs
 RESIZE = 224  # what every loader hands the model
@@ -109,6 +110,12 @@ def decode_resize(data: bytes) -> Any:
     with Image.open(io.BytesIO(data)) as im:
         small = im.convert("RGB").resize((RESIZE, RESIZE), Image.Resampling.BILINEAR)
     return np.asarray(small, dtype=np.uint8)
+
+
+def resize_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Ours: the reader's per-sample transform, run in its workers after the decode."""
+    sample["image"] = resize_array(sample["image"])
+    return sample
 
 
 def resize_array(arr: Any) -> Any:
@@ -334,17 +341,24 @@ class Loader(abc.ABC):
 
 
 class OursLoader(Loader):
-    """DataStream: decoded in its workers, resized here (in the training process)."""
+    """DataStream: decoded and resized in its workers (ReaderOptions.transform), its first
+    samples after a start or resume read by range (the offsets `index` wrote)."""
+
+    RESIZE_IN_WORKERS = True
+    RANGE_READS = True
 
     def __init__(self, spec: dict[str, Any], rank: int, world: int, seed: int, cache: str,
                  states: list[Any] | None, decode: bool) -> None:  # fmt: skip
         from darkmatter.data_pipeline.reader import DataStream, ReaderOptions
 
         self.decode = decode
+        options = ReaderOptions(
+            shuffle_buffer=SHUFFLE_BUFFER, cache_dir=cache, range_reads=self.RANGE_READS,
+            transform=resize_sample if decode and self.RESIZE_IN_WORKERS else None,
+        )  # fmt: skip
         self.stream = DataStream(
             spec["urls"]["ours"], rank=rank, world_size=world, micro_batch_size=BATCH // world,
-            num_workers=spec["workers"], seed=seed, partitions=PARTITIONS,
-            options=ReaderOptions(shuffle_buffer=SHUFFLE_BUFFER, cache_dir=cache),
+            num_workers=spec["workers"], seed=seed, partitions=PARTITIONS, options=options,
         )  # fmt: skip
         if states:
             self.stream.load_state_dict(states)
@@ -548,30 +562,24 @@ class LitdataLoader(StatefulLoader):
                    states)  # fmt: skip
 
 
-class OursResizeInWorkersLoader(OursLoader):
-    """`--profile` only: DataStream with the resize moved into its workers, by replacing the
-    reader's decode function (slots.decode_raw) before the workers fork. It measures what a
-    per-sample transform option of the reader would give; the reader has no such option."""
+class OursResizeHereLoader(OursLoader):
+    """`--profile`: DataStream without a transform, the resize run here (in the training
+    process) on the decoded images its workers ship: the reader before ReaderOptions.transform."""
 
-    def __init__(self, *args: Any) -> None:
-        from darkmatter.data_pipeline.reader import slots
+    RESIZE_IN_WORKERS = False
 
-        if not getattr(slots.decode_raw, "resizes", False):
-            plain = slots.decode_raw
 
-            def decode_raw(raw: dict[str, Any], modality: str, opts: Any) -> Any:
-                sample = plain(raw, modality, opts)
-                sample["image"] = resize_array(sample["image"])
-                return sample
+class OursWholeShardsLoader(OursLoader):
+    """`--profile`: DataStream with range_reads off: every shard a start or resume needs is
+    fetched whole before its first sample (the reader before reader/ranged.py)."""
 
-            decode_raw.resizes = True  # type: ignore[attr-defined]
-            slots.decode_raw = decode_raw
-        super().__init__(*args)
+    RANGE_READS = False
 
 
 LOADERS: dict[str, type[Loader]] = {
     "ours": OursLoader,
-    "ours-resize-in-workers": OursResizeInWorkersLoader,
+    "ours-resize-here": OursResizeHereLoader,
+    "ours-whole-shards": OursWholeShardsLoader,
     "webdataset": WebDatasetLoader,
     "mosaicml-streaming": MosaicLoader,
     "litdata": LitdataLoader,
@@ -1023,7 +1031,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--libraries", nargs="+", default=list(LIBRARIES), metavar="LIB",
                     help=f"some of {', '.join(LIBRARIES)}")  # fmt: skip
     ap.add_argument("--profile", action="store_true",
-                    help="also time ours with the resize moved into its workers")  # fmt: skip
+                    help="also time ours resizing in this process, and ours without range "
+                    "reads")  # fmt: skip
     ap.add_argument("--bucket", metavar="S3_URL",
                     help="write the data here, on the S3 server the environment names "
                     "(AWS_ENDPOINT_URL), instead of starting a private stack (tests: the "
@@ -1051,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--workers must divide {PARTITIONS // 2} (our reader: 2 ranks x workers slots)")
     libs = [lib for lib in LIBRARIES if lib in args.libraries]
     check_installed(libs)
-    timed = libs + (["ours-resize-in-workers"] if args.profile and "ours" in libs else [])
+    timed = libs + (list(PROFILE_ROWS) if args.profile and "ours" in libs else [])
     reps = args.reps or (3 if samples >= 2000 else 1)
     timeout = 120 + samples / 20  # per child: generous at ~1 ms of work a sample
     started, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -1098,9 +1107,12 @@ def main(argv: list[str] | None = None) -> int:
             resume_vs_best_peer=round(by["ours"]["resume_s"] / fastest["resume_s"], 3),
             best_resume_peer=fastest["library"],
         )  # fmt: skip
-        if "ours-resize-in-workers" in by:
-            summary["resize_in_workers_ratio_vs_best_peer"] = round(
-                by["ours-resize-in-workers"]["samples_per_s"] / best["samples_per_s"], 3)  # fmt: skip
+        if "ours-resize-here" in by:
+            summary["resize_here_ratio_vs_best_peer"] = round(
+                by["ours-resize-here"]["samples_per_s"] / best["samples_per_s"], 3)  # fmt: skip
+        if "ours-whole-shards" in by:
+            summary["whole_shards_resume_vs_best_peer"] = round(
+                by["ours-whole-shards"]["resume_s"] / fastest["resume_s"], 3)  # fmt: skip
     summary.update(
         samples_per_s={r["library"]: r["samples_per_s"] for r in rows},
         cpu_ms_per_sample={r["library"]: r["cpu_ms_per_sample"] for r in rows},

@@ -8,6 +8,10 @@ the bucket), checked against the manifest's size and sha256, and indexed by its 
 under a byte cap (data.cache_gb) by evicting the least recently used shards and their lock
 files. IOStats counts what this costs.
 
+Where the manifest has sample offsets, a remote shard that is not here yet is handed out as a
+RangedShard (ranged.py): its samples are read by range until the whole file arrives, and a
+starting slot holds the whole-shard fetches back (hold/go) until its first piece is out.
+
 A shard lies at `Manifest.shard_url` (beside the manifest, or under the manifest's `root` for
 data indexed in place). A shard without a sha256 (`darkmatter index` without --checksum) is
 cached under its identity as `<identity>.unverified.tar` and checked by size, and by ETag where
