@@ -30,11 +30,12 @@ import bisect
 import threading
 import time
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from darkmatter import storage
 from darkmatter.data_pipeline import offsets as sample_offsets
 from darkmatter.data_pipeline.manifest import ShardInfo
+from darkmatter.data_pipeline.reader.options import ReaderOptions
 from darkmatter.data_pipeline.reader.shards import (
     PICKLE_EXTENSIONS,
     Hole,
@@ -45,8 +46,20 @@ from darkmatter.data_pipeline.reader.shards import (
     parse_window,
 )
 
-if TYPE_CHECKING:
-    from darkmatter.data_pipeline.reader.cache import ShardCache
+
+class ShardCache(Protocol):
+    """What a RangedShard needs of reader/cache.py's ShardCache (named here, not imported:
+    the cache imports this module)."""
+
+    url: str
+    opts: ReaderOptions
+
+    def submit_range(self, fn: Any, *args: Any) -> Future[Any]: ...
+
+    def go(self) -> None: ...
+
+    def _count(self, **deltas: float) -> None: ...
+
 
 GAP = 256 << 10  # wanted samples at most this far apart share one GET (a GET costs more)
 SPAN_MAX = 8 << 20  # and one GET holds at most this much

@@ -21,7 +21,12 @@ from darkmatter.data_pipeline.manifest import Manifest
 from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
 from darkmatter.data_pipeline.reader.decode import Sample, decode
 from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions
-from darkmatter.data_pipeline.reader.order import EpochPlan, PartitionStream, first_reads
+from darkmatter.data_pipeline.reader.order import (
+    EpochPlan,
+    PartitionStream,
+    first_reads,
+    needed_shards,
+)
 from darkmatter.data_pipeline.reader.shards import Hole
 
 
@@ -72,13 +77,12 @@ class Slot:
         # can be read by range, the samples the first piece needs come first and the whole
         # shards after it (cache.hold).
         self.cache.hold()
-        buffer = spec.opts.shuffle_buffer
-        first = {p: first_reads(self.plan, p, states.get(p), buffer) for p in owned}
-        for reads in first.values():
-            for shard in reads:
+        for p in owned:
+            for shard in needed_shards(self.plan, p, states.get(p)):
                 self.cache.prefetch(shard)
-        for reads in first.values():
-            for shard, (js, last) in reads.items():
+        buffer = spec.opts.shuffle_buffer
+        for p in owned:
+            for shard, (js, last) in first_reads(self.plan, p, states.get(p), buffer).items():
                 self.cache.want(shard, js, last)
         self.parts = {
             p: PartitionStream(self.plan, p, self.cache, spec.opts, states.get(p)) for p in owned
