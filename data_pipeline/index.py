@@ -101,9 +101,8 @@ class TarScan:
 
 # -- listing ------------------------------------------------------------------------------------
 def _version(info: dict[str, Any]) -> str:
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return str(etag).strip('"')
+    if etag := offsets.etag_of(info):
+        return etag
     return str(info.get("mtime") or info.get("LastModified") or info.get("created") or "")
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from darkmatter import storage
+from darkmatter.data_pipeline import offsets
 from darkmatter.data_pipeline.manifest import Manifest, ShardInfo
 from darkmatter.data_pipeline.reader import ranged
 from darkmatter.data_pipeline.reader.options import DataError, ReaderOptions, default_cache_dir
@@ -371,7 +372,7 @@ class ShardCache:
             head = storage.with_retries(lambda: fs.info(path), f"fetch of {url}", self.opts.retry)
         except storage.StorageError as e:
             raise DataError(str(e)) from None
-        etag = str(head.get("ETag", "")).strip('"')
+        etag = offsets.etag_of(head)
         if etag and info.version and etag != info.version:
             return f"changed since indexed: ETag {etag}, the manifest says {info.version}"
         return None

@@ -37,12 +37,12 @@ from darkmatter.data_pipeline import offsets as sample_offsets
 from darkmatter.data_pipeline.manifest import ShardInfo
 from darkmatter.data_pipeline.reader.options import ReaderOptions
 from darkmatter.data_pipeline.reader.shards import (
-    PICKLE_EXTENSIONS,
     Hole,
     TarCursor,
     TarFormatError,
     UnitReader,
     _split_name,
+    member_refused,
     parse_window,
 )
 
@@ -239,10 +239,8 @@ class RangedShard:
             k, ext = _split_name(name)
             if (
                 k != key
-                or ext in raw
-                or ext.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS
-                or size > self.cache.opts.max_member_bytes
                 or offset + size > hi
+                or member_refused(name, ext, size, self.cache.opts.max_member_bytes, raw)
             ):
                 return None  # the whole-shard reader decides what such a sample is
             raw[ext] = buf[offset - lo : offset - lo + size]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -169,6 +169,20 @@ def _pax_records(block: bytes) -> dict[bytes, bytes]:
     return out
 
 
+def member_refused(
+    name: str, ext: str, length: int, max_member_bytes: int, seen: Iterable[str]
+) -> str | None:
+    """Why a member makes its sample a hole (a pickle, over the size cap, an extension the
+    sample already has: which one is the sample?), or None."""
+    if ext.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS:
+        return f"pickle member: {name} refused (the reader never unpickles)"
+    if length > max_member_bytes:
+        return f"member {ext} of {length} bytes over the {max_member_bytes} cap"
+    if ext in seen:
+        return f"duplicate member: {ext} appears twice"
+    return None
+
+
 @dataclass
 class LocalShard:
     """A fetched (or local) shard file indexed by sample: key and (ext, offset, size) members."""
@@ -199,16 +213,10 @@ class LocalShard:
                 n = len(self.keys) - 1
                 if offset + length > size:
                     self.sample_bad.setdefault(n, "truncated tar")
-                elif ext.rsplit(".", 1)[-1].lower() in PICKLE_EXTENSIONS:
-                    self.sample_bad.setdefault(
-                        n, f"pickle member: {name} refused (the reader never unpickles)"
-                    )
-                elif length > max_member_bytes:
-                    self.sample_bad.setdefault(
-                        n, f"member {ext} of {length} bytes over the {max_member_bytes} cap"
-                    )
-                elif any(e == ext for e, _, _ in self.members[n]):  # which one is the sample?
-                    self.sample_bad.setdefault(n, f"duplicate member: {ext} appears twice")
+                elif why := member_refused(
+                    name, ext, length, max_member_bytes, (e for e, _, _ in self.members[n])
+                ):
+                    self.sample_bad.setdefault(n, why)
                 else:
                     self.members[n].append((ext, offset, length))
         except TarFormatError as e:
