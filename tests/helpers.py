@@ -147,4 +147,5 @@ def small_spans(monkeypatch: Any) -> None:
 
     monkeypatch.setattr(ranged, "MIN_SHARD", 0)
     monkeypatch.setattr(ranged, "AHEAD", 4096)
+    monkeypatch.setattr(ranged, "AHEAD_MAX", 16384)
     monkeypatch.setattr(ranged, "GAP", 1024)

@@ -211,8 +211,9 @@ def test_ranged_reads_in_doubt_read_the_whole_shard(
     s3_dataset: str, tmp_path: Path, small_spans: None
 ) -> None:
     """A torn offsets file, and a shard replaced by other bytes of the same size (its ETag
-    changed; one sample's data differs): read by range while the whole shards are held back,
-    every sample is what the whole shard gives, holes included."""
+    changed; one sample's data differs): every sample read through the ranged reader is what
+    the whole shard gives, holes included; only the shards in doubt are fetched whole, and a
+    clean shard is streamed by range alone."""
     from darkmatter.data_pipeline import offsets
     from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
     from darkmatter.data_pipeline.reader.ranged import RangedShard
@@ -232,21 +233,63 @@ def test_ranged_reads_in_doubt_read_the_whole_shard(
     data[int(found.starts[3]) + 512] ^= 0xFF  # sample 3's first member's first data byte
     storage.write_bytes(f"{copy}/{changed.name}", bytes(data))
 
-    def samples(shard: int, **opts: Any) -> tuple[list[Any], bool]:
+    def samples(shard: int, **opts: Any) -> tuple[list[Any], bool, int]:
         o = ReaderOptions(cache_dir=str(tmp_path / f"{shard}{opts}"), **opts)
-        cache = ShardCache(copy, m, o, IOStats())
-        cache.hold()  # whole shards wait, as for a slot's first piece
+        stats = IOStats()
+        cache = ShardCache(copy, m, o, stats)
         try:
             unit = cache.acquire(shard)
             out = [unit.read(j) for j in range(m.shards[shard].samples)]
         finally:
             cache.close()
-        return [(x.key, x.reason) if hasattr(x, "reason") else x for x in out], isinstance(
-            unit, RangedShard
-        )
+        got = [(x.key, x.reason) if hasattr(x, "reason") else x for x in out]
+        return got, isinstance(unit, RangedShard), stats.bytes_read
 
     for shard in (0, 1, 2):
-        whole, _ = samples(shard, range_reads=False)
-        ranged, view = samples(shard)
+        whole, _, _ = samples(shard, range_reads=False)
+        ranged, view, fetched = samples(shard)
         assert view and ranged == whole, shard
+        info = m.shards[shard]
+        if shard == 2:  # each sample's bytes once, by range, and nothing in the shard cache
+            clean = offsets.decode(
+                storage.read_bytes(offsets.url(copy, info.identity)), info.identity, info.samples
+            )
+            assert clean is not None
+            assert fetched == int(clean.starts[-1] - clean.starts[0]) < info.bytes
+            assert not list((tmp_path / f"{shard}{{}}").glob("*.tar"))
+        else:  # offsets refused: the whole shard (and only it) was fetched
+            assert fetched == info.bytes, shard
     assert all(r.startswith("sha256 mismatch") for _, r in samples(1, range_reads=False)[0])
+
+
+def test_ranged_reads_stop_at_the_end_of_a_partitions_segment(
+    s3_dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partition reading samples [lo, stop) of a shard fetches exactly their bytes: no span,
+    however large, reaches into the next partition's samples (another slot's, perhaps on
+    another machine), and the segment after it is fetched only when asked for (`ahead`)."""
+    from darkmatter.data_pipeline import offsets
+    from darkmatter.data_pipeline.reader import ranged
+    from darkmatter.data_pipeline.reader.cache import IOStats, ShardCache
+
+    monkeypatch.setattr(ranged, "MIN_SHARD", 0)
+    monkeypatch.setattr(ranged, "AHEAD", 1 << 20)  # more than the shard: only the bound stops it
+    m = Manifest.load(s3_dataset)
+    info = m.shards[0]
+    off = offsets.decode(
+        storage.read_bytes(offsets.url(s3_dataset, info.identity)), info.identity, info.samples
+    )
+    assert off is not None and info.samples >= 8
+    lo, stop = 2, info.samples // 2
+    stats = IOStats()
+    cache = ShardCache(s3_dataset, m, ReaderOptions(cache_dir=str(tmp_path)), stats)
+    try:
+        unit = cache.acquire(0, stop)
+        assert all(isinstance(unit.read(j), dict) for j in range(lo, stop))
+        assert stats.bytes_read == int(off.starts[stop] - off.starts[lo])
+        cache.ahead(0, stop, info.samples)  # the next segment, read by this slot too
+        assert all(isinstance(unit.read(j), dict) for j in range(stop, info.samples))
+        assert stats.bytes_read == int(off.starts[-1] - off.starts[lo])
+    finally:
+        cache.close()
+    assert not list(tmp_path.glob("*.tar"))  # never fetched whole

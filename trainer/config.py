@@ -90,8 +90,10 @@ class DataConfig:
     readahead: int = 2
     """Shards fetched ahead per partition, so decoding never waits on the network."""
     range_reads: bool = True
-    """At a start or resume, read each partition's first samples of a remote shard by range
-    while the whole shard is fetched, where the manifest has sample offsets (docs/DATA.md)."""
+    """Stream remote tar shards by ranged GETs of each partition's samples, where the manifest
+    has sample offsets: each byte fetched once, a start or resume waits only for its first
+    samples (docs/DATA.md). false: fetch them whole into data.cache_dir (a dataset read for many
+    epochs that fits data.cache_gb then reads from disk after the first)."""
     cache_dir: str = ""
     """Folder for fetched shards, shared by every process of a machine and kept across runs
     (shards are named by their sha256); empty: $XDG_CACHE_HOME/darkmatter/shards, or

@@ -8,9 +8,9 @@ the bucket), checked against the manifest's size and sha256, and indexed by its 
 under a byte cap (data.cache_gb) by evicting the least recently used shards and their lock
 files. IOStats counts what this costs.
 
-Where the manifest has sample offsets, a remote shard that is not here yet is handed out as a
-RangedShard (ranged.py): its samples are read by range until the whole file arrives, and a
-starting slot holds the whole-shard fetches back (hold/go) until its first piece is out.
+Where the manifest has sample offsets, a remote tar shard that is not here already is handed out
+as a RangedShard (ranged.py): its samples are streamed by range, and the whole shard is fetched
+only where something is in doubt. Such a shard costs no disk, and is fetched again each epoch.
 
 A shard lies at `Manifest.shard_url` (beside the manifest, or under the manifest's `root` for
 data indexed in place). A shard without a sha256 (`darkmatter index` without --checksum) is
@@ -101,15 +101,13 @@ class ShardCache:
             self._keep_idle = 256 if self.local else max(64, opts.readahead)
         self._shipped = IOStats()
         self._lock = threading.Lock()
-        # Ranged reads (ranged.py) of shards with sample offsets, while the whole shard comes.
+        # Shards with sample offsets, read by range (ranged.py).
         self._ranged = (
             opts.range_reads and manifest.offsets and not self.local
             and storage.is_remote(manifest.root or url)
         )  # fmt: skip
         self._views: dict[int, RangedShard] = {}
         self._range_pool: ThreadPoolExecutor | None = None
-        self._go = threading.Event()  # whole-shard fetches may start (see hold)
-        self._go.set()
 
     def _folder(self) -> str:
         root = self.opts.cache_dir or default_cache_dir()
@@ -147,18 +145,26 @@ class ShardCache:
                 fut = self._futures[shard] = self._pool.submit(self._load, shard)
             return fut
 
-    def prefetch(self, shard: int) -> None:
-        self._future(shard)
-        self._view(shard)  # its offsets on their way
+    def prefetch(self, shard: int, stop: int | None = None) -> None:
+        """Fetch the shard ahead of its first read: whole, or where it is read by range its
+        offsets (and `stop`, the end of the segment a partition will read, bounds its spans)."""
+        view = self._view(shard)
+        if view is None:
+            self._future(shard)
+        elif stop is not None:
+            view.bound(stop)
 
-    def hold(self) -> None:
-        """Hold whole-shard fetches of shards that can be read by range back until go(): a
-        starting or resuming slot's first piece then gets the network to itself."""
-        if self._ranged:
-            self._go.clear()
+    def ahead(self, shard: int, start: int, stop: int) -> None:
+        """A partition reads samples [start, stop) of the shard soon: where the shard is read
+        by range, their first span is fetched now (prefetch fetches a whole shard)."""
+        view = self._view(shard)
+        if view is not None:
+            view.bound(stop)
+            view.ahead(start)
 
-    def go(self) -> None:
-        self._go.set()
+    def fetch_whole(self, shard: int) -> Future[UnitReader]:
+        """The whole shard's fetch (a RangedShard's, where a ranged read is in doubt)."""
+        return self._future(shard)
 
     def submit_range(self, fn: Any, *args: Any) -> Future[Any]:
         with self._lock:
@@ -169,19 +175,18 @@ class ShardCache:
             return self._range_pool.submit(fn, *args)
 
     def _view(self, shard: int) -> RangedShard | None:
-        """The shard read by range, where it can be and is not here whole yet."""
+        """The shard read by range, where it can be (not in the shared cache already)."""
+        with self._lock:
+            view = self._views.get(shard)
+        if view is not None:
+            return view
         info = self.manifest.shards[shard]
         if not self._rangeable(info):
             return None
+        url = self.manifest.shard_url(self.url, info)
+        view = RangedShard(self, info, url, shard)
         with self._lock:
-            view = self._views.get(shard)
-            fut = self._futures.get(shard)
-        if view is None and fut is not None and not fut.done():
-            url = self.manifest.shard_url(self.url, info)
-            view = RangedShard(self, info, url, fut)
-            with self._lock:
-                view = self._views.setdefault(shard, view)
-        return view
+            return self._views.setdefault(shard, view)
 
     def _rangeable(self, info: ShardInfo) -> bool:
         """Whether the shard may be read by range: a remote tar shard with sample offsets, too
@@ -204,20 +209,20 @@ class ShardCache:
         if view is not None:
             view.want(samples, ahead_from)
 
-    def acquire(self, shard: int) -> UnitReader:
-        fut = self._future(shard)
-        view = self._view(shard) if not fut.done() else None
+    def acquire(self, shard: int, stop: int | None = None) -> UnitReader:
+        """The shard's reader, for a partition that reads it up to sample `stop` (a bound on
+        ranged reads; None: as far as the shard goes)."""
+        view = self._view(shard)
+        local: UnitReader
         if view is not None:
-            with self._lock:
-                self._refs[shard] += 1
-                if shard in self._idle:
-                    self._idle.remove(shard)
-            return view
-        if not fut.done():
-            self.go()  # never wait for a fetch that waits for go()
-        t0 = time.perf_counter()
-        local = fut.result()
-        self._count(wait_s=time.perf_counter() - t0)
+            if stop is not None:
+                view.bound(stop)
+            local = view
+        else:
+            fut = self._future(shard)
+            t0 = time.perf_counter()
+            local = fut.result()
+            self._count(wait_s=time.perf_counter() - t0)
         with self._lock:
             self._refs[shard] += 1
             if shard in self._idle:
@@ -249,7 +254,6 @@ class ShardCache:
         local.close()  # the file stays in the shared cache until evicted
 
     def close(self) -> None:
-        self._go.set()
         if self._range_pool is not None:
             self._range_pool.shutdown(wait=True, cancel_futures=True)
         for view in self._views.values():
@@ -271,8 +275,6 @@ class ShardCache:
             from darkmatter.data_pipeline.reader.formats import open_unit
 
             return open_unit(url, info, self.manifest, self.opts)
-        if self._rangeable(info):  # a slot's first piece is read by range first (hold)
-            self._go.wait()
         # Another process may evict the shard between its fetch and its opening (a cache too
         # small for what the machine reads at once): fetch it again, a few times at most.
         for _ in range(_REOPENS):

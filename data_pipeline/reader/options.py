@@ -76,8 +76,9 @@ class ReaderOptions:
     readahead: int = 2
     """Shards per partition fetched ahead of the one being read."""
     range_reads: bool = True
-    """Read the samples a remote shard is first needed for by range while the whole shard is
-    fetched, where the manifest has sample offsets (reader/ranged.py)."""
+    """Stream remote tar shards by ranged GETs of the samples each partition reads, where the
+    manifest has sample offsets (reader/ranged.py); off: fetch them whole into the cache (later
+    epochs then read from disk)."""
     retry: Retry = field(default_factory=Retry)
     """The retry budget of each shard fetch (config `storage.retry`); 403s, refused
     credentials and a missing bucket fail at once."""

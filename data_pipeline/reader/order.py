@@ -147,6 +147,9 @@ def first_reads(
     return out
 
 
+LEAD = 64  # inputs before a segment's end at which the next segment's first span is fetched
+
+
 class PartitionStream:
     """Partition p of an epoch: its inputs in order through a seeded shuffle buffer.
 
@@ -190,9 +193,10 @@ class PartitionStream:
         by_shard: dict[int, list[tuple[int, int]]] = {}
         for (shard, j), i in wanted:
             by_shard.setdefault(shard, []).append((j, i))
+        stops = {seg.shard: seg.stop for seg in self.plan.segments(self.p)}
         got: dict[int, dict[str, Any] | Hole] = {}
         for shard, items in by_shard.items():
-            local = self.cache.acquire(shard)
+            local = self.cache.acquire(shard, stops[shard])
             try:
                 for j, i in sorted(items):
                     got[i] = local.read(j)
@@ -206,12 +210,15 @@ class PartitionStream:
             seg = self._segments[self._seg]
             local = self._held.get(seg.shard)
             if local is None:
-                local = self._held[seg.shard] = self.cache.acquire(seg.shard)
+                local = self._held[seg.shard] = self.cache.acquire(seg.shard, seg.stop)
                 for ahead in self._segments[self._seg + 1 : self._seg + 1 + self.opts.readahead]:
-                    self.cache.prefetch(ahead.shard)
+                    self.cache.prefetch(ahead.shard, ahead.stop)
             if self._j < seg.stop:
                 i, j = self.next_in, self._j
                 self.next_in, self._j = i + 1, j + 1
+                if j == max(seg.start, seg.stop - LEAD) and self._seg + 1 < len(self._segments):
+                    nxt = self._segments[self._seg + 1]  # a shard read by range: its first span
+                    self.cache.ahead(nxt.shard, nxt.start, nxt.stop)
                 return i, local.read(j)
             self.cache.release(seg.shard)
             del self._held[seg.shard]

@@ -1,27 +1,32 @@
-"""A remote tar shard read by ranged GETs of its samples until the whole shard is in the cache.
+"""A remote tar shard streamed by ranged GETs of its samples, never fetched whole unless in doubt.
 
-A partition starting or resuming needs a few samples of each shard it reads (its shuffle
-buffer's, then its next inputs), but the cache fetches whole shards: with many partitions over
-few shards, the first step waited for the whole dataset. Where the manifest has sample offsets
-(offsets.py, written by prepare and index), ShardCache.acquire hands out a RangedShard instead
-while the whole shard is still on its way:
+Where the manifest has sample offsets (offsets.py, written by prepare and index), ShardCache
+hands out a RangedShard for a remote tar shard that is not in the shared cache: each partition
+streams its own segment of it, so every byte of an epoch is fetched once, by the one slot that
+reads it, and the first sample of a start or resume waits for a few kilobytes, not a shard.
 
   * `want(js, ahead_from)`: ranged GETs of the samples js (what a partition reads before its
     first output: its buffer's samples and the inputs that fill it), nearby ones coalesced
     into one *span* (gaps up to GAP bytes, at most SPAN_MAX). Spans are fetched by the cache's
     range threads, in the order they were wanted.
-  * `read(j)`: the whole shard once it is here (every read after that), else sample j from its
-    span (a new span of AHEAD bytes from j if none holds it). Once half of the span holding
-    `ahead_from`, or of one made by a read, is read, the AHEAD bytes after it are fetched. The cache holds the whole-shard fetches back until the slot's first piece is out
-    (ShardCache.hold), so they do not compete with the spans the first step needs.
+  * `bound(stop)`: a partition's segment ends before sample `stop` (the next one is another
+    partition's): no span reaches past it, and no read-ahead starts there.
+  * `ahead(j)`: fetch the span from sample j now (a partition's next segment, shortly before
+    it gets there).
+  * `read(j)`: sample j from the span holding it (a new span of AHEAD bytes from j if none
+    does). Once half of the span holding `ahead_from`, or of one made by a read, is read, the
+    span after it is fetched, up to the segment's end, each twice the last up to AHEAD_MAX: a
+    partition streams its segment one GET ahead.
 
 Checks: the offsets file must name this shard and be whole, and one HEAD must find the object
 it was written for (its ETag and the manifest's size), so the object is the one the manifest's
-sha256 or identity describes; where the offsets carry each sample's CRC-32, every sample read
-by range must match it. Any doubt (a missing or foreign offsets file, a changed object, a
-header, key or CRC that does not match, a member the whole-shard reader would refuse, a failed
-GET) sends that read to the whole shard: its checks decide what a bad sample is, so ranged reads
-change when samples arrive, not which samples or holes a step gets.
+sha256 or identity describes (a single-part upload's ETag is its MD5); where the offsets carry
+each sample's CRC-32, every sample read by range must match it. Any doubt (a missing or foreign
+offsets file, a changed object, a header, key or CRC that does not match, a member the
+whole-shard reader would refuse, a failed GET) fetches the whole shard (ShardCache's verified
+fetch, which then serves every later read of it) and reads the sample there: its checks decide
+what a bad sample is, so ranged reads change what is fetched, not which samples or holes a
+step gets.
 """
 
 from __future__ import annotations
@@ -56,35 +61,39 @@ class ShardCache(Protocol):
 
     def submit_range(self, fn: Any, *args: Any) -> Future[Any]: ...
 
-    def go(self) -> None: ...
+    def fetch_whole(self, shard: int) -> Future[UnitReader]: ...
 
     def _count(self, **deltas: float) -> None: ...
 
 
 GAP = 256 << 10  # wanted samples at most this far apart share one GET (a GET costs more)
 SPAN_MAX = 8 << 20  # and one GET holds at most this much
-AHEAD = 1 << 20  # a partition's next inputs: one GET of about this much at a time
+AHEAD = 1 << 20  # a partition's next inputs: one GET of about this much at first,
+AHEAD_MAX = 4 << 20  # doubling along a segment up to this (fewer GETs, a little more memory)
 MIN_SHARD = 4 << 20  # smaller shards are fetched whole at once: a span would be most of one
 
 
 class _Span:
     """Samples [lo, hi) of the shard, fetched as one ranged GET."""
 
-    def __init__(self, lo: int, hi: int, fut: Future[bytes], ahead: bool):
-        self.lo, self.hi, self.fut, self.ahead = lo, hi, fut, ahead
+    def __init__(self, lo: int, hi: int, fut: Future[bytes], ahead: int):
+        self.lo, self.hi, self.fut = lo, hi, fut
+        self.ahead = ahead  # bytes of the span to fetch after it once half read (0: none)
         self.left = hi - lo  # samples not yet read: at 0 the bytes are dropped
 
 
 class RangedShard:
-    """UnitReader of a remote tar shard: ranged reads of its samples until `whole` is done."""
+    """UnitReader of a remote tar shard: its samples by range, the whole shard where in doubt."""
 
-    def __init__(self, cache: ShardCache, info: ShardInfo, url: str, whole: Future[UnitReader]):
-        self.cache, self.info, self.url, self.whole = cache, info, url, whole
+    def __init__(self, cache: ShardCache, info: ShardInfo, url: str, shard: int):
+        self.cache, self.info, self.url, self.shard = cache, info, url, shard
         self.name = info.name
         self.bad: str | None = None  # never set: a bad shard is the whole reader's to name
         self._lock = threading.Lock()
         self._spans: dict[int, _Span] = {}  # by first sample
         self._los: list[int] = []  # their first samples, sorted
+        self._stops: list[int] = []  # segment ends (bound), sorted
+        self._whole_fut: Future[UnitReader] | None = None  # fetched at the first doubt
         self._offsets: Future[sample_offsets.SampleOffsets | None] = cache.submit_range(
             self._load_offsets
         )
@@ -117,14 +126,15 @@ class RangedShard:
         return found
 
     def _done(self) -> UnitReader | None:
-        """The whole shard, if it has arrived (its spans are then dropped)."""
-        if not self.whole.done():
+        """The whole shard, if a doubt fetched it and it has arrived (spans are then dropped)."""
+        fut = self._whole_fut
+        if fut is None or not fut.done():
             return None
         if self._spans:
             with self._lock:
                 self._spans.clear()
                 self._los.clear()
-        return self.whole.result()
+        return fut.result()
 
     # -- spans ------------------------------------------------------------------------------
     def want(self, js: list[int], ahead_from: int | None = None) -> None:
@@ -146,14 +156,29 @@ class RangedShard:
                 groups.append([])
             groups[-1].append(j)
         for group in groups:
-            self._span(group[0], group[-1] + 1, ahead=ahead_from in group, wanted=group)
+            self._span(group[0], group[-1] + 1, AHEAD if ahead_from in group else 0, group)
 
-    @staticmethod
-    def _end_of(off: sample_offsets.SampleOffsets, lo: int, nbytes: int) -> int:
-        """The first sample at or after `nbytes` past sample lo's start (at least lo + 1)."""
+    def bound(self, stop: int) -> None:
+        """A partition reading this shard stops before sample `stop`: spans stop there too."""
+        with self._lock:
+            if stop not in self._stops:
+                bisect.insort(self._stops, stop)
+
+    def ahead(self, j: int) -> None:
+        """Start fetching the span from sample j (a partition's next segment begins there)."""
+        if self._done() is not None or self._holding(j) is not None:
+            return
+        off = self._ready()
+        if off is not None and j < off.samples:
+            self._span(j, self._end_of(off, j, AHEAD), AHEAD)
+
+    def _end_of(self, off: sample_offsets.SampleOffsets, lo: int, nbytes: int) -> int:
+        """The first sample at or after `nbytes` past sample lo's start (at least lo + 1), or
+        the end of lo's segment if that comes first."""
         target = int(off.starts[lo]) + nbytes
-        hi = bisect.bisect_left(off.starts, target, lo + 1)
-        return min(max(hi, lo + 1), off.samples)
+        hi = min(max(bisect.bisect_left(off.starts, target, lo + 1), lo + 1), off.samples)
+        k = bisect.bisect_right(self._stops, lo)
+        return min(hi, self._stops[k]) if k < len(self._stops) else hi
 
     def _holding(self, j: int) -> _Span | None:
         k = bisect.bisect_right(self._los, j) - 1
@@ -163,9 +188,7 @@ class RangedShard:
                 return span
         return None
 
-    def _span(
-        self, lo: int, hi: int, ahead: bool = False, wanted: list[int] | None = None
-    ) -> _Span:
+    def _span(self, lo: int, hi: int, ahead: int, wanted: list[int] | None = None) -> _Span:
         with self._lock:
             if (held := self._holding(lo)) is not None:
                 return held
@@ -203,7 +226,7 @@ class RangedShard:
         off = self._ready()
         if off is None:
             return self._whole().read(j)
-        span = self._holding(j) or self._span(j, self._end_of(off, j, AHEAD), ahead=True)
+        span = self._holding(j) or self._span(j, self._end_of(off, j, AHEAD), AHEAD)
         t0 = time.perf_counter()
         try:
             data = span.fut.result()
@@ -215,8 +238,12 @@ class RangedShard:
         span.left -= 1
         if span.left <= 0:
             self._drop(span)
-        if span.ahead and j + 1 >= (span.lo + span.hi) / 2 and span.hi < off.samples:
-            self._span(span.hi, self._end_of(off, span.hi, AHEAD), ahead=True)
+        if (
+            span.ahead and j + 1 >= (span.lo + span.hi) / 2
+            and span.hi < off.samples and span.hi not in self._stops
+        ):  # fmt: skip
+            size = min(2 * span.ahead, AHEAD_MAX)
+            self._span(span.hi, self._end_of(off, span.hi, span.ahead), size)
         return raw if raw is not None else self._whole().read(j)
 
     def _sample(
@@ -250,9 +277,13 @@ class RangedShard:
         return raw
 
     def _whole(self) -> UnitReader:
-        self.cache.go()  # a read that needs the whole shard must not wait behind the hold
+        """The whole shard, fetched (and verified) now if no doubt has fetched it yet."""
+        with self._lock:
+            if self._whole_fut is None:
+                self._whole_fut = self.cache.fetch_whole(self.shard)
+            fut = self._whole_fut
         t0 = time.perf_counter()
-        whole = self.whole.result()
+        whole = fut.result()
         self.cache._count(wait_s=time.perf_counter() - t0)
         return whole
 

@@ -74,9 +74,7 @@ class Slot:
         owned = range(slot % spec.n_slots, spec.partitions, spec.n_slots)
         # Ask for every shard the partitions start with (and their buffers, on a resume) before
         # any partition blocks on one: the fetch threads then work in parallel. Where shards
-        # can be read by range, the samples the first piece needs come first and the whole
-        # shards after it (cache.hold).
-        self.cache.hold()
+        # are read by range, that is the samples the first piece needs.
         for p in owned:
             for shard in needed_shards(self.plan, p, states.get(p)):
                 self.cache.prefetch(shard)
@@ -118,9 +116,7 @@ class Slot:
             raise DataError(f"shard {h.shard}, sample {h.key}: {h.reason} (data.strict is on)")
         self.cache.count_samples(len(items) - len(holes), holes)
         states = {p: part.state() for p, part in self.parts.items()}
-        piece = Piece(self.epoch, step, self.slot, items, states, holes, self.cache.take_stats())
-        self.cache.go()  # the first piece is out: the whole shards may come now (cache.hold)
-        return piece
+        return Piece(self.epoch, step, self.slot, items, states, holes, self.cache.take_stats())
 
     def close(self) -> None:
         for part in self.parts.values():
