@@ -108,6 +108,7 @@ class ShardCache:
         )  # fmt: skip
         self._views: dict[int, RangedShard] = {}
         self._range_pool: ThreadPoolExecutor | None = None
+        self.span_max = ranged.ahead_max(1)  # streams(): the partitions reading through it
 
     def _folder(self) -> str:
         root = self.opts.cache_dir or default_cache_dir()
@@ -161,6 +162,11 @@ class ShardCache:
         if view is not None:
             view.bound(stop)
             view.ahead(start)
+
+    def streams(self, partitions: int) -> None:
+        """`partitions` partitions read through this cache: their read-ahead spans shrink so
+        that together they hold about ranged.SPAN_BUDGET bytes."""
+        self.span_max = ranged.ahead_max(partitions)
 
     def fetch_whole(self, shard: int) -> Future[UnitReader]:
         """The whole shard's fetch (a RangedShard's, where a ranged read is in doubt)."""

@@ -161,6 +161,7 @@ class SourceSlot:
         c, spec = self.cursor, self.spec
         plan = EpochPlan(c.manifest, self.src.seed, c.epoch, spec.partitions, spec.partitions)
         owned = range(self.slot % spec.n_slots, spec.partitions, spec.n_slots)
+        self.cache.streams(len(owned))
         for p in owned:  # ask for every first shard before any partition blocks on one
             for shard in needed_shards(plan, p, states.get(p)):
                 self.cache.prefetch(shard)

@@ -15,8 +15,9 @@ reads it, and the first sample of a start or resume waits for a few kilobytes, n
     it gets there).
   * `read(j)`: sample j from the span holding it (a new span of AHEAD bytes from j if none
     does). Once half of the span holding `ahead_from`, or of one made by a read, is read, the
-    span after it is fetched, up to the segment's end, each twice the last up to AHEAD_MAX: a
-    partition streams its segment one GET ahead.
+    span after it is fetched, up to the segment's end, each twice the last up to ahead_max
+    (8 MiB, less where a slot streams many partitions): a partition streams its segment one
+    GET ahead, and a slot holds about SPAN_BUDGET of spans.
 
 Checks: the offsets file must name this shard and be whole, and one HEAD must find the object
 it was written for (its ETag and the manifest's size), so the object is the one the manifest's
@@ -58,6 +59,7 @@ class ShardCache(Protocol):
 
     url: str
     opts: ReaderOptions
+    span_max: int  # ahead_max of the partitions that read through the cache
 
     def submit_range(self, fn: Any, *args: Any) -> Future[Any]: ...
 
@@ -69,7 +71,16 @@ class ShardCache(Protocol):
 GAP = 256 << 10  # wanted samples at most this far apart share one GET (a GET costs more)
 SPAN_MAX = 8 << 20  # and one GET holds at most this much
 AHEAD = 1 << 20  # a partition's next inputs: one GET of about this much at first,
-AHEAD_MAX = 4 << 20  # doubling along a segment up to this (fewer GETs, a little more memory)
+AHEAD_MAX = 8 << 20  # doubling along a segment up to this (fewer GETs) or to the budget:
+SPAN_BUDGET = 64 << 20  # a slot's spans in memory, about (each partition holds up to two)
+
+
+def ahead_max(partitions: int) -> int:
+    """The largest read-ahead span of a slot that streams `partitions` partitions: its spans
+    then hold about SPAN_BUDGET bytes (a partition reads one while the next comes)."""
+    return max(AHEAD, min(AHEAD_MAX, SPAN_BUDGET // (2 * max(1, partitions))))
+
+
 MIN_SHARD = 4 << 20  # smaller shards are fetched whole at once: a span would be most of one
 
 
@@ -242,7 +253,7 @@ class RangedShard:
             span.ahead and j + 1 >= (span.lo + span.hi) / 2
             and span.hi < off.samples and span.hi not in self._stops
         ):  # fmt: skip
-            size = min(2 * span.ahead, AHEAD_MAX)
+            size = min(2 * span.ahead, self.cache.span_max)
             self._span(span.hi, self._end_of(off, span.hi, span.ahead), size)
         return raw if raw is not None else self._whole().read(j)
 

@@ -72,6 +72,7 @@ class Slot:
         self._own_cache = cache is None
         self.cache = cache or ShardCache(spec.url, spec.manifest, spec.opts, IOStats())
         owned = range(slot % spec.n_slots, spec.partitions, spec.n_slots)
+        self.cache.streams(len(owned))
         # Ask for every shard the partitions start with (and their buffers, on a resume) before
         # any partition blocks on one: the fetch threads then work in parallel. Where shards
         # are read by range, that is the samples the first piece needs.
