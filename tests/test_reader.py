@@ -357,3 +357,36 @@ def test_arena_moves_large_arrays_and_pickles_the_rest() -> None:
         assert np.array_equal(got.items[2][1]["x"], strided)
     # Received arrays are copies: later pieces in the same slot do not change them.
     assert all(np.array_equal(p.items[0][1]["image"], big + k) for k, p in enumerate(sent))
+
+
+def test_image_decode_is_upright_rgb_whatever_the_stored_mode() -> None:
+    """A camera JPEG whose EXIF says "rotate 90° clockwise to view" decodes upright; grayscale
+    and palette images decode to 3 channels; plain RGB decodes to exactly Pillow's pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from darkmatter.data_pipeline.reader.decode import decode
+
+    def encoded(im: Image.Image, fmt: str, **kw: Any) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    wide = Image.new("RGB", (40, 20), (200, 30, 30))
+    wide.paste((30, 30, 200), (0, 0, 10, 20))  # a blue left edge: where it goes shows the turn
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels are turned 90° counter-clockwise
+    turned = decode({"__key__": "a", "jpg": encoded(wide, "JPEG", quality=95, exif=exif)}, "image")
+    img = turned["image"]
+    assert img.shape == (40, 20, 3) and img.dtype == np.uint8
+    assert img[:8, :, 2].mean() > 150 and img[-8:, :, 2].mean() < 80  # blue at the top now
+
+    plain = encoded(wide, "JPEG", quality=95)
+    got = decode({"__key__": "b", "jpg": plain}, "image")["image"]
+    assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(plain)).convert("RGB")))
+    assert got.flags.writeable  # a transform may work on it in place
+    for mode in ("L", "P", "RGBA"):
+        png = encoded(wide.convert(mode), "PNG")
+        assert decode({"__key__": mode, "png": png}, "image")["image"].shape == (20, 40, 3)

@@ -51,7 +51,10 @@ def decode(raw: dict[str, Any], modality: str, text: TextSpec | None = None) -> 
 
         with Image.open(io.BytesIO(raw[ext])) as im:
             # Original camera bytes: honour the EXIF orientation so the pixels are upright.
-            out["image"] = np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
+            # In place, and no conversion of what is RGB already: neither copies the pixels.
+            ImageOps.exif_transpose(im, in_place=True)
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            out["image"] = np.array(rgb, dtype=np.uint8)
     elif modality == "audio":
         ext = next((e for e in AUDIO_EXTENSIONS if e in raw), None)
         if ext is None:
