@@ -17,9 +17,10 @@ default 2), the same global batch (64), the shuffling it offers turned on, an em
 and the same work per sample: Pillow's JPEG decode and bilinear resize to 224 x 224 (uint8),
 the batch stacked by numpy (channels first as a torch view). The peers decode and resize in
 their DataLoader workers; ours decodes in its workers (DataStream's own decode) and resizes
-there too (ReaderOptions.transform), and reads a start's or resume's first samples by range.
-`--profile` adds ours as it was before each of those: `ours-resize-here` (no transform: the
-training process resizes what the workers ship) and `ours-whole-shards` (range_reads off).
+there too (ReaderOptions.transform), and streams the shards by range (the sample offsets
+`index` wrote). `--profile` adds ours as it was before each of those: `ours-resize-here` (no
+transform: the training process resizes what the workers ship) and `ours-whole-shards`
+(range_reads off: whole shards into the cache).
 Per library and repetition, in a fresh process (peak memory is per process tree):
   * `samples_per_s`: samples after the first batch over the time from the first batch to the
     last of one epoch (steady state; `epoch_samples_per_s` counts from building the loader);
