@@ -164,9 +164,14 @@ class ShardCache:
             view.ahead(start)
 
     def streams(self, partitions: int) -> None:
-        """`partitions` partitions read through this cache: their read-ahead spans shrink so
-        that together they hold about ranged.SPAN_BUDGET bytes."""
+        """An epoch's `partitions` partitions start reading through this cache: their
+        read-ahead spans shrink so that together they hold about ranged.SPAN_BUDGET bytes, and
+        the last epoch's segment ends no longer bound them."""
         self.span_max = ranged.ahead_max(partitions)
+        with self._lock:
+            views = list(self._views.values())
+        for view in views:
+            view.unbound()
 
     def fetch_whole(self, shard: int) -> Future[UnitReader]:
         """The whole shard's fetch (a RangedShard's, where a ranged read is in doubt)."""

@@ -175,6 +175,11 @@ class RangedShard:
             if stop not in self._stops:
                 bisect.insort(self._stops, stop)
 
+    def unbound(self) -> None:
+        """Forget the segment ends: a new epoch cuts the shard's samples in other places."""
+        with self._lock:
+            self._stops.clear()
+
     def ahead(self, j: int) -> None:
         """Start fetching the span from sample j (a partition's next segment begins there)."""
         if self._done() is not None or self._holding(j) is not None:
