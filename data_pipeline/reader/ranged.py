@@ -186,7 +186,11 @@ class RangedShard:
             return
         off = self._ready()
         if off is not None and j < off.samples:
-            self._span(j, self._end_of(off, j, AHEAD), AHEAD)
+            self._span_from(off, j)
+
+    def _span_from(self, off: sample_offsets.SampleOffsets, j: int) -> _Span:
+        """The span holding sample j, or a new one of AHEAD bytes from it that reads ahead."""
+        return self._holding(j) or self._span(j, self._end_of(off, j, AHEAD), AHEAD)
 
     def _end_of(self, off: sample_offsets.SampleOffsets, lo: int, nbytes: int) -> int:
         """The first sample at or after `nbytes` past sample lo's start (at least lo + 1), or
@@ -242,7 +246,7 @@ class RangedShard:
         off = self._ready()
         if off is None:
             return self._whole().read(j)
-        span = self._holding(j) or self._span(j, self._end_of(off, j, AHEAD), AHEAD)
+        span = self._span_from(off, j)
         t0 = time.perf_counter()
         try:
             data = span.fut.result()
